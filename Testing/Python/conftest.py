@@ -1,0 +1,28 @@
+"""Shared test fixtures: reference data that skips on a user's machine and fails in CI."""
+
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+for lib in ("DCEPKFitting", "DCEPKInference"):
+    if str(ROOT / lib) not in sys.path:
+        sys.path.insert(0, str(ROOT / lib))
+
+from DCEPKFittingLib.reference_data import missing_reason, reference_data_required, reference_path  # noqa: E402
+
+
+def require_reference(*parts: str) -> Path:
+    """Path of a reference item; skip (user machine) or fail (CI) when it is absent."""
+    reason = missing_reason(*parts)
+    if reason:
+        if reference_data_required():
+            pytest.fail(reason + " (required because CI or DCEPK_REQUIRE_REFERENCE_DATA is set)")
+        pytest.skip(reason)
+    return reference_path(*parts)
+
+
+@pytest.fixture
+def reference():
+    return require_reference
