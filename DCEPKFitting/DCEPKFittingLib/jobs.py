@@ -124,3 +124,35 @@ class BackgroundJob:
         self._thread.join(timeout)
         self.poll()
         return self.state
+
+
+class ConsoleProgress:
+    """A progress callback drawing one updating bar on a terminal stream (stderr by default).
+
+    On a stream that is not a terminal (logs, CI) it prints a line per 10 % step instead of
+    carriage-return updates, so logs stay readable.
+    """
+
+    def __init__(self, label: str = "", stream=None, width: int = 30):
+        import sys
+        self.label = label
+        self.stream = stream if stream is not None else sys.stderr
+        self.width = width
+        self._interactive = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self._last_decile = -1
+
+    def __call__(self, fraction: float, message: str = "") -> None:
+        fraction = min(max(float(fraction), 0.0), 1.0)
+        filled = int(round(fraction * self.width))
+        line = f"{self.label} [{'#' * filled}{'.' * (self.width - filled)}] {100 * fraction:5.1f}% {message}"
+        if self._interactive:
+            self.stream.write("\r" + line[:120].ljust(120))
+            if fraction >= 1.0:
+                self.stream.write("\n")
+        else:
+            decile = int(fraction * 10)
+            if decile == self._last_decile:
+                return
+            self._last_decile = decile
+            self.stream.write(line + "\n")
+        self.stream.flush()
