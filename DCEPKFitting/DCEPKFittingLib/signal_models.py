@@ -258,12 +258,15 @@ def detect_baseline_frames(signal_or_curve, min_frames=1):
 
 
 # --------------------------------------------------------------------------- concentration
-def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames=None, b1=1.0):
+def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames=None, b1=1.0,
+                            baseline_start=0):
     """Concentration (mM) from SPGR signal by exact inversion of the SPGR equation.
 
     signal: (..., T); t10_s: pre-contrast T1 in s, scalar or (...) map; fa_deg, tr_s: sequence;
     r1_per_mM_s: relaxivity; baseline_frames: number of pre-contrast frames (None: detect);
-    b1: actual / nominal flip angle, scalar or (...) map.
+    b1: actual / nominal flip angle, scalar or (...) map; baseline_start: first frame of the
+    baseline window (1 skips a first dynamic that is not yet at steady state, as the OSIPI
+    reference does), so the baseline is frames [baseline_start, baseline_frames).
 
     M = S0 sin(a) is estimated from the baseline mean and T10; each frame's ratio
     q = S / M gives E1 = (1 - q) / (1 - q cos(a)) and R1 = -ln(E1) / TR, which exists only for
@@ -315,9 +318,13 @@ def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_f
         raise DCEPKInputError(
             f"{n_base} baseline frames leave no post-contrast frame in a series of {n_t} frames: "
             "give fewer baseline frames or the whole series")
+    if int(baseline_start) != baseline_start or not 0 <= int(baseline_start) < n_base:
+        raise DCEPKInputError(
+            f"baseline_start={baseline_start!r} must be a frame index below baseline_frames={n_base}")
+    start = int(baseline_start)
 
     with np.errstate(invalid="ignore"):
-        s_base = sig[..., :n_base].mean(axis=-1)
+        s_base = sig[..., start:n_base].mean(axis=-1)
     finite_base = np.isfinite(s_base)
     if finite_base.any() and not np.any(s_base[finite_base] > 0):
         raise DCEPKInputError(
