@@ -211,13 +211,18 @@ _TIME_UNITS = (("ms", 1e-3), ("msec", 1e-3), ("millisecond", 1e-3), ("min", 60.0
 _CONC_UNITS = (("mm", 1.0), ("mmol/l", 1.0), ("um", 1e-3), ("µm", 1e-3), ("umol/l", 1e-3))
 
 
-def _unit_in(header, table):
-    """Unit named in a header cell as 'time (ms)', 'time [min]', 'time_s' or 'ms'."""
+def _unit_in(header, table, path):
+    """Unit named in a header cell as 'time (ms)', 'time [min]', 'time_s' or 'ms'; None if none."""
     text = header.strip().lower()
     candidates = []
     for open_, close in (("(", ")"), ("[", "]")):
         if open_ in text and close in text:
-            candidates.append(text[text.index(open_) + 1:text.index(close)].strip())
+            bracketed = text[text.index(open_) + 1:text.index(close)].strip()
+            if not any(bracketed == unit for unit, _ in table):
+                raise DCEPKInputError(
+                    f"AIF file {path}: unknown unit '{bracketed}' in column header '{header}': use "
+                    f"one of {', '.join(sorted({u for u, _ in table}))}")
+            candidates.append(bracketed)
     for sep in ("_", " "):
         if sep in text:
             candidates.append(text.rsplit(sep, 1)[-1].strip())
@@ -262,9 +267,9 @@ def load_aif_csv(path):
     if header is not None:
         if len(header) < 2:
             raise DCEPKInputError(f"AIF file {p}: the header needs two columns (time, concentration)")
-        tf = _unit_in(header[0], _TIME_UNITS)
+        tf = _unit_in(header[0], _TIME_UNITS, p)
         time_factor = 1.0 if tf is None else tf
-        cf = _unit_in(header[1], _CONC_UNITS)
+        cf = _unit_in(header[1], _CONC_UNITS, p)
         conc_factor = 1.0 if cf is None else cf
     data = []
     for n, row in enumerate(rows, start=2 if header else 1):

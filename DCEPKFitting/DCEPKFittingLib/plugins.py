@@ -1,6 +1,6 @@
 """Extensions found through package entry points, so the fitting core never imports them.
 
-The inference package (``DCEPKInferenceLib``) adds its commands (``dcepk infer``,
+The inference package adds its commands (``dcepk infer``,
 ``dcepk train``) and its part of the demo this way; the fitting core works without it.
 
 Groups:

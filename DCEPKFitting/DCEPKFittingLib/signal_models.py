@@ -12,6 +12,7 @@ import enum
 
 import numpy as np
 
+from . import jobs
 from .errors import DCEPKInputError
 
 __all__ = [
@@ -98,54 +99,61 @@ def _vfa_linear(sig, alpha):
     return e1, m
 
 
-def _vfa_lm(sig, alpha, e1, m, max_iter=200, tol=1e-10):
-    """Levenberg-Marquardt on (M, E1) for all voxels at once (2x2 normal equations each)."""
+def _vfa_lm(sig, alpha, e1, m, max_iter=100, tol=1e-10):
+    """Levenberg-Marquardt on (M, E1) for all voxels at once (2x2 normal equations each).
+
+    Each iteration works only on the voxels still moving, so converged voxels cost nothing.
+    """
     sin_a, cos_a = np.sin(alpha), np.cos(alpha)
-
-    def model(m_, e_):
-        g = sin_a * (1.0 - e_[:, None]) / (1.0 - cos_a * e_[:, None])
-        return g, m_[:, None] * g
-
     eps = 1e-12
-    e1 = np.clip(e1, eps, 1 - eps)
-    g, f = model(m, e1)
-    cost = np.sum((sig - f) ** 2, axis=-1)
+    e1 = np.clip(np.asarray(e1, dtype=np.float64).copy(), eps, 1 - eps)
+    m = np.asarray(m, dtype=np.float64).copy()
     lam = np.full(e1.shape, 1e-3)
     converged = np.zeros(e1.shape, bool)
+
+    def model(m_, e_, sa, ca):
+        g = sa * (1.0 - e_[:, None]) / (1.0 - ca * e_[:, None])
+        return g, m_[:, None] * g
+
+    _, f = model(m, e1, sin_a, cos_a)
+    cost = np.sum((sig - f) ** 2, axis=-1)
+    active = np.arange(e1.size)
     for _ in range(max_iter):
-        active = ~converged
-        if not active.any():
+        if active.size == 0:
             break
-        r = sig - f
-        dg = sin_a * (cos_a - 1.0) / (1.0 - cos_a * e1[:, None]) ** 2
-        j0, j1 = g, m[:, None] * dg
+        y, sa, ca = sig[active], sin_a[active], cos_a[active]
+        ea, ma, la, ca_cost = e1[active], m[active], lam[active], cost[active]
+        g, f = model(ma, ea, sa, ca)
+        r = y - f
+        dg = sa * (ca - 1.0) / (1.0 - ca * ea[:, None]) ** 2
+        j0, j1 = g, ma[:, None] * dg
         a00, a01, a11 = np.sum(j0 * j0, -1), np.sum(j0 * j1, -1), np.sum(j1 * j1, -1)
         b0, b1_ = np.sum(j0 * r, -1), np.sum(j1 * r, -1)
-        d00, d11 = a00 * (1 + lam), a11 * (1 + lam)
+        d00, d11 = a00 * (1 + la), a11 * (1 + la)
         det = d00 * d11 - a01 * a01
         with np.errstate(divide="ignore", invalid="ignore"):
             dm = (d11 * b0 - a01 * b1_) / det
             de = (d00 * b1_ - a01 * b0) / det
         dm = np.where(np.isfinite(dm), dm, 0.0)
         de = np.where(np.isfinite(de), de, 0.0)
-        m_new = m + dm
-        e_new = np.clip(e1 + de, eps, 1 - eps)
-        g_new, f_new = model(m_new, e_new)
-        cost_new = np.sum((sig - f_new) ** 2, axis=-1)
-        better = active & (cost_new < cost)
-        small = np.abs(de) <= tol * np.maximum(np.abs(e1), 1e-6)
-        rel_cost = np.abs(cost - cost_new) <= tol * np.maximum(cost, 1e-300)
-        m = np.where(better, m_new, m)
-        e1 = np.where(better, e_new, e1)
-        g = np.where(better[:, None], g_new, g)
-        f = np.where(better[:, None], f_new, f)
-        cost = np.where(better, cost_new, cost)
-        lam = np.where(better, lam / 3.0, lam * 4.0)
-        converged |= active & ((better & (small | rel_cost)) | (lam > 1e12))
+        m_new = ma + dm
+        e_new = np.clip(ea + de, eps, 1 - eps)
+        _, f_new = model(m_new, e_new, sa, ca)
+        cost_new = np.sum((y - f_new) ** 2, axis=-1)
+        better = cost_new < ca_cost
+        small_step = np.abs(e_new - ea) <= tol * np.maximum(ea, 1e-6)
+        small_gain = (ca_cost - cost_new) <= tol * np.maximum(ca_cost, 1e-300)
+        m[active] = np.where(better, m_new, ma)
+        e1[active] = np.where(better, e_new, ea)
+        cost[active] = np.where(better, cost_new, ca_cost)
+        lam[active] = np.where(better, la / 3.0, la * 4.0)
+        done = (better & (small_step | small_gain)) | (lam[active] > 1e12)
+        converged[active[done]] = True
+        active = active[~done]
     return e1, m, converged
 
 
-def fit_vfa_t1(signals, fa_deg, tr_s, method="linear", b1=None):
+def fit_vfa_t1(signals, fa_deg, tr_s, method="linear", b1=None, progress=None, cancel=None):
     """Variable-flip-angle T1 from SPGR signals.
 
     signals: (..., nFA) magnitudes; fa_deg: (nFA,) nominal flip angles in degrees; tr_s: TR (s);
@@ -153,6 +161,7 @@ def fit_vfa_t1(signals, fa_deg, tr_s, method="linear", b1=None):
     Levenberg-Marquardt started from the linear fit); b1: None, scalar or (...) map of actual /
     nominal flip angle. Returns (t1_s, s0, status) with shapes (...); t1_s and s0 are NaN where
     status is NONPOSITIVE_SIGNAL, NONPHYSICAL or NAN_INPUT (see ``T1FitStatus``).
+    ``progress(fraction, message)`` and ``cancel`` (``is_set()``) follow ``jobs``.
     """
     if method not in ("linear", "nonlinear"):
         raise DCEPKInputError(f"unknown VFA fit method '{method}': use 'linear' or 'nonlinear'")
@@ -166,9 +175,9 @@ def fit_vfa_t1(signals, fa_deg, tr_s, method="linear", b1=None):
     if fa.size < 2 or np.unique(fa).size < 2:
         raise DCEPKInputError("VFA T1 mapping needs at least two different flip angles")
     spatial = sig.shape[:-1]
-    b1_map = np.ones(spatial) if b1 is None else np.broadcast_to(_check_b1(b1), spatial)
     if b1 is not None and np.asarray(b1).ndim > 0 and np.asarray(b1).shape != spatial:
         raise DCEPKInputError(f"B1 map of shape {np.asarray(b1).shape} does not match the signals' grid {spatial}")
+    b1_map = np.ones(spatial) if b1 is None else np.broadcast_to(_check_b1(b1), spatial)
 
     flat = sig.reshape(-1, fa.size)
     b1_flat = b1_map.reshape(-1)
@@ -183,25 +192,30 @@ def fit_vfa_t1(signals, fa_deg, tr_s, method="linear", b1=None):
 
     e1 = np.full(n, np.nan)
     m = np.full(n, np.nan)
-    if good.any():
-        e1_lin, m_lin = _vfa_linear(flat[good], alpha[good])
+    good_idx = np.flatnonzero(good)
+    chunk = 500_000
+    for lo in range(0, good_idx.size, chunk):
+        jobs.raise_if_cancelled(cancel)
+        idx = good_idx[lo:lo + chunk]
+        y, a = flat[idx], alpha[idx]
+        e1_lin, m_lin = _vfa_linear(y, a)
         if method == "nonlinear":
             # Start the few voxels whose linear fit is non-physical from a neutral guess
             # (T1 = 1 s, M scaled to the data) so noise in the line does not doom them.
             bad0 = ~((e1_lin > 0) & (e1_lin < 1) & np.isfinite(m_lin) & (m_lin > 0))
             e_init = np.where(bad0, np.exp(-tr / 1.0), e1_lin)
-            g0 = np.sin(alpha[good]) * (1 - e_init[:, None]) / (1 - np.cos(alpha[good]) * e_init[:, None])
-            m_init = np.where(bad0, np.sum(flat[good] * g0, -1) / np.sum(g0 * g0, -1), m_lin)
-            e_fit, m_fit, conv = _vfa_lm(flat[good], alpha[good], e_init, m_init)
-            idx = np.flatnonzero(good)
+            g0 = np.sin(a) * (1 - e_init[:, None]) / (1 - np.cos(a) * e_init[:, None])
+            m_init = np.where(bad0, np.sum(y * g0, -1) / np.sum(g0 * g0, -1), m_lin)
+            e_fit, m_fit, conv = _vfa_lm(y, a, e_init, m_init)
             status[idx[~conv]] = T1FitStatus.NOT_CONVERGED
-            e1[good], m[good] = e_fit, m_fit
+            e1[idx], m[idx] = e_fit, m_fit
             # E1 pinned at the clip limits means the optimum lies outside (0, 1).
             pinned = (e_fit <= 1e-11) | (e_fit >= 1 - 1e-11)
             status[idx[pinned]] = T1FitStatus.NONPHYSICAL
         else:
-            e1[good], m[good] = e1_lin, m_lin
-    physical = (e1 > 0) & (e1 < 1) & np.isfinite(m)
+            e1[idx], m[idx] = e1_lin, m_lin
+        jobs.report(progress, min(1.0, (lo + idx.size) / good_idx.size), f"VFA T1 ({method})")
+    physical = (e1 > 0) & (e1 < 1) & np.isfinite(m) & (m > 0)
     status[good & ~physical] = T1FitStatus.NONPHYSICAL
     keep = (status == T1FitStatus.OK) | (status == T1FitStatus.NOT_CONVERGED)
     with np.errstate(divide="ignore", invalid="ignore"):
@@ -212,7 +226,8 @@ def fit_vfa_t1(signals, fa_deg, tr_s, method="linear", b1=None):
 
 # --------------------------------------------------------------------------- baseline
 def detect_baseline_frames(signal_or_curve, min_frames=1):
-    """Number of frames before bolus arrival (at least ``min_frames``, at least 1).
+    """Number of frames before bolus arrival (at least ``min_frames``, at least 1); raises
+    ``DCEPKInputError`` when no arrival can be seen.
 
     Accepts one curve (T,) or a series (..., T). For a series the curve is the mean of the
     most enhancing 10 % of voxels, so background noise does not hide the arrival. Arrival is
@@ -249,17 +264,19 @@ def detect_baseline_frames(signal_or_curve, min_frames=1):
             arrival = i
             break
     if arrival is None:
-        return max(1, int(min_frames), 1) if n_t > 1 else 1
+        raise DCEPKInputError(
+            "no contrast arrival found in the time course (no frame rises clearly above the noise): "
+            "give the number of pre-contrast frames (baseline_frames) yourself")
     # Step back over frames already lifted by early uptake (above 2 SD) but under the threshold.
-    base = np.median(curve[:arrival])
-    while arrival > 1 and curve[arrival - 1] - base > max(2.0 * sigma, 0.02 * abs(peak_rise)):
+    step_threshold = max(2.0 * sigma, 0.02 * abs(peak_rise))
+    while arrival > 1 and curve[arrival - 1] - np.median(curve[:arrival - 1]) > step_threshold:
         arrival -= 1
     return max(int(arrival), int(min_frames), 1)
 
 
 # --------------------------------------------------------------------------- concentration
 def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames=None, b1=1.0,
-                            baseline_start=0):
+                            baseline_start=0, progress=None, cancel=None):
     """Concentration (mM) from SPGR signal by exact inversion of the SPGR equation.
 
     signal: (..., T); t10_s: pre-contrast T1 in s, scalar or (...) map; fa_deg, tr_s: sequence;
@@ -272,9 +289,12 @@ def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_f
     q = S / M gives E1 = (1 - q) / (1 - q cos(a)) and R1 = -ln(E1) / TR, which exists only for
     0 < q < 1. Frames outside that range, or voxels with a non-positive / non-finite baseline or
     T10, get NaN; ``valid_mask`` (shape (...)) is True where every frame was converted.
+    ``progress(fraction, message)`` and ``cancel`` (``is_set()``) follow ``jobs``.
     Returns (conc_mM (..., T), valid_mask (...)).
     """
-    sig = np.asarray(signal, dtype=np.float64)
+    sig = np.asarray(signal)
+    if sig.dtype.kind != "f":     # float32 series stay float32 in memory; chunks compute in float64
+        sig = sig.astype(np.float64)
     fa = check_flip_angle(fa_deg)
     if fa.size != 1:
         raise DCEPKInputError("signal_to_concentration takes one flip angle (the dynamic series')")
@@ -324,28 +344,38 @@ def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_f
     start = int(baseline_start)
 
     with np.errstate(invalid="ignore"):
-        s_base = sig[..., start:n_base].mean(axis=-1)
+        s_base = sig[..., start:n_base].mean(axis=-1, dtype=np.float64)
     finite_base = np.isfinite(s_base)
     if finite_base.any() and not np.any(s_base[finite_base] > 0):
         raise DCEPKInputError(
             "the baseline (pre-contrast) signal is zero or negative in every voxel: the input "
             "is not a magnitude signal series (is it already concentration or subtracted?)")
 
-    alpha = np.deg2rad(fa.item() * b1v)
-    cos_a = np.cos(alpha)
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        e10 = np.exp(-tr / t10)
-        m = s_base * (1.0 - cos_a * e10) / (1.0 - e10)      # M = S0 sin(a)
-        q = sig / np.asarray(m)[..., None]
-        cos_t = np.asarray(cos_a)[..., None] if np.ndim(cos_a) else cos_a
-        e1 = (1.0 - q) / (1.0 - q * cos_t)
-        r1_t = -np.log(e1) / tr
-        conc = (r1_t - (1.0 / t10)[..., None]) / r1
-    voxel_ok = finite_base & (s_base > 0) & np.isfinite(t10) & (t10 > 0) & np.isfinite(b1v)
-    frame_ok = np.asarray(voxel_ok)[..., None] & np.isfinite(sig) & (q > 0) & (q < 1) & np.isfinite(conc)
-    conc = np.where(frame_ok, conc, np.nan)
-    valid = np.all(frame_ok, axis=-1)
-    return conc, valid
+    # Work on voxel chunks so the temporaries of a whole clinical series stay small.
+    flat = sig.reshape(-1, n_t)
+    n_vox = flat.shape[0]
+    base_flat = s_base.reshape(-1)
+    t10_flat = np.broadcast_to(t10, spatial).reshape(-1)
+    cos_flat = np.cos(np.deg2rad(fa.item() * np.broadcast_to(b1v, spatial).reshape(-1)))
+    conc = np.empty((n_vox, n_t))
+    valid = np.empty(n_vox, bool)
+    chunk = max(1, 2_000_000 // n_t)
+    for lo in range(0, n_vox, chunk):
+        jobs.raise_if_cancelled(cancel)
+        hi = min(lo + chunk, n_vox)
+        s_b, t1b, cos_a = base_flat[lo:hi], t10_flat[lo:hi], cos_flat[lo:hi]
+        with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+            e10 = np.exp(-tr / t1b)
+            m = s_b * (1.0 - cos_a * e10) / (1.0 - e10)       # M = S0 sin(a) from the baseline
+            q = flat[lo:hi].astype(np.float64) / m[:, None]
+            e1 = (1.0 - q) / (1.0 - q * cos_a[:, None])
+            c = (-np.log(e1) / tr - 1.0 / t1b[:, None]) / r1
+        voxel_ok = np.isfinite(s_b) & (s_b > 0) & np.isfinite(t1b) & (t1b > 0) & np.isfinite(cos_a)
+        frame_ok = voxel_ok[:, None] & (q > 0) & (q < 1) & np.isfinite(c)
+        conc[lo:hi] = np.where(frame_ok, c, np.nan)
+        valid[lo:hi] = frame_ok.all(axis=-1)
+        jobs.report(progress, hi / n_vox, "signal to concentration")
+    return conc.reshape(sig.shape), valid.reshape(spatial)
 
 
 # --------------------------------------------------------------------------- relaxivity

@@ -218,8 +218,12 @@ def array_ops(x):
 
 # ---------------------------------------------------------------------------------------------
 # Exact convolution of a piecewise-linear curve with exp(-k t).
-_SERIES_BELOW = 0.05  # x = k*dt below this: Taylor series (closed forms lose digits by cancellation)
-_SERIES_TERMS = 9
+def _series_threshold(x):
+    # Below this x = k*dt the closed forms lose digits to cancellation (relative error ~eps/x^2 for
+    # chi) and a 4-term Taylor series is exact to rounding; float32 needs a larger switch point.
+    double = (x.dtype == np.float64) if not (torch is not None and isinstance(x, torch.Tensor)) \
+        else (x.dtype == torch.float64)
+    return 1e-3 if double else 0.05
 
 
 def _segment_weights(ops, x, need_derivative):
@@ -227,28 +231,16 @@ def _segment_weights(ops, x, need_derivative):
 
     The segment integral is dt*[c0*psi + c1*(phi1 - psi)]; d/dx of phi1 is -psi, of psi is -chi.
     """
-    small = x < _SERIES_BELOW
-    xs = ops.where(small, ops.asarray(1.0, like=x) + 0 * x, x)  # safe divisor for the closed forms
+    small = x < _series_threshold(x)
+    xs = ops.where(small, 1.0 + 0 * x, x)  # safe divisor; the closed forms are discarded where small
     e = ops.exp(-x)
-    one_minus_e = -ops.expm1(-xs)
-    phi1_c = one_minus_e / xs
-    psi_c = (one_minus_e - xs * ops.exp(-xs)) / (xs * xs)
-    # series: phi1 = sum (-x)^n/(n+1)!, psi = sum (-x)^n/(n!(n+2)), chi = sum (-x)^n/(n!(n+3))
-    phi1_s = 0 * x
-    psi_s = 0 * x
-    chi_s = 0 * x
-    term = 1.0 + 0 * x  # (-x)^n / n!
-    for n in range(_SERIES_TERMS):
-        phi1_s = phi1_s + term / (n + 1)
-        psi_s = psi_s + term / (n + 2)
-        chi_s = chi_s + term / (n + 3)
-        term = term * (-x) / (n + 1)
-    phi1 = ops.where(small, phi1_s, phi1_c)
-    psi = ops.where(small, psi_s, psi_c)
+    one_minus_e = -ops.expm1(-x)
+    phi1 = ops.where(small, 1.0 - x * (0.5 - x * (1.0 / 6 - x / 24)), one_minus_e / xs)
+    psi_closed = (one_minus_e - x * e) / (xs * xs)
+    psi = ops.where(small, 0.5 - x * (1.0 / 3 - x * (1.0 / 8 - x / 30)), psi_closed)
     chi = None
     if need_derivative:
-        chi_c = (2.0 * psi_c - ops.exp(-xs)) / xs
-        chi = ops.where(small, chi_s, chi_c)
+        chi = ops.where(small, 1.0 / 3 - x * (0.25 - x * (0.1 - x / 36)), (2.0 * psi_closed - e) / xs)
     return e, phi1, psi, chi
 
 
@@ -267,29 +259,98 @@ def exp_convolution(t_s, cp, k_per_s, need_derivative=False):
     c1 = cp[..., 1:]
     inc = dt * (c0 * psi + c1 * (phi1 - psi))                    # this segment's own integral
     batch = np.broadcast_shapes(tuple(inc.shape[:-1]), tuple(cp.shape[:-1]))
-    inc = ops.moveaxis(ops.broadcast_to(inc, batch + (inc.shape[-1],)), -1, 0)
-    decay = ops.moveaxis(ops.broadcast_to(e, batch + (e.shape[-1],)), -1, 0)
+    inc = ops.broadcast_to(inc, batch + (inc.shape[-1],))
+    dinc = None
     if need_derivative:
         # d/dk of the segment integral: dt^2 * [c0 * (-chi) + c1 * (chi - psi)]
-        dinc = (dt * dt) * (c1 * (chi - psi) - c0 * chi)
-        dinc = ops.moveaxis(ops.broadcast_to(dinc, batch + (dinc.shape[-1],)), -1, 0)
-        dt_b = dt.reshape((-1,) + (1,) * len(batch)) if len(batch) else dt
-    current = ops.zeros(batch, like=cp)
+        dinc = ops.broadcast_to((dt * dt) * (c1 * (chi - psi) - c0 * chi), inc.shape)
+    n_curves = int(np.prod(batch)) if len(batch) else 1
+    block = min(64, _SCAN_BUDGET // max(n_curves * inc.shape[-1], 1))
+    if block >= 8 and inc.shape[-1] > block:
+        return _scan_blocked(ops, t_s, k, inc, dinc, block)
+    return _scan_loop(ops, dt, ops.broadcast_to(e, inc.shape), inc, dinc)
+
+
+_SCAN_BUDGET = 1 << 22  # elements of the blocked scan's (curves, T, block) work array
+
+
+def _scan_loop(ops, dt, decay, inc, dinc):
+    """E_n = decay_n E_{n-1} + inc_n, step by step over time (best for many curves)."""
+    batch = tuple(inc.shape[:-1])
+    inc = ops.moveaxis(inc, -1, 0)
+    decay = ops.moveaxis(decay, -1, 0)
+    current = ops.zeros(batch, like=inc)
     out = [current]
-    if need_derivative:
-        dcurrent = ops.zeros(batch, like=cp)
+    if dinc is not None:
+        dinc = ops.moveaxis(dinc, -1, 0)
+        dt_b = dt.reshape((-1,) + (1,) * len(batch)) if len(batch) else dt
+        dcurrent = ops.zeros(batch, like=inc)
         dout = [dcurrent]
     for n in range(inc.shape[0]):
-        if need_derivative:
+        if dinc is not None:
             # d/dk [e^{-k dt} E_prev] = e^{-k dt} (dE_prev - dt E_prev)
             dcurrent = decay[n] * (dcurrent - dt_b[n] * current) + dinc[n]
             dout.append(dcurrent)
         current = decay[n] * current + inc[n]
         out.append(current)
     conv = ops.stack(out, -1)
-    if need_derivative:
+    if dinc is not None:
         return conv, ops.stack(dout, -1)
     return conv
+
+
+def _scan_blocked(ops, t_s, k, inc, dinc, block):
+    """Same recursion as ``_scan_loop`` in blocks: exp(-k (t_i - t_j)) weights within a block as a
+    small matrix product, then a carry from block to block (few Python steps for long series)."""
+    batch = tuple(inc.shape[:-1])
+    m = inc.shape[-1]
+    n_blocks = -(-m // block)
+    pad = n_blocks * block - m
+    ends = t_s[1:]                                                # time at which each increment ends
+    if pad:
+        ends = _concat(ops, ends, *([ends[-1:]] * pad))
+        zeros = ops.zeros(batch + (pad,), like=inc)
+        inc = _concat(ops, inc, zeros)
+        if dinc is not None:
+            dinc = _concat(ops, dinc, zeros)
+    ends = ends.reshape(n_blocks, block)
+    lag = ends[:, :, None] - ends[:, None, :]                     # (nb, L, L), t_i - t_j
+    lower = lag >= 0
+    lag = ops.where(lower, lag, 0 * lag)
+    kk = k.reshape(tuple(k.shape) + (1, 1, 1))
+    weight = ops.exp(-kk * lag) * lower                           # (..., nb, L, L)
+    inc_b = inc.reshape(batch + (n_blocks, block))
+    local = (weight @ inc_b[..., None])[..., 0]
+    if dinc is not None:
+        dinc_b = dinc.reshape(batch + (n_blocks, block))
+        dlocal = (weight @ dinc_b[..., None])[..., 0] - ((weight * lag) @ inc_b[..., None])[..., 0]
+    starts = [t_s[0]] + [ends[b - 1, -1] for b in range(1, n_blocks)]
+    carry = ops.zeros(batch, like=inc)
+    dcarry = ops.zeros(batch, like=inc)
+    out, dout = [], []
+    kb = k[..., None]
+    for b in range(n_blocks):
+        since = ends[b] - starts[b]                               # (L,)
+        decay = ops.exp(-kb * since)
+        value = decay * carry[..., None] + local[..., b, :]
+        out.append(value)
+        if dinc is not None:
+            dvalue = decay * (dcarry[..., None] - since * carry[..., None]) + dlocal[..., b, :]
+            dout.append(dvalue)
+            dcarry = dvalue[..., -1]
+        carry = value[..., -1]
+    zero = ops.zeros(batch + (1,), like=inc)
+    conv = _concat(ops, zero, *out)[..., : m + 1]
+    if dinc is not None:
+        return conv, _concat(ops, zero, *dout)[..., : m + 1]
+    return conv
+
+
+def _concat(ops, *arrays):
+    if ops.is_torch:
+        import torch as _torch
+        return _torch.cat(arrays, -1)
+    return np.concatenate(arrays, -1)
 
 
 def shift_curve(t_s, cp, delay_s):

@@ -188,3 +188,19 @@ def test_bad_inputs_raise_clear_errors():
         tk.concentration("tofts", [0.1, 0.2], t, cp[:-1])
     with pytest.raises(DCEPKInputError, match="no parameter"):
         tk.canonical_parameter_name("tofts", "Fp")
+
+
+def test_blocked_and_stepwise_recursions_agree(monkeypatch):
+    # long series use a blocked scan, large batches a step-by-step loop: both must give the same
+    t = np.sort(np.concatenate([[0.0], np.random.default_rng(4).uniform(0, 300, 400)]))
+    cp = _aif(t)
+    k = np.array([0.0, 1e-5, 0.01, 0.3, 20.0])
+    blocked = tk.exp_convolution(t, cp, k, need_derivative=True)
+    monkeypatch.setattr(tk, "_SCAN_BUDGET", 0)
+    stepwise = tk.exp_convolution(t, cp, k, need_derivative=True)
+    for a, b in zip(blocked, stepwise):
+        np.testing.assert_allclose(a, b, rtol=1e-11, atol=1e-13 * np.abs(b).max())
+    # and the ramp closed form holds for the blocked path too
+    monkeypatch.setattr(tk, "_SCAN_BUDGET", 1 << 22)
+    np.testing.assert_allclose(tk.exp_convolution(t, t.copy(), 0.05), t / 0.05 - (-np.expm1(-0.05 * t)) / 0.05 ** 2,
+                               rtol=1e-11)

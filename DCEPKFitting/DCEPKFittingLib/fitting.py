@@ -1,0 +1,520 @@
+"""Batched voxel-wise tracer-kinetic fitting: linear fast paths and bounded Levenberg-Marquardt.
+
+All voxels of a chunk are fitted at once with torch (CPU or CUDA): one forward model and
+analytic Jacobian evaluation (``tk_models``) per iteration serves the whole chunk, and voxels
+that have converged drop out of the working set. Chunks keep memory bounded; progress is
+reported and cancel checked between chunks.
+
+- ``method='linear'``: Patlak (exactly linear), linearised Tofts / extended Tofts (Murase's
+  integral form), solved as box-constrained least squares. Fast, and the NLLS starting point.
+- ``method='nlls'``: bounded Levenberg-Marquardt on the exact (piecewise-linear AIF) model,
+  optionally with the arterial delay as an extra parameter (initialised by a grid search).
+
+Units as in ``tk_models``: time in s, Ktrans/PS/kep in 1/min, Fp in ml/100ml/min, ve/vp
+fractions, concentration in mM. Standard errors come from sigma^2 (J^T J)^-1, sigma^2 = SSR/(T-P).
+"""
+
+import enum
+import itertools
+from dataclasses import dataclass, field
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from . import jobs
+from . import tk_models as tk
+from .errors import DCEPKInputError
+
+
+class FitStatus(enum.IntEnum):
+    MASKED = 0
+    CONVERGED = 1
+    HIT_BOUND = 2
+    FAILED = 3
+    INVALID_INPUT = 4  # NaN or inf in the voxel's curve
+
+
+DEFAULT_DELAY_BOUNDS_S = (-10.0, 30.0)
+LINEAR_MODELS = ("tofts", "etofts", "patlak")
+
+
+@dataclass
+class FitResult:
+    """Fitted maps for N voxels (``shape`` is (N,) or the (K, J, I) grid of ``fit_volume``)."""
+    model: str
+    params: Dict[str, np.ndarray]
+    stderr: Dict[str, np.ndarray]
+    r2: np.ndarray
+    rmse: np.ndarray
+    status: np.ndarray
+    units: Dict[str, str]
+    t_s: np.ndarray
+    cp: np.ndarray
+    delay_s: Optional[np.ndarray] = None
+    delay_stderr: Optional[np.ndarray] = None
+    method: str = "nlls"
+    shape: tuple = field(default=())
+
+    def maps(self) -> Dict[str, np.ndarray]:
+        """Flat dict of maps named after ARCHITECTURE.md: parameters, derived kep / Ktrans,
+        ``<name>_se``, ``R2``, ``rmse``, ``status`` (and ``delay_s``, ``delay_s_se`` if fitted)."""
+        spec = tk.get_model(self.model)
+        out = {name: self.params[name] for name in spec.parameters}
+        for name in spec.parameters:
+            out[name + "_se"] = self.stderr[name]
+        if spec.name in ("2cxm", "2cum"):
+            # Ktrans = E * Fp with extraction E = PS / (PS + Fp), Fp converted to 1/min
+            flow = self.params["Fp"] / 100.0
+            ps = self.params["PS"]
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["Ktrans"] = flow * ps / (flow + ps)
+        if spec.has_ve:
+            with np.errstate(invalid="ignore", divide="ignore"):
+                out["kep"] = out["Ktrans"] / self.params["ve"]
+        if self.delay_s is not None:
+            out["delay_s"] = self.delay_s
+            out["delay_s_se"] = self.delay_stderr
+        out["R2"] = self.r2
+        out["rmse"] = self.rmse
+        out["status"] = self.status
+        return out
+
+    def parameter_array(self) -> np.ndarray:
+        """Parameters as (..., P) in the model's order."""
+        spec = tk.get_model(self.model)
+        return np.stack([self.params[name] for name in spec.parameters], axis=-1)
+
+    def fitted_curve(self, index) -> np.ndarray:
+        """Model concentration (mM) at the frame times for one voxel (flat index or (k, j, i))."""
+        params = self.parameter_array()[index]
+        delay = 0.0 if self.delay_s is None else float(self.delay_s[index])
+        if params.ndim != 1:
+            raise DCEPKInputError(f"index {index!r} does not name a single voxel of a {self.status.shape} result: "
+                                  "give a flat voxel index or (k, j, i)")
+        if not np.all(np.isfinite(params)):
+            return np.full(self.t_s.shape, np.nan)
+        return tk.concentration(self.model, params, self.t_s, self.cp, delay_s=delay)
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks
+def _as_float_array(value, what):
+    try:
+        return np.asarray(value, dtype=np.float64)
+    except (TypeError, ValueError) as exc:
+        raise DCEPKInputError(f"{what} must be numeric: {exc}") from exc
+
+
+def _check_inputs(conc, t_s, cp, spec, fit_delay):
+    conc = _as_float_array(conc, "the concentration curves")
+    t_s = _as_float_array(t_s, "the frame times")
+    cp = _as_float_array(cp, "the plasma input function")
+    if t_s.ndim != 1:
+        raise DCEPKInputError(f"frame times must be a 1-D array in seconds, got shape {t_s.shape}")
+    n_frames = t_s.shape[0]
+    needed = spec.n_params + 1 + (1 if fit_delay else 0)
+    if n_frames < needed:
+        raise DCEPKInputError(
+            f"{n_frames} frames are too few to fit the {spec.name} model ({spec.n_params} parameters"
+            f"{' + delay' if fit_delay else ''}): at least {needed} are needed; use a simpler model or more frames")
+    if not np.all(np.isfinite(t_s)):
+        raise DCEPKInputError("the frame times contain NaN or inf: check the series' timing information")
+    if np.any(np.diff(t_s) <= 0):
+        raise DCEPKInputError("frame times must increase strictly (seconds, one per frame): sort the frames "
+                              "or fix the timing information")
+    if cp.ndim != 1 or cp.shape[0] != n_frames:
+        raise DCEPKInputError(f"the AIF has shape {cp.shape} but there are {n_frames} frame times: give one plasma "
+                              "concentration (mM) per frame")
+    if not np.all(np.isfinite(cp)):
+        raise DCEPKInputError("the AIF contains NaN or inf: check the arterial ROI or the AIF file")
+    if conc.ndim != 2 or conc.shape[1] != n_frames:
+        raise DCEPKInputError(f"concentration curves must be (voxels, {n_frames}) to match the frame times, "
+                              f"got shape {conc.shape}")
+    return conc, t_s, cp
+
+
+def _resolve_device(device):
+    if isinstance(device, torch.device):
+        return device
+    name = str(device or "auto").lower()
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise DCEPKInputError("device 'cuda' was asked for but no CUDA GPU is available: use device='cpu' or 'auto'")
+    if name != "cpu" and not name.startswith("cuda"):
+        raise DCEPKInputError(f"unknown device {device!r}: use 'auto', 'cpu' or 'cuda'")
+    return torch.device(name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Box-constrained small least squares, exact, batched (all active sets enumerated).
+def _bounded_normal_solve(gram, rhs, yy, lower, upper):
+    """Minimise |y - X theta|^2 subject to lower <= theta <= upper for each voxel.
+
+    ``gram`` (n, P, P) = X^T X, ``rhs`` (n, P) = X^T y, ``yy`` (n,) = y^T y; bounds (P,) or (n, P).
+    The problem is convex, so the constrained optimum is the best feasible solution among all
+    3^P choices of each variable being free or fixed at a bound. Returns theta (n, P), SSR (n,).
+    """
+    n, p = rhs.shape
+    lower = torch.broadcast_to(lower, (n, p))
+    upper = torch.broadcast_to(upper, (n, p))
+    ridge = 1e-12 * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)
+    eye = torch.eye(p, dtype=gram.dtype, device=gram.device)
+    best_theta = torch.zeros_like(rhs)
+    best_ssr = torch.full_like(yy, float("inf"))
+    for combo in itertools.product((0, 1, 2), repeat=p):  # 0 free, 1 at lower, 2 at upper
+        free = torch.tensor([c == 0 for c in combo], device=gram.device)
+        fixed_value = torch.where(torch.tensor([c == 1 for c in combo], device=gram.device), lower, upper)
+        fixed_value = torch.where(free, torch.zeros_like(fixed_value), fixed_value)
+        both = free[:, None] & free[None, :]
+        system = torch.where(both, gram, eye) + ridge[:, None, None] * torch.diag(free.to(gram.dtype))
+        b = torch.where(free, rhs - (gram @ fixed_value[..., None])[..., 0], fixed_value)
+        theta, info = torch.linalg.solve_ex(system, b[..., None])
+        theta = theta[..., 0]
+        ssr = yy - 2 * (theta * rhs).sum(-1) + (theta * (gram @ theta[..., None])[..., 0]).sum(-1)
+        tolerance = 1e-9 * (upper - lower).abs().clamp(max=1e6) + 1e-12
+        feasible = ((theta >= lower - tolerance) & (theta <= upper + tolerance)).all(-1) & (info == 0)
+        better = feasible & (ssr < best_ssr)
+        best_theta = torch.where(better[:, None], theta.clamp(lower, upper), best_theta)
+        best_ssr = torch.where(better, ssr, best_ssr)
+    return best_theta, best_ssr
+
+
+def _cumtrapz(values, t):
+    increments = 0.5 * (values[..., 1:] + values[..., :-1]) * (t[1:] - t[:-1])
+    return torch.cat([torch.zeros_like(values[..., :1]), torch.cumsum(increments, -1)], -1)
+
+
+def _linear_fit(spec, y, t, cp, delay_s=0.0):
+    """Linear least-squares fit; returns parameters (n, P) in OSIPI units and SSR of the linear model.
+
+    Patlak is linear. Tofts / extended Tofts use Murase's integral form
+    C = (Ktrans + kep vp) int cp - kep int C + vp cp (vp = 0 for Tofts); for the two-compartment
+    models it returns the extended Tofts (2CXM) or Patlak (2CUM) estimates as starting values.
+    """
+    if not (isinstance(delay_s, float) and delay_s == 0.0):
+        cp, _ = tk.shift_curve(t, cp, torch.as_tensor(delay_s, dtype=y.dtype, device=y.device))
+    n = y.shape[0]
+    int_cp = _cumtrapz(cp, t)  # mM s
+    yy = (y * y).sum(-1)
+    if spec.name in ("patlak", "2cum"):
+        design = torch.stack(torch.broadcast_tensors(int_cp / 60.0, cp), -1)  # Ktrans in 1/min
+        if design.dim() == 2:
+            gram = (design.T @ design).expand(n, 2, 2)
+            rhs = y @ design
+        else:
+            gram = design.transpose(-1, -2) @ design
+            rhs = (design * y[..., None]).sum(-2)
+        lower = torch.tensor([0.0, 0.0], dtype=y.dtype, device=y.device)
+        upper = torch.tensor([5.0, 1.0], dtype=y.dtype, device=y.device)
+        theta, ssr = _bounded_normal_solve(gram, rhs, yy, lower, upper)
+        return theta, ssr
+    with_vp = spec.name in ("etofts", "2cxm")
+    int_y = _cumtrapz(y, t)
+    columns = [torch.broadcast_to(int_cp, y.shape) / 60.0, -int_y / 60.0]  # A and kep in 1/min
+    if with_vp:
+        columns.append(torch.broadcast_to(cp, y.shape))
+    design = torch.stack(columns, -1)  # (n, T, P)
+    gram = design.transpose(-1, -2) @ design
+    rhs = (design * y[..., None]).sum(-2)
+    lower = torch.tensor([0.0, 1e-3, 0.0][: design.shape[-1]], dtype=y.dtype, device=y.device)
+    upper = torch.tensor([10.0, 100.0, 1.0][: design.shape[-1]], dtype=y.dtype, device=y.device)
+    theta, ssr = _bounded_normal_solve(gram, rhs, yy, lower, upper)
+    a, kep = theta[:, 0], theta[:, 1]
+    vp = theta[:, 2] if with_vp else torch.zeros_like(a)
+    ktrans = (a - kep * vp).clamp_min(0.0)
+    ve = ktrans / kep
+    if spec.name == "tofts":
+        return torch.stack([ktrans, ve], -1), ssr
+    return torch.stack([ktrans, ve, vp], -1), ssr
+
+
+def _clip_to_bounds(x, lower, upper):
+    return torch.maximum(torch.minimum(x, upper), lower)
+
+
+# ---------------------------------------------------------------------------------------------
+# Bounded Levenberg-Marquardt, batched.
+def _levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterations, cancel=None):
+    """Minimise |y - f(x)|^2 per voxel within [lower, upper]. x (n, P[+1]); the delay, if fitted, is last.
+
+    Marquardt's scaling (damping proportional to diag(J^T J)) makes the step independent of the
+    parameters' units. Variables sitting on a bound with the gradient pushing outward are frozen
+    for that step (a projected, active-set LM). Returns x, SSR, J^T J at x, converged flag.
+    """
+    n, p = x0.shape
+    n_model = spec.n_params
+    x = _clip_to_bounds(x0.clone(), lower, upper)
+
+    def evaluate(xs, ys_index):
+        delay = xs[:, n_model] if fit_delay else 0.0
+        f, jac = tk.concentration_and_jacobian(spec.name, xs[:, :n_model], t, cp, delay, with_delay=fit_delay)
+        r = y[ys_index] - f
+        return r, jac
+
+    all_index = torch.arange(n, device=y.device)
+    r, jac = evaluate(x, all_index)
+    ssr = (r * r).sum(-1)
+    hess = jac.transpose(-1, -2) @ jac
+    grad = (jac * r[..., None]).sum(-2)
+    damping = torch.full((n,), 1e-3, dtype=y.dtype, device=y.device)
+    converged = torch.zeros(n, dtype=torch.bool, device=y.device)
+    active = all_index.clone()
+    eye = torch.eye(p, dtype=y.dtype, device=y.device)
+    span = (upper - lower).clamp(max=1e3)
+    for _ in range(max_iterations):
+        if active.numel() == 0:
+            break
+        jobs.raise_if_cancelled(cancel)
+        xa, ga, ha, lam = x[active], grad[active], hess[active], damping[active]
+        at_lower = (xa <= lower) & (ga <= 0)
+        at_upper = (xa >= upper) & (ga >= 0)
+        free = ~(at_lower | at_upper)
+        both = free[:, :, None] & free[:, None, :]
+        diag = ha.diagonal(dim1=-2, dim2=-1).clamp_min(1e-30)
+        system = torch.where(both, ha, eye) + torch.diag_embed(torch.where(free, lam[:, None] * diag, 0 * diag))
+        step, _ = torch.linalg.solve_ex(system, torch.where(free, ga, 0 * ga)[..., None])
+        step = torch.nan_to_num(step[..., 0])
+        trial = _clip_to_bounds(xa + step, lower, upper)
+        r_t, jac_t = evaluate(trial, active)
+        ssr_t = (r_t * r_t).sum(-1)
+        ssr_a = ssr[active]
+        accept = ssr_t < ssr_a
+        idx = active[accept]
+        x[idx] = trial[accept]
+        ssr[idx] = ssr_t[accept]
+        grad[idx] = (jac_t[accept] * r_t[accept][..., None]).sum(-2)
+        hess[idx] = jac_t[accept].transpose(-1, -2) @ jac_t[accept]
+        moved = (trial - xa).abs() / (xa.abs() + 1e-6 * span)
+        small_gain = (ssr_a - ssr_t) <= 1e-10 * ssr_a + 1e-30
+        done = (accept & (small_gain | (moved.max(-1).values < 1e-9))) | (~accept & (lam > 1e8))
+        # Marquardt's damping update: relax after success, stiffen after failure
+        damping[active] = torch.where(accept, (lam / 5).clamp_min(1e-9), lam * 8)
+        converged[active[done]] = True
+        active = active[~done]
+    return x, ssr, hess, converged
+
+
+# ---------------------------------------------------------------------------------------------
+# Starting values
+def _initial_values(spec, y, t, cp, lower, upper, delay, n_starts=1):
+    """Starting parameters (n, n_starts, P).
+
+    Tofts / extended Tofts / Patlak: the linear fit. The two-compartment models have local
+    minima, so their starts are the ``n_starts`` best (by SSR, one forward evaluation each) of a
+    small grid of flows and plasma volumes combined with the extended Tofts / Patlak estimates.
+    """
+    linear, _ = _linear_fit(spec, y, t, cp, delay)
+    n = y.shape[0]
+    lower, upper = lower[: spec.n_params], upper[: spec.n_params]
+    if spec.name in ("tofts", "etofts", "patlak"):
+        default = torch.tensor(spec.initial, dtype=y.dtype, device=y.device)
+        # a degenerate linear estimate (ve at 0 or inf) is replaced by the typical value
+        x0 = torch.where(torch.isfinite(linear) & (linear >= lower) & (linear <= upper), linear, default)
+        return x0[:, None, :]
+    ktrans = linear[:, 0].clamp(1e-4, 3.0)
+    vp_linear = linear[:, -1].clamp(0.005, 0.5)
+    candidates = []
+    for flow in (3.0, 8.0, 20.0, 50.0, 120.0):
+        flow_per_min = flow / 100.0
+        # Ktrans = PS*F/(PS+F)  =>  PS = Ktrans*F/(F-Ktrans) when F > Ktrans
+        ps = torch.where(flow_per_min > 1.2 * ktrans, ktrans * flow_per_min / (flow_per_min - ktrans).clamp_min(1e-6),
+                         5 * ktrans)
+        fp = torch.full_like(ktrans, flow)
+        for vp in (vp_linear, torch.full_like(ktrans, 0.03), torch.full_like(ktrans, 0.1)):
+            if spec.name == "2cxm":
+                ve = linear[:, 1].clamp(0.02, 0.9)
+                candidates.append(torch.stack([fp, ps, ve, vp], -1))
+            else:
+                candidates.append(torch.stack([fp, ps, vp], -1))
+    candidates.append(torch.tensor(spec.initial, dtype=y.dtype, device=y.device).expand(n, spec.n_params))
+    candidates = _clip_to_bounds(torch.stack(candidates, 1), lower, upper)
+    k = candidates.shape[1]
+    delay_rep = delay if isinstance(delay, float) else delay[:, None].expand(n, k).reshape(-1)
+    f = tk.concentration(spec.name, candidates.reshape(n * k, -1), t, cp, delay_rep).reshape(n, k, -1)
+    ssr = ((y[:, None, :] - f) ** 2).sum(-1)
+    best = ssr.argsort(1)[:, :n_starts]
+    return torch.gather(candidates, 1, best[..., None].expand(n, best.shape[1], spec.n_params))
+
+
+N_STARTS = {"2cxm": 3, "2cum": 2}
+
+
+def _delay_grid_search(spec, y, t, cp, delay_bounds_s):
+    """Per-voxel delay (n,) minimising the linear-model SSR over a grid of shared delays."""
+    step = max(float((t[1:] - t[:-1]).min()), 0.5)
+    grid = np.arange(delay_bounds_s[0], delay_bounds_s[1] + 1e-9, step)
+    best_ssr = torch.full((y.shape[0],), float("inf"), dtype=y.dtype, device=y.device)
+    best_delay = torch.zeros_like(best_ssr)
+    for delay in grid:
+        _, ssr = _linear_fit(spec, y, t, cp, float(delay) if delay != 0 else 0.0)
+        better = ssr < best_ssr
+        best_ssr = torch.where(better, ssr, best_ssr)
+        best_delay = torch.where(better, torch.full_like(best_delay, float(delay)), best_delay)
+    return best_delay
+
+
+# ---------------------------------------------------------------------------------------------
+def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, delay_bounds_s, cancel):
+    n_frames = y.shape[1]
+    if fit_delay:
+        delay = _delay_grid_search(spec, y, t, cp, delay_bounds_s)
+    else:
+        delay = 0.0
+    if method == "linear":
+        x, _ = _linear_fit(spec, y, t, cp, delay)
+        x = _clip_to_bounds(x, lower[: spec.n_params], upper[: spec.n_params])
+        if fit_delay:
+            x = torch.cat([x, delay[:, None]], -1)
+        converged = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+        # residuals and Jacobian of the exact model at the linear estimate give SSR and errors
+        model_delay = x[:, spec.n_params] if fit_delay else 0.0
+        f, jac = tk.concentration_and_jacobian(spec.name, x[:, : spec.n_params], t, cp, model_delay,
+                                               with_delay=fit_delay)
+        ssr = ((y - f) ** 2).sum(-1)
+        hess = jac.transpose(-1, -2) @ jac
+    else:
+        starts = N_STARTS.get(spec.name, 1)
+        x0 = _initial_values(spec, y, t, cp, lower, upper, delay, starts)  # (n, starts, P)
+        n = y.shape[0]
+        if fit_delay:
+            x0 = torch.cat([x0, delay[:, None, None].expand(n, starts, 1)], -1)
+        # every start is fitted as its own curve; the lowest SSR wins
+        y_rep = y[:, None, :].expand(n, starts, n_frames).reshape(n * starts, n_frames)
+        x, ssr, hess, converged = _levenberg_marquardt(spec, y_rep, t, cp, x0.reshape(n * starts, -1), lower,
+                                                       upper, fit_delay, max_iterations, cancel)
+        if starts > 1:
+            best = ssr.reshape(n, starts).argmin(1) + torch.arange(n, device=y.device) * starts
+            x, ssr, hess, converged = x[best], ssr[best], hess[best], converged[best]
+    p = x.shape[1]
+    sigma2 = ssr / max(n_frames - p, 1)
+    cov, info = torch.linalg.inv_ex(hess)
+    variance = cov.diagonal(dim1=-2, dim2=-1)
+    stderr = torch.sqrt(sigma2[:, None] * variance.clamp_min(0))
+    stderr = torch.where((info == 0)[:, None] & (variance >= 0), stderr, torch.full_like(stderr, float("nan")))
+    sst = ((y - y.mean(-1, keepdim=True)) ** 2).sum(-1)
+    r2 = 1.0 - ssr / sst.clamp_min(1e-300)
+    rmse = torch.sqrt(ssr / n_frames)
+    tolerance = 1e-9 * (upper - lower).abs().clamp(max=1e3)
+    on_bound = ((x <= lower + tolerance) | (x >= upper - tolerance)).any(-1)
+    ok = converged & torch.isfinite(x).all(-1) & torch.isfinite(ssr)
+    status = torch.where(ok, torch.where(on_bound, int(FitStatus.HIT_BOUND), int(FitStatus.CONVERGED)),
+                         int(FitStatus.FAILED))
+    return x, stderr, r2, rmse, status
+
+
+def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="auto", dtype=torch.float64,
+               chunk_voxels=20000, max_iterations=100, delay_bounds_s=DEFAULT_DELAY_BOUNDS_S,
+               lower=None, upper=None, progress=None, cancel=None) -> FitResult:
+    """Fit a tracer-kinetic model to each of N concentration curves.
+
+    ``conc`` (N, T) mM; ``t_s`` (T,) s, strictly increasing (any spacing); ``cp`` (T,) plasma
+    concentration in mM (shared AIF). ``model`` a name in ``tk_models.MODELS``. ``method``
+    'nlls' (bounded LM, started from the linear fit) or 'linear'. ``fit_delay`` adds the arterial
+    delay (s, within ``delay_bounds_s``). ``lower`` / ``upper`` override the model's bounds
+    (sequence of P values, OSIPI units). Curves with NaN/inf get status INVALID_INPUT and NaN maps.
+    """
+    spec = tk.get_model(model)
+    if method not in ("nlls", "linear"):
+        raise DCEPKInputError(f"unknown fitting method {method!r}: use 'nlls' or 'linear'")
+    if method == "linear" and spec.name not in LINEAR_MODELS:
+        raise DCEPKInputError(f"the {spec.name} model has no linear form: use method='nlls', or a linear model "
+                              f"({', '.join(LINEAR_MODELS)})")
+    conc, t_np, cp_np = _check_inputs(conc, t_s, cp, spec, fit_delay)
+    if chunk_voxels is None or int(chunk_voxels) < 1:
+        raise DCEPKInputError(f"chunk_voxels must be a positive number of voxels, got {chunk_voxels!r}")
+    if not (delay_bounds_s[0] < delay_bounds_s[1]):
+        raise DCEPKInputError(f"delay_bounds_s must be (low, high) seconds with low < high, got {delay_bounds_s}")
+    torch_device = _resolve_device(device)
+    n_voxels, n_frames = conc.shape
+    lower_np = np.array(spec.lower if lower is None else lower, dtype=np.float64)
+    upper_np = np.array(spec.upper if upper is None else upper, dtype=np.float64)
+    if lower_np.shape != (spec.n_params,) or upper_np.shape != (spec.n_params,) or np.any(lower_np >= upper_np):
+        raise DCEPKInputError(f"bounds for {spec.name} must be {spec.n_params} values each with lower < upper "
+                              f"(order {list(spec.parameters)})")
+    if fit_delay:
+        lower_np = np.append(lower_np, delay_bounds_s[0])
+        upper_np = np.append(upper_np, delay_bounds_s[1])
+    n_out = lower_np.size
+    params = np.full((n_voxels, n_out), np.nan)
+    stderr = np.full((n_voxels, n_out), np.nan)
+    r2 = np.full(n_voxels, np.nan)
+    rmse = np.full(n_voxels, np.nan)
+    status = np.full(n_voxels, int(FitStatus.INVALID_INPUT), dtype=np.uint8)
+    valid = np.isfinite(conc).all(axis=1)
+    valid_index = np.flatnonzero(valid)
+
+    t = torch.as_tensor(t_np, dtype=dtype, device=torch_device)
+    cp_t = torch.as_tensor(cp_np, dtype=dtype, device=torch_device)
+    lo = torch.as_tensor(lower_np, dtype=dtype, device=torch_device)
+    hi = torch.as_tensor(upper_np, dtype=dtype, device=torch_device)
+    chunk = int(chunk_voxels)
+    n_valid = valid_index.size
+    jobs.report(progress, 0.0, f"fitting {spec.name} to {n_valid} voxels")
+    for start in range(0, n_valid, chunk):
+        jobs.raise_if_cancelled(cancel)
+        index = valid_index[start:start + chunk]
+        y = torch.as_tensor(conc[index], dtype=dtype, device=torch_device)
+        x, se, r2_c, rmse_c, status_c = _fit_chunk(spec, y, t, cp_t, method, fit_delay, lo, hi,
+                                                   int(max_iterations), delay_bounds_s, cancel)
+        params[index] = x.double().cpu().numpy()
+        stderr[index] = se.double().cpu().numpy()
+        r2[index] = r2_c.double().cpu().numpy()
+        rmse[index] = rmse_c.double().cpu().numpy()
+        status[index] = status_c.cpu().numpy().astype(np.uint8)
+        done = min(start + chunk, n_valid)
+        jobs.report(progress, done / max(n_valid, 1), f"fitted {done} of {n_valid} voxels")
+    jobs.raise_if_cancelled(cancel)
+    names = list(spec.parameters)
+    result = FitResult(
+        model=spec.name,
+        params={name: params[:, i] for i, name in enumerate(names)},
+        stderr={name: stderr[:, i] for i, name in enumerate(names)},
+        r2=r2, rmse=rmse, status=status,
+        units=dict(zip(spec.parameters, spec.units)),
+        t_s=t_np, cp=cp_np, method=method, shape=(n_voxels,))
+    if fit_delay:
+        result.delay_s = params[:, -1]
+        result.delay_stderr = stderr[:, -1]
+        result.units["delay_s"] = "s"
+    return result
+
+
+def fit_volume(conc, t_s, cp, model, mask=None, **kwargs) -> FitResult:
+    """Fit every voxel of a DCE series ``conc`` (K, J, I, T) in mM (inside ``mask`` (K, J, I) if given).
+
+    Keyword arguments as ``fit_curves``. Maps come back as (K, J, I) arrays; voxels outside the
+    mask have status MASKED and NaN parameters.
+    """
+    conc = np.asarray(conc)
+    if conc.ndim != 4:
+        raise DCEPKInputError(f"a DCE series must be 4-D (k, j, i, t), got shape {conc.shape}: "
+                              "use fit_curves for (voxels, t) arrays")
+    grid = conc.shape[:3]
+    if mask is None:
+        selected = np.ones(grid, dtype=bool)
+    else:
+        selected = np.asarray(mask).astype(bool)
+        if selected.shape != grid:
+            raise DCEPKInputError(f"the mask has {selected.shape} voxels (k, j, i) but the series has {grid}: "
+                                  "resample the mask onto the series' grid first")
+    flat_index = np.flatnonzero(selected.ravel())
+    curves = conc.reshape(-1, conc.shape[3])[flat_index]
+    result = fit_curves(curves, t_s, cp, model, **kwargs)
+
+    def expand(values, fill, dtype=np.float64):
+        full = np.full(int(np.prod(grid)), fill, dtype=dtype)
+        full[flat_index] = values
+        return full.reshape(grid)
+
+    result.params = {k: expand(v, np.nan) for k, v in result.params.items()}
+    result.stderr = {k: expand(v, np.nan) for k, v in result.stderr.items()}
+    result.r2 = expand(result.r2, np.nan)
+    result.rmse = expand(result.rmse, np.nan)
+    result.status = expand(result.status, int(FitStatus.MASKED), np.uint8)
+    if result.delay_s is not None:
+        result.delay_s = expand(result.delay_s, np.nan)
+        result.delay_stderr = expand(result.delay_stderr, np.nan)
+    result.shape = grid
+    return result

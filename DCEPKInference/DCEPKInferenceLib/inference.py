@@ -1,0 +1,275 @@
+"""Run a shipped network on a DCE series: ``run_inference`` and ``dcepk infer`` (``infer_main``).
+
+No AIF is needed: the series is converted to relative enhancement on the canonical grid
+(``canonical_grid``). Memory stays bounded: voxel-wise networks run on chunks of
+``batch_voxels`` voxels; 2-D networks run slice by slice on the bounding box of the mask.
+Maps outside the mask are 0. kep = Ktrans / ve with ve floored at ``KEP_VE_FLOOR`` (kep is
+undefined where ve -> 0), and its SD by first-order error propagation from the Ktrans and ve SDs
+(assumed independent).
+"""
+
+import argparse
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from DCEPKFittingLib.dce_io import DCESeries, read_dce, read_mask, read_volume, write_maps
+from DCEPKFittingLib.errors import DCEPKInputError
+from DCEPKFittingLib.geometry import Geometry, check_same_grid
+from DCEPKFittingLib.jobs import ConsoleProgress, raise_if_cancelled, report
+
+from . import canonical_grid as cg
+from .model_store import list_models, load_model
+from .networks import PARAM_NAMES
+
+DEFAULT_MODEL = "hetero_encoder"
+KEP_VE_FLOOR = 0.01
+AUTO_MASK_FRACTION = 0.1       # auto mask: baseline signal above 10 % of its 99th percentile
+SLICE_MARGIN = 8               # pixels of context around the mask's bounding box for 2-D networks
+GPU_BYTES_NEEDED = 2 << 30     # ask for 2 GiB free before choosing the GPU
+UNITS = {"Ktrans": "1/min", "ve": "fraction", "vp": "fraction", "kep": "1/min",
+         "Ktrans_sd": "1/min", "ve_sd": "fraction", "vp_sd": "fraction", "kep_sd": "1/min"}
+
+
+@dataclass
+class InferenceOutput:
+    maps: Dict[str, np.ndarray]       # Ktrans, ve, vp, kep and <name>_sd, float32 [k, j, i]
+    units: Dict[str, str]
+    geometry: Geometry
+    model_card: Dict
+    mask: np.ndarray                  # bool [k, j, i]: voxels that were inferred
+    baseline_frames: int
+    device: str
+    notes: list = field(default_factory=list)
+
+
+def choose_device(device: str = "auto", notes: Optional[list] = None) -> torch.device:
+    """cuda when asked (or auto and a GPU has >= 2 GiB free), else CPU; says why it fell back."""
+    notes = notes if notes is not None else []
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            try:
+                free, _ = torch.cuda.mem_get_info()
+            except RuntimeError:
+                free = 0
+            if free >= GPU_BYTES_NEEDED:
+                return torch.device("cuda")
+            notes.append(f"GPU has only {free / 2**30:.1f} GiB free: running on the CPU instead")
+        return torch.device("cpu")
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DCEPKInputError("device 'cuda' was asked for but no CUDA GPU is available: use 'cpu' or 'auto'")
+        return torch.device(device)
+    if device != "cpu":
+        raise DCEPKInputError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def auto_mask(signal: np.ndarray, baseline_frames: int) -> np.ndarray:
+    s0 = signal[..., :baseline_frames].mean(axis=-1)
+    finite = np.isfinite(s0)
+    if not finite.any() or np.nanmax(s0) <= 0:
+        raise DCEPKInputError("the baseline signal is zero or negative everywhere: is the input a magnitude "
+                              "signal series (not concentration or subtracted images)?")
+    level = np.percentile(s0[finite], 99)
+    return finite & (s0 > AUTO_MASK_FRACTION * level)
+
+
+def _check_series(series: DCESeries):
+    if not isinstance(series, DCESeries):
+        raise DCEPKInputError("run_inference takes a DCESeries (dce_io.read_dce or DCESeries(signal, times_s, ...))")
+    if series.kind != "signal":
+        raise DCEPKInputError("the networks take the raw signal series (they convert to relative enhancement "
+                              "themselves); this series holds concentration: load the signal series instead")
+    cg.check_times(series.times_s)
+    if not np.all(np.isfinite(series.signal)):
+        raise DCEPKInputError("the series has NaN or inf voxels: replace them (read_dce(replace_nonfinite=0)) first")
+
+
+def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int]) -> int:
+    if baseline_frames is not None:
+        n = int(baseline_frames)
+        if not 1 <= n < series.n_frames:
+            raise DCEPKInputError(f"baseline_frames={baseline_frames} must be between 1 and {series.n_frames - 1}")
+        return n
+    voxels = series.signal[mask] if mask is not None else series.signal.reshape(-1, series.n_frames)
+    if voxels.shape[0] > 200_000:  # detection needs the most enhancing voxels, not all of them
+        voxels = voxels[np.random.default_rng(0).choice(voxels.shape[0], 200_000, replace=False)]
+    return cg.estimate_baseline_frames(voxels)
+
+
+def _t10_values(t10_s, shape):
+    if t10_s is None:
+        return None
+    t10 = np.asarray(t10_s, dtype=np.float64)
+    if t10.ndim == 0:
+        return float(t10)
+    if t10.shape != tuple(shape):
+        raise DCEPKInputError(f"T10 map of shape {t10.shape} does not match the series' grid {tuple(shape)}")
+    return t10
+
+
+def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None, device="auto", fa_deg=None,
+                  tr_s=None, t10_s=None, batch_voxels: int = 65536, progress=None, cancel=None,
+                  baseline_frames: Optional[int] = None, n_samples: Optional[int] = None,
+                  models_dir=None) -> InferenceOutput:
+    """Ktrans, ve, vp, kep maps and their 1-SD uncertainty from a DCE signal series, no AIF needed.
+
+    mask: bool [k, j, i] (None: voxels whose baseline signal exceeds 10 % of its 99th percentile);
+    fa_deg / tr_s: default to the series header (optional inputs of the networks); t10_s: None,
+    a T10 in s or a map [k, j, i]; baseline_frames: None detects bolus arrival.
+    """
+    _check_series(series)
+    notes = []
+    shape = series.spatial_shape
+    n_t = series.n_frames
+    report(progress, 0.0, "preparing")
+    fa_deg = series.flip_angle_deg if fa_deg is None else fa_deg
+    tr_s = series.tr_s if tr_s is None else tr_s
+    t10 = _t10_values(t10_s, shape)
+    if mask is not None:
+        mask = np.asarray(mask).astype(bool)
+        check_same_grid(shape, None, mask.shape, None, "DCE series", "mask")
+        if not mask.any():
+            raise DCEPKInputError("the mask is empty: draw the region or pass no mask")
+    n_base = _baseline(series, mask, baseline_frames)
+    if mask is None:
+        mask = auto_mask(series.signal, n_base)
+        notes.append(f"auto mask: {int(mask.sum())} voxels with baseline signal above "
+                     f"{AUTO_MASK_FRACTION:.0%} of its 99th percentile")
+    dev = choose_device(device, notes)
+    model, card = load_model(model_name, dev, models_dir)
+    weights = cg.resampling_matrix(series.times_s)
+    if series.times_s[-1] - series.times_s[0] > cg.GRID_STEP_S * cg.GRID_POINTS:
+        notes.append(f"frames after {cg.GRID_STEP_S * cg.GRID_POINTS:.0f} s are not used by the networks")
+    mean = np.zeros(shape + (3,), dtype=np.float32)
+    sd = np.zeros(shape + (3,), dtype=np.float32)
+    sample_kwargs = {"n_samples": n_samples} if n_samples else {}
+
+    def canonical(signal_2d, t10_part):
+        return cg.to_canonical(signal_2d, series.times_s, n_base, fa_deg, tr_s, t10_part, weights)
+
+    torch.manual_seed(0)  # latent draws (tcn_punet) reproducible run to run
+    if model.kind == "voxel":
+        index = np.flatnonzero(mask.ravel())
+        flat = series.signal.reshape(-1, n_t)
+        t10_flat = t10.ravel() if isinstance(t10, np.ndarray) else t10
+        mean_flat, sd_flat = mean.reshape(-1, 3), sd.reshape(-1, 3)
+        for start in range(0, index.size, int(batch_voxels)):
+            raise_if_cancelled(cancel)
+            part = index[start:start + int(batch_voxels)]
+            c = canonical(flat[part], t10_flat[part] if isinstance(t10_flat, np.ndarray) else t10_flat)
+            with torch.no_grad():
+                m, s = model.predict(torch.from_numpy(c.curves).to(dev), torch.from_numpy(c.valid).to(dev),
+                                     torch.from_numpy(c.protocol).to(dev), **sample_kwargs)
+            mean_flat[part], sd_flat[part] = m.cpu().numpy(), s.cpu().numpy()
+            report(progress, min(start + part.size, index.size) / index.size,
+                   f"{min(start + part.size, index.size)} of {index.size} voxels")
+    else:
+        slices = [k for k in range(shape[0]) if mask[k].any()]
+        for done, k in enumerate(slices):
+            raise_if_cancelled(cancel)
+            rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
+            j0, j1 = max(rows[0] - SLICE_MARGIN, 0), min(rows[-1] + SLICE_MARGIN + 1, shape[1])
+            i0, i1 = max(cols[0] - SLICE_MARGIN, 0), min(cols[-1] + SLICE_MARGIN + 1, shape[2])
+            tissue = mask[k, j0:j1, i0:i1]
+            h, w = tissue.shape
+            t10_part = t10[k, j0:j1, i0:i1].ravel() if isinstance(t10, np.ndarray) else t10
+            c = canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t), t10_part)
+            curves = c.curves * tissue.reshape(-1, 1)     # background reads as flat (RE 0)
+            to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+            with torch.no_grad():
+                m, s = model.predict(to(curves.T.reshape(1, -1, h, w)), to(c.valid[None]),
+                                     to(c.protocol.T.reshape(1, -1, h, w)),
+                                     to(tissue[None, None].astype(np.float32)), **sample_kwargs)
+            m = m[0].permute(1, 2, 0).cpu().numpy()
+            s = s[0].permute(1, 2, 0).cpu().numpy()
+            mean[k, j0:j1, i0:i1][tissue], sd[k, j0:j1, i0:i1][tissue] = m[tissue], s[tissue]
+            report(progress, (done + 1) / len(slices), f"slice {done + 1} of {len(slices)}")
+    raise_if_cancelled(cancel)
+    maps = {}
+    for i, name in enumerate(PARAM_NAMES):
+        maps[name] = np.where(mask, mean[..., i], 0.0).astype(np.float32)
+        maps[f"{name}_sd"] = np.where(mask, sd[..., i], 0.0).astype(np.float32)
+    ve = np.maximum(maps["ve"], KEP_VE_FLOOR)
+    kep = maps["Ktrans"] / ve
+    rel = np.sqrt((maps["Ktrans_sd"] / np.maximum(maps["Ktrans"], 1e-6)) ** 2 + (maps["ve_sd"] / ve) ** 2)
+    maps["kep"] = np.where(mask, kep, 0.0).astype(np.float32)
+    # where Ktrans ~ 0 the relative form is unstable: use the absolute form SD(Ktrans) / ve
+    kep_sd = np.where(maps["Ktrans"] > 1e-6, kep * rel, maps["Ktrans_sd"] / ve)
+    maps["kep_sd"] = np.where(mask, kep_sd, 0.0).astype(np.float32)
+    order = ["Ktrans", "ve", "vp", "kep", "Ktrans_sd", "ve_sd", "vp_sd", "kep_sd"]
+    report(progress, 1.0, "done")
+    return InferenceOutput({k: maps[k] for k in order}, dict(UNITS), series.geometry, card, mask, n_base,
+                           str(dev), notes)
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _parse_times(text):
+    if text is None:
+        return None
+    path = Path(text)
+    raw = path.read_text() if path.is_file() else text
+    try:
+        return np.array([float(v) for v in raw.replace(",", " ").split()], dtype=np.float64)
+    except ValueError:
+        raise DCEPKInputError(f"--times must be numbers in seconds (comma-separated or a file), got '{text[:60]}'")
+
+
+def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog="dcepk infer", description="Ktrans, ve, vp, kep maps with uncertainty by a neural network (no AIF)")
+    parser.add_argument("input", type=Path, help="DCE signal series (DICOM folder, NIfTI, NRRD)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, help="shipped network (see --list)")
+    parser.add_argument("--out", type=Path, help="output folder for the maps")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--mask", type=Path, help="mask / label map on the series grid (default: auto)")
+    parser.add_argument("--fa", type=float, help="flip angle in degrees (default: from the file)")
+    parser.add_argument("--tr", type=float, help="repetition time in seconds (default: from the file)")
+    parser.add_argument("--t10", type=str, help="pre-contrast T1: a value in s or a map file")
+    parser.add_argument("--baseline-frames", type=int, help="pre-contrast frames (default: detected)")
+    parser.add_argument("--dt", type=float, help="frame interval in seconds (only when the file has no timing)")
+    parser.add_argument("--times", type=str, help="frame times in seconds (comma-separated or a file)")
+    parser.add_argument("--batch-voxels", type=int, default=65536, help="voxels per chunk (memory bound)")
+    parser.add_argument("--list", action="store_true", help="list the shipped models and exit")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def infer_main(argv=None) -> int:
+    args = build_infer_parser().parse_args(argv)
+    if args.list:
+        for card in list_models():
+            val = card.get("validation", {}).get("metrics", {}).get("Ktrans", {})
+            print(f"{card['name']}\t{card.get('description', '')}\tvalidation Ktrans RMSE "
+                  f"{val.get('rmse', float('nan')):.4f} 1/min")
+        return 0
+    if args.out is None:
+        raise DCEPKInputError("give an output folder with --out")
+    series = read_dce(args.input, times_s=_parse_times(args.times), dt_s=args.dt)
+    mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
+    t10 = None
+    if args.t10 is not None:
+        try:
+            t10 = float(args.t10)
+        except ValueError:
+            t10_map, t10_geometry = read_volume(args.t10)
+            check_same_grid(series.spatial_shape, series.geometry, t10_map.shape, t10_geometry, "DCE series", "T10 map")
+            t10 = t10_map.astype(np.float64)
+    result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
+                           t10_s=t10, batch_voxels=args.batch_voxels, baseline_frames=args.baseline_frames,
+                           progress=ConsoleProgress(f"infer {args.model}"))
+    for note in result.notes:
+        print(f"note: {note}", file=sys.stderr)
+    written = write_maps(args.out, result.maps, result.geometry, overwrite=args.overwrite)
+    print(f"{len(written)} maps ({', '.join(result.maps)}) written to {args.out} "
+          f"[model {args.model}, device {result.device}, {result.baseline_frames} baseline frames]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(infer_main())

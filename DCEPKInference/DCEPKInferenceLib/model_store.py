@@ -1,0 +1,121 @@
+"""Shipped network weights and model cards: list, load (checksum-verified), save.
+
+Each model is ``<name>.safetensors`` (weights only: safetensors never runs code) beside
+``<name>.json`` (model card: architecture, config, simulator ranges, training budget,
+validation metrics, code version, SHA-256 of the weights file). The default folder is
+``DCEPKInference/Resources/Models``; ``$DCEPK_MODELS_DIR`` or the ``models_dir`` argument
+points elsewhere (e.g. models retrained on a GPU).
+"""
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from DCEPKFittingLib.errors import DCEPKInputError
+
+from .networks import build_network
+
+DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+def models_dir(path=None) -> Path:
+    if path is not None:
+        return Path(path)
+    env = os.environ.get("DCEPK_MODELS_DIR")
+    return Path(env) if env else DEFAULT_MODELS_DIR
+
+
+def sha256_of(path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def list_models(directory=None) -> List[Dict]:
+    """Model cards (dicts) of every model in the folder, by name."""
+    folder = models_dir(directory)
+    cards = []
+    for card_path in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            card = json.loads(card_path.read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        if isinstance(card, dict) and "sha256" in card and "network" in card:
+            cards.append(card)
+    return cards
+
+
+def read_card(name: str, directory=None) -> Dict:
+    folder = models_dir(directory)
+    card_path = folder / f"{name}.json"
+    if not card_path.is_file():
+        names = [c["name"] for c in list_models(folder)]
+        raise DCEPKInputError(f"no model '{name}' in {folder} (available: {', '.join(names) or 'none'}): "
+                              "choose one of those or train it with 'dcepk train'")
+    try:
+        card = json.loads(card_path.read_text())
+    except json.JSONDecodeError as error:
+        raise DCEPKInputError(f"model card {card_path} is not valid JSON ({error}): reinstall the model files") from None
+    for key in ("network", "network_config", "sha256"):
+        if key not in card:
+            raise DCEPKInputError(f"model card {card_path} has no '{key}': reinstall the model files")
+    return card
+
+
+def load_model(name: str, device="cpu", directory=None) -> Tuple[torch.nn.Module, Dict]:
+    """(network in eval mode on ``device``, model card). The weights' SHA-256 must match the card."""
+    folder = models_dir(directory)
+    card = read_card(name, folder)
+    weights = folder / f"{name}.safetensors"
+    if not weights.is_file():
+        raise DCEPKInputError(f"weights file {weights} for model '{name}' is missing: reinstall the extension's "
+                              "model files or retrain with 'dcepk train'")
+    digest = sha256_of(weights)
+    if digest != card["sha256"]:
+        raise DCEPKInputError(f"weights file {weights} is corrupt or not the one its model card describes "
+                              f"(SHA-256 {digest[:12]}... != {card['sha256'][:12]}...): reinstall the model files")
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise DCEPKInputError(f"weights file {weights} cannot be read ({error}): reinstall the model files") from None
+    model = build_network(card["network"], card["network_config"])
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise DCEPKInputError(f"weights in {weights} do not fit the '{card['network']}' architecture of its card "
+                              f"({str(error)[:200]}): reinstall or retrain the model") from None
+    return model.to(device).eval(), card
+
+
+def _atomic_write(target: Path, writer) -> None:
+    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    os.close(handle)
+    try:
+        writer(temporary)
+        os.replace(temporary, target)
+    finally:
+        if os.path.exists(temporary):
+            os.remove(temporary)
+
+
+def save_model(model: torch.nn.Module, card: Dict, directory, name: str, overwrite: bool = False) -> Dict:
+    """Write ``<name>.safetensors`` and ``<name>.json`` (with the weights' SHA-256) atomically."""
+    folder = Path(directory)
+    folder.mkdir(parents=True, exist_ok=True)
+    targets = [folder / f"{name}.safetensors", folder / f"{name}.json"]
+    if not overwrite and any(t.exists() for t in targets):
+        raise DCEPKInputError(f"model '{name}' already exists in {folder}: choose another --out or pass --overwrite")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    _atomic_write(targets[0], lambda tmp: save_file(state, tmp))
+    card = dict(card, name=name, sha256=sha256_of(targets[0]), weights_bytes=targets[0].stat().st_size)
+    _atomic_write(targets[1], lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2, sort_keys=False)))
+    return card

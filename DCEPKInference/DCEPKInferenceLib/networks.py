@@ -1,0 +1,352 @@
+"""The four inference networks, selectable by name with a config dict (``build_network``).
+
+All take the canonical input of ``canonical_grid`` (relative enhancement on a fixed 4 s grid,
+a grid validity mask, optional protocol scalars), so any frame count / frame times work and no
+AIF is needed. All output Ktrans, ve, vp through a sigmoid scaled to ``PARAM_UPPER`` (bounded
+activations; kep = Ktrans / ve is derived in ``inference``) and a 1-SD uncertainty in the same
+units:
+
+* ``hetero_encoder`` (after Hess et al.): voxel-wise strided 1-D conv encoder, heteroscedastic
+  Laplace (default) or Gaussian NLL head -> mean + aleatoric SD; a small ensemble (members
+  trained jointly from different initialisations) adds epistemic spread:
+  var = mean(aleatoric var) + var(member means).
+* ``ulas_cnn`` (after Ulas et al. 2019): 2-D CNN, grid frames as channels, a local pathway
+  (3x3 convs) and a global pathway (dilated 3x3 convs, dilation 2/4/8) fused by 1x1 convs;
+  trained with a parameter loss plus the tracer-kinetic loss on concentration (``training``).
+  Uncertainty: an added Gaussian variance head trained by NLL (documented deviation: the
+  paper gives no uncertainty).
+* ``fcsa_net`` (after Zeng & Zhou): frame attention (per-frame weights from the slice's mean
+  curve), then conv blocks with channel (squeeze-excitation) and spatial attention (CBAM
+  style). Uncertainty: added Gaussian variance head (NLL), as for ``ulas_cnn``.
+* ``tcn_punet`` (after Lyoo et al. 2025): per-voxel temporal convolutional network (dilated
+  residual 1-D convs) -> feature map -> small U-Net over the slice, with a probabilistic
+  U-Net latent (prior net from the image, posterior net from image + truth in training, KL
+  term). Mean and SD come from ``n_samples`` latent draws from the prior.
+
+Internally parameters are normalised by ``PARAM_UPPER`` (values in [0, 1]); the ``predict``
+methods return physical units (Ktrans 1/min, ve and vp fractions).
+"""
+
+import math
+from typing import Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from DCEPKFittingLib.errors import DCEPKInputError
+
+from .canonical_grid import GRID_POINTS, N_PROTOCOL
+
+PARAM_NAMES = ("Ktrans", "ve", "vp")
+PARAM_UNITS = ("1/min", "fraction", "fraction")
+# Output bounds: a little above the simulator's ranges so the sigmoid never saturates on truth.
+PARAM_UPPER = (1.6, 1.0, 0.35)
+MIN_SCALE = 1e-3   # normalised units; keeps the NLL finite
+
+
+def compress(curves: torch.Tensor) -> torch.Tensor:
+    """asinh of the relative enhancement: linear near 0, logarithmic for vessel-like values
+    (RE up to ~15), so no input dominates the first layer."""
+    return torch.asinh(curves)
+
+
+def _upper(like: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    shape = [1] * like.dim()
+    shape[channel_dim] = 3
+    return torch.tensor(PARAM_UPPER, dtype=like.dtype, device=like.device).view(shape)
+
+
+def _heads(raw: torch.Tensor, dim: int):
+    """Split 6 raw channels into bounded mean (0..1) and positive scale (normalised units)."""
+    mean_logit, scale_raw = torch.split(raw, 3, dim=dim)
+    return torch.sigmoid(mean_logit), F.softplus(scale_raw) + MIN_SCALE
+
+
+def nll(target_n, mean_n, scale_n, kind: str = "laplace", weight=None):
+    """Mean negative log-likelihood of normalised targets under Laplace(b) or Gaussian(sigma)."""
+    if kind == "laplace":
+        value = torch.log(2 * scale_n) + (target_n - mean_n).abs() / scale_n
+    elif kind == "gaussian":
+        value = torch.log(scale_n) + 0.5 * ((target_n - mean_n) / scale_n) ** 2 + 0.5 * math.log(2 * math.pi)
+    else:
+        raise DCEPKInputError(f"unknown likelihood {kind!r}: use 'laplace' or 'gaussian'")
+    if weight is not None:
+        return (value * weight).sum() / (weight.sum() * value.shape[1] / weight.shape[1]).clamp_min(1)
+    return value.mean()
+
+
+def scale_to_sd(scale_n, kind: str):
+    """1-SD of the likelihood from its scale: Laplace SD = sqrt(2) b, Gaussian SD = sigma."""
+    return scale_n * math.sqrt(2.0) if kind == "laplace" else scale_n
+
+
+# ------------------------------------------------------------------------------- voxel-wise
+class _PatchEmbed(nn.Module):
+    """Stride-``p`` temporal patches -> channels, i.e. a Conv1d(2, c, p, stride=p) written as a
+    Linear on (N, T/p, 2p): the same maths, several times faster on CPU for millions of voxels."""
+
+    def __init__(self, c: int, patch: int = 4):
+        super().__init__()
+        self.patch = patch
+        self.linear = nn.Linear(2 * patch, c)
+
+    def forward(self, curves, valid):
+        n, g = curves.shape
+        x = torch.stack([compress(curves) * valid, valid], dim=-1).view(n, g // self.patch, 2 * self.patch)
+        return F.gelu(self.linear(x))                                      # (N, G/p, c)
+
+
+class _VoxelEncoder(nn.Module):
+    """One ensemble member: temporal patch embedding (4 grid points = 16 s) then an MLP over the
+    whole embedded curve with the protocol scalars (~80 k multiply-adds per voxel)."""
+
+    def __init__(self, width: int, hidden: int, dropout: float):
+        super().__init__()
+        self.embed = _PatchEmbed(width)
+        flat = width * (GRID_POINTS // 4)
+        self.mlp = nn.Sequential(nn.Linear(flat + N_PROTOCOL, 2 * hidden), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 6))
+
+    def forward(self, curves, valid, protocol):
+        h = self.embed(curves, valid).flatten(1)
+        return _heads(self.mlp(torch.cat([h, protocol], dim=1)), dim=1)
+
+
+class HeteroEncoder(nn.Module):
+    kind = "voxel"
+    default_config = {"width": 16, "hidden": 64, "members": 3, "likelihood": "laplace", "dropout": 0.0}
+
+    def __init__(self, config: Dict):
+        super().__init__()
+        self.config = {**self.default_config, **config}
+        self.likelihood = self.config["likelihood"]
+        self.members = nn.ModuleList(_VoxelEncoder(self.config["width"], self.config["hidden"],
+                                                   self.config["dropout"])
+                                     for _ in range(int(self.config["members"])))
+
+    def forward(self, curves, valid, protocol):
+        """curves (N, G), valid (N, G) or (G,), protocol (N, P) -> list of (mean_n, scale_n) (N, 3)."""
+        valid = valid.expand_as(curves)
+        return [member(curves, valid, protocol) for member in self.members]
+
+    def loss(self, outputs, target_n, batch=None):
+        return sum(nll(target_n, m, s, self.likelihood) for m, s in outputs) / len(outputs)
+
+    @torch.no_grad()
+    def predict(self, curves, valid, protocol, n_samples: int = 0):
+        outputs = self.forward(curves, valid, protocol)
+        means = torch.stack([m for m, _ in outputs])                      # (M, N, 3)
+        var_alea = torch.stack([scale_to_sd(s, self.likelihood) ** 2 for _, s in outputs]).mean(0)
+        var_epi = means.var(0, unbiased=False) if len(outputs) > 1 else torch.zeros_like(var_alea)
+        up = _upper(means[0], 1)
+        return means.mean(0) * up, torch.sqrt(var_alea + var_epi) * up
+
+
+# ------------------------------------------------------------------------------- 2-D helpers
+class _Stem(nn.Module):
+    """Grid frames (+ protocol) as channels -> features; the grid validity mask (one per slice)
+    enters as a learned per-channel bias, which costs nothing per pixel."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(GRID_POINTS + N_PROTOCOL, channels, 1)
+        self.valid_bias = nn.Linear(GRID_POINTS, channels, bias=False)
+
+    def forward(self, curves, valid, protocol):
+        x = torch.cat([compress(curves) * valid[:, :, None, None], protocol], dim=1)
+        return F.gelu(self.conv(x) + self.valid_bias(valid)[:, :, None, None])
+
+
+def _masked_mean(x, tissue):
+    """Spatial mean over tissue pixels: (B, C, H, W), (B, 1, H, W) -> (B, C)."""
+    return (x * tissue).sum((2, 3)) / tissue.sum((2, 3)).clamp_min(1.0)
+
+
+class UlasCNN(nn.Module):
+    kind = "slice"
+    default_config = {"channels": 32, "fuse": 64, "tk_weight": 1.0, "param_weight": 1.0, "nll_weight": 0.5}
+
+    def __init__(self, config: Dict):
+        super().__init__()
+        self.config = {**self.default_config, **config}
+        c = self.config["channels"]
+        self.stem = _Stem(c)
+        self.local_path = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(c, c, 3, padding=1), nn.GELU())])
+        self.global_path = nn.Sequential(*[m for d in (2, 4, 8)
+                                           for m in (nn.Conv2d(c, c, 3, padding=d, dilation=d), nn.GELU())])
+        f = self.config["fuse"]
+        self.fuse = nn.Sequential(nn.Conv2d(2 * c, f, 1), nn.GELU(), nn.Conv2d(f, 6, 1))
+
+    def forward(self, curves, valid, protocol, tissue, truth_n=None):
+        h = self.stem(curves, valid, protocol)
+        h = torch.cat([self.local_path(h), self.global_path(h)], dim=1)
+        mean_n, scale_n = _heads(self.fuse(h), dim=1)
+        return {"mean_n": mean_n, "scale_n": scale_n}
+
+    @torch.no_grad()
+    def predict(self, curves, valid, protocol, tissue, n_samples: int = 0):
+        out = self.forward(curves, valid, protocol, tissue)
+        up = _upper(out["mean_n"], 1)
+        return out["mean_n"] * up, out["scale_n"] * up
+
+
+class _CBAM(nn.Module):
+    """Channel attention (squeeze-excitation on avg + max pool) then spatial attention."""
+
+    def __init__(self, c: int, reduction: int = 4):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(c, c // reduction), nn.GELU(), nn.Linear(c // reduction, c))
+        self.spatial = nn.Conv2d(2, 1, 7, padding=3)
+
+    def forward(self, x, tissue):
+        avg = _masked_mean(x, tissue)
+        mx = (x - 1e4 * (1 - tissue)).amax((2, 3))
+        x = x * torch.sigmoid(self.mlp(avg) + self.mlp(mx))[:, :, None, None]
+        s = torch.cat([x.mean(1, keepdim=True), x.amax(1, keepdim=True)], dim=1)
+        return x * torch.sigmoid(self.spatial(s))
+
+
+class FCSANet(nn.Module):
+    kind = "slice"
+    default_config = {"channels": 32, "blocks": 3, "param_weight": 1.0, "nll_weight": 0.5, "tk_weight": 0.0}
+
+    def __init__(self, config: Dict):
+        super().__init__()
+        self.config = {**self.default_config, **config}
+        c = self.config["channels"]
+        # frame attention: weights per grid frame from the slice's mean tissue curve + validity
+        self.frame_attention = nn.Sequential(nn.Linear(2 * GRID_POINTS, 64), nn.GELU(), nn.Linear(64, GRID_POINTS))
+        self.stem = _Stem(c)
+        self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(self.config["blocks"]))
+        self.attn = nn.ModuleList(_CBAM(c) for _ in range(self.config["blocks"]))
+        self.head = nn.Sequential(nn.Conv2d(c, c, 1), nn.GELU(), nn.Conv2d(c, 6, 1))
+
+    def forward(self, curves, valid, protocol, tissue, truth_n=None):
+        mean_curve = _masked_mean(curves, tissue)
+        weights = 2 * torch.sigmoid(self.frame_attention(torch.cat([mean_curve, valid], dim=1)))
+        h = self.stem(curves * weights[:, :, None, None], valid, protocol)
+        for conv, attn in zip(self.convs, self.attn):
+            h = h + attn(F.gelu(conv(h)), tissue)
+        mean_n, scale_n = _heads(self.head(h), dim=1)
+        return {"mean_n": mean_n, "scale_n": scale_n}
+
+    predict = UlasCNN.predict
+
+
+class _TCN(nn.Module):
+    """Per-voxel temporal conv net on (N, T, C): stride-4 patch embedding, dilated residual
+    convolutions (kernel 3, dilation 1, 2, 4, ...; each written as a Linear over the three
+    shifted copies, which is the same maths as Conv1d and fast on CPU), then a stride-4 merge
+    and a projection to ``out`` features per voxel."""
+
+    def __init__(self, c: int, out: int, levels: int = 3):
+        super().__init__()
+        self.embed = _PatchEmbed(c)
+        self.dilations = [2 ** i for i in range(levels)]
+        self.blocks = nn.ModuleList(nn.Linear(3 * c, c) for _ in self.dilations)
+        self.merge = nn.Linear(4 * c, c)
+        self.out = nn.Linear(c * (GRID_POINTS // 16) + N_PROTOCOL, out)
+
+    def forward(self, curves, valid, protocol):
+        h = self.embed(curves, valid)                                     # (N, G/4, c)
+        for d, block in zip(self.dilations, self.blocks):
+            hp = F.pad(h, (0, 0, d, d))
+            h = h + F.gelu(block(torch.cat([hp[:, : -2 * d], h, hp[:, 2 * d:]], dim=-1)))
+        n, t, c = h.shape
+        h = F.gelu(self.merge(h.reshape(n, t // 4, 4 * c))).flatten(1)
+        return F.gelu(self.out(torch.cat([h, protocol], dim=1)))
+
+
+def _conv_block(cin, cout):
+    return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.GELU(), nn.Conv2d(cout, cout, 3, padding=1), nn.GELU())
+
+
+class _LatentNet(nn.Module):
+    """Conv encoder + tissue-masked global pooling -> Gaussian (mu, log sigma) of the latent."""
+
+    def __init__(self, cin, c, latent):
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(cin, c, 3, padding=1), nn.GELU(), nn.Conv2d(c, c, 3, padding=1, stride=2),
+                                  nn.GELU())
+        self.out = nn.Linear(c, 2 * latent)
+
+    def forward(self, x, tissue):
+        h = self.conv(x)
+        t = F.max_pool2d(tissue, 2, ceil_mode=True)[..., : h.shape[2], : h.shape[3]]
+        mu, log_sigma = self.out(_masked_mean(h, t)).chunk(2, dim=1)
+        return mu, log_sigma.clamp(-6, 3)
+
+
+class TCNProbUNet(nn.Module):
+    kind = "slice"
+    default_config = {"tcn_channels": 12, "tcn_levels": 3, "features": 16, "unet": 24, "latent": 6,
+                      "beta_kl": 0.05, "n_samples": 8, "param_weight": 1.0, "tk_weight": 0.0}
+
+    def __init__(self, config: Dict):
+        super().__init__()
+        self.config = {**self.default_config, **config}
+        cfg = self.config
+        f, u, z = cfg["features"], cfg["unet"], cfg["latent"]
+        self.tcn = _TCN(cfg["tcn_channels"], f, cfg["tcn_levels"])
+        self.enc1 = _conv_block(f, u)
+        self.enc2 = _conv_block(u, 2 * u)
+        self.dec1 = _conv_block(3 * u, u)
+        self.prior = _LatentNet(f, u, z)
+        self.posterior = _LatentNet(f + 3, u, z)
+        self.head = nn.Sequential(nn.Conv2d(u + z, u, 1), nn.GELU(), nn.Conv2d(u, u, 1), nn.GELU(), nn.Conv2d(u, 3, 1))
+
+    def features(self, curves, valid, protocol, tissue):
+        b, g, h, w = curves.shape
+        # the TCN runs on tissue voxels only (background is most of a volume), then scatters back
+        inside = tissue[:, 0].reshape(-1) > 0
+        xv = curves.permute(0, 2, 3, 1).reshape(-1, g)[inside]
+        vv = valid[:, None, None, :].expand(b, h, w, g).reshape(-1, g)[inside]
+        pv = protocol.permute(0, 2, 3, 1).reshape(-1, protocol.shape[1])[inside]
+        feat = curves.new_zeros(b * h * w, self.config["features"])
+        if inside.any():
+            feat[inside] = self.tcn(xv, vv, pv)
+        return feat.view(b, h, w, -1).permute(0, 3, 1, 2)
+
+    def _decode(self, feat, z):
+        e1 = self.enc1(feat)
+        e2 = self.enc2(F.avg_pool2d(e1, 2, ceil_mode=True))
+        up = F.interpolate(e2, size=e1.shape[2:], mode="nearest")
+        d1 = self.dec1(torch.cat([e1, up], dim=1))
+        zmap = z[:, :, None, None].expand(-1, -1, d1.shape[2], d1.shape[3])
+        return torch.sigmoid(self.head(torch.cat([d1, zmap], dim=1)))
+
+    def forward(self, curves, valid, protocol, tissue, truth_n=None):
+        feat = self.features(curves, valid, protocol, tissue)
+        mu_p, ls_p = self.prior(feat, tissue)
+        if truth_n is not None:  # training: sample from the posterior, KL to the prior
+            mu_q, ls_q = self.posterior(torch.cat([feat, truth_n * tissue], dim=1), tissue)
+            z = mu_q + torch.exp(ls_q) * torch.randn_like(mu_q)
+            kl = (ls_p - ls_q + (torch.exp(2 * ls_q) + (mu_q - mu_p) ** 2) / (2 * torch.exp(2 * ls_p)) - 0.5).sum(1).mean()
+        else:
+            z = mu_p + torch.exp(ls_p) * torch.randn_like(mu_p)
+            kl = torch.zeros((), device=curves.device)
+        return {"mean_n": self._decode(feat, z), "kl": kl, "feat": feat, "prior": (mu_p, ls_p)}
+
+    @torch.no_grad()
+    def predict(self, curves, valid, protocol, tissue, n_samples: int = 0):
+        n = int(n_samples or self.config["n_samples"])
+        feat = self.features(curves, valid, protocol, tissue)
+        mu_p, ls_p = self.prior(feat, tissue)
+        samples = torch.stack([self._decode(feat, mu_p + torch.exp(ls_p) * torch.randn_like(mu_p)) for _ in range(n)])
+        up = _upper(samples[0], 1)
+        # a floor keeps the SD > 0 where all latent draws agree (documented in the model card)
+        return samples.mean(0) * up, samples.std(0, unbiased=False).clamp_min(MIN_SCALE) * up
+
+
+NETWORKS = {"hetero_encoder": HeteroEncoder, "ulas_cnn": UlasCNN, "fcsa_net": FCSANet, "tcn_punet": TCNProbUNet}
+
+
+def build_network(name: str, config: Dict = None) -> nn.Module:
+    if name not in NETWORKS:
+        raise DCEPKInputError(f"unknown network {name!r}: choose one of {sorted(NETWORKS)}")
+    return NETWORKS[name](dict(config or {}))
+
+
+def count_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

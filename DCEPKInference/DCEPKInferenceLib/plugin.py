@@ -1,0 +1,27 @@
+"""Entry points the fitting core finds through ``DCEPKFittingLib.plugins`` (it never imports us).
+
+pyproject.toml registers (lead's file)::
+
+    [project.entry-points."dcepk.commands"]
+    inference = "DCEPKInferenceLib.plugin:commands"
+    [project.entry-points."dcepk.demo_analyses"]
+    inference = "DCEPKInferenceLib.plugin:demo_analyses"
+"""
+
+from typing import Dict
+
+DEMO_MODEL = "hetero_encoder"
+
+
+def commands() -> Dict[str, tuple]:
+    from .inference import infer_main
+    from .training import train_main
+    return {"infer": ("PK maps with uncertainty by a shipped neural network (no AIF)", infer_main),
+            "train": ("train an inference network on simulated DCE data", train_main)}
+
+
+def demo_analyses(series, mask, device, progress) -> Dict[str, dict]:
+    """The demo's network maps: {method name: maps} with the default voxel-wise network."""
+    from .inference import run_inference
+    result = run_inference(series, DEMO_MODEL, mask=mask, device=device, progress=progress)
+    return {DEMO_MODEL: result.maps}

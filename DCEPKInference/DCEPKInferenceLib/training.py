@@ -1,0 +1,323 @@
+"""Training on simulated data: ``train(...)`` and the ``dcepk train`` entry point ``train_main``.
+
+Deterministic: the batch of step ``s`` is drawn from ``numpy.random.default_rng([seed, s])``
+and torch is seeded with ``(seed, s)`` before the step, so a resumed run continues exactly as
+an uninterrupted one (up to floating-point non-determinism of the device). Checkpoints
+(``checkpoint.pt``: weights, optimiser, step; read back with ``torch.load(weights_only=True)``,
+which cannot run code) are written every ``checkpoint_every`` steps. Validation uses a fixed
+simulated set (seed ``val_seed``, never a training seed). At the end the weights are written as
+safetensors with a model card (``model_store.save_model``).
+
+Retrain a shipped model longer on a GPU (one line)::
+
+    dcepk train --model hetero_encoder --steps 20000 --device cuda --out DCEPKInference/Resources/Models --overwrite
+"""
+
+import argparse
+import datetime
+import json
+import math
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from DCEPKFittingLib import tk_models
+from DCEPKFittingLib.errors import DCEPKInputError
+from DCEPKFittingLib.jobs import raise_if_cancelled
+
+from . import __version__, canonical_grid, simulator
+from .metrics import summarize
+from .model_store import models_dir, save_model
+from .networks import NETWORKS, PARAM_NAMES, PARAM_UNITS, PARAM_UPPER, build_network, count_parameters
+
+CONFIG_DIR = models_dir() / "configs"
+DEFAULT_TRAINING = {"steps": 1000, "lr": 2e-3, "weight_decay": 1e-4, "seed": 1, "val_seed": 900001,
+                    "val_subjects": 32, "val_voxels_per_subject": 128, "val_patches": 24,
+                    "subjects_per_batch": 16, "voxels_per_subject": 256, "patches_per_batch": 8,
+                    "patch_size": 32, "checkpoint_every": 200, "log_every": 25, "temporal_shift_max": 4,
+                    "grad_clip": 5.0}
+CHECK_SET = {"seed": 424242, "subjects": 8, "voxels_per_subject": 64, "patches": 4}
+DESCRIPTIONS = {
+    "hetero_encoder": "voxel-wise temporal encoder (patch embedding + MLP), heteroscedastic Laplace/Gaussian NLL, "
+                      "temporal-shift augmentation, small jointly trained ensemble (after Hess et al.)",
+    "ulas_cnn": "2-D CNN, grid frames as channels, local (3x3) + dilated global pathway, parameter + tracer-kinetic "
+                "loss (after Ulas et al. 2019)",
+    "fcsa_net": "2-D CNN with frame attention and channel/spatial (CBAM) attention (after Zeng & Zhou, FCSA-net)",
+    "tcn_punet": "per-voxel temporal convolutional network then a probabilistic U-Net over the slice; mean and SD "
+                 "from latent samples (after Lyoo et al. 2025)",
+}
+UNCERTAINTY_METHOD = {
+    "hetero_encoder": "heteroscedastic NLL head (aleatoric) per ensemble member; SD^2 = mean member variance "
+                      "+ variance of member means (epistemic)",
+    "ulas_cnn": "added Gaussian variance head trained by NLL (aleatoric only)",
+    "fcsa_net": "added Gaussian variance head trained by NLL (aleatoric only)",
+    "tcn_punet": "SD over latent draws from the prior net of the probabilistic U-Net (floor 1e-3 of the bound)",
+}
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if str(device).startswith("cuda") and not torch.cuda.is_available():
+        raise DCEPKInputError("--device cuda was asked for but no CUDA GPU is available: use --device cpu or auto")
+    if str(device) not in ("cpu",) and not str(device).startswith("cuda"):
+        raise DCEPKInputError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device(device)
+
+
+def load_config(model_name: str, path=None) -> Dict:
+    """Training config: the JSON file given, else the shipped ``configs/<model>.json``, else defaults."""
+    if model_name not in NETWORKS:
+        raise DCEPKInputError(f"unknown network {model_name!r}: choose one of {sorted(NETWORKS)}")
+    path = Path(path) if path else CONFIG_DIR / f"{model_name}.json"
+    config = {"network": model_name, "network_config": {}, "training": {}}
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise DCEPKInputError(f"config {path} is not valid JSON: {error}") from None
+        if loaded.get("network", model_name) != model_name:
+            raise DCEPKInputError(f"config {path} is for '{loaded['network']}', not '{model_name}'")
+        config.update({k: v for k, v in loaded.items() if k in config})
+    elif path.name != f"{model_name}.json" or path.parent != CONFIG_DIR:
+        raise DCEPKInputError(f"config file {path} not found")
+    config["training"] = {**DEFAULT_TRAINING, **config["training"]}
+    config["network_config"] = {**NETWORKS[model_name].default_config, **config["network_config"]}
+    return config
+
+
+# ------------------------------------------------------------------------------------ batches
+def _to_torch(batch: simulator.SimulatedBatch, device) -> Dict[str, torch.Tensor]:
+    out = {k: torch.as_tensor(getattr(batch, k), device=device)
+           for k in ("curves", "valid", "protocol", "params", "cp_grid", "snr")}
+    if batch.tissue is not None:
+        out["tissue"] = torch.as_tensor(batch.tissue, device=device)
+    return out
+
+
+def make_batch(kind: str, rng, training: Dict, validation=False):
+    if kind == "voxel":
+        subjects = training["val_subjects"] if validation else training["subjects_per_batch"]
+        voxels = training["val_voxels_per_subject"] if validation else training["voxels_per_subject"]
+        return simulator.sample_voxels(rng, subjects, voxels)
+    patches = training["val_patches"] if validation else training["patches_per_batch"]
+    return simulator.sample_patches(rng, patches, training["patch_size"])
+
+
+def temporal_shift(curves, valid, max_shift: int, generator):
+    """Delay each curve by 0..max_shift grid steps (Hess et al.-style augmentation): the bolus
+    arrives later, the baseline is extended with its first value and the tail drops off."""
+    n, g = curves.shape
+    shift = torch.randint(0, max_shift + 1, (n, 1), generator=generator).to(curves.device)
+    index = (torch.arange(g, device=curves.device)[None, :] - shift).clamp_min(0)
+    return curves.gather(1, index), valid.gather(1, index)
+
+
+def _upper_tensor(device, shape):
+    return torch.tensor(PARAM_UPPER, dtype=torch.float32, device=device).view(shape)
+
+
+def tracer_kinetic_loss(pred_params, true_params, cp_grid, valid):
+    """Relative squared error of extended-Tofts concentration on the canonical grid (Ulas et al.):
+    predicted vs true parameters through the core forward model with the patch's true AIF.
+    pred/true (B, 3, H, W) physical units, cp_grid (B, G) mM, valid (B, G)."""
+    t = torch.as_tensor(canonical_grid.grid_times_s(), dtype=pred_params.dtype, device=pred_params.device)
+    cp = cp_grid[:, None, None, :]
+    c_pred = tk_models.concentration("etofts", pred_params.permute(0, 2, 3, 1), t, cp)
+    with torch.no_grad():
+        c_true = tk_models.concentration("etofts", true_params.permute(0, 2, 3, 1), t, cp)
+        scale = (c_true ** 2 * valid[:, None, None, :]).mean((1, 2, 3), keepdim=True) + 1e-3
+    err = (c_pred - c_true) ** 2 / scale * valid[:, None, None, :]
+    return err.sum() / (valid.sum() * pred_params.shape[2] * pred_params.shape[3]).clamp_min(1)
+
+
+def compute_loss(model, batch: Dict[str, torch.Tensor], training: Dict, generator) -> torch.Tensor:
+    target_n = batch["params"] / _upper_tensor(batch["params"].device, (1, 3) + (1,) * (batch["params"].dim() - 2))
+    if model.kind == "voxel":
+        curves, valid = batch["curves"], batch["valid"]
+        if training.get("temporal_shift_max", 0) > 0:
+            curves, valid = temporal_shift(curves, valid, int(training["temporal_shift_max"]), generator)
+        return model.loss(model(curves, valid, batch["protocol"]), target_n)
+    cfg = model.config
+    out = model(batch["curves"], batch["valid"], batch["protocol"], batch["tissue"], truth_n=target_n)
+    loss = cfg.get("param_weight", 1.0) * (out["mean_n"] - target_n).abs().mean()
+    if "scale_n" in out and cfg.get("nll_weight", 0) > 0:
+        # the variance head learns from the NLL only: the mean is driven by the parameter loss
+        from .networks import nll
+        loss = loss + cfg["nll_weight"] * nll(target_n, out["mean_n"].detach(), out["scale_n"], "gaussian")
+    if "kl" in out:
+        loss = loss + cfg.get("beta_kl", 0.05) * out["kl"]
+    if cfg.get("tk_weight", 0) > 0:
+        up = _upper_tensor(target_n.device, (1, 3, 1, 1))
+        loss = loss + cfg["tk_weight"] * tracer_kinetic_loss(out["mean_n"] * up, batch["params"], batch["cp_grid"],
+                                                             batch["valid"])
+    return loss
+
+
+# ------------------------------------------------------------------------------------ evaluation
+@torch.no_grad()
+def predict_batch(model, batch: Dict[str, torch.Tensor], seed: int = 0):
+    """(mean, sd) numpy arrays (N, 3) in physical units for a voxel or patch batch."""
+    torch.manual_seed(seed)  # latent draws of tcn_punet: reproducible metrics
+    model.eval()
+    if model.kind == "voxel":
+        mean, sd = model.predict(batch["curves"], batch["valid"], batch["protocol"])
+        truth = batch["params"]
+        snr = batch["snr"]
+    else:
+        mean, sd = model.predict(batch["curves"], batch["valid"], batch["protocol"], batch["tissue"])
+        mean, sd = (x.permute(0, 2, 3, 1).reshape(-1, 3) for x in (mean, sd))
+        truth = batch["params"].permute(0, 2, 3, 1).reshape(-1, 3)
+        snr = batch["snr"].reshape(-1)
+    return mean.cpu().numpy(), sd.cpu().numpy(), truth.cpu().numpy(), snr.cpu().numpy()
+
+
+def evaluate(model, batch: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
+    mean, sd, truth, _ = predict_batch(model, batch)
+    return {name: summarize(mean[:, i], truth[:, i], sd[:, i]) for i, name in enumerate(PARAM_NAMES)}
+
+
+def check_batch(kind: str, device="cpu") -> Dict[str, torch.Tensor]:
+    """The small fixed set whose Ktrans RMSE every model card records (tests reproduce it)."""
+    rng = np.random.default_rng(CHECK_SET["seed"])
+    if kind == "voxel":
+        batch = simulator.sample_voxels(rng, CHECK_SET["subjects"], CHECK_SET["voxels_per_subject"])
+    else:
+        batch = simulator.sample_patches(rng, CHECK_SET["patches"], 32)
+    return _to_torch(batch, device)
+
+
+def check_metric(model, device="cpu") -> float:
+    return evaluate(model, check_batch(model.kind, device))["Ktrans"]["rmse"]
+
+
+# ------------------------------------------------------------------------------------ training
+def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] = None, device="auto",
+          out_dir=None, resume=None, overwrite: bool = False, threads: Optional[int] = None,
+          progress=None, cancel=None, log=sys.stderr) -> Dict:
+    """Train ``model_name`` and write ``<out_dir>/<model_name>.safetensors`` + ``.json``. Returns the card."""
+    config = config or load_config(model_name)
+    training = dict(config["training"])
+    if steps is not None:
+        training["steps"] = int(steps)
+    if training["steps"] < 1:
+        raise DCEPKInputError("--steps must be at least 1")
+    out_dir = Path(out_dir or ".")
+    target = out_dir / f"{model_name}.safetensors"
+    if target.exists() and not overwrite:
+        raise DCEPKInputError(f"{target} exists: choose another --out or pass --overwrite")
+    if threads:
+        torch.set_num_threads(int(threads))
+    dev = resolve_device(device)
+    seed = int(training["seed"])
+    torch.manual_seed(seed)
+    model = build_network(model_name, config["network_config"]).to(dev)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])
+    total = training["steps"]
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+    start_step = 0
+    checkpoint_path = out_dir / f"{model_name}.checkpoint.pt"
+    if resume:
+        state = torch.load(resume, map_location=dev, weights_only=True)
+        if state.get("network") != model_name:
+            raise DCEPKInputError(f"checkpoint {resume} is for '{state.get('network')}', not '{model_name}'")
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_step = int(state["step"])
+        print(f"resumed {model_name} from {resume} at step {start_step}", file=log)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    val_batch = _to_torch(make_batch(model.kind, np.random.default_rng(training["val_seed"]), training, True), dev)
+    started = time.perf_counter()
+    running = None
+    for step in range(start_step, total):
+        raise_if_cancelled(cancel)
+        rng = np.random.default_rng([seed, step])
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        torch.manual_seed(seed * 1_000_003 + step)
+        model.train()
+        batch = _to_torch(make_batch(model.kind, rng, training), dev)
+        loss = compute_loss(model, batch, training, generator)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), training["grad_clip"])
+        optimizer.step()
+        schedule.step()
+        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
+        done = step + 1
+        if done % training["log_every"] == 0 or done == total:
+            elapsed = time.perf_counter() - started
+            eta = elapsed / (done - start_step) * (total - done)
+            print(f"[{model_name}] step {done}/{total} loss {running:.4f} ({elapsed:.0f} s, ETA {eta:.0f} s)",
+                  file=log, flush=True)
+            if progress:
+                progress(done / total, f"step {done}/{total}")
+        if done % training["checkpoint_every"] == 0 or done == total:
+            torch.save({"network": model_name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                        "schedule": schedule.state_dict(), "step": done}, checkpoint_path)
+    wall = time.perf_counter() - started
+    model.eval()
+    validation = evaluate(model, val_batch)
+    print(f"[{model_name}] validation: " + ", ".join(f"{k} RMSE {v['rmse']:.4f} CCC {v['ccc']:.3f}"
+                                                     for k, v in validation.items()), file=log, flush=True)
+    card = {
+        "network": model_name,
+        "architecture": type(model).__name__,
+        "description": DESCRIPTIONS[model_name],
+        "input_kind": model.kind,
+        "network_config": model.config,
+        "n_parameters": count_parameters(model),
+        "outputs": {n: u for n, u in zip(PARAM_NAMES, PARAM_UNITS)},
+        "output_upper_bounds": dict(zip(PARAM_NAMES, PARAM_UPPER)),
+        "uncertainty": UNCERTAINTY_METHOD[model_name],
+        "canonical_grid": {"step_s": canonical_grid.GRID_STEP_S, "points": canonical_grid.GRID_POINTS,
+                           "input": "relative enhancement S/S0 - 1 (S0 = mean of detected baseline frames), "
+                                    "cell-mean resampled, with validity mask",
+                           "protocol_features": list(canonical_grid.PROTOCOL_FEATURES)},
+        "simulator_ranges": simulator.SIMULATOR_RANGES,
+        "training": {**training, "steps_run_this_session": total - start_step, "resumed_from_step": start_step,
+                     "wall_s": round(wall, 1), "device": str(dev), "torch_threads": torch.get_num_threads(),
+                     "torch_version": torch.__version__, "platform": platform.platform()},
+        "validation": {"set": {"seed": training["val_seed"], "kind": model.kind,
+                               "size": int(val_batch["params"].numel() // 3)}, "metrics": validation},
+        "check": {**CHECK_SET, "metric": "Ktrans_rmse_per_min", "value": check_metric(model, dev)},
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": f"DCEPKInferenceLib {__version__}",
+        "retrain_command": f"dcepk train --model {model_name} --steps {max(total, 20000)} --device cuda "
+                           f"--out DCEPKInference/Resources/Models --overwrite",
+    }
+    card = save_model(model.cpu(), card, out_dir, model_name, overwrite=overwrite)
+    print(f"[{model_name}] wrote {target} ({card['weights_bytes'] / 1e6:.2f} MB, sha256 {card['sha256'][:12]}...)",
+          file=log, flush=True)
+    return card
+
+
+def build_train_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(prog="dcepk train",
+                                               description="train an inference network on simulated DCE data")
+    parser.add_argument("--model", required=True, choices=sorted(NETWORKS), help="network name")
+    parser.add_argument("--config", type=Path, help="training config JSON (default: the shipped one)")
+    parser.add_argument("--steps", type=int, help="optimiser steps (overrides the config)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--out", type=Path, default=Path("dcepk_models"), help="output folder for weights + card")
+    parser.add_argument("--resume", type=Path, help="checkpoint (.checkpoint.pt) to continue from")
+    parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def train_main(argv=None) -> int:
+    args = build_train_parser().parse_args(argv)
+    train(args.model, load_config(args.model, args.config), steps=args.steps, device=args.device, out_dir=args.out,
+          resume=args.resume, overwrite=args.overwrite, threads=args.threads)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(train_main())

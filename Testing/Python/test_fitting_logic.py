@@ -1,0 +1,204 @@
+"""The DCEPKFitting Logic's scene path (prepare -> compute -> publish) on the phantom, headless.
+
+The module's ``DCEPKFittingLogic`` (Qt shell, needs a real Slicer) delegates each step to these
+``mrml_bridge`` functions one to one (checked statically in test_fitting_module_static.py); here
+they run against the real Slicer core libraries. Truths: ``pipeline.run_fit`` on the same arrays
+(the CLI path), the phantom's ground truth, and numpy.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+
+from slicer_scene import slicer_scene  # noqa: F401  (fixture)
+
+slicer = pytest.importorskip("slicer")
+
+from DCEPKFittingLib import mrml_bridge as bridge  # noqa: E402
+from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError  # noqa: E402
+from DCEPKFittingLib.jobs import BackgroundJob, JobState  # noqa: E402
+
+pipeline = pytest.importorskip("DCEPKFittingLib.pipeline")
+phantom_lib = pytest.importorskip("DCEPKFittingLib.phantom")
+
+VFA_ANGLES = (2.0, 5.0, 10.0, 15.0, 20.0)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    # Two slices of 32 x 32: every tissue and a tumour rim, small enough for 2 shared cores.
+    return phantom_lib.make_phantom(shape=(2, 32, 32), vfa_flip_angles_deg=VFA_ANGLES, seed=3)
+
+
+@pytest.fixture
+def loaded(slicer_scene, phantom):
+    return bridge.phantom_to_scene(slicer_scene.scene, phantom, "phantom", slicer_scene.sequences_logic)
+
+
+def _options(loaded, phantom, **changes):
+    segmentation = loaded["aifSegmentation"]
+    options = dict(model="etofts", aif_segmentation=segmentation, aif_segment_id=bridge.segment_ids(segmentation)[0],
+                   t10_s=None, vfa_sequence=loaded["vfa"], r1_per_mM_s=phantom.protocol.r1_per_mM_s,
+                   hct=phantom.protocol.hct, mask=loaded["tissues"], statistics_segmentation=loaded["tissues"],
+                   device="cpu")
+    options.update(changes)
+    return options
+
+
+def _fingerprint(wired):
+    """Every node's ID, class, name and modification time: changes when anything is added or written."""
+    scene = wired.scene
+    return sorted((scene.GetNthNode(n).GetID(), scene.GetNthNode(n).GetClassName(), scene.GetNthNode(n).GetName(),
+                   scene.GetNthNode(n).GetMTime()) for n in range(scene.GetNumberOfNodes()))
+
+
+def test_phantom_loads_as_sequence_vfa_segments_and_a_box_around_the_vessel(slicer_scene, phantom, loaded):
+    series = bridge.series_from_sequence(loaded["sequence"])
+    np.testing.assert_array_equal(series.signal, phantom.series.signal.astype(np.float32))
+    np.testing.assert_allclose(series.times_s, phantom.series.times_s, rtol=1e-6)
+    signals, angles, geometry = bridge.vfa_from_sequence(loaded["vfa"])
+    assert angles == list(VFA_ANGLES)
+    np.testing.assert_array_equal(signals, phantom.vfa.signals.astype(np.float32))
+    reference = bridge.reference_volume(series.spatial_shape, series.geometry)
+    masks = bridge.segment_masks(loaded["tissues"], reference)
+    assert set(masks) == {phantom.label_names[v] for v in np.unique(phantom.labels) if v}
+    for value, name in phantom.label_names.items():
+        if name in masks:
+            np.testing.assert_array_equal(masks[name], phantom.labels == value)
+    box = bridge.mask_from_roi(loaded["aifRoi"], reference)
+    (k0, j0, i0), (k1, j1, i1) = np.argwhere(phantom.aif_mask).min(0), np.argwhere(phantom.aif_mask).max(0)
+    expected = np.zeros_like(box)
+    expected[k0:k1 + 1, j0:j1 + 1, i0:i1 + 1] = True
+    np.testing.assert_array_equal(box, expected)
+
+
+def test_logic_maps_equal_the_cli_path_and_are_near_ground_truth(slicer_scene, phantom, loaded):
+    nodes, output = bridge.run_scene_fit(slicer_scene.scene, loaded["sequence"], **_options(loaded, phantom))
+
+    settings = pipeline.FitSettings(
+        model="etofts", vfa_signals=phantom.vfa.signals, vfa_flip_angles_deg=list(VFA_ANGLES),
+        vfa_tr_s=phantom.vfa.tr_s, r1_per_mM_s=phantom.protocol.r1_per_mM_s, hct=phantom.protocol.hct,
+        aif_mask=phantom.aif_mask, mask=phantom.labels > 0, device="cpu")
+    cli = pipeline.run_fit(phantom.series, settings)
+    assert set(nodes) - {"statistics"} == {name for name, a in cli.maps.items() if np.ndim(a) == 3}
+    for name, expected in cli.maps.items():
+        got = slicer.util.arrayFromVolume(nodes[name])
+        np.testing.assert_array_equal(np.isnan(got), np.isnan(expected), err_msg=name)
+        np.testing.assert_allclose(got, expected, rtol=2e-5, atol=1e-7, equal_nan=True, err_msg=name)
+        matrix = slicer.util.arrayFromVTKMatrix(_ijk_to_ras(nodes[name]))
+        np.testing.assert_allclose(matrix, phantom.series.geometry.ijk_to_ras(), atol=1e-9)
+    assert nodes["Ktrans"].GetAttribute("DCEPK.Units") == cli.units["Ktrans"]
+
+    rim = phantom.labels == next(v for v, n in phantom.label_names.items() if "rim" in n)
+    ktrans = slicer.util.arrayFromVolume(nodes["Ktrans"])[rim]
+    ve = slicer.util.arrayFromVolume(nodes["ve"])[rim]
+    assert np.median(np.abs(ktrans - phantom.truth["Ktrans"][rim]) / phantom.truth["Ktrans"][rim]) < 0.15
+    assert np.median(np.abs(ve - phantom.truth["ve"][rim])) < 0.05
+
+    rows = bridge.table_rows(nodes["statistics"])
+    names = {v: n for v, n in phantom.label_names.items() if np.any(phantom.labels == v)}
+    assert len(rows) == len(names) * len([m for m in cli.maps if m != "status"])
+    for row in rows:
+        value = next(v for v, n in names.items() if n == row["segment"])
+        values = cli.maps[row["map"]][phantom.labels == value]
+        assert row["count"] == np.isfinite(values).sum()
+        if row["count"]:
+            assert row["mean"] == pytest.approx(np.nanmean(values), rel=1e-5, abs=1e-9)
+            assert row["median"] == pytest.approx(np.nanmedian(values), rel=1e-5, abs=1e-9)
+
+    # The voxel plot's fitted curve follows the measured concentration where the fit converged.
+    k, j, i = np.argwhere(rim)[0]
+    model = output.model_curve(k, j, i)
+    assert np.sqrt(np.mean((model - output.concentration[k, j, i]) ** 2)) == pytest.approx(
+        float(output.maps["rmse"][k, j, i]), rel=1e-3)
+
+
+def _ijk_to_ras(node):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return matrix
+
+
+def test_rerun_updates_outputs_and_new_outputs_when_asked(slicer_scene, phantom, loaded):
+    scene = slicer_scene.scene
+    first, _ = bridge.run_scene_fit(scene, loaded["sequence"], **_options(loaded, phantom))
+    count = scene.GetNumberOfNodes()
+    second, _ = bridge.run_scene_fit(scene, loaded["sequence"], **_options(loaded, phantom, method="linear"))
+    assert scene.GetNumberOfNodes() == count
+    assert all(second[name] is first[name] for name in first)
+    third, _ = bridge.run_scene_fit(scene, loaded["sequence"],
+                                    **_options(loaded, phantom, method="linear", update_existing=False))
+    assert scene.GetNumberOfNodes() > count
+    assert third["Ktrans"] is not first["Ktrans"] and third["Ktrans"].GetName() != first["Ktrans"].GetName()
+
+
+def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, phantom, loaded):
+    scene = slicer_scene.scene
+    earlier, _ = bridge.run_scene_fit(scene, loaded["sequence"], **_options(loaded, phantom, method="linear"))
+    earlier_ktrans = slicer.util.arrayFromVolume(earlier["Ktrans"]).copy()
+    before = _fingerprint(slicer_scene)
+
+    cancel = threading.Event()
+    seen = []
+
+    def progress(fraction, message):
+        seen.append(fraction)
+        if fraction >= 0.15:  # inside the voxel fit, after T1 mapping and the AIF
+            cancel.set()
+
+    with pytest.raises(JobCancelledError):
+        bridge.run_scene_fit(scene, loaded["sequence"], progress=progress, cancel=cancel,
+                             **_options(loaded, phantom, model="tofts"))
+    assert seen and max(seen) < 1.0
+    assert _fingerprint(slicer_scene) == before
+    np.testing.assert_array_equal(slicer.util.arrayFromVolume(earlier["Ktrans"]), earlier_ktrans)
+
+    # The widget's path: compute in a BackgroundJob, cancelled while running; nothing is published.
+    request = bridge.prepare_scene_fit(loaded["sequence"], **_options(loaded, phantom, model="tofts"))
+    gate = threading.Event()
+
+    def compute(request, progress=None, cancel=None):
+        gate.wait(10)  # the job is surely running when it is cancelled
+        return bridge.compute_scene_fit(request, progress=progress, cancel=cancel)
+
+    job = BackgroundJob(compute, request).start()
+    job.cancel()
+    gate.set()
+    assert job.wait(120) == JobState.CANCELLED and job.result is None
+    assert _fingerprint(slicer_scene) == before
+
+
+def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_scene, phantom, loaded):
+    scene = slicer_scene.scene
+    before = _fingerprint(slicer_scene)
+
+    far_roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", "nowhere")
+    far_roi.SetCenter(5000.0, 5000.0, 5000.0)
+    far_roi.SetSize(10.0, 10.0, 10.0)
+    before = _fingerprint(slicer_scene)
+    with pytest.raises(DCEPKInputError, match="AIF ROI contains no voxel"):
+        bridge.run_scene_fit(scene, loaded["sequence"],
+                             **_options(loaded, phantom, aif_segmentation=None, aif_roi=far_roi))
+    with pytest.raises(DCEPKInputError, match="choose one input function"):
+        bridge.run_scene_fit(scene, loaded["sequence"], **_options(loaded, phantom, population_aif="parker"))
+    with pytest.raises(DCEPKInputError, match="no input function"):
+        bridge.run_scene_fit(scene, loaded["sequence"], **_options(loaded, phantom, aif_segmentation=None))
+    t10_map = bridge.update_volume_from_array(scene, np.full(phantom.series.spatial_shape, 1.2), phantom.series.geometry,
+                                              "T10 in seconds", colour="Grey")
+    before = _fingerprint(slicer_scene)
+    with pytest.raises(DCEPKInputError, match="unit is probably wrong"):
+        bridge.run_scene_fit(scene, loaded["sequence"],
+                             **_options(loaded, phantom, vfa_sequence=None, t10_map=t10_map, t10_map_unit="ms"))
+    assert _fingerprint(slicer_scene) == before
+
+    sequence = loaded["sequence"]
+    sequence.RemoveAttribute("MultiVolume.FrameLabels")
+    sequence.SetIndexUnit("")
+    before = _fingerprint(slicer_scene)
+    with pytest.raises(DCEPKInputError, match="no frame times"):
+        bridge.run_scene_fit(scene, sequence, **_options(loaded, phantom))
+    assert _fingerprint(slicer_scene) == before
+    assert not slicer_scene.nodes_by_class("vtkMRMLTableNode")

@@ -1,0 +1,144 @@
+"""Shipped weights (checksums, model-card metrics), run_inference / dcepk infer, training resume."""
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from DCEPKFittingLib.dce_io import read_volume, write_dce_series
+from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError
+from DCEPKFittingLib.phantom import TUMOUR_RIM, WHITE_MATTER, make_phantom
+from DCEPKInferenceLib import training
+from DCEPKInferenceLib.inference import infer_main, run_inference
+from DCEPKInferenceLib.model_store import DEFAULT_MODELS_DIR, list_models, load_model, sha256_of
+from DCEPKInferenceLib.networks import NETWORKS
+
+torch.set_num_threads(1)
+SHIPPED = sorted(NETWORKS)
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    return make_phantom(shape=(2, 48, 48), snr=40.0, seed=11)
+
+
+def test_every_network_is_shipped_with_a_complete_card():
+    cards = {card["name"]: card for card in list_models()}
+    assert sorted(cards) == SHIPPED
+    for name, card in cards.items():
+        weights = DEFAULT_MODELS_DIR / f"{name}.safetensors"
+        assert sha256_of(weights) == card["sha256"]
+        assert weights.stat().st_size < 20e6
+        for key in ("architecture", "network_config", "simulator_ranges", "training", "validation",
+                    "date_utc", "code_version", "uncertainty", "check"):
+            assert key in card, f"{name} card lacks {key}"
+        assert card["training"]["steps"] >= 1 and card["simulator_ranges"]["Ktrans_per_min"]["range"] == [0.0, 1.5]
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_shipped_model_reproduces_its_card_metric_and_beats_a_constant(name):
+    model, card = load_model(name, "cpu")
+    batch = training.check_batch(model.kind)
+    metrics = training.evaluate(model, batch)
+    assert metrics["Ktrans"]["rmse"] == pytest.approx(card["check"]["value"], rel=2e-3, abs=1e-4)
+    truth = batch["params"].reshape(-1, 3) if model.kind == "voxel" else \
+        batch["params"].permute(0, 2, 3, 1).reshape(-1, 3)
+    constant_rmse = truth[:, 0].std().item()    # predicting the mean Ktrans of the set
+    assert metrics["Ktrans"]["rmse"] < 0.9 * constant_rmse
+
+
+def test_corrupt_missing_and_unknown_weights_give_clear_errors(tmp_path):
+    name = "hetero_encoder"
+    for suffix in (".json", ".safetensors"):
+        shutil.copy(DEFAULT_MODELS_DIR / f"{name}{suffix}", tmp_path / f"{name}{suffix}")
+    model, _ = load_model(name, "cpu", tmp_path)                    # intact copy loads
+    weights = tmp_path / f"{name}.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[-5] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(DCEPKInputError, match="corrupt"):
+        load_model(name, "cpu", tmp_path)
+    weights.unlink()
+    with pytest.raises(DCEPKInputError, match="missing"):
+        load_model(name, "cpu", tmp_path)
+    with pytest.raises(DCEPKInputError, match="no model 'nonexistent'"):
+        load_model("nonexistent", "cpu", tmp_path)
+
+
+@pytest.mark.parametrize("name", SHIPPED)
+def test_run_inference_on_a_phantom(name, phantom):
+    mask = phantom.labels > 0
+    result = run_inference(phantom.series, name, mask=mask, device="cpu")
+    assert set(result.maps) == {"Ktrans", "ve", "vp", "kep", "Ktrans_sd", "ve_sd", "vp_sd", "kep_sd"}
+    assert result.geometry.is_close(phantom.series.geometry)
+    assert result.units["Ktrans"] == "1/min" and result.units["kep_sd"] == "1/min"
+    for key, value in result.maps.items():
+        assert value.shape == phantom.series.spatial_shape, key
+        assert np.all(np.isfinite(value[mask])), key
+        assert np.all(value[~mask] == 0), key
+    for key in ("Ktrans_sd", "ve_sd", "vp_sd", "kep_sd"):
+        assert np.all(result.maps[key][mask] > 0), key
+    assert result.baseline_frames == phantom.protocol.baseline_frames
+
+
+def test_voxel_network_recovers_phantom_tissue_contrast(phantom):
+    """Independent truth: the phantom's tumour rim has Ktrans ~0.12 /min, white matter ~0.001."""
+    result = run_inference(phantom.series, "hetero_encoder", mask=phantom.labels > 0, device="cpu")
+    rim, wm = phantom.labels == TUMOUR_RIM, phantom.labels == WHITE_MATTER
+    k_rim = np.median(result.maps["Ktrans"][rim])
+    k_true = np.median(phantom.truth["Ktrans"][rim])
+    assert abs(k_rim - k_true) < 0.5 * k_true
+    assert np.median(result.maps["Ktrans"][wm]) < 0.3 * k_rim
+
+
+def test_infer_command_writes_maps(tmp_path, phantom):
+    series_path = write_dce_series(tmp_path / "series.nrrd", phantom.series)
+    out = tmp_path / "maps"
+    assert infer_main([str(series_path), "--model", "hetero_encoder", "--out", str(out), "--device", "cpu"]) == 0
+    ktrans, geometry = read_volume(out / "Ktrans.nii.gz")
+    assert ktrans.shape == phantom.series.spatial_shape and geometry.is_close(phantom.series.geometry, 1e-3)
+    assert (out / "Ktrans_sd.nii.gz").is_file() and (out / "kep.nii.gz").is_file()
+    with pytest.raises(DCEPKInputError, match="exist"):
+        infer_main([str(series_path), "--model", "hetero_encoder", "--out", str(out), "--device", "cpu"])
+
+
+def test_concentration_series_is_refused(phantom):
+    series = phantom.series
+    from DCEPKFittingLib.dce_io import DCESeries
+    conc = DCESeries(signal=series.signal, times_s=series.times_s, kind="concentration")
+    with pytest.raises(DCEPKInputError, match="signal"):
+        run_inference(conc, "hetero_encoder")
+
+
+def test_training_is_deterministic_and_resumes_exactly(tmp_path):
+    config = training.load_config("hetero_encoder")
+    config["network_config"].update(members=2, width=4, hidden=8)
+    config["training"].update(subjects_per_batch=2, voxels_per_subject=32, val_subjects=2,
+                              val_voxels_per_subject=16, checkpoint_every=2, log_every=2)
+    log = open("/dev/null", "w")
+    straight = training.train("hetero_encoder", config, steps=4, device="cpu", out_dir=tmp_path / "a", log=log)
+
+    class CancelAfterTwoSteps:  # the loop checks cancel once per step
+        calls = 0
+
+        def is_set(self):
+            self.calls += 1
+            return self.calls > 2
+
+    with pytest.raises(JobCancelledError):
+        training.train("hetero_encoder", config, steps=4, device="cpu", out_dir=tmp_path / "b", log=log,
+                       cancel=CancelAfterTwoSteps())
+    partial = tmp_path / "b" / "hetero_encoder.checkpoint.pt"
+    assert torch.load(partial, weights_only=True)["step"] == 2
+    assert not (tmp_path / "b" / "hetero_encoder.safetensors").exists()   # cancelled: no weights
+    resumed = training.train("hetero_encoder", config, steps=4, device="cpu", out_dir=tmp_path / "c",
+                             resume=partial, log=log)
+    a = load_file(str(tmp_path / "a" / "hetero_encoder.safetensors"))
+    c = load_file(str(tmp_path / "c" / "hetero_encoder.safetensors"))
+    for key in a:
+        torch.testing.assert_close(a[key], c[key], rtol=1e-5, atol=1e-6)
+    assert resumed["training"]["resumed_from_step"] == 2
+    model, card = load_model("hetero_encoder", "cpu", tmp_path / "a")
+    assert card["sha256"] == straight["sha256"] and card["training"]["steps"] == 4

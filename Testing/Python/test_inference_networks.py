@@ -1,0 +1,171 @@
+"""Inference core without shipped weights: canonical grid, simulator physics, the four networks."""
+
+import numpy as np
+import pytest
+import torch
+
+from DCEPKFittingLib import signal_models, tk_models
+from DCEPKFittingLib.errors import DCEPKInputError
+from DCEPKInferenceLib import canonical_grid as cg
+from DCEPKInferenceLib import simulator
+from DCEPKInferenceLib.networks import NETWORKS, PARAM_UPPER, build_network, count_parameters
+from DCEPKInferenceLib.training import compute_loss, temporal_shift, tracer_kinetic_loss
+
+torch.set_num_threads(1)
+
+
+def _nonuniform_times(n, rng, span_s=300.0):
+    steps = rng.uniform(0.5, 1.5, n - 1)
+    return np.concatenate([[0.0], np.cumsum(steps / steps.sum() * span_s)])
+
+
+# ------------------------------------------------------------------------------ canonical grid
+def test_resampling_reproduces_a_linear_curve_exactly_inside_the_span():
+    times = np.array([0.0, 1.5, 7.0, 20.0, 33.3, 60.0, 95.0, 150.0, 200.0, 260.0, 300.0])
+    w, valid = cg.resampling_matrix(times)
+    curve = 2.0 + 0.01 * times
+    g = cg.grid_times_s()
+    inside = valid & (g >= cg.GRID_STEP_S / 2) & (g <= times[-1] - cg.GRID_STEP_S / 2)
+    np.testing.assert_allclose((w @ curve)[inside], 2.0 + 0.01 * g[inside], rtol=0, atol=1e-12)
+    assert valid.sum() == 1 + int(300 // cg.GRID_STEP_S)       # grid points 0..300 s
+    assert np.all(w[~valid] == 0)
+    np.testing.assert_allclose(w[valid].sum(1), 1.0, atol=1e-12)  # each valid row is an average
+
+
+def test_resampling_of_a_fast_series_is_the_cell_mean():
+    # 0.5 s frames of a cosine with an 8 s period: the grid value must be its mean over the 4 s cell
+    times = np.arange(0, 200.0, 0.5)
+    omega = 2 * np.pi / 8.0
+    curve = np.cos(omega * times)
+    w, valid = cg.resampling_matrix(times)
+    g = cg.grid_times_s()[valid][1:-1]
+    half = cg.GRID_STEP_S / 2
+    analytic = (np.sin(omega * (g + half)) - np.sin(omega * (g - half))) / (omega * cg.GRID_STEP_S)
+    np.testing.assert_allclose((w @ curve)[valid][1:-1], analytic, atol=0.02)
+    # a 4 s cell holds half a period: point sampling would alias to cos(omega g) = +-1
+    assert np.max(np.abs(analytic - np.cos(omega * g))) > 0.3
+
+
+def test_relative_enhancement_and_protocol_features():
+    signal = np.array([[100.0, 102.0, 98.0, 150.0, 200.0]])
+    re, s0 = cg.relative_enhancement(signal, 3)
+    np.testing.assert_allclose(s0, [100.0])
+    np.testing.assert_allclose(re[0], [0.0, 0.02, -0.02, 0.5, 1.0])
+    features = cg.protocol_features(2, fa_deg=15.0, t10_s=np.array([1.5, 3.0]))
+    np.testing.assert_allclose(features, [[0.5, 0, 1, 1, 0, 1], [0.5, 0, 2, 1, 0, 1]])
+    with pytest.raises(DCEPKInputError, match="milliseconds"):
+        cg.protocol_features(1, tr_s=5.0)
+    with pytest.raises(DCEPKInputError, match="at least"):
+        cg.resampling_matrix(np.arange(5.0))
+
+
+# ------------------------------------------------------------------------------ simulator
+def test_simulated_curves_are_the_core_forward_models():
+    rng = np.random.default_rng(7)
+    subject = simulator.sample_subject(rng)
+    params = simulator.sample_tissue_params(rng, 50)
+    t10 = rng.uniform(0.8, 2.0, 50)
+    m0 = np.full(50, 1234.0)
+    conc, signal = simulator.noise_free(subject, params, t10, m0)
+    np.testing.assert_array_equal(conc, tk_models.concentration("etofts", params, subject.times_s, subject.cp_mM))
+    expected = signal_models.spgr_signal(m0[:, None], 1 / t10[:, None] + subject.r1_per_mM_s * conc,
+                                         subject.fa_deg, subject.tr_s)
+    np.testing.assert_array_equal(signal, expected)
+    # and the noise-free signal inverts back to the same concentration through the core
+    back, ok = signal_models.signal_to_concentration(signal, t10, subject.fa_deg, subject.tr_s,
+                                                     subject.r1_per_mM_s, baseline_frames=1)
+    assert ok.all()
+    np.testing.assert_allclose(back, conc, atol=1e-7)
+
+
+def test_simulator_ranges_and_noise_level():
+    rng = np.random.default_rng(3)
+    p = simulator.sample_tissue_params(rng, 20000)
+    assert p[:, 0].min() >= 0 and p[:, 0].max() <= 1.5
+    assert p[:, 1].min() >= 0.02 and p[:, 1].max() <= 0.8 + 1e-12
+    assert p[:, 2].max() <= 0.3
+    assert np.all(p[:, 0] / p[:, 1] <= simulator.KEP_MAX + 1e-9)
+    assert 0.08 < np.mean((p[:, 0] == 0) & (p[:, 2] == 0)) < 0.16        # non-enhancing fraction
+    # Rician noise: at high SNR the SD of the magnitude is sigma
+    signal = np.full((20000, 1), 500.0)
+    noisy = simulator.add_rician_noise(rng, signal, np.full(20000, 10.0))
+    assert abs(noisy.std() - 10.0) < 0.3
+    times = [simulator.sample_times(rng) for _ in range(200)]
+    assert min(t.size for t in times) >= 30 and max(t.size for t in times) <= 150
+    dts = np.concatenate([np.diff(t) for t in times])
+    assert dts.min() > 1.5 * 0.8 - 1e-9 and dts.max() <= 2 * 15.0 * 1.2
+
+
+def test_patch_batch_shapes_and_truth():
+    batch = simulator.sample_patches(np.random.default_rng(0), 2, 32)
+    assert batch.curves.shape == (2, cg.GRID_POINTS, 32, 32)
+    assert batch.protocol.shape == (2, cg.N_PROTOCOL, 32, 32)
+    assert batch.params.shape == (2, 3, 32, 32)
+    assert np.all(batch.params[:, 0] <= 1.5) and np.all(batch.params[:, 1] >= 0.02)
+    # enhancement must follow Ktrans: late RE correlates with Ktrans + vp over the patch
+    late = batch.curves[0, 30:60].mean(0).ravel()
+    drive = (batch.params[0, 0] + batch.params[0, 2]).ravel()
+    assert np.corrcoef(late, drive)[0, 1] > 0.3
+
+
+# ------------------------------------------------------------------------------ networks
+def _voxel_inputs(n_frames, rng, n=32):
+    subject = simulator.sample_subject(rng, _nonuniform_times(n_frames, rng))
+    params = simulator.sample_tissue_params(rng, n)
+    canonical, *_ = simulator.simulate_subject_voxels(rng, subject, params)
+    return canonical, params
+
+
+@pytest.mark.parametrize("name", sorted(NETWORKS))
+@pytest.mark.parametrize("n_frames", [20, 45, 97])
+def test_network_forward_backward_any_frame_count(name, n_frames):
+    rng = np.random.default_rng(n_frames)
+    torch.manual_seed(0)
+    model = build_network(name)
+    assert count_parameters(model) * 4 < 20e6            # weights well under 20 MB
+    canonical, params = _voxel_inputs(n_frames, rng, n=64)
+    if model.kind == "voxel":
+        batch = {"curves": torch.from_numpy(canonical.curves),
+                 "valid": torch.from_numpy(np.broadcast_to(canonical.valid, canonical.curves.shape).copy()),
+                 "protocol": torch.from_numpy(canonical.protocol), "params": torch.tensor(params, dtype=torch.float32)}
+        mean, sd = model.predict(batch["curves"], batch["valid"], batch["protocol"])
+        assert mean.shape == (64, 3)
+    else:
+        side = 8
+        to_img = lambda a: torch.from_numpy(np.ascontiguousarray(a.T.reshape(1, -1, side, side)))
+        batch = {"curves": to_img(canonical.curves), "valid": torch.from_numpy(canonical.valid[None]),
+                 "protocol": to_img(canonical.protocol), "params": to_img(params.astype(np.float32)),
+                 "tissue": torch.ones(1, 1, side, side), "cp_grid": torch.ones(1, cg.GRID_POINTS)}
+        mean, sd = model.predict(batch["curves"], batch["valid"], batch["protocol"], batch["tissue"])
+        assert mean.shape == (1, 3, side, side)
+    upper = torch.tensor(PARAM_UPPER).view((1, 3) + (1,) * (mean.dim() - 2))
+    assert torch.all(mean >= 0) and torch.all(mean <= upper)        # bounded activations
+    assert torch.all(sd > 0) and torch.all(torch.isfinite(sd))
+    model.train()
+    loss = compute_loss(model, batch, {"temporal_shift_max": 2}, torch.Generator().manual_seed(0))
+    loss.backward()
+    grads = [p.grad for p in model.parameters() if p.requires_grad]
+    assert torch.isfinite(loss)
+    assert sum(int(g is not None and torch.any(g != 0)) for g in grads) >= 0.8 * len(grads)
+
+
+def test_tracer_kinetic_loss_is_zero_only_for_the_true_parameters():
+    rng = np.random.default_rng(1)
+    subject = simulator.sample_subject(rng)
+    cp = torch.tensor(simulator.cp_on_grid(subject), dtype=torch.float64)[None]
+    truth = torch.tensor([0.2, 0.3, 0.05], dtype=torch.float64).view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    valid = torch.ones(1, cg.GRID_POINTS, dtype=torch.float64)
+    assert tracer_kinetic_loss(truth.clone(), truth, cp, valid).item() == pytest.approx(0.0, abs=1e-12)
+    wrong = truth.clone()
+    wrong[:, 0] *= 1.5
+    assert tracer_kinetic_loss(wrong, truth, cp, valid).item() > 1e-3
+
+
+def test_temporal_shift_delays_the_curve():
+    curves = torch.arange(10.0).repeat(3, 1)
+    valid = torch.ones(3, 10)
+    shifted, _ = temporal_shift(curves, valid, 3, torch.Generator().manual_seed(5))
+    for row in shifted:
+        s = int((row == 0).sum()) - 1
+        assert 0 <= s <= 3
+        torch.testing.assert_close(row[s:], torch.arange(10.0 - s))

@@ -1,0 +1,195 @@
+"""Synthetic brain phantom: exact signal inversion, anatomy and truth, noise level, determinism,
+input function, VFA rendering and files."""
+
+import json
+
+import numpy as np
+import pytest
+
+from DCEPKFittingLib.aif import aif_from_roi, parker_aif
+from DCEPKFittingLib.dce_io import read_dce, read_volume
+from DCEPKFittingLib.errors import DCEPKInputError
+from DCEPKFittingLib.phantom import (
+    LABEL_NAMES, NECROTIC_CORE, TUMOUR_RIM, VESSEL, WHITE_MATTER, Protocol, make_phantom, write_phantom)
+from DCEPKFittingLib.signal_models import detect_baseline_frames, fit_vfa_t1, signal_to_concentration
+
+SMALL = (4, 48, 48)
+
+
+@pytest.fixture(scope="module")
+def clean64():
+    return make_phantom(SMALL, snr=None, seed=3, dtype=np.float64, vfa_flip_angles_deg=(2, 5, 10, 15, 20))
+
+
+def _invert(phantom):
+    p = phantom.protocol
+    return signal_to_concentration(phantom.series.signal, phantom.truth["T10"], p.fa_deg, p.tr_s,
+                                   p.r1_per_mM_s, baseline_frames=p.baseline_frames)
+
+
+def test_exact_inversion_recovers_concentration(clean64):
+    conc, valid = _invert(clean64)
+    tissue = clean64.labels > 0
+    assert valid[tissue].all()
+    assert not valid[~tissue].any()   # background has no signal: flagged, never a number
+    np.testing.assert_allclose(conc[tissue], clean64.concentration_mM[tissue], atol=1e-6, rtol=0)
+    assert clean64.concentration_mM[clean64.labels == TUMOUR_RIM].max() > 0.3  # something to recover
+
+
+def test_float32_storage_limits_the_round_trip():
+    phantom = make_phantom(SMALL, snr=None, seed=3)
+    assert phantom.series.signal.dtype == np.float32
+    conc, _ = _invert(phantom)
+    tissue = phantom.labels > 0
+    np.testing.assert_allclose(conc[tissue], phantom.concentration_mM[tissue], atol=2e-5, rtol=0)
+
+
+def test_labels_truth_and_masks(clean64):
+    ph = clean64
+    assert ph.labels.shape == SMALL and ph.labels.dtype == np.uint8
+    assert ph.series.signal.shape == SMALL + (ph.protocol.n_frames,)
+    assert set(np.unique(ph.labels)) == set(LABEL_NAMES)          # every tissue is present
+    assert ph.label_names == {v: n for v, n in LABEL_NAMES.items() if v != 0}
+    for name in ("Ktrans", "ve", "vp", "kep", "T10", "S0"):
+        assert ph.truth[name].shape == SMALL
+    stacked = np.sum([m.astype(int) for m in ph.tissue_masks.values()], axis=0)
+    np.testing.assert_array_equal(stacked, (ph.labels > 0).astype(int))  # masks partition the tissue
+    np.testing.assert_array_equal(ph.aif_mask, ph.labels == VESSEL)
+    rim = ph.labels == TUMOUR_RIM
+    assert np.mean(ph.truth["Ktrans"][rim]) == pytest.approx(0.12, rel=0.02)  # set mean, textured
+    assert np.std(ph.truth["Ktrans"][rim]) > 0.01                   # texture is there
+    positive_ve = ph.truth["ve"] > 0
+    np.testing.assert_allclose(ph.truth["kep"][positive_ve],
+                               ph.truth["Ktrans"][positive_ve] / ph.truth["ve"][positive_ve])
+    assert np.all(ph.truth["ve"] + ph.truth["vp"] <= 1.0)
+    assert np.all(np.isnan(ph.truth["T10"][ph.labels == 0]))
+    assert ph.truth["T10"][ph.labels == NECROTIC_CORE].mean() > ph.truth["T10"][ph.labels == WHITE_MATTER].mean()
+    no_texture = make_phantom(SMALL, snr=None, seed=3, texture=False)
+    assert np.all(no_texture.truth["Ktrans"][no_texture.labels == TUMOUR_RIM] == pytest.approx(0.12))
+
+
+def test_tissue_curve_matches_independent_extended_tofts(clean64):
+    # Extended Tofts by brute-force numerical convolution on a fine grid, cp linear between frames.
+    ph = clean64
+    t = ph.series.times_s
+    voxel = tuple(np.argwhere(ph.labels == TUMOUR_RIM)[0])
+    ktrans, ve, vp = (ph.truth[n][voxel] / (60.0 if n == "Ktrans" else 1.0) for n in ("Ktrans", "ve", "vp"))
+    fine = np.linspace(0, t[-1], 200001)
+    cp = np.interp(fine, t, ph.aif_plasma_mM)
+    dt = fine[1] - fine[0]
+    expected = []
+    for tn in t:
+        upto = fine <= tn + 1e-12
+        kernel = np.exp(-(ktrans / ve) * (tn - fine[upto]))
+        expected.append(vp * np.interp(tn, t, ph.aif_plasma_mM) + ktrans * np.trapezoid(cp[upto] * kernel, dx=dt))
+    np.testing.assert_allclose(ph.concentration_mM[voxel], expected, atol=1e-5, rtol=1e-4)
+
+
+def test_input_function_is_the_population_aif_in_the_vessel(clean64):
+    ph = clean64
+    t = ph.series.times_s
+    np.testing.assert_allclose(ph.aif_blood_mM, parker_aif(t, delay_s=t[ph.protocol.baseline_frames]), rtol=1e-12)
+    np.testing.assert_allclose(ph.aif_plasma_mM, ph.aif_blood_mM / (1 - ph.protocol.hct), rtol=1e-12)
+    assert np.all(ph.aif_blood_mM[: ph.protocol.baseline_frames] == 0)
+    np.testing.assert_allclose(aif_from_roi(ph.concentration_mM, ph.aif_mask), ph.aif_blood_mM, atol=1e-12)
+    # and through the signal: render, invert, average the vessel ROI
+    conc, _ = _invert(ph)
+    np.testing.assert_allclose(aif_from_roi(conc, ph.aif_mask), ph.aif_blood_mM, atol=1e-6)
+
+
+@pytest.mark.parametrize("snr", [10.0, 40.0])
+def test_noise_matches_requested_snr(snr):
+    noisy = make_phantom((4, 64, 64), snr=snr, seed=5)
+    clean = make_phantom((4, 64, 64), snr=None, seed=5)   # same anatomy: noise is drawn last
+    nb = noisy.protocol.baseline_frames
+    wm = clean.labels == WHITE_MATTER
+    wm_signal = clean.series.signal[wm][:, :nb].mean()
+    # Background magnitude is Rayleigh: E[M^2] = 2 sigma^2, independent of the phantom's own sigma.
+    background = noisy.series.signal[clean.labels == 0].astype(np.float64)
+    sigma_hat = np.sqrt(np.mean(background ** 2) / 2.0)
+    assert sigma_hat == pytest.approx(noisy.noise_sigma, rel=0.01)
+    assert wm_signal / sigma_hat == pytest.approx(snr, rel=0.02)
+    # In white matter the Rician magnitude's spread is close to sigma (exactly so as SNR grows).
+    spread = np.std(noisy.series.signal[wm][:, :nb] - clean.series.signal[wm][:, :nb])
+    assert spread == pytest.approx(sigma_hat, rel=0.05 if snr > 20 else 0.1)
+
+
+@pytest.mark.parametrize("snr", [None, 15.0])
+def test_baseline_detected_on_the_phantom(snr):
+    ph = make_phantom(SMALL, snr=snr, seed=4)
+    assert detect_baseline_frames(ph.series.signal) in (ph.protocol.baseline_frames, ph.protocol.baseline_frames + 1)
+
+
+def test_determinism_with_seed():
+    a = make_phantom(SMALL, seed=11, vfa_flip_angles_deg=(3, 15))
+    b = make_phantom(SMALL, seed=11, vfa_flip_angles_deg=(3, 15))
+    c = make_phantom(SMALL, seed=12, vfa_flip_angles_deg=(3, 15))
+    np.testing.assert_array_equal(a.series.signal, b.series.signal)
+    np.testing.assert_array_equal(a.vfa.signals, b.vfa.signals)
+    np.testing.assert_array_equal(a.labels, b.labels)
+    for name in a.truth:
+        np.testing.assert_array_equal(a.truth[name], b.truth[name])
+    assert not np.array_equal(a.series.signal, c.series.signal)
+    assert not np.array_equal(a.truth["Ktrans"], c.truth["Ktrans"])
+
+
+def test_vfa_series_gives_t10(clean64):
+    vfa = clean64.vfa
+    assert vfa.signals.shape == SMALL + (5,)
+    t1, _, _ = fit_vfa_t1(vfa.signals, vfa.flip_angles_deg, vfa.tr_s, method="linear")
+    tissue = clean64.labels > 0
+    np.testing.assert_allclose(t1[tissue], clean64.truth["T10"][tissue], rtol=1e-6)
+
+
+def test_protocol_options():
+    times = np.concatenate([np.arange(0, 30, 3.0), 30 + np.arange(1, 41) * 6.0])
+    protocol = Protocol(times_s=times, baseline_frames=4, fa_deg=20, field_T=1.5, aif="georgiou", hct=0.4)
+    assert protocol.r1_per_mM_s == 3.6           # gadoterate at 1.5 T (Rohrer 2005)
+    ph = make_phantom(SMALL, protocol=protocol, snr=None, seed=0,
+                      lesions=[dict(center_mm=(0, 0, 15.0), radius_mm=12.0)])
+    np.testing.assert_array_equal(ph.series.times_s, times)
+    assert ph.series.flip_angle_deg == 20
+    assert np.all(ph.aif_blood_mM[:4] == 0) and ph.aif_blood_mM[5] > 0
+    assert ph.lesions[0]["radius_mm"] == 12.0
+    assert np.any(ph.labels == TUMOUR_RIM)
+    assert np.median(ph.truth["T10"][ph.labels == WHITE_MATTER]) == pytest.approx(0.65, rel=0.05)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: make_phantom((4, 8, 8)), "16 x 16"),
+    (lambda: make_phantom(SMALL, snr=-3), "snr"),
+    (lambda: Protocol(n_frames=5, baseline_frames=5), "baseline_frames"),
+    (lambda: Protocol(tr_s=5.0), "milliseconds"),
+    (lambda: Protocol(aif="unknown"), "unknown AIF"),
+    (lambda: make_phantom(SMALL, lesions=[dict(radius_mm=5)]), "center_mm"),
+])
+def test_input_errors(call, match):
+    with pytest.raises(DCEPKInputError, match=match):
+        call()
+
+
+def test_write_phantom_round_trip(tmp_path):
+    ph = make_phantom(SMALL, seed=2, vfa_flip_angles_deg=(2, 15))
+    out = tmp_path / "phantom"
+    written = write_phantom(ph, out)
+    assert all(p.exists() for p in written)
+    series = read_dce(out / "dce.seq.nrrd")
+    np.testing.assert_allclose(series.signal, ph.series.signal)
+    np.testing.assert_allclose(series.times_s, ph.series.times_s)
+    assert series.flip_angle_deg == pytest.approx(15.0) and series.tr_s == pytest.approx(0.005)
+    labels, geometry = read_volume(out / "labels.nii.gz")
+    np.testing.assert_array_equal(labels, ph.labels)
+    assert geometry.is_close(ph.series.geometry)
+    ktrans, _ = read_volume(out / "truth" / "Ktrans.nii.gz")
+    np.testing.assert_allclose(ktrans, ph.truth["Ktrans"], rtol=1e-6)
+    fa2, _ = read_volume(out / "vfa" / "fa2.nii.gz")
+    np.testing.assert_allclose(fa2, ph.vfa.signals[..., 0], rtol=1e-6)
+    description = json.loads((out / "protocol.json").read_text())
+    assert description["protocol"]["r1_per_mM_s"] == ph.protocol.r1_per_mM_s
+    csv_rows = (out / "aif_blood.csv").read_text().splitlines()
+    assert len(csv_rows) == ph.series.n_frames + 1
+    before = (out / "labels.txt").read_text()
+    with pytest.raises(DCEPKInputError, match="already exist"):
+        write_phantom(ph, out)
+    assert (out / "labels.txt").read_text() == before
+    assert len(write_phantom(ph, out, overwrite=True)) == len(written)
