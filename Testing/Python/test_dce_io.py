@@ -266,6 +266,10 @@ def test_dicom_geometry_matches_simpleitk_series_reader(tmp_path):
     np.testing.assert_allclose(series.geometry.origin_lps, image.GetOrigin(), atol=1e-5)
     np.testing.assert_allclose(series.geometry.direction_lps.ravel(), image.GetDirection(), atol=1e-5)
     np.testing.assert_array_equal(series.signal[..., 0], sitk.GetArrayFromImage(image))
+    # The single-frame folder reads as one volume, on the same grid.
+    volume, geometry = read_volume(first_frame)
+    np.testing.assert_array_equal(volume, sitk.GetArrayFromImage(image))
+    assert geometry.is_close(series.geometry, 1e-9)
 
 
 def test_dicom_2d_multislice_slice_times_are_grouped_into_frames(tmp_path):
@@ -560,6 +564,45 @@ def test_multivolume_round_trip_exact(tmp_path):
     lines = [line for line in text[:header_end].split(b"\n") if not line.startswith(b"axis 0 index")]
     no_index.write_bytes(b"\n".join(lines) + text[header_end:])
     np.testing.assert_allclose(read_dce(no_index).times_s, times, rtol=1e-12)
+
+
+def test_slicer_reads_our_sequence_and_we_read_slicers(tmp_path):
+    """Round trip through the real Slicer volume-sequence storage node (slicer-core wheel)."""
+    slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core) checks Slicer compatibility")
+    from vtkmodules.util.numpy_support import vtk_to_numpy
+    from vtkmodules.vtkCommonMath import vtkMatrix4x4
+    signal = np.random.default_rng(8).normal(size=(2, 3, 4, 5)).astype(np.float32)
+    times = [0.0, 1.5, 3.0, 4.5, 9.0]
+    path = write_dce_series(tmp_path / "ours.seq.nrrd",
+                            DCESeries(signal=signal, times_s=times, geometry=OBLIQUE, flip_angle_deg=12.0, tr_s=0.004))
+    scene = slicer.vtkMRMLScene()
+    sequence = slicer.vtkMRMLSequenceNode()
+    scene.AddNode(sequence)
+    storage = slicer.vtkMRMLVolumeSequenceStorageNode()
+    scene.AddNode(storage)
+    storage.SetFileName(str(path))
+    assert storage.ReadData(sequence) == 1
+    assert sequence.GetNumberOfDataNodes() == 5
+    assert (sequence.GetIndexName(), sequence.GetIndexUnit()) == ("time", "s")
+    assert [float(sequence.GetNthIndexValue(n)) for n in range(5)] == times
+    assert sequence.GetAttribute("MultiVolume.FrameLabels") == "0,1500,3000,4500,9000"
+    frame = sequence.GetNthDataNode(3)
+    image = frame.GetImageData()
+    values = vtk_to_numpy(image.GetPointData().GetScalars()).reshape(image.GetDimensions()[::-1])
+    np.testing.assert_array_equal(values, signal[..., 3])
+    matrix = vtkMatrix4x4()
+    frame.GetIJKToRASMatrix(matrix)
+    np.testing.assert_allclose([[matrix.GetElement(r, c) for c in range(4)] for r in range(4)], OBLIQUE.ijk_to_ras(),
+                               atol=1e-9)
+    # Slicer writes the sequence back (its own layout: list axis last, "axis 3 index values").
+    writer = slicer.vtkMRMLVolumeSequenceStorageNode()
+    scene.AddNode(writer)
+    writer.SetFileName(str(tmp_path / "slicer.seq.nrrd"))
+    assert writer.WriteData(sequence) == 1
+    back = read_dce(tmp_path / "slicer.seq.nrrd")
+    np.testing.assert_array_equal(back.signal, signal)
+    np.testing.assert_allclose(back.times_s, times)
+    assert back.geometry.is_close(OBLIQUE, 1e-9) and back.flip_angle_deg == 12.0
 
 
 def test_multivolume_indexed_by_flip_angle_is_not_dce(tmp_path):

@@ -1,0 +1,147 @@
+"""``dcepk`` end to end on a small phantom, and one clear error per class of bad input."""
+
+import numpy as np
+import pytest
+
+from DCEPKFittingLib import cli
+from DCEPKFittingLib.dce_io import DCESeries, read_volume, write_dce_series, write_volume
+from DCEPKFittingLib.errors import DCEPKInputError
+from DCEPKFittingLib.phantom import Protocol, make_phantom, write_phantom
+from DCEPKFittingLib.pipeline import FitSettings, run_fit
+
+
+@pytest.fixture(scope="module")
+def phantom_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("phantom")
+    assert cli.main(["phantom", "--out", str(folder), "--shape", "2", "40", "40", "--frames", "40",
+                     "--frame-time", "4", "--snr", "200", "--seed", "3"]) == 0
+    return folder
+
+
+def _fit_args(phantom_dir, out, *extra):
+    return ["fit", str(phantom_dir / "dce.seq.nrrd"), "--model", "etofts", "--aif-roi", str(phantom_dir / "aif_mask.nii.gz"),
+            "--t10", str(phantom_dir / "truth" / "T10.nii.gz"), "--mask", str(phantom_dir / "labels.nii.gz"),
+            "--r1", str(_protocol_r1()), "--out", str(out), *extra]
+
+
+def _protocol_r1():
+    return Protocol().r1_per_mM_s
+
+
+def test_fit_recovers_phantom_truth_and_never_overwrites(phantom_dir, tmp_path, capsys):
+    out = tmp_path / "maps"
+    assert cli.main(_fit_args(phantom_dir, out)) == 0
+    labels, _ = read_volume(phantom_dir / "labels.nii.gz")
+    enhancing = labels == 5  # tumour rim (see labels.txt)
+    names = dict(line.split(" ", 1) for line in (phantom_dir / "labels.txt").read_text().splitlines())
+    assert "rim" in names["5"]
+    for name, tolerance in (("Ktrans", 0.01), ("ve", 0.03), ("vp", 0.01)):
+        fitted, _ = read_volume(out / f"{name}.nii.gz")
+        truth, _ = read_volume(phantom_dir / "truth" / f"{name}.nii.gz")
+        error = np.abs(fitted[enhancing] - truth[enhancing])
+        assert np.median(error) < tolerance, (name, np.median(error))
+    before = (out / "Ktrans.nii.gz").read_bytes()
+    capsys.readouterr()
+    assert cli.main(_fit_args(phantom_dir, out)) == cli.EXIT_INPUT_ERROR
+    assert "--overwrite" in capsys.readouterr().err
+    assert (out / "Ktrans.nii.gz").read_bytes() == before
+    assert cli.main(_fit_args(phantom_dir, out, "--overwrite", "--method", "linear")) == 0
+
+
+def test_stats_command_matches_numpy(phantom_dir, tmp_path):
+    table = tmp_path / "stats.csv"
+    truth = phantom_dir / "truth" / "ve.nii.gz"
+    assert cli.main(["stats", str(truth), "--labels", str(phantom_dir / "labels.nii.gz"),
+                     "--label-names", str(phantom_dir / "labels.txt"), "--out", str(table)]) == 0
+    labels, _ = read_volume(phantom_dir / "labels.nii.gz")
+    ve, _ = read_volume(truth)
+    lines = [line.split(",") for line in table.read_text().splitlines()]
+    header, rows = lines[0], lines[1:]
+    for row in rows:
+        inside = ve[labels == int(row[header.index("label")])]
+        assert float(row[header.index("mean")]) == pytest.approx(np.mean(inside), rel=1e-6)
+        assert float(row[header.index("median")]) == pytest.approx(np.median(inside), rel=1e-6)
+        assert int(row[header.index("count")]) == inside.size
+
+
+# --- bad input: each class gets a clear error and writes nothing -------------------------------
+
+@pytest.fixture
+def small():
+    return make_phantom(shape=(1, 16, 16), protocol=Protocol(n_frames=30, frame_time_s=4.0), snr=None, seed=1)
+
+
+def _settings(phantom, **changes):
+    settings = dict(model="etofts", t10_s=phantom.truth["T10"], r1_per_mM_s=phantom.protocol.r1_per_mM_s,
+                    aif_mask=phantom.aif_mask, mask=phantom.labels > 0)
+    settings.update(changes)
+    return FitSettings(**settings)
+
+
+def _expect_error(capsys, argv, *words):
+    assert cli.main(argv) == cli.EXIT_INPUT_ERROR
+    message = capsys.readouterr().err.lower()
+    for word in words:
+        assert word.lower() in message, message
+    return message
+
+
+def test_no_timing_asks_for_times(small):
+    with pytest.raises(DCEPKInputError, match="--times|--dt"):
+        DCESeries(signal=small.series.signal, times_s=None)
+
+
+def test_wrong_dimensionality_is_named(tmp_path, capsys, small):
+    volume = tmp_path / "one_frame.nii.gz"
+    write_volume(volume, small.series.signal[..., 0], small.series.geometry)
+    out = tmp_path / "out"
+    _expect_error(capsys, ["fit", str(volume), "--population-aif", "parker", "--t10", "1.4", "--fa", "15",
+                           "--tr", "0.005", "--out", str(out)], "4-d")
+    assert not out.exists()
+
+
+def test_nan_in_series_is_named(tmp_path, capsys, small):
+    signal = small.series.signal.copy()
+    signal[0, 3, 3, 5] = np.nan
+    path = tmp_path / "nan.nrrd"
+    write_dce_series(path, DCESeries(signal=signal, times_s=small.series.times_s, geometry=small.series.geometry,
+                                     flip_angle_deg=15.0, tr_s=0.005))
+    _expect_error(capsys, ["fit", str(path), "--population-aif", "parker", "--t10", "1.4", "--out", str(tmp_path / "o")],
+                  "nan")
+
+
+def test_zero_baseline_everywhere_is_named(small):
+    zero = DCESeries(signal=np.zeros_like(small.series.signal), times_s=small.series.times_s,
+                     flip_angle_deg=15.0, tr_s=0.005)
+    with pytest.raises(DCEPKInputError, match="baseline"):
+        run_fit(zero, _settings(small, aif_mask=None, population_aif="parker", baseline_frames=5))
+
+
+def test_mask_of_another_geometry_is_named(tmp_path, capsys, phantom_dir, small):
+    other = tmp_path / "other_mask.nii.gz"
+    write_volume(other, np.ones((1, 16, 16), np.uint8), small.series.geometry)
+    _expect_error(capsys, ["fit", str(phantom_dir / "dce.seq.nrrd"), "--population-aif", "parker",
+                           "--t10", "1.4", "--mask", str(other), "--out", str(tmp_path / "o")], "resample")
+    assert not (tmp_path / "o").exists()
+
+
+def test_fewer_frames_than_parameters_is_named(small):
+    short = DCESeries(signal=small.series.signal[..., :3], times_s=small.series.times_s[:3],
+                      geometry=small.series.geometry, flip_angle_deg=15.0, tr_s=0.005)
+    with pytest.raises(DCEPKInputError, match="frame"):
+        run_fit(short, _settings(small, aif_mask=None, population_aif="parker", baseline_frames=1))
+
+
+def test_empty_aif_roi_is_named(small):
+    with pytest.raises(DCEPKInputError, match="ROI"):
+        run_fit(small.series, _settings(small, aif_mask=np.zeros(small.labels.shape, bool)))
+
+
+def test_aif_roi_outside_image_is_named(small):
+    with pytest.raises(DCEPKInputError, match="ROI"):
+        run_fit(small.series, _settings(small, aif_mask=np.ones((1, 20, 20), bool)))
+
+
+def test_two_aif_sources_are_refused(small):
+    with pytest.raises(DCEPKInputError, match="exactly one input function"):
+        run_fit(small.series, _settings(small, population_aif="parker"))
