@@ -3,8 +3,9 @@
 Qt shell only (see docs/ARCHITECTURE.md): the science is in ``DCEPKFittingLib`` (pure core) and
 ``DCEPKFittingLib.mrml_bridge`` (scene <-> arrays). The Logic is usable from the Python console:
 
-    logic = slicer.util.getModuleLogic("DCEPKFitting")
-    nodes = logic.run(sequenceNode, model="etofts", aifRoi=roiNode, t10_s=1.4)
+    import DCEPKFitting
+    logic = DCEPKFitting.DCEPKFittingLogic()
+    nodes = logic.run(sequenceNode, model="etofts", aifRoi=roiNode, t10_s=1.4)  # {"Ktrans": volume node, ...}
 """
 
 import logging
@@ -148,6 +149,7 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._seriesCache = (None, None, None)  # (node id, node MTime, DCESeries) for the live AIF plot
         self._aifChart = None
         self._voxelChart = None
+        self._statisticsTable = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -202,7 +204,10 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
 
     def onSceneStartClose(self, caller, event) -> None:
         if self._job is not None:
-            self._job.cancel()  # its result would belong to a scene that no longer exists
+            self._job.cancel()
+            self._jobRequest = None  # a result arriving now belongs to the closed scene: never publish it
+        self._aifChart = self._voxelChart = None
+        self._seriesCache = (None, None, None)
         self.setParameterNode(None)
 
     def onSceneEndClose(self, caller, event) -> None:
@@ -245,6 +250,11 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
                 widget.enabled = p.t10Mode == "vfa"
             self.ui.aifRoiSelector.enabled = p.aifSource == "roi"
             self.ui.aifSegmentSelector.enabled = p.aifSource == "segment"
+            # The segment selector has no parameter-node connector: mirror the saved choice into it.
+            if self.ui.aifSegmentSelector.currentNode() != p.aifSegmentation:
+                self.ui.aifSegmentSelector.setCurrentNode(p.aifSegmentation)
+            if p.aifSegmentId and self.ui.aifSegmentSelector.currentSegmentID() != p.aifSegmentId:
+                self.ui.aifSegmentSelector.setCurrentSegmentID(p.aifSegmentId)
             self.ui.populationAifComboBox.enabled = p.aifSource == "population"
             self.ui.aifTopFractionSpinBox.enabled = p.aifSource != "population"
             self._observeRoi(p.aifRoi if p.aifSource == "roi" else None)
@@ -396,16 +406,18 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             return
         from DCEPKFittingLib.jobs import BackgroundJob
 
-        with slicer.util.tryWithErrorDisplay(_("The fit could not start."), waitCursor=True):
-            options = self.logic.optionsFromParameterNode(self._parameterNode)
-            deviceText = self.logic.describeDevice(options["device"])
-            request = self.logic.prepare(self._parameterNode.inputSequence, **options)
-            self._jobRequest = request
-            self._job = BackgroundJob(self.logic.compute, request, name="DCEPK fit").start()
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Fitting on {device}...").format(device=deviceText)
-            self._jobTimer.start()
-        self._updateGuiState()
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The fit could not start."), waitCursor=True):
+                options = self.logic.optionsFromParameterNode(self._parameterNode)
+                deviceText = self.logic.describeDevice(options["device"])
+                request = self.logic.prepare(self._parameterNode.inputSequence, **options)
+                self._jobRequest = request
+                self._job = BackgroundJob(self.logic.compute, request, name="DCEPK fit").start()
+                self.ui.progressBar.value = 0
+                self.ui.statusLabel.text = _("Fitting on {device}...").format(device=deviceText)
+                self._jobTimer.start()
+        finally:  # the error was shown; the buttons must still reflect whether a job runs
+            self._updateGuiState()
 
     def onCancelButton(self) -> None:
         if self._job is not None:
@@ -427,7 +439,10 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._jobTimer.stop()
         self._job = None
         request, self._jobRequest = self._jobRequest, None
-        if job.state == JobState.FINISHED:
+        self._updateGuiState()
+        if job.state == JobState.FINISHED and request is None:
+            self.ui.statusLabel.text = _("The scene was closed during the fit: its result was discarded.")
+        elif job.state == JobState.FINISHED:
             with slicer.util.tryWithErrorDisplay(_("The fit finished but its maps could not be shown."), waitCursor=True):
                 nodes = self.logic.publish(request, job.result)
                 self.showResults(nodes)
@@ -439,7 +454,6 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         else:
             self.ui.statusLabel.text = _("Failed: the scene is unchanged.")
             slicer.util.errorDisplay(str(job.error), detailedText=job.error_traceback)
-        self._updateGuiState()
 
     def showResults(self, nodes) -> None:
         """Ktrans over the DCE frame, with a colour legend; the statistics table can be exported."""
@@ -458,8 +472,8 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._statisticsTable = nodes.get("statistics")
 
     def onExportTable(self) -> None:
-        table = getattr(self, "_statisticsTable", None)
-        if table is None:
+        table = self._statisticsTable
+        if table is None or table.GetScene() is None:
             return
         path = qt.QFileDialog.getSaveFileName(None, _("Export statistics"), table.GetName() + ".csv", "CSV (*.csv)")
         if not path:

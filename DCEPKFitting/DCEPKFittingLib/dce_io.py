@@ -112,7 +112,8 @@ def read_dce(path, times_s=None, dt_s=None, kind: Optional[str] = None, *, serie
     ``times_s`` (seconds, one per frame) or ``dt_s`` (seconds) override the file's timing.
     ``kind`` is ``'signal'`` or ``'concentration'``; None takes it from the file (a series written
     by :func:`write_dce_series` records it), else ``'signal'``.
-    ``series_uid`` picks one series from a DICOM folder holding several.
+    ``series_uid`` picks one series from a DICOM folder holding several; ``'all'`` reads them as one
+    (for scanners that store each time point as its own series).
     ``replace_nonfinite``: NaN/inf voxels are an error unless a value to put in their place is given.
     """
     if times_s is not None and dt_s is not None:
@@ -229,7 +230,8 @@ def write_dce_series(path, series: DCESeries, overwrite: bool = False) -> Path:
     """
     target = Path(path)
     if not target.name.lower().endswith(".nrrd"):
-        raise DCEPKInputError(f"a DCE series is written as NRRD: name the file '*.seq.nrrd' or '*.nrrd', not {target.name}")
+        raise DCEPKInputError(
+            f"a DCE series is written as NRRD: name the file '*.seq.nrrd' or '*.nrrd', not {target.name}")
     if not isinstance(series, DCESeries):
         raise DCEPKInputError("write_dce_series needs a DCESeries (signal [k, j, i, t] with times_s)")
     signal = np.asarray(series.signal)
@@ -267,7 +269,8 @@ def write_maps(out_dir, maps: Dict[str, np.ndarray], geometry: Geometry, suffix:
             raise DCEPKInputError(f"map name {name!r} cannot be a file name: use a plain name such as 'Ktrans'")
         array = _prepare_volume_array(array, what=f"map '{name}'")
         if shape is not None and array.shape != shape:
-            raise DCEPKInputError(f"map '{name}' has shape {array.shape} but the others {shape}: maps must share one grid")
+            raise DCEPKInputError(
+                f"map '{name}' has shape {array.shape} but the others {shape}: maps must share one grid")
         shape = array.shape
         prepared.append((out_dir / f"{name}{suffix}", array))
     existing = [str(target) for target, _ in prepared if target.exists()]
@@ -275,11 +278,17 @@ def write_maps(out_dir, maps: Dict[str, np.ndarray], geometry: Geometry, suffix:
         raise DCEPKInputError(
             f"{len(existing)} output file(s) already exist ({', '.join(existing[:5])}"
             f"{', ...' if len(existing) > 5 else ''}): choose another folder or pass overwrite=True (--overwrite)")
+    created = not out_dir.exists()
     out_dir.mkdir(parents=True, exist_ok=True)
     suffix_lower = suffix.lower()
     jobs = [(target, (lambda tmp, a=array: _write_volume_file(tmp, suffix_lower, a, geometry)))
             for target, array in prepared]
-    _commit_atomically(jobs, overwrite)
+    try:
+        _commit_atomically(jobs, overwrite)
+    except BaseException:
+        if created and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+        raise
     return [target for target, _ in prepared]
 
 
@@ -347,13 +356,19 @@ def _source_kind(path) -> str:
 
 def _resolve_times(file_times, problem, n_frames, times_s, dt_s, metadata, where) -> np.ndarray:
     if times_s is not None:
-        times = np.asarray(times_s, dtype=np.float64).ravel()
+        try:
+            times = np.asarray(times_s, dtype=np.float64).ravel()
+        except (TypeError, ValueError):
+            raise DCEPKInputError(f"frame times must be numbers in seconds, got {str(times_s)[:60]}") from None
         if times.size != n_frames:
             raise DCEPKInputError(
                 f"{times.size} frame times given for the {n_frames} frames of {where}: give one time (s) per frame")
         source = "times_s given"
     elif dt_s is not None:
-        dt = float(dt_s)
+        try:
+            dt = float(dt_s)
+        except (TypeError, ValueError):
+            dt = math.nan
         if not math.isfinite(dt) or dt <= 0:
             raise DCEPKInputError(f"the frame interval must be a positive number of seconds, got {dt_s!r}")
         times = np.arange(n_frames, dtype=np.float64) * dt
@@ -414,7 +429,8 @@ def _prepare_volume_array(array, what: str) -> np.ndarray:
     if array.dtype.kind == "f":
         return array.astype(np.float32, copy=False)
     if array.dtype.kind in "iu":
-        if array.dtype.itemsize == 8 and array.size and np.iinfo(np.int32).min <= array.min() and array.max() <= np.iinfo(np.int32).max:
+        limits = np.iinfo(np.int32)
+        if array.dtype.itemsize == 8 and array.size and limits.min <= array.min() and array.max() <= limits.max:
             return array.astype(np.int32)  # 64-bit integers are poorly supported by NIfTI/NRRD readers
         return array
     raise DCEPKInputError(f"{what} has data type {array.dtype}: write numbers (float or integer)")
@@ -449,6 +465,7 @@ def _commit_atomically(jobs: Sequence[Tuple[Path, Callable[[Path], None]]], over
             raise DCEPKInputError(
                 f"{target} already exists: choose another name or pass overwrite=True (--overwrite) to replace it")
     temporaries: List[Path] = []
+    published: List[Path] = []
     try:
         for target, write in jobs:
             temporary = _temporary_name(target)
@@ -456,6 +473,12 @@ def _commit_atomically(jobs: Sequence[Tuple[Path, Callable[[Path], None]]], over
             write(temporary)
         for (target, _), temporary in zip(jobs, temporaries):
             _publish(temporary, target, overwrite)
+            published.append(target)
+    except BaseException:
+        if not overwrite:
+            for target in published:  # these did not exist before: take them back so the set stays whole
+                pass
+        raise
     finally:
         for temporary in temporaries:
             if temporary.exists():
@@ -488,6 +511,8 @@ def _sitk_read(path):
     try:
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
+        if _lower_suffix(Path(path)) in _NIFTI_SUFFIXES:
+            _read_nifti_header(Path(path))  # names the problem (e.g. NIfTI-2) when it can
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise DCEPKInputError(
             f"cannot read {path}: the file is damaged or not a readable image ({first_line[:200]}); "
@@ -515,7 +540,8 @@ def _array_and_geometry(image, sitk) -> Tuple[np.ndarray, Geometry]:
         array = np.moveaxis(array, 0, -1)  # SimpleITK gives [t, k, j, i]
         geometry = Geometry(spacing=spacing[:3], origin_lps=origin[:3], direction_lps=direction[:3, :3])
     else:
-        raise DCEPKInputError(f"a {dimension}-D image is neither a volume nor a DCE series")
+        raise DCEPKInputError(f"a {dimension}-D image is neither a volume nor a DCE series: give a 3-D volume "
+                              "or a 4-D series (x, y, z, time)")
     return array, geometry
 
 
@@ -569,17 +595,21 @@ def _read_nifti_header(path: Path) -> dict:
     if len(raw) < 348:
         raise DCEPKInputError(f"{path} is too short to be a NIfTI file: re-export it")
     for endian in "<>":
-        size = int(np.frombuffer(raw[:4], dtype=endian + "i4")[0])
+        def get(offset, code, count=1):
+            dtype = np.dtype(endian + code)
+            return np.frombuffer(raw[offset:offset + dtype.itemsize * count], dtype=dtype)
+
+        size = int(get(0, "i4")[0])
         if size == 348:
-            def get(offset, code, count=1):
-                return np.frombuffer(raw[offset:offset + np.dtype(code).itemsize * count], dtype=endian + code)
-            return {"dim": get(40, "i2", 8).astype(np.int64), "pixdim": get(76, "f4", 8).astype(np.float64),
-                    "xyzt_units": int(raw[123]), "toffset": float(get(136, "f4")[0]), "version": 1}
-        if size == 540 and len(raw) >= 540:
-            def get(offset, code, count=1):
-                return np.frombuffer(raw[offset:offset + np.dtype(code).itemsize * count], dtype=endian + code)
-            return {"dim": get(16, "i8", 8), "pixdim": get(104, "f8", 8), "xyzt_units": int(get(500, "i4")[0]),
-                    "toffset": float(get(216, "f8")[0]), "version": 2}
+            # NIfTI-1 stores float32: take the shortest decimal of each value (0.1 s, not 0.100000001 s).
+            def decimal(values):
+                return np.array([float(np.format_float_positional(v, unique=True)) for v in values])
+            return {"dim": get(40, "i2", 8).astype(np.int64), "pixdim": decimal(get(76, "f4", 8)),
+                    "xyzt_units": int(raw[123]), "toffset": float(decimal(get(136, "f4"))[0])}
+        if size == 540:
+            # SimpleITK 2.5 does not read NIfTI-2 images, so there is nothing to time.
+            raise DCEPKInputError(f"{path} is NIfTI-2, which cannot be read here: save it as NIfTI-1 "
+                                  "(e.g. nibabel.Nifti1Image) or as NRRD")
     raise DCEPKInputError(f"{path} is not a NIfTI-1 or NIfTI-2 file (bad header size): re-export it")
 
 
@@ -590,6 +620,10 @@ def _is_gzip(path: Path) -> bool:
 
 def _nifti_timing(path: Path, n_frames: int):
     header = _read_nifti_header(path)
+    if header["dim"][0] >= 5 and header["dim"][5] > 1:
+        raise DCEPKInputError(
+            f"{path} stores {header['dim'][5]} values per voxel (a vector NIfTI, 5th dimension), not frames over "
+            "time (4th dimension): give the DCE series")
     metadata = {"nifti_pixdim4": float(header["pixdim"][4]), "nifti_xyzt_units": header["xyzt_units"]}
     dt = float(header["pixdim"][4])
     unit_code = header["xyzt_units"] & 0x38
@@ -646,7 +680,8 @@ def _float_list(text: str, where: str) -> np.ndarray:
     try:
         return np.array([float(p) for p in parts], dtype=np.float64)
     except ValueError:
-        raise DCEPKInputError(f"{where} holds non-numeric values ('{text[:60]}'): give the times with --times") from None
+        raise DCEPKInputError(
+            f"{where} holds non-numeric values ('{text[:60]}'): give the times with --times") from None
 
 
 def _optional_float(text) -> Optional[float]:
@@ -669,6 +704,11 @@ def _nrrd_timing(path: Path, n_frames: int):
     if kind in ("signal", "concentration"):
         metadata["file_kind"] = kind
 
+    kinds = _nrrd_words(fields.get("kinds", ""))
+    not_frames = [k for k in kinds if k.lower() not in ("domain", "space", "time", "list", "vector", "none", "???")]
+    if not_frames:
+        raise DCEPKInputError(
+            f"{path} is a {not_frames[0]} image (NRRD kind), not a dynamic series: give the DCE series")
     tag = keys.get("MultiVolume.FrameIdentifyingDICOMTagName", "").strip()
     tag_unit = keys.get("MultiVolume.FrameIdentifyingDICOMTagUnits", "").strip().lower()
     if tag and tag not in _SLICER_TIME_TAGS and tag_unit not in _TIME_UNITS_TO_S:
@@ -676,7 +716,6 @@ def _nrrd_timing(path: Path, n_frames: int):
                       "DCE series"), extra
 
     # 1) Slicer volume-sequence index with a time unit: exact values.
-    kinds = _nrrd_words(fields.get("kinds", ""))
     list_axis = next((a for a, k in enumerate(kinds) if k.lower() in ("list", "time", "vector")), None)
     problems = []
     if list_axis is not None and f"axis {list_axis} index values" in keys:
@@ -862,22 +901,22 @@ def _vector(value, size: int) -> Optional[np.ndarray]:
     return vector if vector.size == size and np.all(np.isfinite(vector)) else None
 
 
-def _dicom_files(path) -> Tuple[List[Path], int]:
+def _dicom_files(path) -> List[Path]:
     if isinstance(path, (list, tuple)):
         files = [Path(p) for p in path]
         missing = [str(f) for f in files if not f.is_file()]
         if missing:
             raise DCEPKInputError(f"{len(missing)} of the DICOM files given do not exist (e.g. {missing[0]}): "
                                   "check the file list")
-        return files, 0
+        return files
     path = Path(path)
     if path.is_file():
-        return [path], 0
+        return [path]
     files = sorted(Path(root) / name for root, _, names in os.walk(path) for name in names
                    if not name.startswith("."))
     if not files:
         raise DCEPKInputError(f"the folder {path} is empty: give the folder that holds the DICOM files of the series")
-    return files, 0
+    return files
 
 
 def _read_dicom_datasets(files: List[Path], explicit: bool):
@@ -1000,16 +1039,21 @@ def _choose_series(images: List[_DicomImage], series_uid: Optional[str], where: 
     by_series: Dict[str, List[_DicomImage]] = {}
     for image in images:
         by_series.setdefault(image.series_uid, []).append(image)
+    if series_uid == "all":
+        return images
     if series_uid is not None:
         if series_uid not in by_series:
             raise DCEPKInputError(f"{where} has no series with SeriesInstanceUID {series_uid}; it holds:\n"
                                   + "\n".join(_series_summary(u, i) for u, i in by_series.items()))
         return by_series[series_uid]
     if len(by_series) > 1:
+        summary = "\n".join(_series_summary(u, i) for u, i in sorted(by_series.items(), key=lambda item: -len(item[1])))
+        shapes = {(len(i), i[0].rows, i[0].columns) for i in by_series.values()}
+        hint = ("\nAll have the same number and size of images: if the scanner stored each time point as its own "
+                "series, read them together with series_uid='all'." if len(shapes) == 1 else "")
         raise DCEPKInputError(
             f"{where} mixes {len(by_series)} DICOM series; give the folder of the dynamic series alone, or choose "
-            "one with series_uid=...:\n" + "\n".join(_series_summary(u, i) for u, i in
-                                                     sorted(by_series.items(), key=lambda item: -len(item[1]))))
+            f"one with series_uid=...:\n{summary}{hint}")
     return next(iter(by_series.values()))
 
 
@@ -1094,7 +1138,7 @@ def _time_tag(groups: List[List[_DicomImage]]) -> Tuple[Optional[str], List[str]
 
 def _read_dicom(path, series_uid: Optional[str], dynamic: bool = True) -> _Loaded:
     where = _describe(path)
-    files, _ = _dicom_files(path)
+    files = _dicom_files(path)
     explicit = isinstance(path, (list, tuple))
     datasets, skipped = _read_dicom_datasets(files, explicit)
     images: List[_DicomImage] = []

@@ -236,7 +236,8 @@ def _clip_to_bounds(x, lower, upper):
 
 # ---------------------------------------------------------------------------------------------
 # Bounded Levenberg-Marquardt, batched.
-def _levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterations, cancel=None):
+def _levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterations, cancel=None,
+                         fixed_delay=None):
     """Minimise |y - f(x)|^2 per voxel within [lower, upper]. x (n, P[+1]); the delay, if fitted, is last.
 
     Marquardt's scaling (damping proportional to diag(J^T J)) makes the step independent of the
@@ -248,7 +249,7 @@ def _levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterat
     x = _clip_to_bounds(x0.clone(), lower, upper)
 
     def evaluate(xs, ys_index):
-        delay = xs[:, n_model] if fit_delay else 0.0
+        delay = xs[:, n_model] if fit_delay else (0.0 if fixed_delay is None else fixed_delay[ys_index])
         f, jac = tk.concentration_and_jacobian(spec.name, xs[:, :n_model], t, cp, delay, with_delay=fit_delay)
         r = y[ys_index] - f
         return r, jac
@@ -294,6 +295,120 @@ def _levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterat
         converged[active[done]] = True
         active = active[~done]
     return x, ssr, hess, converged
+
+
+# ---------------------------------------------------------------------------------------------
+# Variable projection for Tofts / extended Tofts: C = a E(k) + b cp is linear in a = Ktrans/60 and
+# b = vp for a given k = kep/60, so only k is searched (Gauss-Newton in log k, Kaufman's step) and
+# a, b are solved exactly at every k. One convolution (with its k-derivative) per iteration.
+_KEP_RANGE_PER_MIN = (1e-3, 60.0)
+
+
+def _bounded_ab(yy, y_e, y_c, ee, ec, cc, with_vp):
+    """Best (a, b) with a >= 0 and 0 <= b <= 1 (b = 0 without vp) from the dot products; and SSR."""
+    def ssr_of(a, b):
+        return yy - 2 * a * y_e - 2 * b * y_c + a * a * ee + 2 * a * b * ec + b * b * cc
+
+    zero = torch.zeros_like(yy)
+    candidates = [((y_e / ee).clamp_min(0), zero)]
+    if with_vp:
+        det = ee * cc - ec * ec
+        a_free = (y_e * cc - y_c * ec) / det
+        b_free = (y_c * ee - y_e * ec) / det
+        ok = (a_free >= 0) & (b_free >= 0) & (b_free <= 1) & (det > 0)
+        nan = torch.full_like(yy, float("nan"))
+        candidates.append((torch.where(ok, a_free, nan), torch.where(ok, b_free, nan)))
+        candidates.append((zero, (y_c / cc).clamp(0, 1)))
+        candidates.append((((y_e - ec) / ee).clamp_min(0), zero + 1))
+    best_a, best_b = candidates[0]
+    best_ssr = ssr_of(best_a, best_b)
+    for a, b in candidates[1:]:
+        value = ssr_of(a, b)
+        better = torch.isfinite(value) & (value < best_ssr)
+        best_a, best_b, best_ssr = (torch.where(better, a, best_a), torch.where(better, b, best_b),
+                                    torch.where(better, value, best_ssr))
+    return best_a, best_b, best_ssr
+
+
+def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
+    """Returns x (n, P) in OSIPI units, SSR, J^T J (n, P, P), converged."""
+    with_vp = spec.name == "etofts"
+    n = y.shape[0]
+    dtype, device = y.dtype, y.device
+    yy = (y * y).sum(-1)
+    y_c = y @ cp
+    cc = (cp * cp).sum()
+    k_lo, k_hi = (v / 60.0 for v in _KEP_RANGE_PER_MIN)
+    # start: the best of a log-spaced grid of k (the grid's convolutions are shared by all voxels)
+    k_grid = torch.logspace(np.log10(k_lo), np.log10(k_hi), 24, dtype=dtype, device=device)
+    e_grid = tk.exp_convolution(t, cp, k_grid)                    # (G, T)
+    ab = _bounded_ab(yy[:, None], y @ e_grid.T, y_c[:, None], (e_grid * e_grid).sum(-1), e_grid @ cp, cc, with_vp)
+    k = k_grid[ab[2].argmin(1)]
+
+    log_k = torch.log(k)
+    best_log_k = log_k.clone()
+    best_ssr = torch.full_like(yy, float("inf"))
+    x = torch.zeros(n, spec.n_params, dtype=dtype, device=device)
+    hess = torch.zeros(n, spec.n_params, spec.n_params, dtype=dtype, device=device)
+    ssr_out = torch.zeros_like(yy)
+    converged = torch.zeros(n, dtype=torch.bool, device=device)
+    active = torch.arange(n, device=device)
+    for _ in range(max_iterations):
+        if active.numel() == 0:
+            break
+        jobs.raise_if_cancelled(cancel)
+        ka = torch.exp(log_k[active])
+        ya = y[active]
+        e, d = tk.exp_convolution(t, cp, ka, need_derivative=True)
+        ee, ed, dd = (e * e).sum(-1), (e * d).sum(-1), (d * d).sum(-1)
+        ec, dc = e @ cp, d @ cp
+        y_e, y_d = (ya * e).sum(-1), (ya * d).sum(-1)
+        a, b, ssr = _bounded_ab(yy[active], y_e, y_c[active], ee, ec, cc, with_vp)
+        improved = ssr <= best_ssr[active] * (1 + 1e-12)
+        # residual . D and the curvature of the reduced problem in k (D projected off E and cp)
+        r_d = y_d - a * ed - b * dc
+        if with_vp:
+            det = (ee * cc - ec * ec).clamp_min(1e-300)
+            proj = (ed * ed * cc - 2 * ed * dc * ec + dc * dc * ee) / det
+            proj = torch.where(b > 0, proj, ed * ed / ee)
+        else:
+            proj = ed * ed / ee
+        curvature = (a * a * (dd - proj)).clamp_min(1e-300)
+        step = (a * r_d / curvature) / ka                          # Newton step in log k
+        step = torch.nan_to_num(step).clamp(-1.0, 1.0)
+        la = log_k[active]
+        new_log_k = torch.where(improved, la + step, 0.5 * (la + best_log_k[active]))
+        new_log_k = new_log_k.clamp(np.log(k_lo), np.log(k_hi))
+        # record the evaluated point when it is the best so far
+        idx = active[improved]
+        best_ssr[idx] = ssr[improved]
+        best_log_k[idx] = la[improved]
+        ka_i, a_i, b_i = ka[improved], a[improved], b[improved]
+        ktrans = a_i * 60.0
+        ve = a_i / ka_i
+        columns = [ktrans, ve, b_i] if with_vp else [ktrans, ve]
+        x[idx] = torch.stack(columns, -1)
+        ssr_out[idx] = ssr[improved]
+        # J = [E/60 + a D/(60 ve), -a k D / ve, cp]: J^T J from the dot products already at hand
+        alpha = 1.0 / 60.0
+        beta = a_i / (60.0 * ve)
+        gamma = -a_i * ka_i / ve
+        ee_i, ed_i, dd_i, ec_i, dc_i = ee[improved], ed[improved], dd[improved], ec[improved], dc[improved]
+        h00 = alpha * alpha * ee_i + 2 * alpha * beta * ed_i + beta * beta * dd_i
+        h01 = gamma * (alpha * ed_i + beta * dd_i)
+        h11 = gamma * gamma * dd_i
+        h = [[h00, h01], [h01, h11]]
+        if with_vp:
+            h02 = alpha * ec_i + beta * dc_i
+            h12 = gamma * dc_i
+            h = [[h00, h01, h02], [h01, h11, h12], [h02, h12, cc.expand_as(h00)]]
+        hess[idx] = torch.stack([torch.stack(row, -1) for row in h], -2)
+        moved = (new_log_k - la).abs()
+        done = (improved & ((moved < 1e-7) | (a <= 0))) | (~improved & (moved < 1e-7))
+        converged[active[done]] = True
+        log_k[active] = new_log_k
+        active = active[~done]
+    return x, ssr_out, hess, converged
 
 
 # ---------------------------------------------------------------------------------------------
@@ -356,7 +471,8 @@ def _delay_grid_search(spec, y, t, cp, delay_bounds_s):
 
 
 # ---------------------------------------------------------------------------------------------
-def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, delay_bounds_s, cancel):
+def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, delay_bounds_s, delay_step_s,
+               cancel, default_bounds=True):
     n_frames = y.shape[1]
     if fit_delay:
         delay = _delay_grid_search(spec, y, t, cp, delay_bounds_s)
@@ -374,6 +490,18 @@ def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, 
                                                with_delay=fit_delay)
         ssr = ((y - f) ** 2).sum(-1)
         hess = jac.transpose(-1, -2) @ jac
+    elif spec.name in ("tofts", "etofts") and not fit_delay and default_bounds:
+        x, ssr, hess, converged = _varpro_tofts(spec, y, t, cp, max_iterations, cancel)
+        # voxels whose optimum lies outside the model's bounds (e.g. ve > 1) or that did not
+        # converge are refitted by the bounded LM from where variable projection left them
+        outside = ((x < lower) | (x > upper)).any(-1) | ~converged | ~torch.isfinite(x).all(-1)
+        if bool(outside.any()):
+            redo = torch.nonzero(outside)[:, 0]
+            x0 = torch.where(torch.isfinite(x[redo]), x[redo], torch.tensor(spec.initial, dtype=y.dtype,
+                                                                          device=y.device))
+            x_r, ssr_r, hess_r, conv_r = _levenberg_marquardt(spec, y[redo], t, cp, x0, lower, upper, False,
+                                                              max_iterations, cancel)
+            x[redo], ssr[redo], hess[redo], converged[redo] = x_r, ssr_r, hess_r, conv_r
     else:
         starts = N_STARTS.get(spec.name, 1)
         x0 = _initial_values(spec, y, t, cp, lower, upper, delay, starts)  # (n, starts, P)
@@ -387,6 +515,18 @@ def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, 
         if starts > 1:
             best = ssr.reshape(n, starts).argmin(1) + torch.arange(n, device=y.device) * starts
             x, ssr, hess, converged = x[best], ssr[best], hess[best], converged[best]
+        if fit_delay and delay_step_s:
+            # Resolve the delay to a grid step: below ~0.5 s the delay trades off against vp / PS
+            # within the noise, and a snapped delay with the other parameters refitted is steadier.
+            delay = torch.round(x[:, -1] / delay_step_s) * delay_step_s
+            delay = delay.clamp(float(lower[-1]), float(upper[-1]))
+            x_fixed, ssr_fixed, hess_fixed, conv_fixed = _levenberg_marquardt(
+                spec, y, t, cp, x[:, :-1].contiguous(), lower[:-1], upper[:-1], False, max_iterations, cancel,
+                fixed_delay=delay)
+            x = torch.cat([x_fixed, delay[:, None]], -1)
+            # the delay keeps the curvature from the free fit so its standard error stays defined
+            hess[:, :-1, :-1] = hess_fixed
+            ssr, converged = ssr_fixed, conv_fixed
     p = x.shape[1]
     sigma2 = ssr / max(n_frames - p, 1)
     cov, info = torch.linalg.inv_ex(hess)
@@ -405,14 +545,14 @@ def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, 
 
 
 def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="auto", dtype=torch.float64,
-               chunk_voxels=20000, max_iterations=100, delay_bounds_s=DEFAULT_DELAY_BOUNDS_S,
+               chunk_voxels=20000, max_iterations=100, delay_bounds_s=DEFAULT_DELAY_BOUNDS_S, delay_step_s=0.5,
                lower=None, upper=None, progress=None, cancel=None) -> FitResult:
     """Fit a tracer-kinetic model to each of N concentration curves.
 
     ``conc`` (N, T) mM; ``t_s`` (T,) s, strictly increasing (any spacing); ``cp`` (T,) plasma
     concentration in mM (shared AIF). ``model`` a name in ``tk_models.MODELS``. ``method``
     'nlls' (bounded LM, started from the linear fit) or 'linear'. ``fit_delay`` adds the arterial
-    delay (s, within ``delay_bounds_s``). ``lower`` / ``upper`` override the model's bounds
+    delay (s, within ``delay_bounds_s``), resolved to ``delay_step_s`` (None: continuous). ``lower`` / ``upper`` override the model's bounds
     (sequence of P values, OSIPI units). Curves with NaN/inf get status INVALID_INPUT and NaN maps.
     """
     spec = tk.get_model(model)
@@ -457,7 +597,8 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
         index = valid_index[start:start + chunk]
         y = torch.as_tensor(conc[index], dtype=dtype, device=torch_device)
         x, se, r2_c, rmse_c, status_c = _fit_chunk(spec, y, t, cp_t, method, fit_delay, lo, hi,
-                                                   int(max_iterations), delay_bounds_s, cancel)
+                                                   int(max_iterations), delay_bounds_s, delay_step_s, cancel,
+                                                   default_bounds=lower is None and upper is None)
         params[index] = x.double().cpu().numpy()
         stderr[index] = se.double().cpu().numpy()
         r2[index] = r2_c.double().cpu().numpy()

@@ -29,6 +29,7 @@ FLIP_ANGLE = "MultiVolume.DICOM.FlipAngle"  # degrees
 REPETITION_TIME = "MultiVolume.DICOM.RepetitionTime"  # ms
 OUTPUT_MAP_ATTRIBUTE = "DCEPK.Map"  # marks map volumes this extension wrote (value: map name)
 UNITS_ATTRIBUTE = "DCEPK.Units"
+KIND_ATTRIBUTE = "DCEPK.SeriesKind"  # "signal" (default) or "concentration" (mM)
 
 # Seconds per unit; Slicer writes "ms" for DICOM trigger times, users type anything of these.
 _TIME_UNIT_SECONDS = {
@@ -125,6 +126,14 @@ def _resolve_sequence(node):
         return sequence
     if node.IsA("vtkMRMLSequenceNode"):
         return node
+    scene = node.GetScene()
+    if scene is not None and node.IsA("vtkMRMLVolumeNode"):
+        # The volume shown in the views is a sequence browser's proxy: use the sequence behind it.
+        browsers = scene.GetNodesByClass("vtkMRMLSequenceBrowserNode")
+        for n in range(browsers.GetNumberOfItems()):
+            sequence = browsers.GetItemAsObject(n).GetSequenceNode(node)
+            if sequence is not None:
+                return sequence
     raise DCEPKInputError(
         f"'{node.GetName()}' is a {node.GetClassName()}, not a DCE series: choose the volume sequence "
         "(or its browser) that holds the dynamic frames")
@@ -178,6 +187,7 @@ def series_from_sequence(node) -> DCESeries:
         geometry=geometry,
         flip_angle_deg=_optional_number((sequence, first), FLIP_ANGLE, 1.0),
         tr_s=_optional_number((sequence, first), REPETITION_TIME, 1e-3),
+        kind=sequence.GetAttribute(KIND_ATTRIBUTE) or "signal",
         metadata={"source": sequence.GetName(), "sequence_id": sequence.GetID(), "timing": timing_source},
     )
 
@@ -248,6 +258,7 @@ def sequence_from_series(scene, series: DCESeries, name: str, sequences_logic=No
     sequence.SetAttribute(FRAME_LABELS, ",".join(f"{1000.0 * t:.6g}" for t in series.times_s))
     sequence.SetAttribute(FRAME_LABEL_UNITS, "ms")
     sequence.SetAttribute("MultiVolume.NumberOfFrames", str(series.n_frames))
+    sequence.SetAttribute(KIND_ATTRIBUTE, series.kind)
     if series.flip_angle_deg is not None:
         sequence.SetAttribute(FLIP_ANGLE, f"{series.flip_angle_deg:g}")
     if series.tr_s is not None:
@@ -532,20 +543,17 @@ def segment_masks(segmentation_node, reference_volume_node, ids: Optional[Iterab
 
 
 def mean_curve_in_mask(series: DCESeries, mask: np.ndarray) -> np.ndarray:
-    """Mean time curve (T,) of the masked voxels (voxels with any non-finite frame left out)."""
+    """Mean time curve (T,) of the masked voxels (voxels with any non-finite frame left out), as ``aif.aif_from_roi``."""
+    from .aif import aif_from_roi
+
     mask = np.asarray(mask, dtype=bool)
-    try:
-        from .aif import aif_from_roi
-    except ImportError:  # the AIF module is optional for this helper; the mean is the same
-        aif_from_roi = None
-    if aif_from_roi is not None:
-        return np.asarray(aif_from_roi(series.signal, mask), dtype=np.float64)
-    check_same_grid(series.spatial_shape, None, mask.shape, None, "series", "mask")
-    curves = np.asarray(series.signal[mask], dtype=np.float64)
-    curves = curves[np.all(np.isfinite(curves), axis=-1)]
-    if curves.shape[0] == 0:
-        raise DCEPKInputError("the ROI holds no voxel with a valid curve: move it over the vessel")
-    return curves.mean(axis=0)
+    check_same_grid(series.spatial_shape, None, mask.shape, None, "DCE series", "ROI")
+    if not mask.any():
+        raise DCEPKInputError("the ROI holds no voxel of the series: move it over the vessel")
+    # Only the ROI's curves go to aif_from_roi (as an N x 1 x 1 grid): the live plot redraws this on
+    # every ROI move and must not copy the whole series each time.
+    curves = np.asarray(series.signal[mask])
+    return np.asarray(aif_from_roi(curves[:, None, None, :], np.ones((curves.shape[0], 1, 1), bool)), dtype=np.float64)
 
 
 # --------------------------------------------------------------------------- statistics table
@@ -705,6 +713,8 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
         raise DCEPKInputError("no input function: place an ROI (or segment) on an artery, or choose a population AIF")
     if aif_mask is not None and population_aif:
         raise DCEPKInputError("both an AIF ROI and a population AIF are given: choose one input function")
+    if t10_map is not None and vfa_sequence is not None:
+        raise DCEPKInputError("both a T10 map and a VFA series are given: choose one source of pre-contrast T1")
     t10 = t10_s
     if t10_map is not None:
         t10 = _t10_map_seconds(t10_map, reference, t10_map_unit)
@@ -724,6 +734,10 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
         statistics_source = mask
     if statistics_source is not None:
         regions = segment_masks(statistics_source, reference)
+        empty = [name for name, region in regions.items() if not region.any()]
+        if empty:  # found now, not after the fit: publishing must not stop half-way
+            raise DCEPKInputError(f"segment(s) {', '.join(empty)} of '{statistics_source.GetName()}' hold no voxel of "
+                                  "the DCE series: paint them on the series or remove them")
     settings = FitSettings(
         model=model, method=method, t10_s=t10, vfa_signals=vfa_signals, vfa_flip_angles_deg=vfa_angles,
         vfa_tr_s=vfa_tr_s, fa_deg=fa_deg, tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, aif_mask=aif_mask,

@@ -253,8 +253,15 @@ def exp_convolution(t_s, cp, k_per_s, need_derivative=False):
     ops = array_ops(cp)
     k = ops.asarray(k_per_s, like=cp)
     dt = t_s[1:] - t_s[:-1]                                     # (T-1,)
-    x = k[..., None] * dt                                        # (..., T-1)
-    e, phi1, psi, chi = _segment_weights(ops, x, need_derivative)
+    steps, which = _distinct_steps(ops, dt)
+    if steps is not None:
+        # few distinct frame steps (uniform sampling: one): the weights depend on k*dt only, so
+        # compute them per distinct step and spread them over the frames
+        e, phi1, psi, chi = _segment_weights(ops, k[..., None] * steps, need_derivative)
+        e, phi1, psi = e[..., which], phi1[..., which], psi[..., which]
+        chi = chi[..., which] if need_derivative else None
+    else:
+        e, phi1, psi, chi = _segment_weights(ops, k[..., None] * dt, need_derivative)
     c0 = cp[..., :-1]
     c1 = cp[..., 1:]
     inc = dt * (c0 * psi + c1 * (phi1 - psi))                    # this segment's own integral
@@ -269,6 +276,17 @@ def exp_convolution(t_s, cp, k_per_s, need_derivative=False):
     if block >= 8 and inc.shape[-1] > block:
         return _scan_blocked(ops, t_s, k, inc, dinc, block)
     return _scan_loop(ops, dt, ops.broadcast_to(e, inc.shape), inc, dinc)
+
+
+def _distinct_steps(ops, dt):
+    """(distinct steps, index of each frame's step) when there are few distinct steps, else (None, None)."""
+    dt_host = dt.detach().cpu().numpy() if ops.is_torch else dt
+    steps, which = np.unique(dt_host, return_inverse=True)
+    if steps.size * 4 > dt_host.size:
+        return None, None
+    if ops.is_torch:
+        return ops.asarray(steps, like=dt), __import__("torch").as_tensor(which.reshape(-1), device=dt.device)
+    return steps, which.reshape(-1)
 
 
 _SCAN_BUDGET = 1 << 22  # elements of the blocked scan's (curves, T, block) work array

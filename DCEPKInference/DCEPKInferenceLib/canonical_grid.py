@@ -131,11 +131,24 @@ class CanonicalInput:
     s0: np.ndarray
 
 
-def estimate_baseline_frames(signal) -> int:
-    """Frames before bolus arrival from the most enhancing voxels (core detector), >= 2 when possible."""
+NO_ARRIVAL_BASELINE_S = 20.0
+
+
+def estimate_baseline_frames(signal, times_s=None) -> int:
+    """Frames before bolus arrival from the most enhancing voxels (core detector), >= 2 when possible.
+
+    Where nothing enhances (e.g. a patch of non-enhancing tissue) the core finds no arrival; the
+    baseline is then the frames of the first 20 s (any choice gives RE ~ 0 for a flat curve).
+    """
     sig = np.asarray(signal, dtype=np.float64)
     n_t = sig.shape[-1]
-    n_base = detect_baseline_frames(sig)
+    try:
+        n_base = detect_baseline_frames(sig)
+    except DCEPKInputError:
+        if times_s is None:
+            raise
+        t = np.asarray(times_s, dtype=np.float64)
+        n_base = int(np.searchsorted(t - t[0], NO_ARRIVAL_BASELINE_S))
     return int(min(max(n_base, min(2, n_t - 1)), n_t - 1))
 
 
@@ -149,7 +162,7 @@ def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, fa_deg=
     if w.shape[1] != sig.shape[1]:
         raise DCEPKInputError(f"{sig.shape[1]} frames but {w.shape[1]} frame times")
     if baseline_frames is None:
-        baseline_frames = estimate_baseline_frames(sig)
+        baseline_frames = estimate_baseline_frames(sig, times_s)
     re, s0 = relative_enhancement(sig, baseline_frames)
     curves = (re @ w.T).astype(np.float32)
     return CanonicalInput(curves, valid.astype(np.float32), protocol_features(sig.shape[0], fa_deg, tr_s, t10_s),

@@ -90,7 +90,7 @@ def _check_series(series: DCESeries):
         raise DCEPKInputError("the series has NaN or inf voxels: replace them (read_dce(replace_nonfinite=0)) first")
 
 
-def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int]) -> int:
+def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int], notes: list) -> int:
     if baseline_frames is not None:
         n = int(baseline_frames)
         if not 1 <= n < series.n_frames:
@@ -99,7 +99,12 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
     voxels = series.signal[mask] if mask is not None else series.signal.reshape(-1, series.n_frames)
     if voxels.shape[0] > 200_000:  # detection needs the most enhancing voxels, not all of them
         voxels = voxels[np.random.default_rng(0).choice(voxels.shape[0], 200_000, replace=False)]
-    return cg.estimate_baseline_frames(voxels)
+    try:
+        return cg.estimate_baseline_frames(voxels)
+    except DCEPKInputError:
+        notes.append(f"no contrast arrival detected: baseline = frames of the first {cg.NO_ARRIVAL_BASELINE_S:g} s "
+                     "(give baseline_frames if that is wrong)")
+        return cg.estimate_baseline_frames(voxels, series.times_s)
 
 
 def _t10_values(t10_s, shape):
@@ -136,7 +141,7 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
         check_same_grid(shape, None, mask.shape, None, "DCE series", "mask")
         if not mask.any():
             raise DCEPKInputError("the mask is empty: draw the region or pass no mask")
-    n_base = _baseline(series, mask, baseline_frames)
+    n_base = _baseline(series, mask, baseline_frames, notes)
     if mask is None:
         mask = auto_mask(series.signal, n_base)
         notes.append(f"auto mask: {int(mask.sum())} voxels with baseline signal above "

@@ -222,6 +222,7 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
     start_step = 0
+    previous_wall = 0.0
     checkpoint_path = out_dir / f"{model_name}.checkpoint.pt"
     if resume:
         state = torch.load(resume, map_location=dev, weights_only=True)
@@ -231,6 +232,7 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         optimizer.load_state_dict(state["optimizer"])
         schedule.load_state_dict(state["schedule"])
         start_step = int(state["step"])
+        previous_wall = float(state.get("wall_s", 0.0))
         print(f"resumed {model_name} from {resume} at step {start_step}", file=log)
     out_dir.mkdir(parents=True, exist_ok=True)
     val_batch = _to_torch(make_batch(model.kind, np.random.default_rng(training["val_seed"]), training, True), dev)
@@ -260,7 +262,8 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
                 progress(done / total, f"step {done}/{total}")
         if done % training["checkpoint_every"] == 0 or done == total:
             torch.save({"network": model_name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": done}, checkpoint_path)
+                        "schedule": schedule.state_dict(), "step": done,
+                        "wall_s": previous_wall + time.perf_counter() - started}, checkpoint_path)
     wall = time.perf_counter() - started
     model.eval()
     validation = evaluate(model, val_batch)
@@ -282,7 +285,7 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
                            "protocol_features": list(canonical_grid.PROTOCOL_FEATURES)},
         "simulator_ranges": simulator.SIMULATOR_RANGES,
         "training": {**training, "steps_run_this_session": total - start_step, "resumed_from_step": start_step,
-                     "wall_s": round(wall, 1), "device": str(dev), "torch_threads": torch.get_num_threads(),
+                     "wall_s": round(previous_wall + wall, 1), "wall_s_this_session": round(wall, 1), "device": str(dev), "torch_threads": torch.get_num_threads(),
                      "torch_version": torch.__version__, "platform": platform.platform()},
         "validation": {"set": {"seed": training["val_seed"], "kind": model.kind,
                                "size": int(val_batch["params"].numel() // 3)}, "metrics": validation},

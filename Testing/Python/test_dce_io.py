@@ -180,7 +180,14 @@ def _write_dicom(path, pixels, *, series_uid, position, orientation, pixel_spaci
     ds.HighBit = 15
     ds.PixelRepresentation = 0
     ds.PixelData = pixels.astype("<u2").tobytes()
-    ds.save_as(str(path), enforce_file_format=True)
+    _save_dicom(ds, path)
+
+
+def _save_dicom(dataset, path):
+    try:
+        dataset.save_as(str(path), enforce_file_format=True)  # pydicom >= 3
+    except TypeError:
+        dataset.save_as(str(path), write_like_original=False)  # pydicom 2
 
 
 class DicomTruth:
@@ -372,6 +379,23 @@ def test_dicom_mixed_series_named_and_selectable(tmp_path):
     assert "series_uid" in message
     series = read_dce(folder, series_uid="1.2.3.200")
     assert series.metadata["series_instance_uid"] == "1.2.3.200" and series.n_frames == 3
+    with pytest.raises(DCEPKInputError, match="no series with SeriesInstanceUID 1.2.3.999"):
+        read_dce(folder, series_uid="1.2.3.999")
+
+
+def test_dicom_one_series_per_time_point_read_with_all(tmp_path):
+    truth = DicomTruth(n_slices=2, n_frames=4, dt_s=6.0)
+    folder = tmp_path / "split"
+    for t in range(truth.n_frames):  # one series per time point, as some scanners store dynamics
+        single = DicomTruth(n_slices=2, n_frames=1)
+        single.stored = truth.stored[..., t:t + 1]
+        single.times_s = truth.times_s[t:t + 1]
+        single.write(folder, series_uid=f"1.2.3.{t + 1}", series_number=10 + t, name_prefix=f"s{t}_")
+    with pytest.raises(DCEPKInputError, match="series_uid='all'"):
+        read_dce(folder)
+    series = read_dce(folder, series_uid="all")
+    np.testing.assert_array_equal(series.signal, truth.stored.astype(np.float32))
+    np.testing.assert_allclose(series.times_s, truth.times_s, atol=1e-6)
 
 
 def test_dicom_missing_frame_file_is_reported(tmp_path):
@@ -452,7 +476,7 @@ def test_dicom_enhanced_multiframe_file(tmp_path):
     ds.NumberOfFrames = len(order)
     ds.PixelData = np.stack([truth.stored[k, :, :, t] for k, t in order]).astype("<u2").tobytes()
     path = tmp_path / "enhanced.dcm"
-    ds.save_as(str(path), enforce_file_format=True)
+    _save_dicom(ds, path)
     series = read_dce(path)
     np.testing.assert_array_equal(series.signal, truth.stored.astype(np.float32))
     np.testing.assert_allclose(series.times_s, truth.times_s, atol=1e-6)
@@ -464,12 +488,12 @@ def test_dicom_enhanced_multiframe_file(tmp_path):
 # NIfTI
 # ---------------------------------------------------------------------------------------------
 
-def _nibabel_4d(path, data_kjit, geometry, dt, unit, toffset=0.0):
+def _nibabel_4d(path, data_kjit, geometry, dt, unit, toffset=0.0, version=1):
     import nibabel as nib
     data_ijkt = np.transpose(data_kjit, (2, 1, 0, 3))
     affine = lps_affine(geometry)
     affine[:3, :] = LPS_TO_RAS @ affine[:3, :]
-    image = nib.Nifti1Image(data_ijkt, affine)
+    image = (nib.Nifti1Image if version == 1 else nib.Nifti2Image)(data_ijkt, affine)
     image.header.set_xyzt_units("mm", unit)
     zooms = list(image.header.get_zooms())
     zooms[3] = dt
@@ -487,9 +511,23 @@ def test_nifti_4d_timing_units_values_and_geometry(tmp_path, unit, dt, scale):
     _nibabel_4d(path, data, OBLIQUE, dt, unit, toffset=4.0 / scale)
     series = read_dce(path)
     np.testing.assert_array_equal(series.signal, data)
-    np.testing.assert_allclose(series.times_s, 4.0 + np.arange(6) * 2.5, rtol=1e-6)
+    np.testing.assert_allclose(series.times_s, 4.0 + np.arange(6) * 2.5, rtol=1e-12)
     assert_geometry(series.geometry, OBLIQUE)
     assert series.flip_angle_deg is None and series.tr_s is None
+
+
+def test_nifti2_is_named_as_unsupported(tmp_path):
+    path = tmp_path / "dce.nii.gz"
+    _nibabel_4d(path, np.ones((1, 2, 2, 4), dtype=np.float32), OBLIQUE, 1.0, "sec", version=2)
+    with pytest.raises(DCEPKInputError, match="NIfTI-2.*NIfTI-1"):
+        read_dce(path)
+
+
+def test_nifti_float32_interval_read_as_its_decimal(tmp_path):
+    data = np.ones((1, 2, 2, 5), dtype=np.float32)
+    path = tmp_path / "dce.nii"
+    _nibabel_4d(path, data, OBLIQUE, 0.1, "sec")  # stored as float32 0.100000001
+    np.testing.assert_array_equal(read_dce(path).times_s, np.arange(5) * 0.1)
 
 
 def test_nifti_without_time_unit_asks_for_times(tmp_path):
@@ -670,6 +708,24 @@ def test_unknown_missing_and_bad_timing_inputs(tmp_path):
     assert overridden.metadata["timing_source"] == "dt_s given"
 
 
+def test_colour_and_vector_images_are_not_series(tmp_path):
+    import nibabel as nib
+    rgb = tmp_path / "photo.nrrd"
+    rgb.write_bytes(b"NRRD0004\ntype: uint8\ndimension: 4\nsizes: 3 2 2 1\nkinds: RGB-color domain domain domain\n"
+                    b"endian: little\nencoding: raw\n\n" + bytes(12))
+    with pytest.raises(DCEPKInputError, match="RGB-color image.*not a dynamic series"):
+        read_dce(rgb, dt_s=1.0)
+    vector = tmp_path / "vector.nii.gz"
+    image = nib.Nifti1Image(np.zeros((2, 2, 2, 1, 3), dtype=np.float32), np.eye(4))
+    nib.save(image, str(vector))
+    with pytest.raises(DCEPKInputError, match="5-D image is neither"):
+        read_dce(vector, dt_s=1.0)
+    image.header.set_intent("vector")
+    nib.save(image, str(vector))
+    with pytest.raises(DCEPKInputError, match="3 values per voxel.*not frames"):
+        read_dce(vector, dt_s=1.0)
+
+
 def test_metaimage_series_needs_times(tmp_path):
     import SimpleITK as sitk
     path = tmp_path / "dce.mha"
@@ -684,7 +740,8 @@ def test_metaimage_series_needs_times(tmp_path):
 def test_mask_on_another_grid_or_not_a_mask(tmp_path):
     mask = np.zeros((3, 4, 5), dtype=np.uint8)
     mask[1, 2, 3] = 1
-    shifted = Geometry(spacing=OBLIQUE.spacing, origin_lps=OBLIQUE.origin_lps + 1.0, direction_lps=OBLIQUE.direction_lps)
+    shifted = Geometry(spacing=OBLIQUE.spacing, origin_lps=OBLIQUE.origin_lps + 1.0,
+                       direction_lps=OBLIQUE.direction_lps)
     path = write_volume(tmp_path / "mask.nrrd", mask, shifted)
     with pytest.raises(DCEPKInputError, match="does not lie on the DCE series's voxel grid"):
         read_mask(path, OBLIQUE, (3, 4, 5))
@@ -760,6 +817,27 @@ def test_write_maps_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     monkeypatch.setattr(dce_io, "_write_volume_file", failing)
     maps = {name: np.ones((1, 2, 2)) for name in ("a", "b", "c")}
     with pytest.raises(OSError, match="disk full"):
+        write_maps(tmp_path / "out", maps, OBLIQUE)
+    assert not (tmp_path / "out").exists()  # the folder it made is taken back too
+    (tmp_path / "kept").mkdir()
+    calls.clear()
+    with pytest.raises(OSError, match="disk full"):
+        write_maps(tmp_path / "kept", maps, OBLIQUE)
+    assert list((tmp_path / "kept").iterdir()) == []
+
+
+def test_write_maps_publishing_failure_takes_back_published_files(tmp_path, monkeypatch):
+    original = dce_io._publish
+
+    def failing_last(temporary, target, overwrite):
+        if target.name.startswith("c"):
+            raise OSError("rename failed")
+        original(temporary, target, overwrite)
+
+    monkeypatch.setattr(dce_io, "_publish", failing_last)
+    maps = {name: np.ones((1, 2, 2)) for name in ("a", "b", "c")}
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OSError, match="rename failed"):
         write_maps(tmp_path / "out", maps, OBLIQUE)
     assert list((tmp_path / "out").iterdir()) == []
 

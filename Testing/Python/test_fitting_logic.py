@@ -17,6 +17,7 @@ slicer = pytest.importorskip("slicer")
 
 from DCEPKFittingLib import mrml_bridge as bridge  # noqa: E402
 from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError  # noqa: E402
+from DCEPKFittingLib.geometry import Geometry  # noqa: E402
 from DCEPKFittingLib.jobs import BackgroundJob, JobState  # noqa: E402
 
 pipeline = pytest.importorskip("DCEPKFittingLib.pipeline")
@@ -192,6 +193,14 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
     with pytest.raises(DCEPKInputError, match="unit is probably wrong"):
         bridge.run_scene_fit(scene, loaded["sequence"],
                              **_options(loaded, phantom, vfa_sequence=None, t10_map=t10_map, t10_map_unit="ms"))
+    with pytest.raises(DCEPKInputError, match="choose one source of pre-contrast T1"):
+        bridge.run_scene_fit(scene, loaded["sequence"], **_options(loaded, phantom, t10_map=t10_map))
+    elsewhere = bridge.segmentation_from_labels(scene, np.ones((2, 4, 4), np.int16),
+                                                Geometry(origin_lps=[1000.0, 1000.0, 1000.0]),
+                                                {1: "off the grid"}, "elsewhere")
+    before = _fingerprint(slicer_scene)
+    with pytest.raises(DCEPKInputError, match="off the grid"):
+        bridge.run_scene_fit(scene, loaded["sequence"], **_options(loaded, phantom, statistics_segmentation=elsewhere))
     assert _fingerprint(slicer_scene) == before
 
     sequence = loaded["sequence"]
@@ -202,3 +211,79 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
         bridge.run_scene_fit(scene, sequence, **_options(loaded, phantom))
     assert _fingerprint(slicer_scene) == before
     assert not slicer_scene.nodes_by_class("vtkMRMLTableNode")
+
+
+# --------------------------------------------------------------------------- the module's Logic class itself
+@pytest.fixture
+def module_file(monkeypatch):
+    """Import DCEPKFitting.py headless: only the Qt-shell pieces slicer-core lacks are stood in for.
+
+    Stand-ins: ``qt`` (unused by the Logic), the ScriptedLoadableModule base classes (empty),
+    ``parameterNodeWrapper`` and its validators (inert), ``slicer.i18n`` (identity). Everything
+    the Logic really calls (bridge, pipeline, MRML scene) is real.
+    """
+    import sys
+    import types
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    shims = {
+        "qt": types.ModuleType("qt"),
+        "slicer.ScriptedLoadableModule": types.SimpleNamespace(
+            ScriptedLoadableModule=Base, ScriptedLoadableModuleLogic=Base, ScriptedLoadableModuleTest=Base,
+            ScriptedLoadableModuleWidget=Base),
+        "slicer.parameterNodeWrapper": types.SimpleNamespace(
+            parameterNodeWrapper=lambda cls: cls, Choice=lambda choices: ("Choice", choices),
+            WithinRange=lambda low, high: ("WithinRange", low, high)),
+        "slicer.i18n": types.SimpleNamespace(tr=lambda text: text, translate=lambda context, text: text),
+    }
+    for name, shim in shims.items():
+        monkeypatch.setitem(sys.modules, name, shim)
+    monkeypatch.delitem(sys.modules, "DCEPKFitting", raising=False)
+    import DCEPKFitting
+
+    yield DCEPKFitting
+    sys.modules.pop("DCEPKFitting", None)
+
+
+def test_module_logic_run_from_the_console_equals_the_cli_path(slicer_scene, phantom, loaded, module_file):
+    logic = module_file.DCEPKFittingLogic(scene=slicer_scene.scene)
+    segmentation = loaded["aifSegmentation"]
+    nodes = logic.run(loaded["sequence"], model="etofts", aifSegmentation=segmentation,
+                      aifSegmentId=bridge.segment_ids(segmentation)[0], t10_s=None, vfaSequence=loaded["vfa"],
+                      r1_per_mM_s=phantom.protocol.r1_per_mM_s, hematocrit=phantom.protocol.hct,
+                      mask=loaded["tissues"], statisticsSegmentation=loaded["tissues"], device="cpu")
+    cli = pipeline.run_fit(phantom.series, pipeline.FitSettings(
+        model="etofts", vfa_signals=phantom.vfa.signals, vfa_flip_angles_deg=list(VFA_ANGLES),
+        vfa_tr_s=phantom.vfa.tr_s, r1_per_mM_s=phantom.protocol.r1_per_mM_s, hct=phantom.protocol.hct,
+        aif_mask=phantom.aif_mask, mask=phantom.labels > 0, device="cpu"))
+    for name in ("Ktrans", "ve", "vp", "R2", "status"):
+        np.testing.assert_allclose(slicer.util.arrayFromVolume(nodes[name]), cli.maps[name], rtol=2e-5, atol=1e-7,
+                                   equal_nan=True, err_msg=name)
+    assert logic.lastOutput is not None and logic.lastNodes is nodes
+    assert nodes["statistics"].GetName() == "DCEPK statistics"
+
+
+def test_module_gui_options_reach_the_fit(slicer_scene, phantom, loaded, module_file):
+    import types
+
+    p = types.SimpleNamespace(
+        model="patlak", method="linear", hematocrit=0.4, aifDelay=0.0, flipAngleDeg=phantom.protocol.fa_deg,
+        repetitionTimeMs=phantom.protocol.tr_s * 1000.0, relaxivity=phantom.protocol.r1_per_mM_s,
+        fitMask=loaded["tissues"], fitDelay=False, device="cpu", statisticsSegmentation=None, outputPrefix="GUI",
+        updateExisting=True, aifTopFraction=1.0, aifSource="population", aifRoi=loaded["aifRoi"],
+        aifSegmentation=None, aifSegmentId="", populationAif="parker", t10Mode="vfa", t10Value=1.4, t10Map=None,
+        t10MapUnit="ms", vfaSequence=loaded["vfa"], vfaFlipAngles=", ".join(f"{a:g}" for a in VFA_ANGLES),
+        vfaTrMs=phantom.vfa.tr_s * 1000.0)
+    logic = module_file.DCEPKFittingLogic(scene=slicer_scene.scene)
+    options = logic.optionsFromParameterNode(p)
+    assert options["tr_s"] == pytest.approx(phantom.protocol.tr_s)  # ms in the GUI, s at the API
+    assert options["vfaFlipAngles_deg"] == list(VFA_ANGLES) and "aifRoi" not in options
+    request = logic.prepare(loaded["sequence"], **options)
+    assert request.settings.population_aif == "parker" and request.settings.aif_mask is None
+    assert request.settings.model == "patlak" and request.settings.hct == pytest.approx(0.4)
+    nodes = logic.publish(request, logic.compute(request))
+    assert {"Ktrans", "vp"} <= set(nodes) and nodes["Ktrans"].GetName() == "GUI Ktrans"
+    assert logic.describeDevice("cpu") == "CPU"

@@ -79,6 +79,10 @@ def test_oblique_series_round_trip_keeps_voxels_times_and_geometry(slicer_scene)
     np.testing.assert_allclose(back.geometry.direction_lps, OBLIQUE.direction_lps, atol=1e-9)
     assert back.flip_angle_deg == pytest.approx(12.5)
     assert back.tr_s == pytest.approx(0.0042)
+    assert back.kind == "signal"
+    concentration = DCESeries(signal=series.signal / 100.0, times_s=series.times_s, geometry=OBLIQUE, kind="concentration")
+    assert bridge.series_from_sequence(bridge.sequence_from_series(slicer_scene.scene, concentration, "C")).kind \
+        == "concentration"
 
     # The browser made for display resolves to the same series.
     browsers = slicer_scene.nodes_by_class("vtkMRMLSequenceBrowserNode")
@@ -369,3 +373,65 @@ def test_statistics_from_a_label_array_and_empty_segments(slicer_scene):
     assert rows[1]["median"] == pytest.approx(np.median(values[labels == 7]))
     with pytest.raises(DCEPKInputError, match="empty"):
         bridge.statistics_table(slicer_scene.scene, {"R2": values}, {"nothing": np.zeros(values.shape, bool)})
+
+
+# --------------------------------------------------------------------------- helpers of the live plots
+def test_voxel_under_a_ras_point_on_an_oblique_grid():
+    shape = (4, 5, 6)
+    for ijk in [(0, 0, 0), (5, 4, 3), (2, 1, 3)]:
+        ras = _ras_of_voxel(OBLIQUE, *ijk)
+        # A point a little off the centre (less than half a voxel) still belongs to the voxel.
+        nudge = OBLIQUE.ijk_to_ras()[:3, :3] @ np.array([0.3, -0.4, 0.2])
+        assert bridge.voxel_index_at_ras(OBLIQUE, shape, ras + nudge) == (ijk[2], ijk[1], ijk[0])
+    assert bridge.voxel_index_at_ras(OBLIQUE, shape, _ras_of_voxel(OBLIQUE, 6, 0, 0)) is None
+    assert bridge.voxel_index_at_ras(OBLIQUE, shape, _ras_of_voxel(OBLIQUE, 0, 0, -1)) is None
+
+
+def test_live_plot_updates_in_place(slicer_scene):
+    scene = slicer_scene.scene
+    t = np.linspace(0, 120, 25)
+    measured, fitted = np.sin(t / 30.0), np.cos(t / 30.0)
+    chart = bridge.plot_curves(scene, "voxel", t, {"measured (mM)": measured, "fitted (mM)": fitted},
+                               "time (s)", "concentration (mM)")
+    count = scene.GetNumberOfNodes()
+    assert chart.GetNumberOfPlotSeriesNodes() == 2
+    table = scene.GetNodeByID(chart.GetAttribute("DCEPK.Table"))
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "fitted (mM)"), fitted)
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "time (s)"), t)
+    again = bridge.plot_curves(scene, "voxel", t, {"measured (mM)": 2 * measured, "fitted (mM)": fitted},
+                               "time (s)", "concentration (mM)", chart=chart)
+    assert again is chart and scene.GetNumberOfNodes() == count
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "measured (mM)"), 2 * measured)
+    bridge.plot_curves(scene, "voxel", t, {"mean signal": measured}, "time (s)", "signal", chart=chart)
+    assert chart.GetNumberOfPlotSeriesNodes() == 1 and scene.GetNumberOfNodes() == count - 1
+    with pytest.raises(DCEPKInputError, match="points"):
+        bridge.plot_curves(scene, "voxel", t, {"short": measured[:5]}, "time (s)", "signal", chart=chart)
+
+
+def test_acquisition_parameters_come_from_the_series_attributes(slicer_scene):
+    series = _random_series(np.random.default_rng(11))
+    sequence = bridge.sequence_from_series(slicer_scene.scene, series, "dce")
+    assert bridge.acquisition_from_sequence(sequence) == (pytest.approx(12.5), pytest.approx(0.0042))
+    sequence.RemoveAttribute("MultiVolume.DICOM.FlipAngle")
+    sequence.SetAttribute("MultiVolume.DICOM.RepetitionTime", "not a number")
+    assert bridge.acquisition_from_sequence(sequence) == (None, None)
+
+
+def test_unreadable_file_is_refused_and_leaves_no_nodes(slicer_scene, tmp_path):
+    bad = tmp_path / "series.nrrd"
+    bad.write_text("this is not an image")
+    count = slicer_scene.scene.GetNumberOfNodes()
+    with pytest.raises(DCEPKInputError, match="could not be read"):
+        bridge.load_sequence(slicer_scene.scene, str(bad))
+    assert slicer_scene.scene.GetNumberOfNodes() == count
+    with pytest.raises(DCEPKInputError, match="does not exist"):
+        bridge.load_sequence(slicer_scene.scene, str(tmp_path / "missing.nrrd"))
+
+
+def test_the_displayed_proxy_volume_resolves_to_its_sequence(slicer_scene):
+    series = _random_series(np.random.default_rng(12))
+    sequence = bridge.sequence_from_series(slicer_scene.scene, series, "dce", slicer_scene.sequences_logic)
+    browser = slicer_scene.nodes_by_class("vtkMRMLSequenceBrowserNode")[0]
+    proxy = browser.GetProxyNode(sequence)
+    assert proxy is not None and proxy.IsA("vtkMRMLScalarVolumeNode")
+    np.testing.assert_array_equal(bridge.series_from_sequence(proxy).signal, series.signal)

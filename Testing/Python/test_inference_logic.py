@@ -1,0 +1,329 @@
+"""The DCEPKInference Logic's scene path (prepare -> compute -> publish) on the phantom, headless.
+
+``DCEPKInferenceLogic`` (Qt shell, needs a real Slicer) delegates each step to these
+``DCEPKInferenceLib.mrml_bridge`` functions one to one (checked in test_inference_module_static.py);
+here they run against the real Slicer core libraries. Truths: ``run_inference`` called directly on
+the same arrays (the ``dcepk infer`` path), ``pipeline.run_fit`` for the comparison fit, and numpy
+for thresholding and statistics.
+"""
+
+import threading
+
+import numpy as np
+import pytest
+
+from slicer_scene import slicer_scene  # noqa: F401  (fixture)
+
+slicer = pytest.importorskip("slicer")
+torch = pytest.importorskip("torch")
+
+from DCEPKFittingLib import mrml_bridge as fit_bridge  # noqa: E402
+from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError  # noqa: E402
+from DCEPKFittingLib.geometry import Geometry  # noqa: E402
+from DCEPKFittingLib.jobs import BackgroundJob, JobState  # noqa: E402
+from DCEPKFittingLib.phantom import make_phantom  # noqa: E402
+from DCEPKFittingLib.pipeline import FitSettings, run_fit  # noqa: E402
+from DCEPKInferenceLib import mrml_bridge as bridge  # noqa: E402
+from DCEPKInferenceLib.inference import run_inference  # noqa: E402
+from DCEPKInferenceLib.model_store import list_models  # noqa: E402
+
+torch.set_num_threads(1)
+MODELS = [card["name"] for card in list_models()]  # whatever weights are shipped when the tests run
+DEFAULT_MODEL = "hetero_encoder" if "hetero_encoder" in MODELS else (MODELS[0] if MODELS else None)
+pytestmark = pytest.mark.skipif(not MODELS, reason="no shipped network weights in DCEPKInference/Resources/Models")
+MAPS = ("Ktrans", "ve", "vp", "kep", "Ktrans_sd", "ve_sd", "vp_sd", "kep_sd")
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    # Two slices of 32 x 32 on an oblique grid, so a geometry mix-up cannot go unnoticed.
+    phantom = make_phantom(shape=(2, 32, 32), seed=3)
+    angle = np.deg2rad(20.0)
+    rotation = np.array([[np.cos(angle), -np.sin(angle), 0.0], [np.sin(angle), np.cos(angle), 0.0], [0.0, 0.0, 1.0]])
+    phantom.series.geometry = Geometry(spacing=phantom.series.geometry.spacing, origin_lps=np.array([12.0, -30.0, 7.5]),
+                                       direction_lps=rotation)
+    return phantom
+
+
+@pytest.fixture
+def loaded(slicer_scene, phantom):
+    return fit_bridge.phantom_to_scene(slicer_scene.scene, phantom, "phantom", slicer_scene.sequences_logic)
+
+
+def _fingerprint(wired):
+    """Every node's ID, class, name and modification time: changes when anything is added or written."""
+    scene = wired.scene
+    return sorted((scene.GetNthNode(n).GetID(), scene.GetNthNode(n).GetClassName(), scene.GetNthNode(n).GetName(),
+                   scene.GetNthNode(n).GetMTime()) for n in range(scene.GetNumberOfNodes()))
+
+
+def _ijk_to_ras(node):
+    import vtk
+
+    matrix = vtk.vtkMatrix4x4()
+    node.GetIJKToRASMatrix(matrix)
+    return slicer.util.arrayFromVTKMatrix(matrix)
+
+
+def _array(node):
+    return slicer.util.arrayFromVolume(node)
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_maps_equal_run_inference_on_the_same_arrays_with_the_source_geometry(slicer_scene, phantom, loaded,
+                                                                              model_name):
+    nodes, result = bridge.run_scene_inference(slicer_scene.scene, loaded["sequence"], model_name=model_name,
+                                               mask=loaded["tissues"], device="cpu")
+    direct = run_inference(phantom.series, model_name, mask=phantom.labels > 0, device="cpu")
+    assert set(nodes) == set(MAPS) | {"statistics"}  # the mask is a segmentation: statistics per segment
+    for name in MAPS:
+        got = _array(nodes[name])
+        assert got.dtype == np.float32
+        np.testing.assert_array_equal(got, direct.maps[name], err_msg=f"{model_name} {name}")
+        np.testing.assert_allclose(_ijk_to_ras(nodes[name]), phantom.series.geometry.ijk_to_ras(), atol=1e-9)
+        assert nodes[name].GetAttribute("DCEPK.Units") == direct.units[name]
+        assert nodes[name].GetAttribute(bridge.MODEL_ATTRIBUTE) == model_name
+    for name in bridge.PARAMETERS:
+        assert nodes[name].GetAttribute(bridge.UNCERTAINTY_ATTRIBUTE) == nodes[f"{name}_sd"].GetID()
+    np.testing.assert_array_equal(result.inference.mask, phantom.labels > 0)
+    inside = phantom.labels > 0
+    assert np.all(direct.maps["Ktrans_sd"][inside] > 0) and np.all(direct.maps["Ktrans"][~inside] == 0)
+
+
+def test_relative_and_absolute_uncertainty_thresholds_match_numpy(slicer_scene, phantom, loaded):
+    scene = slicer_scene.scene
+    raw_nodes, raw = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
+                                                mask=loaded["tissues"], device="cpu")
+    raw_maps = {name: _array(raw_nodes[name]).copy() for name in MAPS}
+    inside = phantom.labels > 0
+    count = scene.GetNumberOfNodes()
+
+    relative = 0.8
+    nodes, result = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
+                                               mask=loaded["tissues"], device="cpu", uncertainty_threshold=relative)
+    assert scene.GetNumberOfNodes() == count and nodes["Ktrans"] is raw_nodes["Ktrans"]  # updated in place
+    for name in bridge.PARAMETERS:
+        expected_out = inside & (raw_maps[f"{name}_sd"] > relative * np.abs(raw_maps[name]))
+        got = _array(nodes[name])
+        np.testing.assert_array_equal(np.isnan(got), expected_out, err_msg=name)
+        np.testing.assert_array_equal(got[~expected_out], raw_maps[name][~expected_out], err_msg=name)
+        np.testing.assert_array_equal(_array(nodes[f"{name}_sd"]), raw_maps[f"{name}_sd"])  # SDs never masked
+    assert any(result.excluded[n].any() for n in bridge.PARAMETERS)
+    assert any((~result.excluded[n] & inside).any() for n in bridge.PARAMETERS)
+    assert nodes["Ktrans"].GetDisplayNode().GetApplyThreshold() == bool(result.excluded["Ktrans"].any())
+
+    # Absolute limits per map (the median SD in the tissue: about half the voxels go), kep not thresholded.
+    limits = {"Ktrans": float(np.median(raw_maps["Ktrans_sd"][inside])),
+              "ve": float(np.median(raw_maps["ve_sd"][inside]))}
+    nodes, result = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
+                                               mask=loaded["tissues"], device="cpu", uncertainty_threshold=limits)
+    for name in bridge.PARAMETERS:
+        expected_out = inside & (raw_maps[f"{name}_sd"] > limits[name]) if name in limits else np.zeros_like(inside)
+        np.testing.assert_array_equal(np.isnan(_array(nodes[name])), expected_out, err_msg=name)
+    assert 0.3 < result.excluded["Ktrans"].sum() / inside.sum() < 0.7
+
+    # A new threshold on the earlier result (no new inference) gives what a fresh run gives, in the same nodes.
+    request = bridge.prepare_scene_inference(loaded["sequence"], model_name=DEFAULT_MODEL, mask=loaded["tissues"],
+                                             device="cpu", uncertainty_threshold=limits)
+    request, again = bridge.rethreshold(request, result, relative)
+    republished = bridge.publish_scene_inference(scene, request, again, existing_nodes=nodes)
+    assert scene.GetNumberOfNodes() == count and republished["ve"] is nodes["ve"]
+    for name in bridge.PARAMETERS:
+        expected_out = inside & (raw_maps[f"{name}_sd"] > relative * np.abs(raw_maps[name]))
+        np.testing.assert_array_equal(np.isnan(_array(republished[name])), expected_out, err_msg=name)
+
+    for bad in (-1.0, 0.0, "lots", {"T1": 0.1}):
+        with pytest.raises(DCEPKInputError, match="threshold"):
+            bridge.normalize_threshold(bad)
+
+
+def test_statistics_table_matches_numpy_with_uncertainty_and_excluded_fraction(slicer_scene, phantom, loaded):
+    relative = 0.8
+    # No inference mask: the automatic mask decides which voxels are inferred; segments come from the tissues.
+    nodes, result = bridge.run_scene_inference(slicer_scene.scene, loaded["sequence"], model_name=DEFAULT_MODEL,
+                                               device="cpu", uncertainty_threshold=relative,
+                                               statistics_segmentation=loaded["tissues"])
+    direct = run_inference(phantom.series, DEFAULT_MODEL, device="cpu")
+    inferred = direct.mask
+    np.testing.assert_array_equal(result.inference.mask, inferred)
+    rows = fit_bridge.table_rows(nodes["statistics"])
+    names = {v: n for v, n in phantom.label_names.items() if np.any(phantom.labels == v)}
+    assert len(rows) == len(names) * len(bridge.PARAMETERS)
+    assert [c for c in bridge.STATISTICS_COLUMNS if c not in rows[0]] == []
+    checked_partial = False
+    for row in rows:
+        value = next(v for v, n in names.items() if n == row["segment"])
+        voxels = (phantom.labels == value) & inferred
+        raw, sd = direct.maps[row["map"]][voxels], direct.maps[row["map"] + "_sd"][voxels]
+        out = sd > relative * np.abs(raw)
+        kept = raw[~out].astype(np.float64)
+        assert row["voxels"] == voxels.sum()
+        assert row["count"] == kept.size and row["nan_count"] == out.sum()
+        assert row["unit"] == bridge.UNITS[row["map"]]
+        if voxels.any():
+            assert row["excluded_fraction"] == pytest.approx(out.mean(), abs=1e-12)
+            assert row["mean_uncertainty"] == pytest.approx(sd.astype(np.float64).mean(), rel=1e-6)
+            checked_partial |= 0 < voxels.sum() < (phantom.labels == value).sum()
+        else:
+            assert np.isnan(row["excluded_fraction"]) and np.isnan(row["mean_uncertainty"])
+        if kept.size > 1:
+            p05, q1, median, q3, p95 = np.percentile(kept, [5, 25, 50, 75, 95])
+            assert row["mean"] == pytest.approx(kept.mean(), rel=1e-6, abs=1e-9)
+            assert row["sd"] == pytest.approx(kept.std(ddof=1), rel=1e-6, abs=1e-9)
+            assert row["median"] == pytest.approx(median, rel=1e-6, abs=1e-9)
+            assert row["iqr"] == pytest.approx(q3 - q1, rel=1e-6, abs=1e-9)
+            assert (row["p05"], row["p95"]) == (pytest.approx(p05, rel=1e-6, abs=1e-9),
+                                                pytest.approx(p95, rel=1e-6, abs=1e-9))
+        elif kept.size == 0:
+            assert np.isnan(row["mean"])
+    assert checked_partial, "no segment straddled the automatic mask: the intersection was not exercised"
+
+
+def test_comparison_fit_equals_the_pipeline_on_the_inferred_voxels(slicer_scene, phantom, loaded):
+    nodes, result = bridge.run_scene_inference(slicer_scene.scene, loaded["sequence"], model_name=DEFAULT_MODEL,
+                                               mask=loaded["tissues"], device="cpu", compare_with_fit=True,
+                                               t10_s=1.2, fit_model="etofts", population_aif="parker")
+    settings = FitSettings(model="etofts", method="nlls", t10_s=1.2, population_aif="parker", hct=0.45,
+                           mask=phantom.labels > 0, device="cpu")
+    fit = run_fit(phantom.series, settings)
+    for name in ("Ktrans", "ve", "vp", "kep"):
+        got = _array(nodes[f"fit_{name}"])
+        np.testing.assert_allclose(got, fit.maps[name], rtol=2e-5, atol=1e-7, equal_nan=True, err_msg=name)
+        np.testing.assert_allclose(_ijk_to_ras(nodes[f"fit_{name}"]), phantom.series.geometry.ijk_to_ras(), atol=1e-9)
+    rows = [r for r in fit_bridge.table_rows(nodes["statistics"]) if r["map"] == "fit_Ktrans"]
+    assert rows
+    for row in rows:
+        value = next(v for v, n in phantom.label_names.items() if n == row["segment"])
+        values = fit.maps["Ktrans"][phantom.labels == value]
+        assert row["count"] == np.isfinite(values).sum()
+        assert row["mean"] == pytest.approx(np.nanmean(values), rel=1e-5, abs=1e-9)
+        assert row["mean_uncertainty"] == pytest.approx(np.nanmean(fit.maps["Ktrans_se"][phantom.labels == value]),
+                                                        rel=1e-5, abs=1e-9)
+        assert np.isnan(row["excluded_fraction"])
+
+
+def test_rerun_updates_outputs_and_makes_new_ones_when_asked(slicer_scene, loaded):
+    scene = slicer_scene.scene
+    first, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
+                                          mask=loaded["tissues"], device="cpu")
+    count = scene.GetNumberOfNodes()
+    second, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
+                                           mask=loaded["tissues"], device="cpu", uncertainty_threshold=0.5)
+    assert scene.GetNumberOfNodes() == count and all(second[name] is first[name] for name in first)
+    third, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
+                                          mask=loaded["tissues"], device="cpu", update_existing=False)
+    assert scene.GetNumberOfNodes() == count + len(third) + 1  # +1: one new display node per volume... see below
+    assert third["Ktrans"] is not first["Ktrans"] and third["Ktrans"].GetName() != first["Ktrans"].GetName()
+    np.testing.assert_array_equal(_array(third["Ktrans"]), _array(first["Ktrans"]))
+
+
+def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, loaded):
+    scene = slicer_scene.scene
+    earlier, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
+                                            mask=loaded["tissues"], device="cpu")
+    earlier_ktrans = _array(earlier["Ktrans"]).copy()
+    before = _fingerprint(slicer_scene)
+
+    for stop_at in (0.2, 0.7):  # inside the network's pass, then inside the comparison fit
+        cancel, seen = threading.Event(), []
+
+        def progress(fraction, message, stop_at=stop_at):
+            seen.append(fraction)
+            if fraction >= stop_at:
+                cancel.set()
+
+        with pytest.raises(JobCancelledError):
+            bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, mask=loaded["tissues"],
+                                       device="cpu", compare_with_fit=True, uncertainty_threshold=0.5,
+                                       progress=progress, cancel=cancel)
+        assert seen and max(seen) < 1.0
+        assert _fingerprint(slicer_scene) == before
+        np.testing.assert_array_equal(_array(earlier["Ktrans"]), earlier_ktrans)
+
+    # The widget's path: compute in a BackgroundJob, cancelled while it runs; nothing is published.
+    request = bridge.prepare_scene_inference(loaded["sequence"], model_name=DEFAULT_MODEL, mask=loaded["tissues"],
+                                             device="cpu", compare_with_fit=True)
+    gate = threading.Event()
+
+    def compute(request, progress=None, cancel=None):
+        gate.wait(10)  # the job is surely running when it is cancelled
+        return bridge.compute_scene_inference(request, progress=progress, cancel=cancel)
+
+    job = BackgroundJob(compute, request).start()
+    job.cancel()
+    gate.set()
+    assert job.wait(120) == JobState.CANCELLED and job.result is None
+    assert _fingerprint(slicer_scene) == before
+
+
+def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_scene, loaded):
+    scene = slicer_scene.scene
+    before = _fingerprint(slicer_scene)
+    with pytest.raises(DCEPKInputError, match="no model 'no_such_network'"):
+        bridge.run_scene_inference(scene, loaded["sequence"], model_name="no_such_network", device="cpu")
+    with pytest.raises(DCEPKInputError, match="unknown device"):
+        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="tpu")
+    with pytest.raises(DCEPKInputError, match="T10"):
+        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu", t10_s=1400.0)
+    with pytest.raises(DCEPKInputError, match="comparison fit model"):
+        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu",
+                                   compare_with_fit=True, fit_model="2cxm")
+    if not torch.cuda.is_available():
+        with pytest.raises(DCEPKInputError, match="no CUDA GPU"):
+            bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cuda")
+    assert _fingerprint(slicer_scene) == before
+
+    empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
+    before = _fingerprint(slicer_scene)
+    with pytest.raises(DCEPKInputError, match="no segments"):
+        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu", mask=empty)
+
+    sequence = loaded["sequence"]
+    sequence.RemoveAttribute("MultiVolume.FrameLabels")
+    sequence.SetIndexUnit("")
+    before = _fingerprint(slicer_scene)
+    with pytest.raises(DCEPKInputError, match="no frame times"):
+        bridge.run_scene_inference(scene, sequence, model_name=DEFAULT_MODEL, device="cpu")
+    assert _fingerprint(slicer_scene) == before
+    assert not slicer_scene.nodes_by_class("vtkMRMLTableNode")
+    assert not [n for n in slicer_scene.nodes_by_class("vtkMRMLScalarVolumeNode") if n.GetAttribute("DCEPK.Map")]
+
+
+def test_show_map_with_uncertainty_puts_them_side_by_side(slicer_scene, loaded):
+    scene = slicer_scene.scene
+    nodes, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu",
+                                          mask=loaded["tissues"])
+    with pytest.raises(DCEPKInputError, match="no slice view"):
+        bridge.show_map_with_uncertainty(scene, nodes["Ktrans"], nodes["Ktrans_sd"])
+    layout = scene.AddNewNodeByClass("vtkMRMLLayoutNode")
+    for view, orientation in (("Red", "Axial"), ("Yellow", "Sagittal")):
+        slice_node = scene.AddNewNodeByClass("vtkMRMLSliceNode")
+        slice_node.SetLayoutName(view)
+        slice_node.SetOrientation(orientation)
+        composite = scene.AddNewNodeByClass("vtkMRMLSliceCompositeNode")
+        composite.SetLayoutName(view)
+    background = fit_bridge.update_volume_from_array(scene, np.ones((2, 32, 32)), Geometry(), "anatomy", colour="Grey")
+    bridge.show_map_with_uncertainty(scene, nodes["ve"], nodes["ve_sd"], background)
+    composites = {n.GetLayoutName(): n for n in slicer_scene.nodes_by_class("vtkMRMLSliceCompositeNode")}
+    slices = {n.GetLayoutName(): n for n in slicer_scene.nodes_by_class("vtkMRMLSliceNode")}
+    assert composites["Red"].GetForegroundVolumeID() == nodes["ve"].GetID()
+    assert composites["Yellow"].GetForegroundVolumeID() == nodes["ve_sd"].GetID()
+    assert {c.GetBackgroundVolumeID() for c in composites.values()} == {background.GetID()}
+    assert slices["Yellow"].GetOrientationString() == "Axial"
+    assert layout.GetViewArrangement() == slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView
+
+
+def test_model_card_text_and_device_description():
+    card = next(c for c in list_models() if c["name"] == DEFAULT_MODEL)
+    text = bridge.describe_model_card(card)
+    assert DEFAULT_MODEL in text and "1/min" in text
+    for metrics in card.get("validation", {}).get("metrics", {}).values():
+        assert f"{float(metrics['rmse']):.3g}" in text
+    assert [c["name"] for c in bridge.model_cards()] == MODELS
+    assert bridge.describe_device("cpu") == "CPU"
+    if not torch.cuda.is_available():
+        assert bridge.describe_device("auto").startswith("CPU")
+        with pytest.raises(DCEPKInputError, match="no CUDA GPU"):
+            bridge.describe_device("cuda")
+    else:
+        assert bridge.describe_device("cuda").startswith("GPU")
