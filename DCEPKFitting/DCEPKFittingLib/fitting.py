@@ -360,9 +360,10 @@ def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
         ka = torch.exp(log_k[active])
         ya = y[active]
         e, d = tk.exp_convolution(t, cp, ka, need_derivative=True)
-        ee, ed, dd = (e * e).sum(-1), (e * d).sum(-1), (d * d).sum(-1)
-        ec, dc = e @ cp, d @ cp
-        y_e, y_d = (ya * e).sum(-1), (ya * d).sum(-1)
+        stacked = torch.stack([e, d], 1)                            # (n, 2, T)
+        gram = stacked @ torch.stack([e, d, ya, cp.expand_as(ya)], 2)  # all dot products at once
+        ee, ed, ec, y_e = gram[:, 0, 0], gram[:, 0, 1], gram[:, 0, 3], gram[:, 0, 2]
+        dd, dc, y_d = gram[:, 1, 1], gram[:, 1, 3], gram[:, 1, 2]
         a, b, ssr = _bounded_ab(yy[active], y_e, y_c[active], ee, ec, cc, with_vp)
         improved = ssr <= best_ssr[active] * (1 + 1e-12)
         # residual . D and the curvature of the reduced problem in k (D projected off E and cp)

@@ -258,22 +258,23 @@ def exp_convolution(t_s, cp, k_per_s, need_derivative=False):
         # few distinct frame steps (uniform sampling: one): the weights depend on k*dt only, so
         # compute them per distinct step and spread them over the frames
         e, phi1, psi, chi = _segment_weights(ops, k[..., None] * steps, need_derivative)
-        e, phi1, psi = e[..., which], phi1[..., which], psi[..., which]
-        chi = chi[..., which] if need_derivative else None
+        if steps.shape[0] > 1:  # one step broadcasts as it is
+            e, phi1, psi = e[..., which], phi1[..., which], psi[..., which]
+            chi = chi[..., which] if need_derivative else None
     else:
         e, phi1, psi, chi = _segment_weights(ops, k[..., None] * dt, need_derivative)
-    c0 = cp[..., :-1]
-    c1 = cp[..., 1:]
-    inc = dt * (c0 * psi + c1 * (phi1 - psi))                    # this segment's own integral
-    batch = np.broadcast_shapes(tuple(inc.shape[:-1]), tuple(cp.shape[:-1]))
-    inc = ops.broadcast_to(inc, batch + (inc.shape[-1],))
+    c0 = cp[..., :-1] * dt
+    c1 = cp[..., 1:] * dt
+    inc = c0 * psi + c1 * (phi1 - psi)                            # this segment's own integral
+    batch = np.broadcast_shapes(tuple(psi.shape[:-1]), tuple(cp.shape[:-1]))
+    inc = ops.broadcast_to(inc, batch + (dt.shape[0],))
     dinc = None
     if need_derivative:
         # d/dk of the segment integral: dt^2 * [c0 * (-chi) + c1 * (chi - psi)]
-        dinc = ops.broadcast_to((dt * dt) * (c1 * (chi - psi) - c0 * chi), inc.shape)
+        dinc = ops.broadcast_to((c1 * dt) * (chi - psi) - (c0 * dt) * chi, inc.shape)
     n_curves = int(np.prod(batch)) if len(batch) else 1
     block = min(64, _SCAN_BUDGET // max(n_curves * inc.shape[-1], 1))
-    if block >= 8 and inc.shape[-1] > block:
+    if block >= 8 and inc.shape[-1] > 4 * block:  # short series: the plain loop is cheaper
         return _scan_blocked(ops, t_s, k, inc, dinc, block)
     return _scan_loop(ops, dt, ops.broadcast_to(e, inc.shape), inc, dinc)
 

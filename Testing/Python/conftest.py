@@ -1,5 +1,6 @@
 """Shared test fixtures: reference data that skips on a user's machine and fails in CI."""
 
+import importlib
 import sys
 from pathlib import Path
 
@@ -26,3 +27,14 @@ def require_reference(*parts: str) -> Path:
 @pytest.fixture
 def reference():
     return require_reference
+
+
+def import_or_skip(module_name: str, reason: str):
+    """Import a test-only dependency; skip without it on a user's machine, fail in CI."""
+    try:
+        return importlib.import_module(module_name)
+    except ImportError as error:
+        message = f"{reason} ({error})"
+        if reference_data_required():
+            pytest.fail(message + " (required because CI or DCEPK_REQUIRE_REFERENCE_DATA is set)")
+        pytest.skip(message, allow_module_level=True)

@@ -11,7 +11,9 @@ from dataclasses import dataclass
 
 import pytest
 
-slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core) is needed for MRML bridge tests")
+from conftest import import_or_skip
+
+slicer = import_or_skip("slicer", "slicer-core (pip install slicer-core) is needed for MRML bridge tests")
 
 
 @dataclass

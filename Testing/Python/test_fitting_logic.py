@@ -12,16 +12,16 @@ import numpy as np
 import pytest
 
 from slicer_scene import slicer_scene  # noqa: F401  (fixture)
+import slicer  # noqa: E402  (slicer_scene already required it)
 
-slicer = pytest.importorskip("slicer")
 
 from DCEPKFittingLib import mrml_bridge as bridge  # noqa: E402
 from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError  # noqa: E402
 from DCEPKFittingLib.geometry import Geometry  # noqa: E402
 from DCEPKFittingLib.jobs import BackgroundJob, JobState  # noqa: E402
 
-pipeline = pytest.importorskip("DCEPKFittingLib.pipeline")
-phantom_lib = pytest.importorskip("DCEPKFittingLib.phantom")
+from DCEPKFittingLib import phantom as phantom_lib  # noqa: E402
+from DCEPKFittingLib import pipeline  # noqa: E402
 
 VFA_ANGLES = (2.0, 5.0, 10.0, 15.0, 20.0)
 

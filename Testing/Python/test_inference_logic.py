@@ -139,12 +139,15 @@ def test_relative_and_absolute_uncertainty_thresholds_match_numpy(slicer_scene, 
 
 def test_statistics_table_matches_numpy_with_uncertainty_and_excluded_fraction(slicer_scene, phantom, loaded):
     relative = 0.8
-    # No inference mask: the automatic mask decides which voxels are inferred; segments come from the tissues.
+    # The inference mask (a label map) is the left half of the tissue, so segments straddle its edge.
+    inferred = (phantom.labels > 0) & (np.arange(32)[None, None, :] < 16)
+    labelmap = slicer_scene.scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "left half")
+    slicer.util.updateVolumeFromArray(labelmap, inferred.astype(np.uint8))
+    labelmap.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(phantom.series.geometry.ijk_to_ras()))
     nodes, result = bridge.run_scene_inference(slicer_scene.scene, loaded["sequence"], model_name=DEFAULT_MODEL,
-                                               device="cpu", uncertainty_threshold=relative,
+                                               device="cpu", mask=labelmap, uncertainty_threshold=relative,
                                                statistics_segmentation=loaded["tissues"])
-    direct = run_inference(phantom.series, DEFAULT_MODEL, device="cpu")
-    inferred = direct.mask
+    direct = run_inference(phantom.series, DEFAULT_MODEL, mask=inferred, device="cpu")
     np.testing.assert_array_equal(result.inference.mask, inferred)
     rows = fit_bridge.table_rows(nodes["statistics"])
     names = {v: n for v, n in phantom.label_names.items() if np.any(phantom.labels == v)}
@@ -176,7 +179,7 @@ def test_statistics_table_matches_numpy_with_uncertainty_and_excluded_fraction(s
                                                 pytest.approx(p95, rel=1e-6, abs=1e-9))
         elif kept.size == 0:
             assert np.isnan(row["mean"])
-    assert checked_partial, "no segment straddled the automatic mask: the intersection was not exercised"
+    assert checked_partial, "no segment straddled the mask's edge: the intersection was not exercised"
 
 
 def test_comparison_fit_equals_the_pipeline_on_the_inferred_voxels(slicer_scene, phantom, loaded):
@@ -206,15 +209,18 @@ def test_rerun_updates_outputs_and_makes_new_ones_when_asked(slicer_scene, loade
     scene = slicer_scene.scene
     first, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
                                           mask=loaded["tissues"], device="cpu")
+    first_ktrans = _array(first["Ktrans"]).copy()
     count = scene.GetNumberOfNodes()
     second, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
                                            mask=loaded["tissues"], device="cpu", uncertainty_threshold=0.5)
     assert scene.GetNumberOfNodes() == count and all(second[name] is first[name] for name in first)
     third, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
                                           mask=loaded["tissues"], device="cpu", update_existing=False)
-    assert scene.GetNumberOfNodes() == count + len(third) + 1  # +1: one new display node per volume... see below
+    volumes = [name for name in third if name != "statistics"]
+    assert scene.GetNumberOfNodes() == count + 2 * len(volumes) + 1  # each volume with its display node, a table
     assert third["Ktrans"] is not first["Ktrans"] and third["Ktrans"].GetName() != first["Ktrans"].GetName()
-    np.testing.assert_array_equal(_array(third["Ktrans"]), _array(first["Ktrans"]))
+    np.testing.assert_array_equal(_array(third["Ktrans"]), first_ktrans)  # unthresholded, like the first run
+    assert np.isnan(_array(first["Ktrans"])).any()  # the first run's node holds the thresholded second run
 
 
 def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, loaded):
