@@ -135,6 +135,9 @@ def read_dce(path, times_s=None, dt_s=None, kind: Optional[str] = None, *, serie
             f"{where} holds a single {signal.ndim}-D volume of shape {signal.shape} (k, j, i), not a dynamic "
             "series: give the whole DCE series (a 4-D file or the folder of all its DICOM frames)")
     n_frames = signal.shape[-1]
+    if n_frames == 1 and source == "dicom" and not isinstance(path, (list, tuple)) and Path(path).is_file():
+        raise DCEPKInputError(f"{where} is a single DICOM image: give the folder that holds all the files of the "
+                              "dynamic series")
     if n_frames < MIN_FRAMES:
         raise DCEPKInputError(
             f"{where} has {n_frames} frame(s); a DCE analysis needs at least {MIN_FRAMES} "
@@ -620,7 +623,7 @@ def _is_gzip(path: Path) -> bool:
 
 def _nifti_timing(path: Path, n_frames: int):
     header = _read_nifti_header(path)
-    if False:
+    if header["dim"][0] >= 5 and header["dim"][5] > 1:
         raise DCEPKInputError(
             f"{path} stores {header['dim'][5]} values per voxel (a vector NIfTI, 5th dimension), not frames over "
             "time (4th dimension): give the DCE series")

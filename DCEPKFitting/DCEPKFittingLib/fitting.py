@@ -353,17 +353,18 @@ def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
     ssr_out = torch.zeros_like(yy)
     converged = torch.zeros(n, dtype=torch.bool, device=device)
     active = torch.arange(n, device=device)
+    y_time_major = y.T.contiguous()
     for _ in range(max_iterations):
         if active.numel() == 0:
             break
         jobs.raise_if_cancelled(cancel)
         ka = torch.exp(log_k[active])
-        ya = y[active]
         e, d = tk.exp_convolution(t, cp, ka, need_derivative=True)
-        stacked = torch.stack([e, d], 1)                            # (n, 2, T)
-        gram = stacked @ torch.stack([e, d, ya, cp.expand_as(ya)], 2)  # all dot products at once
-        ee, ed, ec, y_e = gram[:, 0, 0], gram[:, 0, 1], gram[:, 0, 3], gram[:, 0, 2]
-        dd, dc, y_d = gram[:, 1, 1], gram[:, 1, 3], gram[:, 1, 2]
+        # the recursion returns time-major storage: reduce over time along the leading axis
+        e_t, d_t, y_t = e.T.contiguous(), d.T.contiguous(), y_time_major[:, active]
+        ee, ed, dd = (e_t * e_t).sum(0), (e_t * d_t).sum(0), (d_t * d_t).sum(0)
+        ec, dc = cp @ e_t, cp @ d_t
+        y_e, y_d = (y_t * e_t).sum(0), (y_t * d_t).sum(0)
         a, b, ssr = _bounded_ab(yy[active], y_e, y_c[active], ee, ec, cc, with_vp)
         improved = ssr <= best_ssr[active] * (1 + 1e-12)
         # residual . D and the curvature of the reduced problem in k (D projected off E and cp)

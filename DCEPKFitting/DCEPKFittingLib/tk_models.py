@@ -312,9 +312,10 @@ def _scan_loop(ops, dt, decay, inc, dinc):
             dout.append(dcurrent)
         current = decay[n] * current + inc[n]
         out.append(current)
-    conv = ops.stack(out, -1)
+    # stacking time-major and moving the axis is much cheaper than a strided stack on the last axis
+    conv = ops.moveaxis(ops.stack(out, 0), 0, -1)
     if dinc is not None:
-        return conv, ops.stack(dout, -1)
+        return conv, ops.moveaxis(ops.stack(dout, 0), 0, -1)
     return conv
 
 

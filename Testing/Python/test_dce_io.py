@@ -419,6 +419,14 @@ def test_dicom_variable_flip_angle_series_is_not_dce(tmp_path):
         read_dce(tmp_path / "vfa")
 
 
+def test_single_dicom_file_asks_for_the_folder(tmp_path):
+    paths = DicomTruth(n_slices=1, n_frames=3).write(tmp_path / "dyn")
+    with pytest.raises(DCEPKInputError, match="single DICOM image: give the folder"):
+        read_dce(paths[0])
+    with pytest.raises(DCEPKInputError, match="1 frame.*at least 3"):
+        read_dce(paths[:1])
+
+
 def test_empty_and_non_dicom_folders(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(DCEPKInputError, match="is empty"):

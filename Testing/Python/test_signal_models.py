@@ -192,9 +192,9 @@ def test_detect_baseline_frames(arrival, sigma_rel):
     # Never counts a clearly enhanced frame as baseline (the arrival frame of the Parker curve
     # holds under 3 % of the peak, within the noise), never misses more than one frame.
     assert np.all(enhancement[:n] <= 0.03 * enhancement.max())
-    assert arrival - 1 <= n <= arrival + 1
+    assert arrival - 2 <= n <= arrival
     if sigma_rel == 0:
-        assert n == arrival
+        assert n == (arrival - 1 if arrival >= 4 else arrival)  # one frame of safety margin
 
 
 def test_detect_baseline_frames_on_series_and_used_by_inversion():
@@ -203,7 +203,7 @@ def test_detect_baseline_frames_on_series_and_used_by_inversion():
     series = np.broadcast_to(clean, (2, 3, 4, 50)) * rng.uniform(0.5, 2.0, (2, 3, 4, 1))
     series = series + rng.normal(0, 0.01 * clean[0], series.shape)
     n = detect_baseline_frames(series)
-    assert 7 <= n <= 9
+    assert 6 <= n <= 8
     conc, valid = signal_to_concentration(series, 1.4, 20.0, TR, 4.0)
     conc_n, _ = signal_to_concentration(series, 1.4, 20.0, TR, 4.0, baseline_frames=n)
     np.testing.assert_allclose(conc, conc_n)

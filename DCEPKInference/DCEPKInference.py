@@ -1,0 +1,626 @@
+"""DCEPK Inference: pharmacokinetic maps with uncertainty from a DCE-MRI volume sequence by neural networks.
+
+Qt shell only (see docs/ARCHITECTURE.md): the science is in ``DCEPKInferenceLib`` (pure core:
+``inference.run_inference``) and ``DCEPKInferenceLib.mrml_bridge`` (scene <-> arrays). The Logic is
+usable from the Python console:
+
+    logic = slicer.util.getModuleLogic("DCEPKInference")
+    nodes = logic.run(sequenceNode, modelName="hetero_encoder", uncertaintyThreshold=0.5)
+"""
+
+import logging
+from typing import Annotated, Optional, Union
+
+import qt
+import vtk
+
+import slicer
+from slicer import vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode, vtkMRMLSequenceNode
+from slicer.i18n import tr as _
+from slicer.i18n import translate
+from slicer.parameterNodeWrapper import Choice, WithinRange, parameterNodeWrapper
+from slicer.ScriptedLoadableModule import (
+    ScriptedLoadableModule,
+    ScriptedLoadableModuleLogic,
+    ScriptedLoadableModuleTest,
+    ScriptedLoadableModuleWidget,
+)
+from slicer.util import VTKObservationMixin
+
+# No DCEPKInferenceLib import at load time: it needs torch and safetensors, which the widget checks
+# (and, if the user agrees, installs) at the first Apply, so the module always loads.
+
+DEFAULT_MODEL = "hetero_encoder"
+DEVICES = ["auto", "cpu", "cuda"]
+THRESHOLD_MODES = ["none", "relative", "absolute"]
+PARAMETERS = ["Ktrans", "ve", "vp", "kep"]
+FIT_MODELS = ["etofts", "tofts", "patlak"]
+POPULATION_AIFS = ["parker", "georgiou", "weinmann"]
+
+
+#
+# Module
+#
+class DCEPKInference(ScriptedLoadableModule):
+    def __init__(self, parent):
+        ScriptedLoadableModule.__init__(self, parent)
+        self.parent.title = _("DCEPK Inference")
+        self.parent.categories = [translate("qSlicerAbstractCoreModule", "Quantification")]
+        self.parent.dependencies = ["DCEPKFitting"]
+        self.parent.contributors = ["DCEPK contributors"]
+        self.parent.helpText = _("""
+Pharmacokinetic maps with per-voxel uncertainty from a dynamic contrast-enhanced (DCE) MRI signal series by
+neural networks, directly from the signal-time curves: no arterial input function is needed.<br>
+<b>Networks</b> (trained by DCEPK on physics-based synthetic data; the model card of each is shown in the panel):
+<i>hetero_encoder</i>, a voxel-wise temporal encoder with a heteroscedastic (Laplace/Gaussian NLL) output and a
+small ensemble; <i>ulas_cnn</i>, a 2D CNN with local and dilated global pathways and a tracer-kinetic loss;
+<i>fcsa_net</i>, a frame/channel/spatial attention CNN; <i>tcn_punet</i>, a temporal convolutional network
+followed by a probabilistic U-Net. Only the networks whose weights ship with this version are listed.<br>
+<b>Steps</b>: choose the DCE volume sequence, optionally a mask (segmentation or label map; default: voxels with
+signal), the network and the device, and press Apply. Flip angle (degrees), TR (milliseconds) and T10
+(seconds) are optional inputs of the networks; flip angle and TR default to the series' header. Inference runs
+in the background and can be cancelled; the scene only changes when it has finished.<br>
+<b>Outputs and units</b> (OSIPI lexicon): Ktrans and kep in 1/min, ve and vp as fractions; &lt;name&gt;_sd is
+the network's uncertainty as one standard deviation in the same unit. kep = Ktrans/ve. The uncertainty
+threshold hides (sets to NaN) voxels whose SD exceeds a fraction of the value (relative) or a limit per map
+(absolute). <i>Show map with uncertainty</i> puts a map and its SD side by side. The statistics table gives,
+per segment and map, count, mean, SD, median, IQR, 5th and 95th percentiles, the mean uncertainty and the
+fraction of voxels excluded by the threshold. <i>Compare with conventional fit</i> also fits a tracer-kinetic
+model with a population AIF (DCEPK Fitting) on the same voxels (fit_&lt;name&gt; maps).
+""")
+        self.parent.helpText += self.getDefaultModuleDocumentationLink()
+        self.parent.acknowledgementText = _("""
+DCEPK is an open-source project. The network architectures follow published DCE-MRI deep-learning methods
+(local/global-pathway CNN with a tracer-kinetic loss; attention CNN; temporal convolutional network with a
+probabilistic U-Net; heteroscedastic voxel-wise encoder); their weights were trained by DCEPK on simulated
+data from the extended Tofts model with population AIFs (Parker, Georgiou, Weinmann).
+""")
+
+
+#
+# Parameter node
+#
+@parameterNodeWrapper
+class DCEPKInferenceParameterNode:
+    """GUI state, saved with the scene. Units in the names: Deg, Ms (milliseconds); T10 and limits as noted."""
+
+    inputSequence: vtkMRMLSequenceNode
+    inferenceMask: Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]
+    modelName: str = DEFAULT_MODEL
+    useFlipAngle: bool = False
+    flipAngleDeg: Annotated[float, WithinRange(0.1, 90.0)] = 15.0
+    useRepetitionTime: bool = False
+    repetitionTimeMs: Annotated[float, WithinRange(0.1, 100.0)] = 5.0
+    useT10: bool = False
+    t10Value: Annotated[float, WithinRange(0.05, 10.0)] = 1.4  # s
+    device: Annotated[str, Choice(DEVICES)] = "auto"
+    thresholdMode: Annotated[str, Choice(THRESHOLD_MODES)] = "none"
+    relativeThreshold: Annotated[float, WithinRange(0.01, 10.0)] = 0.5  # SD / |value|
+    ktransSdLimit: Annotated[float, WithinRange(0.0, 5.0)] = 0.05  # 1/min; 0: not thresholded
+    veSdLimit: Annotated[float, WithinRange(0.0, 1.0)] = 0.1  # fraction
+    vpSdLimit: Annotated[float, WithinRange(0.0, 1.0)] = 0.05  # fraction
+    kepSdLimit: Annotated[float, WithinRange(0.0, 20.0)] = 0.0  # 1/min
+    compareWithFit: bool = False
+    fitModel: Annotated[str, Choice(FIT_MODELS)] = "etofts"
+    populationAif: Annotated[str, Choice(POPULATION_AIFS)] = "parker"
+    hematocrit: Annotated[float, WithinRange(0.0, 0.99)] = 0.45
+    statisticsSegmentation: vtkMRMLSegmentationNode
+    displayMap: Annotated[str, Choice(PARAMETERS)] = "Ktrans"
+    outputPrefix: str = "DCEPK-NN"
+    updateExisting: bool = True
+
+
+#
+# Widget
+#
+class DCEPKInferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+    """Wires the GUI to the Logic; holds no science."""
+
+    def __init__(self, parent=None) -> None:
+        ScriptedLoadableModuleWidget.__init__(self, parent)
+        VTKObservationMixin.__init__(self)
+        self.logic = None
+        self._parameterNode = None
+        self._parameterNodeGuiTag = None
+        self._job = None
+        self._jobRequest = None
+        self._cards = {}
+
+    def setup(self) -> None:
+        ScriptedLoadableModuleWidget.setup(self)
+        uiWidget = slicer.util.loadUI(self.resourcePath("UI/DCEPKInference.ui"))
+        self.layout.addWidget(uiWidget)
+        self.ui = slicer.util.childWidgetVariables(uiWidget)
+        uiWidget.setMRMLScene(slicer.mrmlScene)
+        self.logic = DCEPKInferenceLogic()
+
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.StartCloseEvent, self.onSceneStartClose)
+        self.addObserver(slicer.mrmlScene, slicer.mrmlScene.EndCloseEvent, self.onSceneEndClose)
+
+        self.ui.applyButton.connect("clicked(bool)", self.onApplyButton)
+        self.ui.cancelButton.connect("clicked(bool)", self.onCancelButton)
+        self.ui.applyThresholdButton.connect("clicked(bool)", self.onApplyThreshold)
+        self.ui.showUncertaintyButton.connect("clicked(bool)", self.onShowUncertainty)
+        self.ui.exportTableButton.connect("clicked(bool)", self.onExportTable)
+        self.ui.checkDeviceButton.connect("clicked(bool)", self.onCheckDevice)
+        self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+
+        # Background inference: the worker thread only fills a queue; this timer drains it on the GUI thread.
+        self._jobTimer = qt.QTimer()
+        self._jobTimer.setInterval(200)
+        self._jobTimer.connect("timeout()", self.onJobTimer)
+
+        self.populateModels()
+        self.initializeParameterNode()
+
+    def cleanup(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+        self._jobTimer.stop()
+        self.removeObservers()
+
+    def enter(self) -> None:
+        self.initializeParameterNode()
+
+    def exit(self) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self._parameterNodeGuiTag = None
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGuiState)
+
+    def onSceneStartClose(self, caller, event) -> None:
+        if self._job is not None:
+            self._job.cancel()  # its result would belong to a scene that no longer exists
+        self.logic.forgetLastResult()
+        self.setParameterNode(None)
+
+    def onSceneEndClose(self, caller, event) -> None:
+        if self.parent.isEntered:
+            self.initializeParameterNode()
+
+    def initializeParameterNode(self) -> None:
+        self.setParameterNode(self.logic.getParameterNode())
+        if self._cards and self._parameterNode.modelName not in self._cards:
+            self._parameterNode.modelName = next(iter(self._cards))  # a scene saved with a network not shipped now
+        if not self._parameterNode.inputSequence:
+            firstSequence = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSequenceNode")
+            if firstSequence:
+                self._parameterNode.inputSequence = firstSequence
+
+    def setParameterNode(self, inputParameterNode: Optional[DCEPKInferenceParameterNode]) -> None:
+        if self._parameterNode:
+            self._parameterNode.disconnectGui(self._parameterNodeGuiTag)
+            self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGuiState)
+        self._parameterNode = inputParameterNode
+        if self._parameterNode:
+            self._parameterNodeGuiTag = self._parameterNode.connectGui(self.ui)
+            self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGuiState)
+        self._updateGuiState()
+
+    def _updateGuiState(self, caller=None, event=None) -> None:
+        p = self._parameterNode
+        running = self._job is not None
+        ready = bool(p and p.inputSequence and p.modelName in self._cards) and not running
+        self.ui.applyButton.enabled = ready
+        self.ui.applyButton.toolTip = _("Run the network on every masked voxel (in the background).") if ready else \
+            _("Choose a DCE series and a network first.")
+        self.ui.cancelButton.enabled = running
+        hasResult = self.logic is not None and self.logic.lastResult is not None
+        self.ui.applyThresholdButton.enabled = hasResult and not running
+        self.ui.showUncertaintyButton.enabled = hasResult
+        self.ui.exportTableButton.enabled = hasResult and "statistics" in self.logic.lastNodes
+        if p:
+            self.ui.flipAngleSpinBox.enabled = p.useFlipAngle
+            self.ui.repetitionTimeSpinBox.enabled = p.useRepetitionTime
+            self.ui.t10SpinBox.enabled = p.useT10
+            self.ui.relativeThresholdSpinBox.enabled = p.thresholdMode == "relative"
+            for widget in (self.ui.ktransSdLimitSpinBox, self.ui.veSdLimitSpinBox, self.ui.vpSdLimitSpinBox,
+                           self.ui.kepSdLimitSpinBox):
+                widget.enabled = p.thresholdMode == "absolute"
+            for widget in (self.ui.fitModelComboBox, self.ui.populationAifComboBox, self.ui.hematocritSpinBox):
+                widget.enabled = p.compareWithFit
+            if p.modelName in self._cards and self.ui.modelComboBox.currentText != p.modelName:
+                wasBlocked = self.ui.modelComboBox.blockSignals(True)
+                self.ui.modelComboBox.setCurrentText(p.modelName)
+                self.ui.modelComboBox.blockSignals(wasBlocked)
+                self._showModelCard(p.modelName)
+
+    # ---------------------------------------------------------------- networks and device
+    def populateModels(self) -> None:
+        """The shipped networks (read from their model cards, without torch) in the model picker."""
+        try:
+            cards = self.logic.modelCards()
+        except Exception as error:  # noqa: BLE001  (a missing package must not stop the panel from loading)
+            cards = []
+            self.ui.modelCardBrowser.setPlainText(
+                _("The network list could not be read ({error}). Press Apply to install what is missing.").format(
+                    error=error))
+        self._cards = {card["name"]: card for card in cards}
+        wasBlocked = self.ui.modelComboBox.blockSignals(True)
+        self.ui.modelComboBox.clear()
+        for name in self._cards:
+            self.ui.modelComboBox.addItem(name)
+        self.ui.modelComboBox.blockSignals(wasBlocked)
+        if cards:
+            self._showModelCard(self.ui.modelComboBox.currentText)
+        elif not self.ui.modelCardBrowser.toPlainText():
+            self.ui.modelCardBrowser.setPlainText(_("No network weights are installed with this extension."))
+
+    def onModelChanged(self, index) -> None:
+        name = self.ui.modelComboBox.currentText
+        if self._parameterNode is not None and name:
+            self._parameterNode.modelName = name
+        self._showModelCard(name)
+
+    def _showModelCard(self, name) -> None:
+        card = self._cards.get(name)
+        if card is not None:
+            self.ui.modelCardBrowser.setHtml(self.logic.describeModelCard(card))
+
+    def onCheckDevice(self) -> None:
+        if not self.ensureDependencies():
+            return
+        with slicer.util.tryWithErrorDisplay(_("Device check failed."), waitCursor=True):
+            self.ui.statusLabel.text = _("Would run on: {device}").format(
+                device=self.logic.describeDevice(self._parameterNode.device))
+
+    # ---------------------------------------------------------------- apply / cancel
+    def ensureDependencies(self) -> bool:
+        """Ask before installing what Slicer's Python lacks (safetensors; torch from the PyTorch extension).
+
+        The same check as DCEPK Fitting's, reused rather than repeated: it reads this module's
+        Resources/requirements.txt through ``self.resourcePath``.
+        """
+        from DCEPKFitting import DCEPKFittingWidget
+
+        return DCEPKFittingWidget.ensureDependencies(self)
+
+    def onApplyButton(self) -> None:
+        if self._job is not None:
+            return
+        if not self.ensureDependencies():
+            self.ui.statusLabel.text = _("Python packages missing: nothing was run.")
+            return
+        from DCEPKFittingLib.jobs import BackgroundJob
+
+        with slicer.util.tryWithErrorDisplay(_("The inference could not start."), waitCursor=True):
+            options = self.logic.optionsFromParameterNode(self._parameterNode)
+            deviceText = self.logic.describeDevice(options["device"])
+            request = self.logic.prepare(self._parameterNode.inputSequence, **options)
+            self._jobRequest = request
+            self._job = BackgroundJob(self.logic.compute, request, name="DCEPK inference").start()
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Running {model} on {device}...").format(model=options["modelName"],
+                                                                                device=deviceText)
+            self._jobTimer.start()
+        self._updateGuiState()
+
+    def onCancelButton(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+
+    def onJobTimer(self) -> None:
+        from DCEPKFittingLib.jobs import JobState
+
+        job = self._job
+        updates = job.poll()
+        if updates:
+            fraction, message = updates[-1]
+            self.ui.progressBar.value = int(round(100 * fraction))
+            if message:
+                self.ui.statusLabel.text = message
+        if not job.done:
+            return
+        self._jobTimer.stop()
+        self._job = None
+        request, self._jobRequest = self._jobRequest, None
+        if job.state == JobState.FINISHED:
+            with slicer.util.tryWithErrorDisplay(_("The inference finished but its maps could not be shown."),
+                                                 waitCursor=True):
+                nodes = self.logic.publish(request, job.result)
+                self.showResults(nodes)
+                self.ui.progressBar.value = 100
+                self.ui.statusLabel.text = _("Done on {device}: {n} maps. {messages}").format(
+                    device=job.result.inference.device, n=len([k for k in nodes if k != "statistics"]),
+                    messages=" ".join(job.result.messages))
+        elif job.state == JobState.CANCELLED:
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
+        else:
+            self.ui.statusLabel.text = _("Failed: the scene is unchanged.")
+            slicer.util.errorDisplay(str(job.error), detailedText=job.error_traceback)
+        self._updateGuiState()
+
+    # ---------------------------------------------------------------- results
+    def showResults(self, nodes) -> None:
+        self.onShowUncertainty()
+        table = nodes.get("statistics")
+        self.ui.statisticsTableView.setMRMLTableNode(table)
+        try:
+            slicer.modules.colors.logic().AddDefaultColorLegendDisplayNode(nodes[self._parameterNode.displayMap])
+        except AttributeError:  # colour legends arrived in Slicer 4.13; the map shows without one
+            pass
+
+    def onShowUncertainty(self) -> None:
+        with slicer.util.tryWithErrorDisplay(_("The map and its uncertainty could not be shown.")):
+            self.logic.showMapWithUncertainty(self._parameterNode.displayMap, self._backgroundNode())
+            slicer.util.resetSliceViews()
+
+    def _backgroundNode(self):
+        sequence = self._parameterNode.inputSequence if self._parameterNode else None
+        browser = slicer.modules.sequences.logic().GetFirstBrowserNodeForSequenceNode(sequence) if sequence else None
+        return browser.GetProxyNode(sequence) if browser is not None else None
+
+    def onApplyThreshold(self) -> None:
+        """New uncertainty threshold on the last result, without running the network again."""
+        with slicer.util.tryWithErrorDisplay(_("The threshold could not be applied."), waitCursor=True):
+            nodes = self.logic.applyUncertaintyThreshold(
+                self.logic.uncertaintyThresholdFromParameterNode(self._parameterNode))
+            self.ui.statisticsTableView.setMRMLTableNode(nodes.get("statistics"))
+            self.ui.statusLabel.text = " ".join(self.logic.lastResult.messages) or _("Threshold removed.")
+
+    def onExportTable(self) -> None:
+        table = self.logic.lastNodes.get("statistics")
+        if table is None:
+            return
+        path = qt.QFileDialog.getSaveFileName(None, _("Export statistics"), table.GetName() + ".csv", "CSV (*.csv)")
+        if not path:
+            return
+        from DCEPKFittingLib import mrml_bridge
+
+        with slicer.util.tryWithErrorDisplay(_("The table could not be saved."), waitCursor=True):
+            # The file dialog already asked before replacing an existing file.
+            mrml_bridge.save_table_csv(slicer.mrmlScene, table, path, overwrite=True)
+            self.ui.statusLabel.text = _("Statistics saved to {path}").format(path=path)
+
+
+#
+# Logic
+#
+class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
+    """Network inference from the scene, without any GUI (no Qt here): usable from the Python console.
+
+    ``run`` is synchronous. The widget splits it in three so the slow part runs in a thread:
+    ``prepare`` (reads nodes, main thread) -> ``compute`` (``run_inference`` and optionally
+    ``pipeline.run_fit``, thresholding, statistics; thread-safe) -> ``publish`` (writes nodes, main
+    thread). Nothing is written before ``compute`` succeeds, so a cancel or an error leaves the scene
+    as it was. ``lastResult`` keeps the raw outputs so a new uncertainty threshold needs no new run.
+    """
+
+    def __init__(self, scene=None) -> None:
+        ScriptedLoadableModuleLogic.__init__(self)
+        self._scene = scene
+        self.lastRequest = None
+        self.lastResult = None
+        self.lastNodes = {}
+
+    @property
+    def scene(self):
+        return self._scene if self._scene is not None else slicer.mrmlScene
+
+    def getParameterNode(self):
+        return DCEPKInferenceParameterNode(super().getParameterNode())
+
+    def run(self, sequenceNode, modelName=DEFAULT_MODEL, maskNode=None, device="auto", flipAngle_deg=None,
+            tr_s=None, t10_s=None, t10Map=None, t10MapUnit="ms", uncertaintyThreshold=None, compareWithFit=False,
+            fitModel="etofts", populationAif="parker", hematocrit=0.45, r1_per_mM_s=None, segmentationNode=None,
+            outputPrefix="DCEPK-NN", updateExisting=True, progress=None, cancel=None):
+        """Run network ``modelName`` on ``sequenceNode`` and put the maps in the scene; returns ``{name: node}``.
+
+        Maps Ktrans, kep (1/min), ve, vp (fractions) and their 1-SD uncertainty ``<name>_sd`` (same
+        units), ``fit_<name>`` with ``compareWithFit``, and ``statistics`` (table node) when
+        ``segmentationNode`` (or a segmentation ``maskNode``) is given. ``maskNode``: segmentation,
+        label map, markups ROI or bool array (None: voxels with signal). ``flipAngle_deg``, ``tr_s``,
+        ``t10_s`` (seconds) or ``t10Map`` (voxels in ``t10MapUnit``, 'ms' or 's') are optional network
+        inputs (FA and TR default to the series' header). ``uncertaintyThreshold``: None, a number r
+        (voxels with SD > r*|value| become NaN) or ``{'Ktrans': SD limit in 1/min, 've': ..., ...}``.
+        The comparison fit uses ``fitModel`` with the ``populationAif`` and T10 ``t10_s`` (1.4 s if
+        none). ``progress(fraction, message)`` and ``cancel`` (``threading.Event``) are optional.
+        """
+        request = self.prepare(
+            sequenceNode, modelName=modelName, maskNode=maskNode, device=device, flipAngle_deg=flipAngle_deg,
+            tr_s=tr_s, t10_s=t10_s, t10Map=t10Map, t10MapUnit=t10MapUnit, uncertaintyThreshold=uncertaintyThreshold,
+            compareWithFit=compareWithFit, fitModel=fitModel, populationAif=populationAif, hematocrit=hematocrit,
+            r1_per_mM_s=r1_per_mM_s, segmentationNode=segmentationNode, outputPrefix=outputPrefix,
+            updateExisting=updateExisting)
+        result = self.compute(request, progress=progress, cancel=cancel)
+        return self.publish(request, result)
+
+    def prepare(self, sequenceNode, modelName=DEFAULT_MODEL, maskNode=None, device="auto", flipAngle_deg=None,
+                tr_s=None, t10_s=None, t10Map=None, t10MapUnit="ms", uncertaintyThreshold=None, compareWithFit=False,
+                fitModel="etofts", populationAif="parker", hematocrit=0.45, r1_per_mM_s=None, segmentationNode=None,
+                outputPrefix="DCEPK-NN", updateExisting=True):
+        """Read the inputs from the scene (main thread); raises ``DCEPKInputError`` naming any problem."""
+        from DCEPKInferenceLib import mrml_bridge
+
+        return mrml_bridge.prepare_scene_inference(
+            sequenceNode, model_name=modelName, mask=maskNode, device=device, fa_deg=flipAngle_deg, tr_s=tr_s,
+            t10_s=t10_s, t10_map=t10Map, t10_map_unit=t10MapUnit, uncertainty_threshold=uncertaintyThreshold,
+            compare_with_fit=compareWithFit, fit_model=fitModel, population_aif=populationAif, hct=hematocrit,
+            r1_per_mM_s=r1_per_mM_s, statistics_segmentation=segmentationNode, output_prefix=outputPrefix,
+            update_existing=updateExisting)
+
+    @staticmethod
+    def compute(request, progress=None, cancel=None):
+        """The inference itself: touches no node, so it may run in a worker thread."""
+        from DCEPKInferenceLib import mrml_bridge
+
+        return mrml_bridge.compute_scene_inference(request, progress=progress, cancel=cancel)
+
+    def publish(self, request, result, existingNodes=None):
+        """Write maps, uncertainty maps and statistics into the scene (main thread); returns ``{name: node}``."""
+        from DCEPKInferenceLib import mrml_bridge
+
+        nodes = mrml_bridge.publish_scene_inference(self.scene, request, result, existing_nodes=existingNodes)
+        self.lastRequest, self.lastResult, self.lastNodes = request, result, nodes
+        return nodes
+
+    def forgetLastResult(self) -> None:
+        self.lastRequest, self.lastResult, self.lastNodes = None, None, {}
+
+    def applyUncertaintyThreshold(self, uncertaintyThreshold):
+        """Re-threshold the last result into the same nodes (no new inference); returns ``{name: node}``."""
+        from DCEPKFittingLib.errors import DCEPKInputError
+        from DCEPKInferenceLib import mrml_bridge
+
+        if self.lastResult is None:
+            raise DCEPKInputError("no inference result to threshold: press Apply (or call run) first")
+        request, result = mrml_bridge.rethreshold(self.lastRequest, self.lastResult, uncertaintyThreshold)
+        return self.publish(request, result, existingNodes=self.lastNodes)
+
+    def showMapWithUncertainty(self, mapName="Ktrans", backgroundNode=None) -> None:
+        """``mapName`` (Ktrans, ve, vp, kep) and its uncertainty side by side in the Red and Yellow views."""
+        from DCEPKInferenceLib import mrml_bridge
+
+        mrml_bridge.show_map_with_uncertainty(self.scene, self.lastNodes.get(mapName),
+                                              self.lastNodes.get(f"{mapName}_sd"), backgroundNode)
+
+    @staticmethod
+    def uncertaintyThresholdFromParameterNode(p):
+        if p.thresholdMode == "relative":
+            return p.relativeThreshold
+        if p.thresholdMode == "absolute":
+            limits = {"Ktrans": p.ktransSdLimit, "ve": p.veSdLimit, "vp": p.vpSdLimit, "kep": p.kepSdLimit}
+            return {name: limit for name, limit in limits.items() if limit > 0} or None
+        return None
+
+    @classmethod
+    def optionsFromParameterNode(cls, p):
+        """Keyword arguments of ``run``/``prepare`` from the GUI state (ms converted to s here)."""
+        return dict(
+            modelName=p.modelName, maskNode=p.inferenceMask, device=p.device,
+            flipAngle_deg=p.flipAngleDeg if p.useFlipAngle else None,
+            tr_s=p.repetitionTimeMs / 1000.0 if p.useRepetitionTime else None,
+            t10_s=p.t10Value if p.useT10 else None,
+            uncertaintyThreshold=cls.uncertaintyThresholdFromParameterNode(p),
+            compareWithFit=p.compareWithFit, fitModel=p.fitModel, populationAif=p.populationAif,
+            hematocrit=p.hematocrit, segmentationNode=p.statisticsSegmentation, outputPrefix=p.outputPrefix,
+            updateExisting=p.updateExisting)
+
+    @staticmethod
+    def describeDevice(device="auto"):
+        """Where the network will run, with free GPU memory, or why it falls back to the CPU."""
+        from DCEPKInferenceLib import mrml_bridge
+
+        return mrml_bridge.describe_device(device)
+
+    @staticmethod
+    def modelCards():
+        from DCEPKInferenceLib import mrml_bridge
+
+        return mrml_bridge.model_cards()
+
+    @staticmethod
+    def describeModelCard(card):
+        from DCEPKInferenceLib import mrml_bridge
+
+        return mrml_bridge.describe_model_card(card)
+
+
+#
+# Test
+#
+class DCEPKInferenceTest(ScriptedLoadableModuleTest):
+    """Whole workflow in Slicer on the built-in phantom, checked against its ground truth."""
+
+    def setUp(self):
+        slicer.mrmlScene.Clear()
+
+    def runTest(self):
+        self.setUp()
+        self.test_PhantomWorkflow()
+        self.setUp()
+        self.test_CancelAndErrorLeaveSceneUnchanged()
+
+    def _loadPhantom(self):
+        from DCEPKFitting import DCEPKFittingLogic
+
+        return DCEPKFittingLogic().loadPhantomSample(returnPhantom=True)
+
+    def test_PhantomWorkflow(self):
+        import numpy as np
+
+        from DCEPKFittingLib import mrml_bridge as fitBridge
+        from DCEPKInferenceLib.inference import run_inference
+        from DCEPKInferenceLib.model_store import read_card
+
+        self.delayDisplay("Generating the DCEPK phantom")
+        phantom, nodes = self._loadPhantom()
+        logic = DCEPKInferenceLogic()
+        self.delayDisplay(f"Running {DEFAULT_MODEL}")
+        outputs = logic.run(nodes["sequence"], modelName=DEFAULT_MODEL, maskNode=nodes["tissues"],
+                            segmentationNode=nodes["tissues"], device="auto")
+        for name in PARAMETERS + [f"{p}_sd" for p in PARAMETERS] + ["statistics"]:
+            self.assertIn(name, outputs)
+
+        # The same numbers as the core on the same arrays, on the source grid.
+        series = fitBridge.series_from_sequence(nodes["sequence"])
+        direct = run_inference(series, DEFAULT_MODEL, mask=phantom.labels > 0, device="cpu")
+        for name in ("Ktrans", "ve", "Ktrans_sd"):
+            np.testing.assert_allclose(slicer.util.arrayFromVolume(outputs[name]), direct.maps[name],
+                                       rtol=2e-3, atol=2e-4, err_msg=name)  # GPU (TF32 convolutions) vs CPU
+        ijkToRas = vtk.vtkMatrix4x4()
+        outputs["Ktrans"].GetIJKToRASMatrix(ijkToRas)
+        np.testing.assert_allclose(slicer.util.arrayFromVTKMatrix(ijkToRas), phantom.series.geometry.ijk_to_ras(),
+                                   atol=1e-6)
+
+        # Against the ground truth, with the model card's own validation RMSE as the tolerance.
+        metrics = read_card(DEFAULT_MODEL)["validation"]["metrics"]
+        rim = phantom.labels == next(v for v, n in phantom.label_names.items() if "rim" in n)
+        whiteMatter = phantom.labels == next(v for v, n in phantom.label_names.items() if n == "white matter")
+        self.assertGreater(int(rim.sum()), 20)
+        maps = {name: slicer.util.arrayFromVolume(outputs[name]) for name in outputs if name != "statistics"}
+        for name in ("Ktrans", "ve", "vp"):
+            # One tissue is not the validation set's spread of tissues: allow 1.5 x the card's RMSE.
+            error = float(np.median(np.abs(maps[name][rim] - phantom.truth[name][rim])))
+            self.assertLess(error, 1.5 * metrics[name]["rmse"], f"median |{name} error| in the tumour rim: {error:.3f}")
+        self.assertGreater(np.median(maps["Ktrans"][rim]), 5 * np.median(maps["Ktrans"][whiteMatter]) + 0.01,
+                           "the network does not tell enhancing tumour from white matter")
+        covered = np.mean(np.abs(maps["Ktrans"][rim] - phantom.truth["Ktrans"][rim]) <= 2 * maps["Ktrans_sd"][rim])
+        self.assertGreater(covered, 0.7, f"only {covered:.0%} of rim voxels within 2 SD of the true Ktrans")
+
+        # Statistics table: one row per segment and map, means as numpy computes them.
+        rows = fitBridge.table_rows(outputs["statistics"])
+        segments = nodes["tissues"].GetSegmentation().GetNumberOfSegments()
+        self.assertEqual(len(rows), segments * len(PARAMETERS))
+        rimRow = next(r for r in rows if "rim" in r["segment"] and r["map"] == "Ktrans")
+        self.assertAlmostEqual(rimRow["mean"], float(np.mean(maps["Ktrans"][rim])), places=5)
+        self.assertAlmostEqual(rimRow["mean_uncertainty"], float(np.mean(maps["Ktrans_sd"][rim])), places=5)
+
+        self.delayDisplay("Uncertainty threshold on the same result, same nodes")
+        count = slicer.mrmlScene.GetNumberOfNodes()
+        thresholded = logic.applyUncertaintyThreshold(0.5)
+        self.assertIs(thresholded["Ktrans"], outputs["Ktrans"])
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+        inside = phantom.labels > 0
+        expected = inside & (maps["Ktrans_sd"] > 0.5 * np.abs(maps["Ktrans"]))
+        np.testing.assert_array_equal(np.isnan(slicer.util.arrayFromVolume(thresholded["Ktrans"])), expected)
+
+        self.delayDisplay("Map and uncertainty side by side")
+        logic.showMapWithUncertainty("Ktrans")
+        layoutManager = slicer.app.layoutManager()
+        if layoutManager is not None:
+            red = layoutManager.sliceWidget("Red").mrmlSliceCompositeNode()
+            yellow = layoutManager.sliceWidget("Yellow").mrmlSliceCompositeNode()
+            self.assertEqual(red.GetForegroundVolumeID(), outputs["Ktrans"].GetID())
+            self.assertEqual(yellow.GetForegroundVolumeID(), outputs["Ktrans_sd"].GetID())
+        self.delayDisplay("Phantom workflow passed")
+
+    def test_CancelAndErrorLeaveSceneUnchanged(self):
+        import threading
+
+        from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError
+
+        phantom, nodes = self._loadPhantom()
+        logic = DCEPKInferenceLogic()
+        count = slicer.mrmlScene.GetNumberOfNodes()
+        cancel = threading.Event()
+        cancel.set()
+        with self.assertRaises(JobCancelledError):
+            logic.run(nodes["sequence"], maskNode=nodes["tissues"], cancel=cancel)
+        with self.assertRaises(DCEPKInputError):
+            logic.run(nodes["sequence"], modelName="no_such_network")
+        self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
+        logging.info("DCEPKInference cancel/error test passed")
+        self.delayDisplay("Cancel and error test passed")
