@@ -950,13 +950,13 @@ def _pixel_measures(dataset, frame_group=None):
         return sequence[0] if sequence else None
 
     shared = first_item(dataset, "SharedFunctionalGroupsSequence") if frame_group is not None else None
-    sources = [frame_group, shared] if frame_group is not None else [dataset]
 
     def find(sequence_keyword, keyword):
-        for source in sources:
-            item = first_item(source, sequence_keyword) if sequence_keyword else source
-            if item is not None and keyword in item:
-                return item.get(keyword)
+        if frame_group is not None:  # enhanced multi-frame: per-frame group, then shared group
+            for source in (frame_group, shared):
+                item = first_item(source, sequence_keyword)
+                if item is not None and keyword in item:
+                    return item.get(keyword)
         return dataset.get(keyword)
 
     position = _vector(find("PlanePositionSequence", "ImagePositionPatient") or [], 3)
