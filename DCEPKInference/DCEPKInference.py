@@ -566,19 +566,10 @@ class DCEPKInferenceTest(ScriptedLoadableModuleTest):
                                    atol=1e-6)
 
         # Against the ground truth, with the model card's own validation RMSE as the tolerance.
-        metrics = read_card(DEFAULT_MODEL)["validation"]["metrics"]
+        maps = {name: slicer.util.arrayFromVolume(outputs[name]).copy() for name in outputs if name != "statistics"}
+        for description, passed in self.phantomChecks(phantom, maps, read_card(DEFAULT_MODEL)):
+            self.assertTrue(passed, description)
         rim = phantom.labels == next(v for v, n in phantom.label_names.items() if "rim" in n)
-        whiteMatter = phantom.labels == next(v for v, n in phantom.label_names.items() if n == "white matter")
-        self.assertGreater(int(rim.sum()), 20)
-        maps = {name: slicer.util.arrayFromVolume(outputs[name]) for name in outputs if name != "statistics"}
-        for name in ("Ktrans", "ve", "vp"):
-            # One tissue is not the validation set's spread of tissues: allow 1.5 x the card's RMSE.
-            error = float(np.median(np.abs(maps[name][rim] - phantom.truth[name][rim])))
-            self.assertLess(error, 1.5 * metrics[name]["rmse"], f"median |{name} error| in the tumour rim: {error:.3f}")
-        self.assertGreater(np.median(maps["Ktrans"][rim]), 5 * np.median(maps["Ktrans"][whiteMatter]) + 0.01,
-                           "the network does not tell enhancing tumour from white matter")
-        covered = np.mean(np.abs(maps["Ktrans"][rim] - phantom.truth["Ktrans"][rim]) <= 2 * maps["Ktrans_sd"][rim])
-        self.assertGreater(covered, 0.7, f"only {covered:.0%} of rim voxels within 2 SD of the true Ktrans")
 
         # Statistics table: one row per segment and map, means as numpy computes them.
         rows = fitBridge.table_rows(outputs["statistics"])
@@ -606,6 +597,35 @@ class DCEPKInferenceTest(ScriptedLoadableModuleTest):
             self.assertEqual(red.GetForegroundVolumeID(), outputs["Ktrans"].GetID())
             self.assertEqual(yellow.GetForegroundVolumeID(), outputs["Ktrans_sd"].GetID())
         self.delayDisplay("Phantom workflow passed")
+
+    @staticmethod
+    def phantomChecks(phantom, maps, card):
+        """[(description, passed)] of the ground-truth checks of a network's maps on the phantom.
+
+        Tolerances come from the network's own model card (validation RMSE), so better weights
+        tighten them. The headless tests run these same checks on the same phantom.
+        """
+        import numpy as np
+
+        metrics = card["validation"]["metrics"]
+        rim = phantom.labels == next(v for v, n in phantom.label_names.items() if "rim" in n)
+        whiteMatter = phantom.labels == next(v for v, n in phantom.label_names.items() if n == "white matter")
+        checks = [(f"tumour rim has {int(rim.sum())} voxels (> 20)", int(rim.sum()) > 20)]
+        for name in ("Ktrans", "ve", "vp"):
+            # One tissue is not the validation set's spread of tissues: allow 1.5 x the card's RMSE.
+            error = float(np.median(np.abs(maps[name][rim] - phantom.truth[name][rim])))
+            limit = 1.5 * float(metrics[name]["rmse"])
+            checks.append((f"median |{name} error| in the tumour rim {error:.4f} < {limit:.4f}", error < limit))
+        truth = float(np.median(phantom.truth["Ktrans"][rim]))
+        relative = float(np.median(np.abs(maps["Ktrans"][rim] - phantom.truth["Ktrans"][rim]))) / truth
+        checks.append((f"median |Ktrans error| in the tumour rim is {relative:.0%} of the true {truth:.3f} 1/min "
+                       "(< 50 %)", relative < 0.5))
+        rimKtrans, whiteKtrans = float(np.median(maps["Ktrans"][rim])), float(np.median(maps["Ktrans"][whiteMatter]))
+        checks.append((f"tumour rim Ktrans {rimKtrans:.4f} > 5 x white matter {whiteKtrans:.4f} + 0.01 1/min",
+                       rimKtrans > 5 * whiteKtrans + 0.01))
+        covered = float(np.mean(np.abs(maps["Ktrans"][rim] - phantom.truth["Ktrans"][rim]) <= 2 * maps["Ktrans_sd"][rim]))
+        checks.append((f"{covered:.0%} of rim voxels within 2 SD of the true Ktrans (> 70 %)", covered > 0.7))
+        return checks
 
     def test_CancelAndErrorLeaveSceneUnchanged(self):
         import threading

@@ -20,7 +20,10 @@ Timing rules (all times in seconds in the API)
   TriggerTime, ContentTime (with ContentDate) that differs between the images of every slice
   position. Times are relative to the first frame (frame 0 at 0 s), because clock times have
   no meaningful zero. For a 2-D multi-slice acquisition, a frame's time is the mean of its
-  slices' times (``metadata['frame_time_spread_s']`` says how far they are apart).
+  slices' times (``metadata['frame_time_spread_s']`` says how far they are apart). A TriggerTime
+  missing from the first frame only is taken as 0 ms (as in the QIBA v6 phantom). Slices are
+  sorted along the slice normal; a folder mixing series is an error that lists them
+  (``series_uid=`` picks one, ``'all'`` joins series that each hold one time point).
 * NRRD: the sequence index (``axis N index values`` with a time unit), else
   ``MultiVolume.FrameLabels`` (milliseconds unless ``MultiVolume.FrameIdentifyingDICOMTagUnits``
   says otherwise), kept as stored (not shifted to 0) so files round-trip exactly.
@@ -1110,9 +1113,10 @@ def _group_slices(images: List[_DicomImage], normal: np.ndarray, where: str) -> 
     return groups
 
 
-def _time_tag(groups: List[List[_DicomImage]]) -> Tuple[Optional[str], List[str]]:
+def _time_tag(groups: List[List[_DicomImage]], where: str) -> Tuple[Optional[str], List[str]]:
     """First tag of AcquisitionTime, TriggerTime, ContentTime that orders every slice's images."""
     notes = []
+    repeated = None  # a tag that varies but repeats at one position: several images per time point
     for tag in _TIME_TAG_ORDER:
         usable = True
         filled = False
@@ -1121,6 +1125,8 @@ def _time_tag(groups: List[List[_DicomImage]]) -> Tuple[Optional[str], List[str]
             present = [v for v in values if v is not None]
             missing = len(values) - len(present)
             if len(set(present)) != len(present) or len(present) < 2:
+                if len(set(present)) > 1 and repeated is None:
+                    repeated = (tag, len(present) - len(set(present)))
                 usable = False
                 break
             if missing == 1 and tag == "TriggerTime" and min(present) > 0:
@@ -1136,6 +1142,11 @@ def _time_tag(groups: List[List[_DicomImage]]) -> Tuple[Optional[str], List[str]
                             image.times_s[tag] = 0.0
                 notes.append("one image per slice had no TriggerTime; it was taken as 0 ms (the first frame)")
             return tag, notes
+    if repeated is not None:
+        raise DCEPKInputError(
+            f"in {where}, {repeated[1]} image(s) at one slice position repeat a {repeated[0]} of another: the series "
+            "holds several images per time point (echoes, magnitude and phase, or duplicate files); export or "
+            "copy only the dynamic magnitude images")
     return None, notes
 
 
@@ -1156,7 +1167,7 @@ def _read_dicom(path, series_uid: Optional[str], dynamic: bool = True) -> _Loade
     normal = np.cross(row, column)
     groups = _group_slices(images, normal, where)
 
-    tag, notes = _time_tag(groups)
+    tag, notes = _time_tag(groups, where)
     times = None
     problem = None
     if tag is not None:
@@ -1204,7 +1215,8 @@ def _read_dicom(path, series_uid: Optional[str], dynamic: bool = True) -> _Loade
     metadata = {
         "format": "dicom", "series_instance_uid": first.series_uid,
         "series_description": str(dataset.get("SeriesDescription", "")),
-        "series_number": dataset.get("SeriesNumber"), "n_files": len(datasets), "skipped_files": len(skipped),
+        "series_number": str(dataset.get("SeriesNumber", "")), "n_files": len(datasets),
+        "skipped_files": len(skipped),
         "notes": notes,
     }
     if tag is not None:

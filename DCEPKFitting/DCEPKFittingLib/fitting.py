@@ -107,7 +107,9 @@ def _as_float_array(value, what):
 
 
 def _check_inputs(conc, t_s, cp, spec, fit_delay):
-    conc = _as_float_array(conc, "the concentration curves")
+    conc = np.asarray(conc)  # converted chunk by chunk: a whole-volume float64 copy could exhaust memory
+    if not (np.issubdtype(conc.dtype, np.floating) or np.issubdtype(conc.dtype, np.integer)):
+        raise DCEPKInputError(f"the concentration curves must be numeric (mM), got dtype {conc.dtype}")
     t_s = _as_float_array(t_s, "the frame times")
     cp = _as_float_array(cp, "the plasma input function")
     if t_s.ndim != 1:
@@ -161,6 +163,19 @@ def _bounded_normal_solve(gram, rhs, yy, lower, upper):
     upper = torch.broadcast_to(upper, (n, p))
     ridge = 1e-12 * gram.diagonal(dim1=-2, dim2=-1).sum(-1).clamp_min(1e-30)
     eye = torch.eye(p, dtype=gram.dtype, device=gram.device)
+    # most voxels' unconstrained optimum is feasible: enumerate active sets only for the others
+    theta, info = torch.linalg.solve_ex(gram + ridge[:, None, None] * eye, rhs[..., None])
+    theta = theta[..., 0]
+    inside = ((theta >= lower) & (theta <= upper)).all(-1) & (info == 0)
+    if bool(inside.all()):
+        return theta, yy - (theta * rhs).sum(-1)
+    if bool(inside.any()):
+        theta_out, ssr_out = _bounded_normal_solve(gram[~inside], rhs[~inside], yy[~inside], lower[~inside],
+                                                   upper[~inside])
+        theta = theta.clone()
+        ssr = yy - (theta * rhs).sum(-1)
+        theta[~inside], ssr[~inside] = theta_out, ssr_out
+        return theta, ssr
     best_theta = torch.zeros_like(rhs)
     best_ssr = torch.full_like(yy, float("inf"))
     for combo in itertools.product((0, 1, 2), repeat=p):  # 0 free, 1 at lower, 2 at upper
@@ -492,6 +507,14 @@ def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, 
                                                with_delay=fit_delay)
         ssr = ((y - f) ** 2).sum(-1)
         hess = jac.transpose(-1, -2) @ jac
+    elif spec.name == "patlak" and not fit_delay and default_bounds:
+        # Patlak is linear in its parameters and the trapezoid integral of a piecewise-linear AIF
+        # is exact: the bounded linear solution is the nonlinear least-squares solution
+        x, _ = _linear_fit(spec, y, t, cp)
+        f, jac = tk.concentration_and_jacobian(spec.name, x, t, cp)
+        ssr = ((y - f) ** 2).sum(-1)
+        hess = jac.transpose(-1, -2) @ jac
+        converged = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
     elif spec.name in ("tofts", "etofts") and not fit_delay and default_bounds:
         x, ssr, hess, converged = _varpro_tofts(spec, y, t, cp, max_iterations, cancel)
         # voxels whose optimum lies outside the model's bounds (e.g. ve > 1) or that did not
@@ -548,7 +571,7 @@ def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, 
 
 def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="auto", dtype=torch.float64,
                chunk_voxels=20000, max_iterations=100, delay_bounds_s=DEFAULT_DELAY_BOUNDS_S, delay_step_s=0.5,
-               lower=None, upper=None, progress=None, cancel=None) -> FitResult:
+               lower=None, upper=None, progress=None, cancel=None, rows=None) -> FitResult:
     """Fit a tracer-kinetic model to each of N concentration curves.
 
     ``conc`` (N, T) mM; ``t_s`` (T,) s, strictly increasing (any spacing); ``cp`` (T,) plasma
@@ -556,6 +579,7 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
     'nlls' (bounded LM, started from the linear fit) or 'linear'. ``fit_delay`` adds the arterial
     delay (s, within ``delay_bounds_s``), resolved to ``delay_step_s`` (None: continuous). ``lower`` / ``upper`` override the model's bounds
     (sequence of P values, OSIPI units). Curves with NaN/inf get status INVALID_INPUT and NaN maps.
+    ``rows`` (optional index array) fits only those rows of ``conc`` (read chunk by chunk, no copy).
     """
     spec = tk.get_model(model)
     if method not in ("nlls", "linear"):
@@ -569,7 +593,8 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
     if not (delay_bounds_s[0] < delay_bounds_s[1]):
         raise DCEPKInputError(f"delay_bounds_s must be (low, high) seconds with low < high, got {delay_bounds_s}")
     torch_device = _resolve_device(device)
-    n_voxels, n_frames = conc.shape
+    rows = np.arange(conc.shape[0]) if rows is None else np.asarray(rows)
+    n_voxels, n_frames = rows.size, conc.shape[1]
     lower_np = np.array(spec.lower if lower is None else lower, dtype=np.float64)
     upper_np = np.array(spec.upper if upper is None else upper, dtype=np.float64)
     if lower_np.shape != (spec.n_params,) or upper_np.shape != (spec.n_params,) or np.any(lower_np >= upper_np):
@@ -584,30 +609,30 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
     r2 = np.full(n_voxels, np.nan)
     rmse = np.full(n_voxels, np.nan)
     status = np.full(n_voxels, int(FitStatus.INVALID_INPUT), dtype=np.uint8)
-    valid = np.isfinite(conc).all(axis=1)
-    valid_index = np.flatnonzero(valid)
 
     t = torch.as_tensor(t_np, dtype=dtype, device=torch_device)
     cp_t = torch.as_tensor(cp_np, dtype=dtype, device=torch_device)
     lo = torch.as_tensor(lower_np, dtype=dtype, device=torch_device)
     hi = torch.as_tensor(upper_np, dtype=dtype, device=torch_device)
     chunk = int(chunk_voxels)
-    n_valid = valid_index.size
-    jobs.report(progress, 0.0, f"fitting {spec.name} to {n_valid} voxels")
-    for start in range(0, n_valid, chunk):
+    jobs.report(progress, 0.0, f"fitting {spec.name} to {n_voxels} voxels")
+    for start in range(0, n_voxels, chunk):
         jobs.raise_if_cancelled(cancel)
-        index = valid_index[start:start + chunk]
-        y = torch.as_tensor(conc[index], dtype=dtype, device=torch_device)
-        x, se, r2_c, rmse_c, status_c = _fit_chunk(spec, y, t, cp_t, method, fit_delay, lo, hi,
-                                                   int(max_iterations), delay_bounds_s, delay_step_s, cancel,
-                                                   default_bounds=lower is None and upper is None)
-        params[index] = x.double().cpu().numpy()
-        stderr[index] = se.double().cpu().numpy()
-        r2[index] = r2_c.double().cpu().numpy()
-        rmse[index] = rmse_c.double().cpu().numpy()
-        status[index] = status_c.cpu().numpy().astype(np.uint8)
-        done = min(start + chunk, n_valid)
-        jobs.report(progress, done / max(n_valid, 1), f"fitted {done} of {n_valid} voxels")
+        block = np.asarray(conc[rows[start:start + chunk]], dtype=np.float64)
+        finite = np.isfinite(block).all(axis=1)  # NaN/inf curves keep status INVALID_INPUT
+        index = start + np.flatnonzero(finite)
+        if index.size:
+            y = torch.as_tensor(block[finite], dtype=dtype, device=torch_device)
+            x, se, r2_c, rmse_c, status_c = _fit_chunk(spec, y, t, cp_t, method, fit_delay, lo, hi,
+                                                       int(max_iterations), delay_bounds_s, delay_step_s, cancel,
+                                                       default_bounds=lower is None and upper is None)
+            params[index] = x.double().cpu().numpy()
+            stderr[index] = se.double().cpu().numpy()
+            r2[index] = r2_c.double().cpu().numpy()
+            rmse[index] = rmse_c.double().cpu().numpy()
+            status[index] = status_c.cpu().numpy().astype(np.uint8)
+        done = min(start + chunk, n_voxels)
+        jobs.report(progress, done / max(n_voxels, 1), f"fitted {done} of {n_voxels} voxels")
     jobs.raise_if_cancelled(cancel)
     names = list(spec.parameters)
     result = FitResult(
@@ -643,8 +668,8 @@ def fit_volume(conc, t_s, cp, model, mask=None, **kwargs) -> FitResult:
             raise DCEPKInputError(f"the mask has {selected.shape} voxels (k, j, i) but the series has {grid}: "
                                   "resample the mask onto the series' grid first")
     flat_index = np.flatnonzero(selected.ravel())
-    curves = conc.reshape(-1, conc.shape[3])[flat_index]
-    result = fit_curves(curves, t_s, cp, model, **kwargs)
+    curves = conc.reshape(-1, conc.shape[3])  # a view: rows are read chunk by chunk
+    result = fit_curves(curves, t_s, cp, model, rows=flat_index, **kwargs)
 
     def expand(values, fill, dtype=np.float64):
         full = np.full(int(np.prod(grid)), fill, dtype=dtype)

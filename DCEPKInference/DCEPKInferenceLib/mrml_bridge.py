@@ -404,6 +404,7 @@ def publish_scene_inference(scene, request: SceneInferenceRequest, result: Scene
             raise DCEPKInputError(f"map {name} has shape {np.shape(array)}, not the series' {shape}")
     existing_nodes = dict(existing_nodes or {})
     nodes = {}
+    before = {scene.GetNthNode(n).GetID() for n in range(scene.GetNumberOfNodes())}
     was_batch = scene.IsBatchProcessing()
     if not was_batch:
         scene.StartState(scene.BatchProcessState)
@@ -440,6 +441,12 @@ def publish_scene_inference(scene, request: SceneInferenceRequest, result: Scene
                 table_name = existing_table.GetName()
             nodes["statistics"] = table_from_rows(scene, result.statistics, table_name, existing_table,
                                                   STATISTICS_COLUMNS)
+    except BaseException:
+        # Should writing fail half-way, take out what this call added (nodes it updated keep the new values).
+        for node in [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]:
+            if node is not None and node.GetID() not in before:
+                scene.RemoveNode(node)
+        raise
     finally:
         if not was_batch:
             scene.EndState(scene.BatchProcessState)

@@ -398,6 +398,14 @@ def test_dicom_one_series_per_time_point_read_with_all(tmp_path):
     np.testing.assert_allclose(series.times_s, truth.times_s, atol=1e-6)
 
 
+def test_dicom_two_images_per_time_point_are_reported(tmp_path):
+    truth = DicomTruth(n_slices=2, n_frames=3)
+    truth.write(tmp_path / "dyn", name_prefix="magnitude")
+    truth.write(tmp_path / "dyn", name_prefix="copy")  # same series, same times: duplicates
+    with pytest.raises(DCEPKInputError, match="several images per time point"):
+        read_dce(tmp_path / "dyn", dt_s=1.0)
+
+
 def test_dicom_missing_frame_file_is_reported(tmp_path):
     truth = DicomTruth(n_slices=3, n_frames=4)
     truth.write(tmp_path / "dyn", skip={(1, 2)})

@@ -8,6 +8,7 @@ for thresholding and statistics.
 """
 
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -339,3 +340,137 @@ def test_model_card_text_and_device_description():
             bridge.describe_device("cuda")
     else:
         assert bridge.describe_device("cuda").startswith("GPU")
+
+
+# --------------------------------------------------------------------------- the module's Logic class itself
+@pytest.fixture(scope="module")
+def module():
+    """DCEPKInference.py imported headless. slicer-core lacks only the application framework the file
+    imports at load time (qt, slicer.i18n, slicer.parameterNodeWrapper, slicer.ScriptedLoadableModule):
+    minimal stand-ins for those let the real Logic run against the real scene. The widget is not used."""
+    import importlib.util
+    import sys
+    import types
+
+    def stand_in(name, **attributes):
+        stub = types.ModuleType(name)
+        stub.__dict__.update(attributes)
+        return stub
+
+    class Base:
+        def __init__(self, *args, **kwargs):
+            pass
+
+    stand_ins = {
+        "qt": stand_in("qt"),
+        "slicer.i18n": stand_in("slicer.i18n", tr=lambda text: text, translate=lambda context, text: text),
+        "slicer.parameterNodeWrapper": stand_in("slicer.parameterNodeWrapper", parameterNodeWrapper=lambda c: c,
+                                                Choice=lambda *a: ("Choice", a), WithinRange=lambda *a: ("Range", a)),
+        "slicer.ScriptedLoadableModule": stand_in(
+            "slicer.ScriptedLoadableModule", ScriptedLoadableModule=type("ScriptedLoadableModule", (Base,), {}),
+            ScriptedLoadableModuleLogic=type("ScriptedLoadableModuleLogic", (Base,), {}),
+            ScriptedLoadableModuleWidget=type("ScriptedLoadableModuleWidget", (Base,), {}),
+            ScriptedLoadableModuleTest=type("ScriptedLoadableModuleTest", (Base,), {})),
+    }
+    path = Path(__file__).resolve().parents[2] / "DCEPKInference" / "DCEPKInference.py"
+    with pytest.MonkeyPatch.context() as patch:
+        for name, stub in stand_ins.items():
+            patch.setitem(sys.modules, name, stub)
+        spec = importlib.util.spec_from_file_location("DCEPKInference_headless", path)
+        loaded_module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(loaded_module)
+    return loaded_module
+
+
+def _gui_state(module, **changes):
+    """A parameter node's values: the wrapper's defaults (read from the class) with ``changes``."""
+    wrapper = module.DCEPKInferenceParameterNode
+    state = {name: getattr(wrapper, name, None) for name in wrapper.__annotations__}
+    state.update(changes)
+    return type("GuiState", (), state)()
+
+
+def test_module_logic_console_call_and_gui_options(slicer_scene, phantom, loaded, module):
+    scene = slicer_scene.scene
+    logic = module.DCEPKInferenceLogic(scene=scene)
+    nodes = logic.run(loaded["sequence"], modelName=DEFAULT_MODEL, maskNode=loaded["tissues"], device="cpu",
+                      uncertaintyThreshold={"Ktrans": 0.05}, compareWithFit=True, t10_s=1.2,
+                      segmentationNode=loaded["tissues"], outputPrefix="NN")
+    direct = run_inference(phantom.series, DEFAULT_MODEL, mask=phantom.labels > 0, device="cpu", t10_s=1.2)
+    out = (phantom.labels > 0) & (direct.maps["Ktrans_sd"] > 0.05)
+    np.testing.assert_array_equal(np.isnan(_array(nodes["Ktrans"])), out)
+    np.testing.assert_array_equal(_array(nodes["Ktrans"])[~out], direct.maps["Ktrans"][~out])
+    np.testing.assert_array_equal(_array(nodes["ve"]), direct.maps["ve"])
+    assert nodes["Ktrans"].GetName() == "NN Ktrans" and "fit_Ktrans" in nodes and "statistics" in nodes
+    assert logic.lastNodes is nodes
+
+    count = scene.GetNumberOfNodes()
+    again = logic.applyUncertaintyThreshold(None)
+    assert scene.GetNumberOfNodes() == count and again["Ktrans"] is nodes["Ktrans"]
+    np.testing.assert_array_equal(_array(again["Ktrans"]), direct.maps["Ktrans"])
+
+    # The GUI's options (ms -> s, unticked inputs -> None, threshold modes) drive the same call.
+    state = _gui_state(module, inputSequence=loaded["sequence"], inferenceMask=loaded["tissues"], device="cpu",
+                       useRepetitionTime=True, repetitionTimeMs=5.0, useT10=True, t10Value=1.2,
+                       thresholdMode="absolute", ktransSdLimit=0.05, veSdLimit=0.0, vpSdLimit=0.0, kepSdLimit=0.0,
+                       statisticsSegmentation=None, outputPrefix="GUI")
+    options = logic.optionsFromParameterNode(state)
+    assert options["tr_s"] == pytest.approx(0.005) and options["flipAngle_deg"] is None
+    assert options["uncertaintyThreshold"] == {"Ktrans": 0.05}
+    assert logic.uncertaintyThresholdFromParameterNode(_gui_state(module, thresholdMode="relative",
+                                                                  relativeThreshold=0.3)) == 0.3
+    assert logic.uncertaintyThresholdFromParameterNode(_gui_state(module, thresholdMode="none")) is None
+    gui_nodes = logic.run(state.inputSequence, **options)
+    np.testing.assert_array_equal(np.isnan(_array(gui_nodes["Ktrans"])), out)
+    assert gui_nodes["Ktrans"].GetName() == "GUI Ktrans"
+
+    with pytest.raises(DCEPKInputError, match="no model"):
+        logic.run(loaded["sequence"], modelName="no_such_network")
+    assert scene.GetNumberOfNodes() == count + len(gui_nodes) * 2 - 1  # the GUI run's volumes + displays, a table
+
+
+def test_self_test_ground_truth_checks_pass_on_the_sample_phantom(slicer_scene, module):
+    """The Slicer self-test's ground-truth checks, on the phantom the 'DCEPK phantom' sample data makes
+    (DCEPKFittingLogic.loadPhantomSample: default size, these VFA angles), with the shipped weights."""
+    from DCEPKInferenceLib.model_store import read_card
+
+    phantom = make_phantom(vfa_flip_angles_deg=(2.0, 5.0, 10.0, 15.0, 20.0))
+    nodes_in = fit_bridge.phantom_to_scene(slicer_scene.scene, phantom, "DCEPK phantom", slicer_scene.sequences_logic)
+    logic = module.DCEPKInferenceLogic(scene=slicer_scene.scene)
+    outputs = logic.run(nodes_in["sequence"], modelName=module.DEFAULT_MODEL, maskNode=nodes_in["tissues"],
+                        segmentationNode=nodes_in["tissues"], device="cpu")
+    maps = {name: _array(node).copy() for name, node in outputs.items() if name != "statistics"}
+    checks = module.DCEPKInferenceTest.phantomChecks(phantom, maps, read_card(module.DEFAULT_MODEL))
+    assert len(checks) == 7
+    print("\n".join(description for description, _ in checks))  # margins, shown with -s
+    failed = [description for description, passed in checks if not passed]
+    assert not failed, failed
+
+    # The checks can fail: a network that predicted the population mean everywhere would.
+    flat = {name: np.full_like(array, np.median(array[phantom.labels > 0])) for name, array in maps.items()}
+    assert [d for d, passed in module.DCEPKInferenceTest.phantomChecks(phantom, flat, read_card(module.DEFAULT_MODEL))
+            if not passed]
+
+
+def test_a_publish_that_fails_half_way_takes_out_what_it_added(slicer_scene, loaded, monkeypatch):
+    scene = slicer_scene.scene
+    request = bridge.prepare_scene_inference(loaded["sequence"], model_name=DEFAULT_MODEL, mask=loaded["tissues"],
+                                             device="cpu")
+    result = bridge.compute_scene_inference(request)
+    before = _fingerprint(slicer_scene)
+    real, calls = fit_bridge.update_volume_from_array, []
+
+    def failing_on_the_third_map(*args, **kwargs):
+        calls.append(args[3])
+        if len(calls) == 3:
+            raise MemoryError("simulated failure while writing a map")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(fit_bridge, "update_volume_from_array", failing_on_the_third_map)
+    with pytest.raises(MemoryError):
+        bridge.publish_scene_inference(scene, request, result)
+    assert len(calls) == 3
+    assert _fingerprint(slicer_scene) == before
+    monkeypatch.undo()
+    nodes = bridge.publish_scene_inference(scene, request, result)  # and a later publish works
+    np.testing.assert_array_equal(_array(nodes["vp"]), result.maps["vp"])
