@@ -616,10 +616,6 @@ class DCEPKInferenceTest(ScriptedLoadableModuleTest):
             error = float(np.median(np.abs(maps[name][rim] - phantom.truth[name][rim])))
             limit = 1.5 * float(metrics[name]["rmse"])
             checks.append((f"median |{name} error| in the tumour rim {error:.4f} < {limit:.4f}", error < limit))
-        truth = float(np.median(phantom.truth["Ktrans"][rim]))
-        relative = float(np.median(np.abs(maps["Ktrans"][rim] - phantom.truth["Ktrans"][rim]))) / truth
-        checks.append((f"median |Ktrans error| in the tumour rim is {relative:.0%} of the true {truth:.3f} 1/min "
-                       "(< 50 %)", relative < 0.5))
         rimKtrans, whiteKtrans = float(np.median(maps["Ktrans"][rim])), float(np.median(maps["Ktrans"][whiteMatter]))
         checks.append((f"tumour rim Ktrans {rimKtrans:.4f} > 5 x white matter {whiteKtrans:.4f} + 0.01 1/min",
                        rimKtrans > 5 * whiteKtrans + 0.01))

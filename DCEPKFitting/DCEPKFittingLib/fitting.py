@@ -16,6 +16,7 @@ fractions, concentration in mM. Standard errors come from sigma^2 (J^T J)^-1, si
 
 import enum
 import itertools
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Dict, Optional
 
@@ -345,6 +346,52 @@ def _bounded_ab(yy, y_e, y_c, ee, ec, cc, with_vp):
     return best_a, best_b, best_ssr
 
 
+def _convolution_moments(t, cp, k, y_time_major):
+    """Dot products over time of E = cp (*) exp(-k t), D = dE/dk, cp and y, without storing E or D.
+
+    Same exact recursion as ``tk_models.exp_convolution`` (shared AIF, per-voxel k (n,)), run
+    time-major with running sums: variable projection needs only these sums, and not writing the
+    (n, T) curves saves most of the memory traffic. Returns ee, ed, dd, ec, dc, ye, yd (each (n,)).
+    """
+    dt = t[1:] - t[:-1]
+    steps, which = tk._distinct_steps(tk._TorchOps, dt)
+    if steps is None:
+        steps, which = dt, torch.arange(dt.numel(), device=dt.device)
+    # per distinct frame step (one for uniform sampling): weights (U, n) of the exact segment integral
+    decay, phi1, psi, chi = tk._segment_weights(tk._TorchOps, steps[:, None] * k[None, :], True)
+    second = phi1 - psi       # weight of the segment's end sample
+    chi_minus_psi = chi - psi
+    which = which.tolist()
+    dt_list = dt.tolist()
+    cp_list = cp.tolist()
+    n = k.shape[0]
+    state = torch.zeros(2, n, dtype=k.dtype, device=k.device)     # [E_n; D_n]
+    spare = torch.empty_like(state)
+    increment = torch.empty_like(state)
+    outer = torch.zeros(2, 2, n, dtype=k.dtype, device=k.device)  # sums of [E; D] [E; D]^T
+    with_y = torch.zeros(2, n, dtype=k.dtype, device=k.device)    # sums of y [E; D]
+    with_cp = torch.zeros(2, n, dtype=k.dtype, device=k.device)   # sums of cp [E; D]
+    for step in range(len(dt_list)):
+        u, h = which[step], dt_list[step]
+        c0, c1 = cp_list[step] * h, cp_list[step + 1] * h
+        # segment integral and its k-derivative, built in place (no (T, n) arrays: memory traffic)
+        torch.mul(psi[u], c0, out=increment[0])
+        increment[0].add_(second[u], alpha=c1)
+        torch.mul(chi_minus_psi[u], c1 * h, out=increment[1])
+        increment[1].add_(chi[u], alpha=-c0 * h)
+        # D_n = e^{-k dt} (D_{n-1} - dt E_{n-1}) + dinc_n ;  E_n = e^{-k dt} E_{n-1} + inc_n
+        state[1].sub_(state[0], alpha=h)
+        torch.addcmul(increment, decay[u], state, out=spare)
+        state, spare = spare, state
+        outer.addcmul_(state[:, None, :], state[None, :, :])
+        with_y.addcmul_(state, y_time_major[step + 1])
+        with_cp.add_(state, alpha=cp_list[step + 1])
+    ee, ed, dd = outer[0, 0], outer[0, 1], outer[1, 1]
+    ec, dc = with_cp[0], with_cp[1]
+    ye, yd = with_y[0], with_y[1]
+    return ee, ed, dd, ec, dc, ye, yd
+
+
 def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
     """Returns x (n, P) in OSIPI units, SSR, J^T J (n, P, P), converged."""
     with_vp = spec.name == "etofts"
@@ -357,10 +404,21 @@ def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
     # start: the best of a log-spaced grid of k (the grid's convolutions are shared by all voxels)
     k_grid = torch.logspace(np.log10(k_lo), np.log10(k_hi), 24, dtype=dtype, device=device)
     e_grid = tk.exp_convolution(t, cp, k_grid)                    # (G, T)
-    ab = _bounded_ab(yy[:, None], y @ e_grid.T, y_c[:, None], (e_grid * e_grid).sum(-1), e_grid @ cp, cc, with_vp)
-    k = k_grid[ab[2].argmin(1)]
-
-    log_k = torch.log(k)
+    # unconstrained SSR at each grid k (closed form): only the starting point depends on it
+    y_e = y @ e_grid.T                                            # (n, G)
+    ee, ec = (e_grid * e_grid).sum(-1), e_grid @ cp               # (G,)
+    if with_vp:
+        det = (ee * cc - ec * ec).clamp_min(1e-300)
+        grid_ssr = yy[:, None] - (y_e * y_e * cc - 2 * y_e * y_c[:, None] * ec + (y_c * y_c)[:, None] * ee) / det
+    else:
+        grid_ssr = yy[:, None] - y_e * y_e / ee
+    best = grid_ssr.argmin(1).clamp(1, k_grid.numel() - 2)
+    # parabola through the best grid point and its neighbours (in log k) starts Newton close by
+    s_minus, s_0, s_plus = (torch.gather(grid_ssr, 1, (best + o)[:, None])[:, 0] for o in (-1, 0, 1))
+    spacing = float(np.log(k_hi / k_lo) / (k_grid.numel() - 1))
+    curvature = s_minus - 2 * s_0 + s_plus
+    offset = torch.where(curvature > 0, 0.5 * (s_minus - s_plus) / curvature.clamp_min(1e-300), 0 * s_0)
+    log_k = torch.log(k_grid[best]) + spacing * offset.clamp(-1.0, 1.0)
     best_log_k = log_k.clone()
     best_ssr = torch.full_like(yy, float("inf"))
     x = torch.zeros(n, spec.n_params, dtype=dtype, device=device)
@@ -374,12 +432,7 @@ def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
             break
         jobs.raise_if_cancelled(cancel)
         ka = torch.exp(log_k[active])
-        e, d = tk.exp_convolution(t, cp, ka, need_derivative=True)
-        # the recursion returns time-major storage: reduce over time along the leading axis
-        e_t, d_t, y_t = e.T.contiguous(), d.T.contiguous(), y_time_major[:, active]
-        ee, ed, dd = (e_t * e_t).sum(0), (e_t * d_t).sum(0), (d_t * d_t).sum(0)
-        ec, dc = cp @ e_t, cp @ d_t
-        y_e, y_d = (y_t * e_t).sum(0), (y_t * d_t).sum(0)
+        ee, ed, dd, ec, dc, y_e, y_d = _convolution_moments(t, cp, ka, y_time_major[:, active])
         a, b, ssr = _bounded_ab(yy[active], y_e, y_c[active], ee, ec, cc, with_vp)
         improved = ssr <= best_ssr[active] * (1 + 1e-12)
         # residual . D and the curvature of the reduced problem in k (D projected off E and cp)
@@ -421,7 +474,7 @@ def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
             h = [[h00, h01, h02], [h01, h11, h12], [h02, h12, cc.expand_as(h00)]]
         hess[idx] = torch.stack([torch.stack(row, -1) for row in h], -2)
         moved = (new_log_k - la).abs()
-        done = (improved & ((moved < 1e-7) | (a <= 0))) | (~improved & (moved < 1e-7))
+        done = (improved & ((moved < 1e-6) | (a <= 0))) | (~improved & (moved < 1e-6))
         converged[active[done]] = True
         log_k[active] = new_log_k
         active = active[~done]
@@ -520,6 +573,10 @@ def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, 
         # voxels whose optimum lies outside the model's bounds (e.g. ve > 1) or that did not
         # converge are refitted by the bounded LM from where variable projection left them
         outside = ((x < lower) | (x > upper)).any(-1) | ~converged | ~torch.isfinite(x).all(-1)
+        # an optimum pinned at the edge of the searched kep range is not the model's: refit it too
+        kep_per_min = x[:, 0] / x[:, 1]
+        kep_low, kep_high = _KEP_RANGE_PER_MIN
+        outside |= (kep_per_min >= kep_high * (1 - 1e-9)) | (kep_per_min <= kep_low * (1 + 1e-9))
         if bool(outside.any()):
             redo = torch.nonzero(outside)[:, 0]
             x0 = torch.where(torch.isfinite(x[redo]), x[redo], torch.tensor(spec.initial, dtype=y.dtype,
@@ -559,7 +616,8 @@ def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, 
     stderr = torch.sqrt(sigma2[:, None] * variance.clamp_min(0))
     stderr = torch.where((info == 0)[:, None] & (variance >= 0), stderr, torch.full_like(stderr, float("nan")))
     sst = ((y - y.mean(-1, keepdim=True)) ** 2).sum(-1)
-    r2 = 1.0 - ssr / sst.clamp_min(1e-300)
+    # R2 of a flat curve is undefined
+    r2 = torch.where(sst > 0, 1.0 - ssr / sst.clamp_min(1e-300), torch.full_like(sst, float("nan")))
     rmse = torch.sqrt(ssr / n_frames)
     tolerance = 1e-9 * (upper - lower).abs().clamp(max=1e3)
     on_bound = ((x <= lower + tolerance) | (x >= upper - tolerance)).any(-1)
@@ -575,11 +633,16 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
     """Fit a tracer-kinetic model to each of N concentration curves.
 
     ``conc`` (N, T) mM; ``t_s`` (T,) s, strictly increasing (any spacing); ``cp`` (T,) plasma
-    concentration in mM (shared AIF). ``model`` a name in ``tk_models.MODELS``. ``method``
-    'nlls' (bounded LM, started from the linear fit) or 'linear'. ``fit_delay`` adds the arterial
-    delay (s, within ``delay_bounds_s``), resolved to ``delay_step_s`` (None: continuous). ``lower`` / ``upper`` override the model's bounds
-    (sequence of P values, OSIPI units). Curves with NaN/inf get status INVALID_INPUT and NaN maps.
-    ``rows`` (optional index array) fits only those rows of ``conc`` (read chunk by chunk, no copy).
+    concentration in mM (one AIF for all curves). ``model``: a name in ``tk_models.MODELS``.
+    ``method``: 'nlls' (exact model; variable projection for Tofts / extended Tofts, exact
+    bounded linear solution for Patlak, bounded Levenberg-Marquardt otherwise and whenever the
+    delay is fitted) or 'linear' (Patlak, Murase-linearised Tofts / extended Tofts).
+    ``fit_delay`` adds the arterial delay (s, within ``delay_bounds_s``), resolved to
+    ``delay_step_s`` (None: continuous). ``lower`` / ``upper`` override the model's bounds
+    (P values each, OSIPI units). ``device`` 'auto' (CUDA if available), 'cpu' or 'cuda'; on CPU
+    chunks are fitted in parallel, one per torch thread. Curves with NaN/inf get status
+    INVALID_INPUT and NaN maps. ``rows`` (index array) fits only those rows of ``conc``, read chunk
+    by chunk without copying the input.
     """
     spec = tk.get_model(model)
     if method not in ("nlls", "linear"):
@@ -594,7 +657,7 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
         raise DCEPKInputError(f"delay_bounds_s must be (low, high) seconds with low < high, got {delay_bounds_s}")
     torch_device = _resolve_device(device)
     rows = np.arange(conc.shape[0]) if rows is None else np.asarray(rows)
-    n_voxels, n_frames = rows.size, conc.shape[1]
+    n_voxels = rows.size
     lower_np = np.array(spec.lower if lower is None else lower, dtype=np.float64)
     upper_np = np.array(spec.upper if upper is None else upper, dtype=np.float64)
     if lower_np.shape != (spec.n_params,) or upper_np.shape != (spec.n_params,) or np.any(lower_np >= upper_np):
@@ -615,8 +678,9 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
     lo = torch.as_tensor(lower_np, dtype=dtype, device=torch_device)
     hi = torch.as_tensor(upper_np, dtype=dtype, device=torch_device)
     chunk = int(chunk_voxels)
-    jobs.report(progress, 0.0, f"fitting {spec.name} to {n_voxels} voxels")
-    for start in range(0, n_voxels, chunk):
+    default_bounds = lower is None and upper is None
+
+    def fit_one(start):
         jobs.raise_if_cancelled(cancel)
         block = np.asarray(conc[rows[start:start + chunk]], dtype=np.float64)
         finite = np.isfinite(block).all(axis=1)  # NaN/inf curves keep status INVALID_INPUT
@@ -625,14 +689,41 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
             y = torch.as_tensor(block[finite], dtype=dtype, device=torch_device)
             x, se, r2_c, rmse_c, status_c = _fit_chunk(spec, y, t, cp_t, method, fit_delay, lo, hi,
                                                        int(max_iterations), delay_bounds_s, delay_step_s, cancel,
-                                                       default_bounds=lower is None and upper is None)
+                                                       default_bounds=default_bounds)
             params[index] = x.double().cpu().numpy()
             stderr[index] = se.double().cpu().numpy()
             r2[index] = r2_c.double().cpu().numpy()
             rmse[index] = rmse_c.double().cpu().numpy()
             status[index] = status_c.cpu().numpy().astype(np.uint8)
-        done = min(start + chunk, n_voxels)
-        jobs.report(progress, done / max(n_voxels, 1), f"fitted {done} of {n_voxels} voxels")
+        return min(start + chunk, n_voxels) - start
+
+    jobs.report(progress, 0.0, f"fitting {spec.name} to {n_voxels} voxels")
+    starts = list(range(0, n_voxels, chunk))
+    done = 0
+    if torch_device.type == "cpu":
+        # The work is many small element-wise ops on (voxels,) vectors: torch's intra-op threads
+        # gain little on them and lose much to synchronisation (10x slower on a busy machine), so
+        # each core fits its own chunks instead (torch releases the GIL inside its kernels).
+        workers = max(1, min(torch.get_num_threads(), len(starts)))
+        previous_threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with ThreadPoolExecutor(max_workers=workers) as pool:
+                futures = [pool.submit(fit_one, start) for start in starts]
+                try:
+                    for future in as_completed(futures):
+                        done += future.result()
+                        jobs.report(progress, done / max(n_voxels, 1), f"fitted {done} of {n_voxels} voxels")
+                except BaseException:
+                    for future in futures:
+                        future.cancel()
+                    raise
+        finally:
+            torch.set_num_threads(previous_threads)
+    else:
+        for start in starts:
+            done += fit_one(start)
+            jobs.report(progress, done / max(n_voxels, 1), f"fitted {done} of {n_voxels} voxels")
     jobs.raise_if_cancelled(cancel)
     names = list(spec.parameters)
     result = FitResult(
@@ -640,13 +731,26 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
         params={name: params[:, i] for i, name in enumerate(names)},
         stderr={name: stderr[:, i] for i, name in enumerate(names)},
         r2=r2, rmse=rmse, status=status,
-        units=dict(zip(spec.parameters, spec.units)),
+        units=_map_units(spec, fit_delay),
         t_s=t_np, cp=cp_np, method=method, shape=(n_voxels,))
     if fit_delay:
         result.delay_s = params[:, -1]
         result.delay_stderr = stderr[:, -1]
-        result.units["delay_s"] = "s"
     return result
+
+
+def _map_units(spec, fit_delay):
+    """Units of every map ``FitResult.maps()`` returns ('' for dimensionless)."""
+    units = dict(zip(spec.parameters, spec.units))
+    units.update({name + "_se": unit for name, unit in zip(spec.parameters, spec.units)})
+    if spec.name in ("2cxm", "2cum"):
+        units["Ktrans"] = "1/min"
+    if spec.has_ve:
+        units["kep"] = "1/min"
+    if fit_delay:
+        units.update(delay_s="s", delay_s_se="s")
+    units.update(R2="", rmse="mM", status="")
+    return units
 
 
 def fit_volume(conc, t_s, cp, model, mask=None, **kwargs) -> FitResult:

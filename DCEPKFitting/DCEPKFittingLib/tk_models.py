@@ -18,7 +18,7 @@ Parameters are given as an array ``(..., P)`` in the order of ``MODELS[name].par
 """
 
 from dataclasses import dataclass
-from typing import Dict, Optional, Tuple
+from typing import Dict, Tuple
 
 import numpy as np
 

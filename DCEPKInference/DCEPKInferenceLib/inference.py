@@ -228,7 +228,7 @@ def _parse_times(text):
 def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(
         prog="dcepk infer", description="Ktrans, ve, vp, kep maps with uncertainty by a neural network (no AIF)")
-    parser.add_argument("input", type=Path, help="DCE signal series (DICOM folder, NIfTI, NRRD)")
+    parser.add_argument("input", type=Path, nargs="?", help="DCE signal series (DICOM folder, NIfTI, NRRD)")
     parser.add_argument("--model", default=DEFAULT_MODEL, help="shipped network (see --list)")
     parser.add_argument("--out", type=Path, help="output folder for the maps")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
@@ -253,8 +253,8 @@ def infer_main(argv=None) -> int:
             print(f"{card['name']}\t{card.get('description', '')}\tvalidation Ktrans RMSE "
                   f"{val.get('rmse', float('nan')):.4f} 1/min")
         return 0
-    if args.out is None:
-        raise DCEPKInputError("give an output folder with --out")
+    if args.input is None or args.out is None:
+        raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")
     series = read_dce(args.input, times_s=_parse_times(args.times), dt_s=args.dt)
     mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
     t10 = None

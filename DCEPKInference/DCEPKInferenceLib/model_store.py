@@ -99,6 +99,9 @@ def load_model(name: str, device="cpu", directory=None) -> Tuple[torch.nn.Module
 def _atomic_write(target: Path, writer) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(handle)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; shipped files must be readable by all
     try:
         writer(temporary)
         os.replace(temporary, target)

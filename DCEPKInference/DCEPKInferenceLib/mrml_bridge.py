@@ -243,6 +243,10 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
     if compare_with_fit:
         if fit_model not in FIT_MODELS:
             raise DCEPKInputError(f"comparison fit model '{fit_model}' unknown: use one of {', '.join(FIT_MODELS)}")
+        from DCEPKFittingLib.aif import POPULATION_AIFS
+
+        if population_aif not in POPULATION_AIFS:
+            raise DCEPKInputError(f"population AIF '{population_aif}' unknown: use one of {', '.join(POPULATION_AIFS)}")
         if (fa_deg if fa_deg is not None else series.flip_angle_deg) is None or \
                 (tr_s if tr_s is not None else series.tr_s) is None:
             raise DCEPKInputError("the comparison fit needs the flip angle and TR, which the series does not "

@@ -53,7 +53,7 @@ def test_mrml_bridges_never_import_qt():
 
 def test_ci_runs_exactly_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
-    blocks = re.findall(r"```(?:bash|sh)?\n(.*?)```", readme, flags=re.S)
+    blocks = re.findall(r"^```(?:bash|sh)\n(.*?)^```", readme, flags=re.S | re.M)
     test_commands = [line.strip() for block in blocks for line in block.splitlines() if "pytest" in line]
     assert len(test_commands) == 1, f"the README must show one test command, found {test_commands}"
     ci_lines = [line.strip() for line in (ROOT / ".ci" / "run").read_text().splitlines()

@@ -133,6 +133,7 @@ def test_invalid_voxels_masks_and_maps():
     assert result.params["Ktrans"][0, 0, 0] == pytest.approx(truth[0, 0], rel=1e-3)
     maps = result.maps()
     assert {"Ktrans", "ve", "vp", "kep", "Ktrans_se", "ve_se", "vp_se", "R2", "rmse", "status"} <= set(maps)
+    assert set(maps) == set(result.units) and result.units["kep"] == "1/min" and result.units["rmse"] == "mM"
     np.testing.assert_allclose(maps["kep"][0, 0, 0], truth[0, 0] / truth[0, 1], rtol=1e-3)
     np.testing.assert_allclose(result.fitted_curve((0, 1, 0)), volume[0, 1, 0], atol=1e-6)
     assert np.all(np.isnan(result.fitted_curve((0, 1, 1))))
@@ -187,3 +188,20 @@ def test_bad_input_raises_clear_errors():
         fitting.fit_volume(curves, t, cp, "tofts")
     with pytest.raises(DCEPKInputError, match="unknown device"):
         fitting.fit_curves(curves, t, cp, "tofts", device="tpu")
+
+
+@pytest.mark.parametrize("grid", ["uniform", "nonuniform"])
+def test_variable_projection_sums_match_explicit_convolutions(grid):
+    # the Tofts fast path accumulates dot products inside the recursion instead of storing curves
+    t = _times(grid)
+    cp = _aif(t)
+    rng = np.random.default_rng(9)
+    k = torch.tensor(rng.uniform(0, 0.05, 50))
+    y = torch.tensor(rng.normal(size=(50, t.size)))
+    e, d = tk.exp_convolution(torch.tensor(t), torch.tensor(cp), k, need_derivative=True)
+    cp_t = torch.tensor(cp)
+    expected = [(e * e).sum(-1), (e * d).sum(-1), (d * d).sum(-1), e @ cp_t, d @ cp_t, (y * e).sum(-1),
+                (y * d).sum(-1)]
+    got = fitting._convolution_moments(torch.tensor(t), cp_t, k, y.T.contiguous())
+    for a, b in zip(got, expected):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, atol=1e-12 * float(b.abs().max()))

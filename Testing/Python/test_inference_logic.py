@@ -281,6 +281,9 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
     with pytest.raises(DCEPKInputError, match="comparison fit model"):
         bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu",
                                    compare_with_fit=True, fit_model="2cxm")
+    with pytest.raises(DCEPKInputError, match="population AIF 'fritz'"):
+        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu",
+                                   compare_with_fit=True, population_aif="fritz")
     if not torch.cuda.is_available():
         with pytest.raises(DCEPKInputError, match="no CUDA GPU"):
             bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cuda")
@@ -441,7 +444,7 @@ def test_self_test_ground_truth_checks_pass_on_the_sample_phantom(slicer_scene, 
                         segmentationNode=nodes_in["tissues"], device="cpu")
     maps = {name: _array(node).copy() for name, node in outputs.items() if name != "statistics"}
     checks = module.DCEPKInferenceTest.phantomChecks(phantom, maps, read_card(module.DEFAULT_MODEL))
-    assert len(checks) == 7
+    assert len(checks) == 6
     print("\n".join(description for description, _ in checks))  # margins, shown with -s
     failed = [description for description, passed in checks if not passed]
     assert not failed, failed

@@ -33,7 +33,8 @@ CASES = {
                      {"Fp": "fp", "PS": "ps", "ve": "ve", "vp": "vp"}, False),
     "2cxm_delay_5": ("2cxm_sd_0.001_delay_5.csv", "2cxm", "C_t", "cp_aif",
                      {"Fp": "fp", "PS": "ps", "ve": "ve", "vp": "vp"}, True),
-    "2cum_delay_0": ("2cum_sd_0.0025_delay_0.csv", "2cum", "C_t", "cp_aif", {"Fp": "fp", "PS": "ps", "vp": "vp"}, False),
+    "2cum_delay_0": ("2cum_sd_0.0025_delay_0.csv", "2cum", "C_t", "cp_aif",
+                     {"Fp": "fp", "PS": "ps", "vp": "vp"}, False),
     "2cum_delay_5": ("2cum_sd_0.0025_delay_5.csv", "2cum", "C_t", "cp_aif", {"Fp": "fp", "PS": "ps", "vp": "vp"}, True),
 }
 

@@ -117,7 +117,8 @@ def test_noise_matches_requested_snr(snr):
 @pytest.mark.parametrize("snr", [None, 15.0])
 def test_baseline_detected_on_the_phantom(snr):
     ph = make_phantom(SMALL, snr=snr, seed=4)
-    assert detect_baseline_frames(ph.series.signal) in (ph.protocol.baseline_frames, ph.protocol.baseline_frames + 1)
+    # Never an enhanced frame in the baseline; at most the one frame of safety margin short.
+    assert detect_baseline_frames(ph.series.signal) in (ph.protocol.baseline_frames - 1, ph.protocol.baseline_frames)
 
 
 def test_determinism_with_seed():

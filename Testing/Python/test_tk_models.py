@@ -204,3 +204,16 @@ def test_blocked_and_stepwise_recursions_agree(monkeypatch):
     monkeypatch.setattr(tk, "_SCAN_BUDGET", 1 << 22)
     np.testing.assert_allclose(tk.exp_convolution(t, t.copy(), 0.05), t / 0.05 - (-np.expm1(-0.05 * t)) / 0.05 ** 2,
                                rtol=1e-11)
+
+
+def test_autograd_gradient_equals_analytic_jacobian():
+    # the network training loss differentiates concentration() with autograd: it must agree
+    t = torch.tensor(_nonuniform_times(50))
+    cp = torch.tensor(_aif(t.numpy()))
+    for model in sorted(tk.MODELS):
+        params = torch.tensor(np.array(tk.MODELS[model].initial) * 1.2, requires_grad=True)
+        weights = torch.linspace(0.5, 2.0, t.numel(), dtype=torch.float64)
+        (tk.concentration(model, params, t, cp) * weights).sum().backward()
+        _, jac = tk.concentration_and_jacobian(model, params.detach(), t, cp)
+        np.testing.assert_allclose(params.grad.numpy(), (jac * weights[:, None]).sum(0).numpy(), rtol=1e-10,
+                                   err_msg=model)
