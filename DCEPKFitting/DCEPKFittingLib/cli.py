@@ -55,6 +55,8 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--frame-time", type=float, default=None, help="frame interval in seconds")
     p.add_argument("--snr", type=float, default=None, help="baseline signal to noise ratio (inf: no noise)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--vfa-flip-angles", type=float, nargs="*", default=[2.0, 5.0, 10.0, 15.0, 20.0],
+                   help="flip angles (degrees) of the VFA images to render for T1 mapping (none: no VFA)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("t1map", help="T1 map (s) from a variable-flip-angle series")
@@ -129,7 +131,8 @@ def _cmd_phantom(args) -> int:
         protocol_overrides["n_frames"] = args.frames
     if args.frame_time is not None:
         protocol_overrides["frame_time_s"] = args.frame_time
-    kwargs = {"protocol": Protocol(**protocol_overrides), "seed": args.seed}
+    kwargs = {"protocol": Protocol(**protocol_overrides), "seed": args.seed,
+              "vfa_flip_angles_deg": tuple(args.vfa_flip_angles) or None}
     if args.shape is not None:
         kwargs["shape"] = tuple(args.shape)
     if args.snr is not None:

@@ -49,6 +49,21 @@ def test_fit_recovers_phantom_truth_and_never_overwrites(phantom_dir, tmp_path, 
     assert cli.main(_fit_args(phantom_dir, out, "--overwrite", "--method", "linear")) == 0
 
 
+def test_t1map_from_phantom_vfa_images_matches_true_t10(phantom_dir, tmp_path):
+    angles = ["2", "5", "10", "15", "20"]
+    images = [str(phantom_dir / "vfa" / f"fa{angle}.nii.gz") for angle in angles]
+    out = tmp_path / "t10.nii.gz"
+    assert cli.main(["t1map", *images, "--fa", *angles, "--tr", "0.005", "--out", str(out)]) == 0
+    t10, _ = read_volume(out)
+    truth, _ = read_volume(phantom_dir / "truth" / "T10.nii.gz")
+    labels, _ = read_volume(phantom_dir / "labels.nii.gz")
+    tissue = labels > 0
+    relative_error = np.abs(t10[tissue] / truth[tissue] - 1)
+    assert np.median(relative_error) < 0.02  # SNR 200
+    assert cli.main(["t1map", *images[:4], "--fa", *angles, "--tr", "0.005", "--out", str(tmp_path / "x.nii.gz")]) \
+        == cli.EXIT_INPUT_ERROR
+
+
 def test_stats_command_matches_numpy(phantom_dir, tmp_path):
     table = tmp_path / "stats.csv"
     truth = phantom_dir / "truth" / "ve.nii.gz"
