@@ -46,13 +46,14 @@ def save_figure(path: Path, truth: Dict[str, np.ndarray], fitted: Dict[str, np.n
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    colour_map = matplotlib.colormaps["inferno"].with_extremes(bad="black")  # unfitted voxels are NaN
     columns = [("ground truth", truth), ("NLLS fit", fitted)] + [(name, maps) for name, maps in inferred.items()]
     figure, axes = plt.subplots(len(FIGURE_PARAMETERS), len(columns),
                                 figsize=(2.6 * len(columns) + 0.8, 2.5 * len(FIGURE_PARAMETERS)), squeeze=False)
     for row, (name, unit, limits) in enumerate(FIGURE_PARAMETERS):
         for col, (title, maps) in enumerate(columns):
             axis = axes[row, col]
-            image = axis.imshow(np.asarray(maps[name])[slice_index], cmap="inferno", vmin=limits[0], vmax=limits[1])
+            image = axis.imshow(np.asarray(maps[name])[slice_index], cmap=colour_map, vmin=limits[0], vmax=limits[1])
             axis.set_xticks([])
             axis.set_yticks([])
             if row == 0:
