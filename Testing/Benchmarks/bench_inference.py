@@ -33,7 +33,7 @@ for lib in ("DCEPKFitting", "DCEPKInference"):
 
 from DCEPKFittingLib import aif as aif_lib  # noqa: E402
 from DCEPKFittingLib import fitting, signal_models  # noqa: E402
-from DCEPKFittingLib.dce_io import DCESeries, read_dce  # noqa: E402
+from DCEPKFittingLib.dce_io import read_dce  # noqa: E402
 from DCEPKFittingLib.phantom import Protocol, make_phantom  # noqa: E402
 from DCEPKFittingLib.reference_data import missing_reason, reference_path  # noqa: E402
 from DCEPKInferenceLib import canonical_grid as cg  # noqa: E402
@@ -122,7 +122,6 @@ def qiba(models, log):
     series = read_dce(reference_path("qiba_v6"))
     sig = series.signal[0].astype(np.float64)                          # (80, 50, T)
     k_true = np.array([0.01, 0.02, 0.05, 0.1, 0.2, 0.35])
-    ve_true = np.array([0.01, 0.05, 0.1, 0.2, 0.5])
     truth_k = np.repeat(k_true, 5)
     # NLLS reference: concentration with T10 1.0 s (tissue) and 1.44 s (blood), r1 4.5, plasma AIF
     n_base = signal_models.detect_baseline_frames(sig[70:80].reshape(-1, sig.shape[-1]))
