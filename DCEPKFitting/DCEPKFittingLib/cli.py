@@ -25,14 +25,14 @@ def _value_or_file(text: str):
         return Path(text)
 
 
-def _add_timing_options(parser: argparse.ArgumentParser) -> None:
+def add_timing_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("timing (only when the file has none)")
     group.add_argument("--dt", type=float, help="frame interval in seconds")
     group.add_argument("--times", type=str,
                        help="frame times in seconds: comma-separated list or a text file with one per line")
 
 
-def _parse_times(text: Optional[str]) -> Optional[np.ndarray]:
+def parse_times(text: Optional[str]) -> Optional[np.ndarray]:
     if text is None:
         return None
     path = Path(text)
@@ -93,7 +93,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder for the maps")
     p.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd"])
     p.add_argument("--overwrite", action="store_true")
-    _add_timing_options(p)
+    add_timing_options(p)
 
     p = sub.add_parser("stats", help="per-label statistics of one or more maps")
     p.add_argument("maps", nargs="+", type=Path, help="map files on the label map's grid")
@@ -168,7 +168,7 @@ def _cmd_fit(args) -> int:
     from .geometry import check_same_grid
     from .jobs import ConsoleProgress
     from .pipeline import FitSettings, run_fit
-    series = read_dce(args.input, times_s=_parse_times(args.times), dt_s=args.dt, kind=args.input_kind)
+    series = read_dce(args.input, times_s=parse_times(args.times), dt_s=args.dt, kind=args.input_kind)
     grid = (series.geometry, series.spatial_shape)
     t10 = args.t10
     if isinstance(t10, Path):
