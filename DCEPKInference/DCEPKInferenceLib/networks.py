@@ -21,7 +21,9 @@ units:
 * ``tcn_punet`` (after Lyoo et al. 2025): per-voxel temporal convolutional network (dilated
   residual 1-D convs) -> feature map -> small U-Net over the slice, with a probabilistic
   U-Net latent (prior net from the image, posterior net from image + truth in training, KL
-  term). Mean and SD come from ``n_samples`` latent draws from the prior.
+  term). Mean and SD come from ``n_samples`` latent draws from the prior; because one global
+  latent per slice under-disperses, the SD is multiplied by per-parameter factors fitted after
+  training on a separate held-out simulated set (``training.calibrate_sd``, recorded in the card).
 
 Internally parameters are normalised by ``PARAM_UPPER`` (values in [0, 1]); the ``predict``
 methods return physical units (Ktrans 1/min, ve and vp fractions).
@@ -281,7 +283,8 @@ class _LatentNet(nn.Module):
 class TCNProbUNet(nn.Module):
     kind = "slice"
     default_config = {"tcn_channels": 12, "tcn_levels": 3, "features": 16, "unet": 24, "latent": 6,
-                      "beta_kl": 0.05, "n_samples": 8, "param_weight": 1.0, "tk_weight": 0.0}
+                      "beta_kl": 0.05, "n_samples": 8, "param_weight": 1.0, "tk_weight": 0.0,
+                      "calibrate_sd": True, "sd_scale": [1.0, 1.0, 1.0]}
 
     def __init__(self, config: Dict):
         super().__init__()
@@ -335,8 +338,11 @@ class TCNProbUNet(nn.Module):
         mu_p, ls_p = self.prior(feat, tissue)
         samples = torch.stack([self._decode(feat, mu_p + torch.exp(ls_p) * torch.randn_like(mu_p)) for _ in range(n)])
         up = _upper(samples[0], 1)
-        # a floor keeps the SD > 0 where all latent draws agree (documented in the model card)
-        return samples.mean(0) * up, samples.std(0, unbiased=False).clamp_min(MIN_SCALE) * up
+        # latent draws under-disperse (one global latent per slice), so the SD is scaled by
+        # per-parameter factors fitted on a held-out simulated set (training.calibrate_sd);
+        # a floor keeps the SD > 0 where all draws agree
+        scale = torch.tensor(self.config["sd_scale"], dtype=samples.dtype, device=samples.device).view(1, 3, 1, 1)
+        return samples.mean(0) * up, samples.std(0, unbiased=False).clamp_min(MIN_SCALE) * up * scale
 
 
 NETWORKS = {"hetero_encoder": HeteroEncoder, "ulas_cnn": UlasCNN, "fcsa_net": FCSANet, "tcn_punet": TCNProbUNet}

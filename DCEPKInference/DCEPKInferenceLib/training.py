@@ -31,7 +31,7 @@ from DCEPKFittingLib.errors import DCEPKInputError
 from DCEPKFittingLib.jobs import raise_if_cancelled
 
 from . import __version__, canonical_grid, simulator
-from .metrics import summarize
+from .metrics import Z90, summarize
 from .model_store import models_dir, save_model
 from .networks import NETWORKS, PARAM_NAMES, PARAM_UNITS, PARAM_UPPER, build_network, count_parameters
 
@@ -56,7 +56,8 @@ UNCERTAINTY_METHOD = {
                       "+ variance of member means (epistemic)",
     "ulas_cnn": "added Gaussian variance head trained by NLL (aleatoric only)",
     "fcsa_net": "added Gaussian variance head trained by NLL (aleatoric only)",
-    "tcn_punet": "SD over latent draws from the prior net of the probabilistic U-Net (floor 1e-3 of the bound)",
+    "tcn_punet": "SD over latent draws from the prior net of the probabilistic U-Net (floor 1e-3 of the bound), "
+                 "times per-parameter factors fitted on a held-out simulated set (sd_calibration)",
 }
 
 
@@ -182,6 +183,19 @@ def evaluate(model, batch: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float
     return {name: summarize(mean[:, i], truth[:, i], sd[:, i]) for i, name in enumerate(PARAM_NAMES)}
 
 
+def calibrate_sd(model, batch: Dict[str, torch.Tensor]) -> list:
+    """Per-parameter SD factors so that mean +- 1.645 SD covers 90 % of this (held-out) set.
+
+    Post-hoc recalibration for networks whose SD is not a likelihood scale (tcn_punet's latent
+    spread); stored in ``network_config['sd_scale']``."""
+    model.config["sd_scale"] = [1.0, 1.0, 1.0]
+    mean, sd, truth, _ = predict_batch(model, batch)
+    ratio = np.abs(mean - truth) / np.maximum(sd, 1e-12)
+    factors = [float(np.quantile(ratio[:, i], 0.9) / Z90) for i in range(3)]
+    model.config["sd_scale"] = factors
+    return factors
+
+
 def check_batch(kind: str, device="cpu") -> Dict[str, torch.Tensor]:
     """The small fixed set whose Ktrans RMSE every model card records (tests reproduce it)."""
     rng = np.random.default_rng(CHECK_SET["seed"])
@@ -266,6 +280,10 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
                         "wall_s": previous_wall + time.perf_counter() - started}, checkpoint_path)
     wall = time.perf_counter() - started
     model.eval()
+    calibration = None
+    if model.config.get("calibrate_sd"):
+        calibration = {"seed": training["val_seed"] + 1, "factors": calibrate_sd(model, _to_torch(
+            make_batch(model.kind, np.random.default_rng(training["val_seed"] + 1), training, True), dev))}
     validation = evaluate(model, val_batch)
     print(f"[{model_name}] validation: " + ", ".join(f"{k} RMSE {v['rmse']:.4f} CCC {v['ccc']:.3f}"
                                                      for k, v in validation.items()), file=log, flush=True)
@@ -279,6 +297,7 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         "outputs": {n: u for n, u in zip(PARAM_NAMES, PARAM_UNITS)},
         "output_upper_bounds": dict(zip(PARAM_NAMES, PARAM_UPPER)),
         "uncertainty": UNCERTAINTY_METHOD[model_name],
+        "sd_calibration": calibration,
         "canonical_grid": {"step_s": canonical_grid.GRID_STEP_S, "points": canonical_grid.GRID_POINTS,
                            "input": "relative enhancement S/S0 - 1 (S0 = mean of detected baseline frames), "
                                     "cell-mean resampled, with validity mask",
