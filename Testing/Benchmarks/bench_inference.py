@@ -217,6 +217,8 @@ def render(rows, calib, qiba_out, qiba_note, speed_out, budgets, threads, wall):
     voxels, full = speed_out.pop("_voxels")
     lines += ["", f"### Speed, 256 x 256 x 40 x 60 frames on CPU ({threads} thread(s)); measured on 4 slices, x10 "
               f"(brain mask {voxels} voxels, all {full})", "",
+              "Timings are wall clock on a CPU shared with other jobs; repeated runs here varied by up to ~1.5x "
+              "(most for tcn_punet on all voxels).", "",
               "| method | voxels | seconds (extrapolated) |", "|---|---|---|"]
     for (name, label), seconds in speed_out.items():
         lines.append(f"| {name} | {label} | {seconds:.1f} |")
