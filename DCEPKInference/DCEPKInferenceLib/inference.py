@@ -17,6 +17,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
+from DCEPKFittingLib.cli import add_timing_options, parse_times
 from DCEPKFittingLib.dce_io import DCESeries, read_dce, read_mask, read_volume, write_maps
 from DCEPKFittingLib.errors import DCEPKInputError
 from DCEPKFittingLib.geometry import Geometry, check_same_grid
@@ -214,17 +215,6 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
 
 
 # ------------------------------------------------------------------------------------ CLI
-def _parse_times(text):
-    if text is None:
-        return None
-    path = Path(text)
-    raw = path.read_text() if path.is_file() else text
-    try:
-        return np.array([float(v) for v in raw.replace(",", " ").split()], dtype=np.float64)
-    except ValueError:
-        raise DCEPKInputError(f"--times must be numbers in seconds (comma-separated or a file), got '{text[:60]}'")
-
-
 def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(
         prog="dcepk infer", description="Ktrans, ve, vp, kep maps with uncertainty by a neural network (no AIF)")
@@ -237,8 +227,7 @@ def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("--tr", type=float, help="repetition time in seconds (default: from the file)")
     parser.add_argument("--t10", type=str, help="pre-contrast T1: a value in s or a map file")
     parser.add_argument("--baseline-frames", type=int, help="pre-contrast frames (default: detected)")
-    parser.add_argument("--dt", type=float, help="frame interval in seconds (only when the file has no timing)")
-    parser.add_argument("--times", type=str, help="frame times in seconds (comma-separated or a file)")
+    add_timing_options(parser)
     parser.add_argument("--batch-voxels", type=int, default=65536, help="voxels per chunk (memory bound)")
     parser.add_argument("--list", action="store_true", help="list the shipped models and exit")
     parser.add_argument("--overwrite", action="store_true")
@@ -255,7 +244,7 @@ def infer_main(argv=None) -> int:
         return 0
     if args.input is None or args.out is None:
         raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")
-    series = read_dce(args.input, times_s=_parse_times(args.times), dt_s=args.dt)
+    series = read_dce(args.input, times_s=parse_times(args.times), dt_s=args.dt)
     mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
     t10 = None
     if args.t10 is not None:
