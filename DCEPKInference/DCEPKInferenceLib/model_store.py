@@ -8,6 +8,7 @@ points elsewhere (e.g. models retrained on a GPU).
 """
 
 import hashlib
+import importlib.util
 import json
 import os
 import tempfile
@@ -22,7 +23,21 @@ from DCEPKFittingLib.errors import DCEPKInputError
 
 from .networks import build_network
 
-DEFAULT_MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+SOURCE_MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
+
+
+def _default_models_dir() -> Path:
+    """The Slicer module's Resources/Models (source tree, Slicer, editable install), else the
+    copy a wheel installs as the data package ``DCEPKInferenceModels``."""
+    if SOURCE_MODELS_DIR.is_dir():
+        return SOURCE_MODELS_DIR
+    spec = importlib.util.find_spec("DCEPKInferenceModels")
+    if spec is not None and spec.submodule_search_locations:
+        return Path(list(spec.submodule_search_locations)[0])
+    return SOURCE_MODELS_DIR
+
+
+DEFAULT_MODELS_DIR = _default_models_dir()
 
 
 def models_dir(path=None) -> Path:
