@@ -13,11 +13,20 @@ from typing import Dict
 DEMO_MODEL = "hetero_encoder"
 
 
-def commands() -> Dict[str, tuple]:
+def _infer_main(argv):
     from .inference import infer_main
+    return infer_main(argv)
+
+
+def _train_main(argv):
     from .training import train_main
-    return {"infer": ("PK maps with uncertainty by a shipped neural network (no AIF)", infer_main),
-            "train": ("train an inference network on simulated DCE data", train_main)}
+    return train_main(argv)
+
+
+def commands() -> Dict[str, tuple]:
+    # torch is imported only when one of these runs, so `dcepk --help` and the other commands start fast.
+    return {"infer": ("PK maps with uncertainty by a shipped neural network (no AIF)", _infer_main),
+            "train": ("train an inference network on simulated DCE data", _train_main)}
 
 
 def demo_analyses(series, mask, device, progress) -> Dict[str, dict]:
