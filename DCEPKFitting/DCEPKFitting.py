@@ -133,7 +133,88 @@ class DCEPKFittingParameterNode:
 #
 # Widget
 #
-class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class DCEPKBackgroundJobWidgetMixin:
+    """Widget behaviour shared by the DCEPK modules (DCEPKInference imports it from here).
+
+    The Logic's ``compute(request)`` runs in a ``BackgroundJob``; a QTimer drains its queue on the
+    GUI thread (progress bar, status line), and only a finished job is published into the scene
+    through the module's ``publishJobResult(request, result)``. Cancel, failure and a scene closed
+    meanwhile publish nothing. Needs ``self.logic``, ``self.ui.progressBar``, ``self.ui.statusLabel``
+    and ``self._updateGuiState``; call ``setupBackgroundJob()`` in ``setup``.
+    """
+
+    def setupBackgroundJob(self) -> None:
+        self._job = None
+        self._jobRequest = None
+        self._jobTimer = qt.QTimer()
+        self._jobTimer.setInterval(200)
+        self._jobTimer.connect("timeout()", self.onJobTimer)
+
+    def startBackgroundJob(self, request, jobName: str, statusText: str) -> None:
+        from DCEPKFittingLib.jobs import BackgroundJob
+
+        self._jobRequest = request
+        self._job = BackgroundJob(self.logic.compute, request, name=jobName).start()
+        self.ui.progressBar.value = 0
+        self.ui.statusLabel.text = statusText
+        self._jobTimer.start()
+
+    def onCancelButton(self) -> None:
+        if self._job is not None:
+            self._job.cancel()
+            self.ui.statusLabel.text = _("Cancelling...")
+
+    def discardBackgroundJob(self) -> None:
+        """Cancel a running job; a result arriving later belongs to a closed scene and is never published."""
+        if self._job is not None:
+            self._job.cancel()
+        self._jobRequest = None
+
+    def onJobTimer(self) -> None:
+        from DCEPKFittingLib.jobs import JobState
+
+        job = self._job
+        updates = job.poll()
+        if updates:
+            fraction, message = updates[-1]
+            self.ui.progressBar.value = int(round(100 * fraction))
+            if message:
+                self.ui.statusLabel.text = message
+        if not job.done:
+            return
+        self._jobTimer.stop()
+        self._job = None
+        request, self._jobRequest = self._jobRequest, None
+        self._updateGuiState()
+        if job.state == JobState.FINISHED and request is None:
+            self.ui.statusLabel.text = _("The scene was closed while the job ran: its result was discarded.")
+        elif job.state == JobState.FINISHED:
+            with slicer.util.tryWithErrorDisplay(_("The job finished but its maps could not be shown."),
+                                                 waitCursor=True):
+                self.publishJobResult(request, job.result)
+                self.ui.progressBar.value = 100
+        elif job.state == JobState.CANCELLED:
+            self.ui.progressBar.value = 0
+            self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
+        else:
+            self.ui.statusLabel.text = _("Failed: the scene is unchanged.")
+            slicer.util.errorDisplay(str(job.error), detailedText=job.error_traceback)
+
+    def exportStatisticsTable(self, table) -> None:
+        if table is None or table.GetScene() is None:
+            return
+        path = qt.QFileDialog.getSaveFileName(None, _("Export statistics"), table.GetName() + ".csv", "CSV (*.csv)")
+        if not path:
+            return
+        from DCEPKFittingLib import mrml_bridge
+
+        with slicer.util.tryWithErrorDisplay(_("The table could not be saved."), waitCursor=True):
+            # The file dialog already asked before replacing an existing file.
+            mrml_bridge.save_table_csv(slicer.mrmlScene, table, path, overwrite=True)
+            self.ui.statusLabel.text = _("Statistics saved to {path}").format(path=path)
+
+
+class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Wires the GUI to the Logic; holds no science."""
 
     def __init__(self, parent=None) -> None:
@@ -143,7 +224,6 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
-        self._jobRequest = None
         self._observedRoi = None
         self._crosshair = None
         self._seriesCache = (None, None, None)  # (node id, node MTime, DCESeries) for the live AIF plot
@@ -171,10 +251,7 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self.onAifSegmentChanged)
         self.ui.voxelCurveCheckBox.connect("toggled(bool)", self.onVoxelCurveToggled)
 
-        # Background fit: the worker thread only fills a queue; this timer drains it on the GUI thread.
-        self._jobTimer = qt.QTimer()
-        self._jobTimer.setInterval(200)
-        self._jobTimer.connect("timeout()", self.onJobTimer)
+        self.setupBackgroundJob()
         # Throttles: dragging an ROI or moving the mouse fires many events; redraw at most every 300 ms.
         self._aifTimer = qt.QTimer()
         self._aifTimer.setSingleShot(True)
@@ -203,9 +280,7 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGuiState)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self._jobRequest = None  # a result arriving now belongs to the closed scene: never publish it
+        self.discardBackgroundJob()
         self._aifChart = self._voxelChart = None
         self._seriesCache = (None, None, None)
         self.setParameterNode(None)
@@ -404,56 +479,20 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureDependencies():
             self.ui.statusLabel.text = _("Python packages missing: nothing was run.")
             return
-        from DCEPKFittingLib.jobs import BackgroundJob
-
         try:
             with slicer.util.tryWithErrorDisplay(_("The fit could not start."), waitCursor=True):
                 options = self.logic.optionsFromParameterNode(self._parameterNode)
                 deviceText = self.logic.describeDevice(options["device"])
                 request = self.logic.prepare(self._parameterNode.inputSequence, **options)
-                self._jobRequest = request
-                self._job = BackgroundJob(self.logic.compute, request, name="DCEPK fit").start()
-                self.ui.progressBar.value = 0
-                self.ui.statusLabel.text = _("Fitting on {device}...").format(device=deviceText)
-                self._jobTimer.start()
+                self.startBackgroundJob(request, "DCEPK fit", _("Fitting on {device}...").format(device=deviceText))
         finally:  # the error was shown; the buttons must still reflect whether a job runs
             self._updateGuiState()
 
-    def onCancelButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
-
-    def onJobTimer(self) -> None:
-        from DCEPKFittingLib.jobs import JobState
-
-        job = self._job
-        updates = job.poll()
-        if updates:
-            fraction, message = updates[-1]
-            self.ui.progressBar.value = int(round(100 * fraction))
-            if message:
-                self.ui.statusLabel.text = message
-        if not job.done:
-            return
-        self._jobTimer.stop()
-        self._job = None
-        request, self._jobRequest = self._jobRequest, None
-        self._updateGuiState()
-        if job.state == JobState.FINISHED and request is None:
-            self.ui.statusLabel.text = _("The scene was closed during the fit: its result was discarded.")
-        elif job.state == JobState.FINISHED:
-            with slicer.util.tryWithErrorDisplay(_("The fit finished but its maps could not be shown."), waitCursor=True):
-                nodes = self.logic.publish(request, job.result)
-                self.showResults(nodes)
-                self.ui.statusLabel.text = _("Done: {n} maps. {messages}").format(
-                    n=len([k for k in nodes if k != "statistics"]), messages=" ".join(job.result.messages))
-        elif job.state == JobState.CANCELLED:
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
-        else:
-            self.ui.statusLabel.text = _("Failed: the scene is unchanged.")
-            slicer.util.errorDisplay(str(job.error), detailedText=job.error_traceback)
+    def publishJobResult(self, request, output) -> None:
+        nodes = self.logic.publish(request, output)
+        self.showResults(nodes)
+        self.ui.statusLabel.text = _("Done: {n} maps. {messages}").format(
+            n=len([k for k in nodes if k != "statistics"]), messages=" ".join(output.messages))
 
     def showResults(self, nodes) -> None:
         """Ktrans over the DCE frame, with a colour legend; the statistics table can be exported."""
@@ -472,18 +511,7 @@ class DCEPKFittingWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._statisticsTable = nodes.get("statistics")
 
     def onExportTable(self) -> None:
-        table = self._statisticsTable
-        if table is None or table.GetScene() is None:
-            return
-        path = qt.QFileDialog.getSaveFileName(None, _("Export statistics"), table.GetName() + ".csv", "CSV (*.csv)")
-        if not path:
-            return
-        from DCEPKFittingLib import mrml_bridge
-
-        with slicer.util.tryWithErrorDisplay(_("The table could not be saved."), waitCursor=True):
-            # The file dialog already asked before replacing an existing file.
-            mrml_bridge.save_table_csv(slicer.mrmlScene, table, path, overwrite=True)
-            self.ui.statusLabel.text = _("Statistics saved to {path}").format(path=path)
+        self.exportStatisticsTable(self._statisticsTable)
 
 
 #

@@ -27,6 +27,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
+from DCEPKFitting import DCEPKBackgroundJobWidgetMixin
+
 # No DCEPKInferenceLib import at load time: it needs torch and safetensors, which the widget checks
 # (and, if the user agrees, installs) at the first Apply, so the module always loads.
 
@@ -113,7 +115,7 @@ class DCEPKInferenceParameterNode:
 #
 # Widget
 #
-class DCEPKInferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
+class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Wires the GUI to the Logic; holds no science."""
 
     def __init__(self, parent=None) -> None:
@@ -123,7 +125,6 @@ class DCEPKInferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self._parameterNode = None
         self._parameterNodeGuiTag = None
         self._job = None
-        self._jobRequest = None
         self._cards = {}
 
     def setup(self) -> None:
@@ -145,10 +146,7 @@ class DCEPKInferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         self.ui.checkDeviceButton.connect("clicked(bool)", self.onCheckDevice)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
 
-        # Background inference: the worker thread only fills a queue; this timer drains it on the GUI thread.
-        self._jobTimer = qt.QTimer()
-        self._jobTimer.setInterval(200)
-        self._jobTimer.connect("timeout()", self.onJobTimer)
+        self.setupBackgroundJob()
 
         self.populateModels()
         self.initializeParameterNode()
@@ -169,8 +167,7 @@ class DCEPKInferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.removeObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGuiState)
 
     def onSceneStartClose(self, caller, event) -> None:
-        if self._job is not None:
-            self._job.cancel()  # its result would belong to a scene that no longer exists
+        self.discardBackgroundJob()
         self.logic.forgetLastResult()
         self.setParameterNode(None)
 
@@ -281,56 +278,22 @@ class DCEPKInferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
         if not self.ensureDependencies():
             self.ui.statusLabel.text = _("Python packages missing: nothing was run.")
             return
-        from DCEPKFittingLib.jobs import BackgroundJob
+        try:
+            with slicer.util.tryWithErrorDisplay(_("The inference could not start."), waitCursor=True):
+                options = self.logic.optionsFromParameterNode(self._parameterNode)
+                deviceText = self.logic.describeDevice(options["device"])
+                request = self.logic.prepare(self._parameterNode.inputSequence, **options)
+                self.startBackgroundJob(request, "DCEPK inference", _("Running {model} on {device}...").format(
+                    model=options["modelName"], device=deviceText))
+        finally:  # the error was shown; the buttons must still reflect whether a job runs
+            self._updateGuiState()
 
-        with slicer.util.tryWithErrorDisplay(_("The inference could not start."), waitCursor=True):
-            options = self.logic.optionsFromParameterNode(self._parameterNode)
-            deviceText = self.logic.describeDevice(options["device"])
-            request = self.logic.prepare(self._parameterNode.inputSequence, **options)
-            self._jobRequest = request
-            self._job = BackgroundJob(self.logic.compute, request, name="DCEPK inference").start()
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Running {model} on {device}...").format(model=options["modelName"],
-                                                                                device=deviceText)
-            self._jobTimer.start()
-        self._updateGuiState()
-
-    def onCancelButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
-
-    def onJobTimer(self) -> None:
-        from DCEPKFittingLib.jobs import JobState
-
-        job = self._job
-        updates = job.poll()
-        if updates:
-            fraction, message = updates[-1]
-            self.ui.progressBar.value = int(round(100 * fraction))
-            if message:
-                self.ui.statusLabel.text = message
-        if not job.done:
-            return
-        self._jobTimer.stop()
-        self._job = None
-        request, self._jobRequest = self._jobRequest, None
-        if job.state == JobState.FINISHED:
-            with slicer.util.tryWithErrorDisplay(_("The inference finished but its maps could not be shown."),
-                                                 waitCursor=True):
-                nodes = self.logic.publish(request, job.result)
-                self.showResults(nodes)
-                self.ui.progressBar.value = 100
-                self.ui.statusLabel.text = _("Done on {device}: {n} maps. {messages}").format(
-                    device=job.result.inference.device, n=len([k for k in nodes if k != "statistics"]),
-                    messages=" ".join(job.result.messages))
-        elif job.state == JobState.CANCELLED:
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
-        else:
-            self.ui.statusLabel.text = _("Failed: the scene is unchanged.")
-            slicer.util.errorDisplay(str(job.error), detailedText=job.error_traceback)
-        self._updateGuiState()
+    def publishJobResult(self, request, result) -> None:
+        nodes = self.logic.publish(request, result)
+        self.showResults(nodes)
+        self.ui.statusLabel.text = _("Done on {device}: {n} maps. {messages}").format(
+            device=result.inference.device, n=len([k for k in nodes if k != "statistics"]),
+            messages=" ".join(result.messages))
 
     # ---------------------------------------------------------------- results
     def showResults(self, nodes) -> None:
@@ -361,18 +324,7 @@ class DCEPKInferenceWidget(ScriptedLoadableModuleWidget, VTKObservationMixin):
             self.ui.statusLabel.text = " ".join(self.logic.lastResult.messages) or _("Threshold removed.")
 
     def onExportTable(self) -> None:
-        table = self.logic.lastNodes.get("statistics")
-        if table is None:
-            return
-        path = qt.QFileDialog.getSaveFileName(None, _("Export statistics"), table.GetName() + ".csv", "CSV (*.csv)")
-        if not path:
-            return
-        from DCEPKFittingLib import mrml_bridge
-
-        with slicer.util.tryWithErrorDisplay(_("The table could not be saved."), waitCursor=True):
-            # The file dialog already asked before replacing an existing file.
-            mrml_bridge.save_table_csv(slicer.mrmlScene, table, path, overwrite=True)
-            self.ui.statusLabel.text = _("Statistics saved to {path}").format(path=path)
+        self.exportStatisticsTable(self.logic.lastNodes.get("statistics"))
 
 
 #
