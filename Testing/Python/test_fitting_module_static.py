@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from slicer_module_source import cmake_list, find_class, parameter_fields, read_ui_widgets, ui_names_used
 
 from DCEPKFittingLib import slicer_dependencies
 
@@ -34,31 +35,9 @@ def tree():
 
 @pytest.fixture(scope="module")
 def ui_widgets():
-    """{objectName: (class, {property name: value}, [nodeTypes])} of every widget in the .ui."""
-    widgets = {}
-    for element in ET.parse(UI_FILE).getroot().iter("widget"):
-        properties, node_types = {}, []
-        for prop in element.findall("property"):
-            value = prop.find("*")
-            if value is not None and value.tag == "stringlist":
-                node_types = [s.text for s in value.findall("string")]
-            elif value is not None:
-                properties[prop.get("name")] = value.text
-        assert element.get("name") not in widgets, f"duplicate widget name {element.get('name')} in the .ui"
-        widgets[element.get("name")] = (element.get("class"), properties, node_types)
-    return widgets
+    return read_ui_widgets(UI_FILE)
 
 
-def _class(tree, name):
-    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
-
-
-def _parameter_fields(tree):
-    """{field: annotation source} of the class decorated with @parameterNodeWrapper."""
-    wrapped = [n for n in tree.body if isinstance(n, ast.ClassDef)
-               and any(ast.unparse(d) == "parameterNodeWrapper" for d in n.decorator_list)]
-    assert len(wrapped) == 1, "exactly one @parameterNodeWrapper class expected"
-    return {n.target.id: (ast.unparse(n.annotation), n.value) for n in wrapped[0].body if isinstance(n, ast.AnnAssign)}
 
 
 def test_module_file_compiles():
@@ -66,16 +45,14 @@ def test_module_file_compiles():
 
 
 def test_every_ui_widget_the_code_uses_exists(tree, ui_widgets):
-    used = {node.attr for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-            and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+    used = ui_names_used(tree)
     assert used, "the widget uses no self.ui.<name>: the check would be empty"
     missing = sorted(used - set(ui_widgets))
     assert not missing, f"DCEPKFitting.py uses widgets the .ui does not have: {missing}"
 
 
 def test_every_parameter_binding_matches_a_field_of_the_right_kind(tree, ui_widgets):
-    fields = _parameter_fields(tree)
+    fields = parameter_fields(tree)
     bound = {props["SlicerParameterName"]: (name, cls, node_types)
              for name, (cls, props, node_types) in ui_widgets.items() if "SlicerParameterName" in props}
     assert len(bound) >= 20
@@ -104,7 +81,7 @@ def test_choice_and_range_defaults_are_allowed_values(tree, ui_widgets):
     source = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
               if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id in namespace}
     assert source == namespace  # the module's lists are the ones checked below
-    for name, (annotation, default) in _parameter_fields(tree).items():
+    for name, (annotation, default) in parameter_fields(tree).items():
         if default is None:
             continue
         value = ast.literal_eval(default)
@@ -131,7 +108,7 @@ def test_ui_connects_the_scene_to_every_mrml_widget(ui_widgets):
 def test_logic_passes_every_option_through_to_the_bridge(tree):
     from DCEPKFittingLib import mrml_bridge
 
-    logic = _class(tree, "DCEPKFittingLogic")
+    logic = find_class(tree, "DCEPKFittingLogic")
     methods = {n.name: n for n in logic.body if isinstance(n, ast.FunctionDef)}
     bridge_call = next(n for n in ast.walk(methods["prepare"]) if isinstance(n, ast.Call)
                        and ast.unparse(n.func) == "mrml_bridge.prepare_scene_fit")
@@ -158,31 +135,27 @@ def test_logic_passes_every_option_through_to_the_bridge(tree):
 
 
 def test_logic_and_module_load_use_no_qt_and_no_heavy_import_at_load_time(tree):
-    logic = _class(tree, "DCEPKFittingLogic")
+    logic = find_class(tree, "DCEPKFittingLogic")
     names = {n.id for n in ast.walk(logic) if isinstance(n, ast.Name)}
     assert not names & {"qt", "ctk"}, "the Logic must not use Qt"
     top_level = [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     lib_imports = [s for s in top_level if "DCEPKFittingLib" in s]
     assert lib_imports == ["from DCEPKFittingLib import slicer_dependencies"], lib_imports
     assert not any(re.search(r"\b(numpy|scipy|torch|SimpleITK)\b", s) for s in top_level)
-    test_class = _class(tree, "DCEPKFittingTest")
+    test_class = find_class(tree, "DCEPKFittingTest")
     assert {"runTest", "test_PhantomWorkflow"} <= {n.name for n in test_class.body if isinstance(n, ast.FunctionDef)}
 
 
 # --------------------------------------------------------------------------- build files
-def _cmake_list(text, variable):
-    body = re.search(r"set\(" + variable + r"\s+(.*?)\)", text, flags=re.S).group(1)
-    return [line.strip().replace("${MODULE_NAME}", "DCEPKFitting") for line in body.splitlines() if line.strip()]
-
 
 def test_cmake_lists_every_lib_file_and_resource():
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
-    scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS", "DCEPKFitting")
     on_disk = {f"DCEPKFittingLib/{p.name}" for p in LIB_DIR.glob("*.py")}
     assert "DCEPKFitting.py" in scripts
     assert not on_disk - set(scripts), f"Lib files missing from MODULE_PYTHON_SCRIPTS: {sorted(on_disk - set(scripts))}"
     assert all((MODULE_DIR / s).is_file() for s in scripts), [s for s in scripts if not (MODULE_DIR / s).is_file()]
-    resources = _cmake_list(text, "MODULE_PYTHON_RESOURCES")
+    resources = cmake_list(text, "MODULE_PYTHON_RESOURCES", "DCEPKFitting")
     assert all((MODULE_DIR / r).is_file() for r in resources), [r for r in resources if not (MODULE_DIR / r).is_file()]
     shipped = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
     assert shipped == set(resources), shipped ^ set(resources)

@@ -17,6 +17,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
+from slicer_module_source import cmake_list, find_class, parameter_fields, read_ui_widgets, ui_names_used
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "DCEPKInference"
@@ -33,40 +34,18 @@ def tree():
 
 @pytest.fixture(scope="module")
 def ui_widgets():
-    """{objectName: (class, {property name: value}, [nodeTypes])} of every widget in the .ui."""
-    widgets = {}
-    for element in ET.parse(UI_FILE).getroot().iter("widget"):
-        properties, node_types = {}, []
-        for prop in element.findall("property"):
-            value = prop.find("*")
-            if value is not None and value.tag == "stringlist":
-                node_types = [s.text for s in value.findall("string")]
-            elif value is not None:
-                properties[prop.get("name")] = value.text
-        assert element.get("name") not in widgets, f"duplicate widget name {element.get('name')} in the .ui"
-        widgets[element.get("name")] = (element.get("class"), properties, node_types)
-    return widgets
+    return read_ui_widgets(UI_FILE)
 
-
-def _class(tree, name):
-    return next(n for n in tree.body if isinstance(n, ast.ClassDef) and n.name == name)
 
 
 def _methods(tree, class_name):
-    return {n.name: n for n in _class(tree, class_name).body if isinstance(n, ast.FunctionDef)}
+    return {n.name: n for n in find_class(tree, class_name).body if isinstance(n, ast.FunctionDef)}
 
 
 def _module_constants(tree):
     return {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
             if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id.isupper()}
 
-
-def _parameter_fields(tree):
-    """{field: (annotation source, default node)} of the class decorated with @parameterNodeWrapper."""
-    wrapped = [n for n in tree.body if isinstance(n, ast.ClassDef)
-               and any(ast.unparse(d) == "parameterNodeWrapper" for d in n.decorator_list)]
-    assert len(wrapped) == 1, "exactly one @parameterNodeWrapper class expected"
-    return {n.target.id: (ast.unparse(n.annotation), n.value) for n in wrapped[0].body if isinstance(n, ast.AnnAssign)}
 
 
 def test_module_file_compiles():
@@ -88,16 +67,14 @@ def test_module_metadata(tree):
 
 
 def test_every_ui_widget_the_code_uses_exists(tree, ui_widgets):
-    used = {node.attr for node in ast.walk(tree)
-            if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute)
-            and node.value.attr == "ui" and isinstance(node.value.value, ast.Name) and node.value.value.id == "self"}
+    used = ui_names_used(tree)
     assert len(used) > 20, "the widget uses few self.ui.<name>: the check would be nearly empty"
     missing = sorted(used - set(ui_widgets))
     assert not missing, f"DCEPKInference.py uses widgets the .ui does not have: {missing}"
 
 
 def test_every_parameter_binding_matches_a_field_of_the_right_kind_and_range(tree, ui_widgets):
-    fields = _parameter_fields(tree)
+    fields = parameter_fields(tree)
     bound = {}
     for name, (cls, props, node_types) in ui_widgets.items():
         if "SlicerParameterName" in props:
@@ -137,7 +114,7 @@ def test_choices_defaults_and_lists_agree_with_the_core(tree):
     assert constants["PARAMETERS"] == list(mrml_bridge.PARAMETERS)
     assert constants["FIT_MODELS"] == list(mrml_bridge.FIT_MODELS)
     assert constants["POPULATION_AIFS"] == list(POPULATION_AIFS)
-    for name, (annotation, default) in _parameter_fields(tree).items():
+    for name, (annotation, default) in parameter_fields(tree).items():
         if default is None:
             continue
         value = ast.literal_eval(default) if not isinstance(default, ast.Name) else constants[default.id]
@@ -198,7 +175,7 @@ def test_logic_passes_every_option_through_to_the_bridge(tree):
 
 
 def test_logic_and_module_load_use_no_qt_and_no_heavy_import_at_load_time(tree):
-    logic = _class(tree, "DCEPKInferenceLogic")
+    logic = find_class(tree, "DCEPKInferenceLogic")
     names = {n.id for n in ast.walk(logic) if isinstance(n, ast.Name)}
     assert not names & {"qt", "ctk"}, "the Logic must not use Qt"
     top_level = [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
@@ -223,11 +200,6 @@ def test_dependency_check_is_dcepk_fittings_own(tree):
 
 
 # --------------------------------------------------------------------------- build files
-def _cmake_list(text, variable):
-    body = re.search(r"set\(" + variable + r"\s+(.*?)\)", text, flags=re.S).group(1)
-    return [line.strip().replace("${MODULE_NAME}", "DCEPKInference") for line in body.splitlines()
-            if line.strip() and not line.strip().startswith("#")]
-
 
 def _cmake_globbed(text):
     patterns = re.search(r"file\(GLOB _model_files RELATIVE \$\{CMAKE_CURRENT_SOURCE_DIR\}\s+(.*?)\)", text, re.S)
@@ -241,12 +213,12 @@ def test_cmake_lists_every_lib_file_and_resource():
     from DCEPKInferenceLib.model_store import DEFAULT_MODELS_DIR, list_models
 
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
-    scripts = _cmake_list(text, "MODULE_PYTHON_SCRIPTS")
+    scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS", "DCEPKInference")
     on_disk = {f"DCEPKInferenceLib/{p.name}" for p in LIB_DIR.glob("*.py")}
     assert "DCEPKInference.py" in scripts
     assert not on_disk - set(scripts), f"Lib files missing from MODULE_PYTHON_SCRIPTS: {sorted(on_disk - set(scripts))}"
     assert all((MODULE_DIR / s).is_file() for s in scripts), [s for s in scripts if not (MODULE_DIR / s).is_file()]
-    resources = set(_cmake_list(text, "MODULE_PYTHON_RESOURCES")) | _cmake_globbed(text)
+    resources = set(cmake_list(text, "MODULE_PYTHON_RESOURCES", "DCEPKInference")) | _cmake_globbed(text)
     assert "list(APPEND MODULE_PYTHON_RESOURCES ${_model_files})" in text
     assert all((MODULE_DIR / r).is_file() for r in resources), [r for r in resources if not (MODULE_DIR / r).is_file()]
     shipped = {str(p.relative_to(MODULE_DIR)) for p in (MODULE_DIR / "Resources").rglob("*") if p.is_file()}
