@@ -660,7 +660,7 @@ def reference_volume(shape, geometry: Geometry):
     return node
 
 
-def _mask_from_node(mask, reference, what: str) -> Optional[np.ndarray]:
+def mask_from_node(mask, reference, what: str) -> Optional[np.ndarray]:
     """Bool mask on the reference grid from an array, ROI, label map or segmentation (union of segments)."""
     if mask is None:
         return None
@@ -708,7 +708,7 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
         if not aif_mask.any():
             raise DCEPKInputError("the AIF segment contains no voxel of the DCE series: paint it over the artery")
     elif aif_roi is not None:
-        aif_mask = _mask_from_node(aif_roi, reference, "AIF ROI")
+        aif_mask = mask_from_node(aif_roi, reference, "AIF ROI")
     if aif_mask is None and not population_aif:
         raise DCEPKInputError("no input function: place an ROI (or segment) on an artery, or choose a population AIF")
     if aif_mask is not None and population_aif:
@@ -717,7 +717,7 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
         raise DCEPKInputError("both a T10 map and a VFA series are given: choose one source of pre-contrast T1")
     t10 = t10_s
     if t10_map is not None:
-        t10 = _t10_map_seconds(t10_map, reference, t10_map_unit)
+        t10 = t10_map_seconds(t10_map, reference, t10_map_unit)
     vfa_signals = vfa_angles = None
     if vfa_sequence is not None:
         vfa_signals, vfa_angles, vfa_geometry = vfa_from_sequence(vfa_sequence, vfa_flip_angles_deg)
@@ -726,7 +726,7 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
         if vfa_tr_s is None:
             vfa_tr_s = _optional_number((_resolve_sequence(vfa_sequence),), REPETITION_TIME, 1e-3)
         t10 = None
-    fit_mask = _mask_from_node(mask, reference, "fit mask")
+    fit_mask = mask_from_node(mask, reference, "fit mask")
     regions = None
     statistics_source = statistics_segmentation
     if statistics_source is None and mask is not None and not isinstance(mask, np.ndarray) \
@@ -748,7 +748,7 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
                            update_existing=update_existing)
 
 
-def _t10_map_seconds(t10_map, reference, unit: str) -> np.ndarray:
+def t10_map_seconds(t10_map, reference, unit: str) -> np.ndarray:
     scale = {"ms": 1e-3, "s": 1.0}.get((unit or "").strip().lower())
     if scale is None:
         raise DCEPKInputError(f"unknown T10 map unit '{unit}': use 'ms' or 's'")

@@ -226,10 +226,10 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
     threshold = normalize_threshold(uncertainty_threshold)
     series = fit_bridge.series_from_sequence(sequence_node)
     reference = fit_bridge.reference_volume(series.spatial_shape, series.geometry)
-    inference_mask = fit_bridge._mask_from_node(mask, reference, "inference mask")
+    inference_mask = fit_bridge.mask_from_node(mask, reference, "inference mask")
     t10 = t10_s
     if t10_map is not None:
-        t10 = fit_bridge._t10_map_seconds(t10_map, reference, t10_map_unit)
+        t10 = fit_bridge.t10_map_seconds(t10_map, reference, t10_map_unit)
     elif t10 is not None and not 0.05 <= float(t10) <= 10.0:
         raise DCEPKInputError(f"T10 = {t10} s is outside 0.05-10 s: give T10 in seconds")
     regions = None
