@@ -687,6 +687,21 @@ def mask_from_node(mask, reference, what: str) -> Optional[np.ndarray]:
     return result
 
 
+def statistics_regions(statistics_segmentation, mask, reference):
+    """(segmentation node, {segment name: bool [k,j,i]}) for the statistics table, or (None, None).
+
+    The explicit statistics segmentation wins; otherwise a mask given as a segmentation also
+    defines the regions, so one segmentation can both restrict the run and group its statistics.
+    """
+    source = statistics_segmentation
+    if source is None and mask is not None and not isinstance(mask, np.ndarray) \
+            and mask.IsA("vtkMRMLSegmentationNode"):
+        source = mask
+    if source is None:
+        return None, None
+    return source, segment_masks(source, reference)
+
+
 def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls",
                       aif_roi=None, aif_segmentation=None, aif_segment_id: Optional[str] = None,
                       population_aif: Optional[str] = None, aif_top_fraction: Optional[float] = None,
@@ -727,13 +742,8 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
             vfa_tr_s = _optional_number((_resolve_sequence(vfa_sequence),), REPETITION_TIME, 1e-3)
         t10 = None
     fit_mask = mask_from_node(mask, reference, "fit mask")
-    regions = None
-    statistics_source = statistics_segmentation
-    if statistics_source is None and mask is not None and not isinstance(mask, np.ndarray) \
-            and mask.IsA("vtkMRMLSegmentationNode"):
-        statistics_source = mask
-    if statistics_source is not None:
-        regions = segment_masks(statistics_source, reference)
+    statistics_source, regions = statistics_regions(statistics_segmentation, mask, reference)
+    if regions is not None:
         empty = [name for name, region in regions.items() if not region.any()]
         if empty:  # found now, not after the fit: publishing must not stop half-way
             raise DCEPKInputError(f"segment(s) {', '.join(empty)} of '{statistics_source.GetName()}' hold no voxel of "

@@ -232,13 +232,7 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
         t10 = fit_bridge.t10_map_seconds(t10_map, reference, t10_map_unit)
     elif t10 is not None and not 0.05 <= float(t10) <= 10.0:
         raise DCEPKInputError(f"T10 = {t10} s is outside 0.05-10 s: give T10 in seconds")
-    regions = None
-    statistics_source = statistics_segmentation
-    if statistics_source is None and mask is not None and not isinstance(mask, np.ndarray) \
-            and mask.IsA("vtkMRMLSegmentationNode"):
-        statistics_source = mask
-    if statistics_source is not None:
-        regions = fit_bridge.segment_masks(statistics_source, reference)
+    _, regions = fit_bridge.statistics_regions(statistics_segmentation, mask, reference)
     fit_settings = None
     if compare_with_fit:
         if fit_model not in FIT_MODELS:
