@@ -59,8 +59,9 @@ small ensemble; <i>ulas_cnn</i>, a 2D CNN with local and dilated global pathways
 <i>fcsa_net</i>, a frame/channel/spatial attention CNN; <i>tcn_punet</i>, a temporal convolutional network
 followed by a probabilistic U-Net. Only the networks whose weights ship with this version are listed.<br>
 <b>Steps</b>: choose the DCE volume sequence, optionally a mask (segmentation or label map; default: voxels with
-signal), the network and the device, and press Apply. Flip angle (degrees), TR (milliseconds) and T10
-(seconds) are optional inputs of the networks; flip angle and TR default to the series' header. Inference runs
+signal), the network and the device, give T10 (seconds), and press Apply. The networks convert the signal to
+concentration with flip angle (degrees), TR (milliseconds), T10 and the agent's r1, as the conventional fit does;
+flip angle and TR default to the series' header. Inference runs
 in the background and can be cancelled; the scene only changes when it has finished.<br>
 <b>Outputs and units</b> (OSIPI lexicon): Ktrans and kep in 1/min, ve and vp as fractions; &lt;name&gt;_sd is
 the network's uncertainty as one standard deviation in the same unit. kep = Ktrans/ve. The uncertainty
@@ -93,7 +94,7 @@ class DCEPKInferenceParameterNode:
     flipAngleDeg: Annotated[float, WithinRange(0.1, 90.0)] = 15.0
     useRepetitionTime: bool = False
     repetitionTimeMs: Annotated[float, WithinRange(0.1, 100.0)] = 5.0
-    useT10: bool = False
+    useT10: bool = True
     t10Value: Annotated[float, WithinRange(0.05, 10.0)] = 1.4  # s
     device: Annotated[str, Choice(DEVICES)] = "auto"
     thresholdMode: Annotated[str, Choice(THRESHOLD_MODES)] = "none"
@@ -364,11 +365,11 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
         units), ``fit_<name>`` with ``compareWithFit``, and ``statistics`` (table node) when
         ``segmentationNode`` (or a segmentation ``maskNode``) is given. ``maskNode``: segmentation,
         label map, markups ROI or bool array (None: voxels with signal). ``flipAngle_deg``, ``tr_s``,
-        ``t10_s`` (seconds) or ``t10Map`` (voxels in ``t10MapUnit``, 'ms' or 's') are optional network
-        inputs (FA and TR default to the series' header). ``uncertaintyThreshold``: None, a number r
+        ``t10_s`` (seconds) or ``t10Map`` (voxels in ``t10MapUnit``, 'ms' or 's'; one is required) and
+        ``r1_per_mM_s`` (1/(mM s); None: the core's default) convert the signal to concentration (FA and TR
+        default to the series' header). ``uncertaintyThreshold``: None, a number r
         (voxels with SD > r*|value| become NaN) or ``{'Ktrans': SD limit in 1/min, 've': ..., ...}``.
-        The comparison fit uses ``fitModel`` with the ``populationAif`` and T10 ``t10_s`` (1.4 s if
-        none). ``progress(fraction, message)`` and ``cancel`` (``threading.Event``) are optional.
+        The comparison fit uses ``fitModel`` with the ``populationAif`` and the same T10. ``progress(fraction, message)`` and ``cancel`` (``threading.Event``) are optional.
         """
         request = self.prepare(
             sequenceNode, modelName=modelName, maskNode=maskNode, device=device, flipAngle_deg=flipAngle_deg,
@@ -501,14 +502,16 @@ class DCEPKInferenceTest(ScriptedLoadableModuleTest):
         phantom, nodes = self._loadPhantom()
         logic = DCEPKInferenceLogic()
         self.delayDisplay(f"Running {DEFAULT_MODEL}")
+        t10Node = self.addPhantomT10Map(slicer.mrmlScene, phantom)
         outputs = logic.run(nodes["sequence"], modelName=DEFAULT_MODEL, maskNode=nodes["tissues"],
-                            segmentationNode=nodes["tissues"], device="auto")
+                            segmentationNode=nodes["tissues"], device="auto", t10Map=t10Node, t10MapUnit="s")
         for name in PARAMETERS + [f"{p}_sd" for p in PARAMETERS] + ["statistics"]:
             self.assertIn(name, outputs)
 
         # The same numbers as the core on the same arrays, on the source grid.
         series = fitBridge.series_from_sequence(nodes["sequence"])
-        direct = run_inference(series, DEFAULT_MODEL, mask=phantom.labels > 0, device="cpu")
+        direct = run_inference(series, DEFAULT_MODEL, mask=phantom.labels > 0, device="cpu",
+                               t10_s=fitBridge.volume_array(t10Node).astype(np.float32))
         for name in ("Ktrans", "ve", "Ktrans_sd"):
             np.testing.assert_allclose(slicer.util.arrayFromVolume(outputs[name]), direct.maps[name],
                                        rtol=2e-3, atol=2e-4, err_msg=name)  # GPU (TF32 convolutions) vs CPU
@@ -551,6 +554,14 @@ class DCEPKInferenceTest(ScriptedLoadableModuleTest):
         self.delayDisplay("Phantom workflow passed")
 
     @staticmethod
+    def addPhantomT10Map(scene, phantom):
+        """The phantom's T10 map (s) as a volume node, as a user's T1 map would be."""
+        from DCEPKFittingLib import mrml_bridge as fitBridge
+
+        return fitBridge.update_volume_from_array(scene, phantom.truth["T10"], phantom.series.geometry,
+                                                  "DCEPK phantom T10", units="s", map_name="T10")
+
+    @staticmethod
     def phantomChecks(phantom, maps, card):
         """[(description, passed)] of the ground-truth checks of a network's maps on the phantom.
 
@@ -586,7 +597,7 @@ class DCEPKInferenceTest(ScriptedLoadableModuleTest):
         cancel = threading.Event()
         cancel.set()
         with self.assertRaises(JobCancelledError):
-            logic.run(nodes["sequence"], maskNode=nodes["tissues"], cancel=cancel)
+            logic.run(nodes["sequence"], maskNode=nodes["tissues"], t10_s=1.2, cancel=cancel)
         with self.assertRaises(DCEPKInputError):
             logic.run(nodes["sequence"], modelName="no_such_network")
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)

@@ -28,15 +28,17 @@ def _check_output_folder(out_dir: Path, overwrite: bool) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
 
 
-def _extra_analyses(phantom, device: str, progress) -> Dict[str, dict]:
-    """Maps from installed extensions (the shipped networks), by method name; empty when none."""
+def _extra_analyses(phantom, t10_s, device: str, progress) -> Dict[str, dict]:
+    """Maps from installed extensions (the shipped networks), by method name; empty when none.
+    They get what the fit got but the AIF: the series, mask, T10 (s, the VFA map) and r1."""
     analyses = load_entry_points("dcepk.demo_analyses")
     if not analyses:
         print("(neural-network inference skipped: no inference extension is installed)")
     results = {}
     for index, analysis in enumerate(analyses):
         step = sub_progress(progress, index / len(analyses), (index + 1) / len(analyses))
-        results.update(analysis(phantom.series, phantom.labels > 0, device, step))
+        results.update(analysis(phantom.series, phantom.labels > 0, device, step, t10_s=t10_s,
+                                r1_per_mM_s=phantom.protocol.r1_per_mM_s))
     return results
 
 
@@ -84,7 +86,8 @@ def run_demo(out_dir, with_inference: bool = True, device: str = "auto", overwri
     maps_dir = out_dir / "maps_fit"
     write_maps(maps_dir, result.maps, phantom.series.geometry, overwrite=overwrite)
 
-    inferred = _extra_analyses(phantom, device, sub_progress(progress, 0.7, 0.95)) if with_inference else {}
+    inferred = (_extra_analyses(phantom, result.maps["T10_s"], device, sub_progress(progress, 0.7, 0.95))
+                if with_inference else {})
     for name, maps in inferred.items():
         write_maps(out_dir / f"maps_{name}", maps, phantom.series.geometry, overwrite=overwrite)
 

@@ -1,11 +1,13 @@
 """Canonical network input: any DCE protocol (frame count, frame times, FA, TR) -> one fixed grid.
 
 Design (why): the networks must accept any number of frames at any (non-uniform) times, and
-must work without a subject-specific AIF, so they never see absolute concentrations or the AIF.
-Each voxel's signal becomes its *relative enhancement* ``RE(t) = S(t) / S0 - 1`` (S0 = mean of
-the pre-contrast frames), which removes receive gain and M0 and is defined for every SPGR
-series. ``RE`` is then resampled onto a fixed time grid of ``GRID_POINTS`` points every
-``GRID_STEP_S`` seconds, with time zero at the first frame:
+must work without a subject-specific AIF. The sequence physics is not left to the networks to
+learn: each voxel's signal becomes its tissue *concentration* (mM) by the core's exact SPGR
+inversion (``signal_models.signal_to_concentration``) from the baseline, FA, TR, T10 and the
+agent's r1, all of which a user knows (they are the same inputs the conventional fit needs).
+What stays unknown, and what the networks learn to do without, is the AIF. The concentration
+is then resampled onto a fixed time grid of ``GRID_POINTS`` points every ``GRID_STEP_S``
+seconds, with time zero at the first frame:
 
 * each grid value is the mean of the piecewise-linear curve over the grid cell
   ``[g - step/2, g + step/2]`` (evaluated at ``SUBSAMPLES`` points), so fast protocols
@@ -15,11 +17,13 @@ series. ``RE`` is then resampled onto a fixed time grid of ``GRID_POINTS`` point
   are handled; data after ``GRID_POINTS * GRID_STEP_S`` s (508 s) is not used.
 
 The resampling is one matrix ``W (G, T)`` per protocol, so a whole volume is one matmul.
+Frames where the SPGR inversion is undefined (noise or enhancement past the signal's ceiling)
+read as ``CONC_CLIP_MM[1]``, the most a voxel can hold; voxels without a positive baseline or a
+valid T10 read as 0 (they are masked out by the caller).
 
-Protocol scalars are optional extra inputs, each with a "known" flag (0 when not given, and the
-value 0): flip angle / 30 deg, TR / 5 ms, T10 / 1.5 s. Training drops each at random, so the
-networks work with any subset. The contrast relaxivity and the AIF are never inputs (they are
-drawn over population ranges in training: see ``simulator.SIMULATOR_RANGES``).
+Two per-voxel scalars go with each curve (``PROTOCOL_FEATURES``): the log10 of the concentration
+noise SD measured over the baseline frames (so the uncertainty can follow the noise) and the
+median frame interval / 4 s (the temporal resolution, which sets how well the first pass is seen).
 """
 
 from dataclasses import dataclass
@@ -28,13 +32,17 @@ from typing import Optional
 import numpy as np
 
 from DCEPKFittingLib.errors import DCEPKInputError
+from DCEPKFittingLib import signal_models
 from DCEPKFittingLib.signal_models import detect_baseline_frames
 
 GRID_STEP_S = 4.0
 GRID_POINTS = 128
 SUBSAMPLES = 8                       # points per grid cell for the cell mean (anti-aliasing)
-RE_CLIP = (-1.0, 15.0)               # relative enhancement limits (noise in near-zero S0 voxels)
-PROTOCOL_FEATURES = ("fa_over_30deg", "tr_over_5ms", "t10_over_1p5s", "fa_known", "tr_known", "t10_known")
+CONC_CLIP_MM = (-5.0, 30.0)          # concentration limits: noise below 0, blood of a vessel at most ~15 mM
+PROTOCOL_FEATURES = ("log10_baseline_noise_sd_mM", "median_frame_interval_over_4s")
+# Written into every model card; a model whose card names another input cannot be used with this code.
+INPUT_DESCRIPTION = ("tissue concentration (mM) by exact SPGR inversion (FA, TR, T10, r1 given), clipped to "
+                     f"{list(CONC_CLIP_MM)} mM, cell-mean resampled, with validity mask")
 N_PROTOCOL = len(PROTOCOL_FEATURES)
 MIN_FRAMES = 8
 
@@ -82,47 +90,45 @@ def resampling_matrix(times_s):
     return w, valid
 
 
-def relative_enhancement(signal, baseline_frames: int):
-    """``RE = S / S0 - 1`` (N, T) and ``S0`` (N,) from the first ``baseline_frames`` frames.
+def tissue_concentration(signal, baseline_frames: int, fa_deg, tr_s, t10_s, r1_per_mM_s):
+    """Concentration (N, T) mM by the core's exact SPGR inversion, clipped to ``CONC_CLIP_MM``,
+    and the per-voxel noise SD (N,) mM over the baseline frames.
 
-    Voxels with a non-positive or non-finite S0 get RE 0 (they are masked out by the caller).
+    Frames past the SPGR ceiling (undefined inversion) read as the upper clip; voxels with no
+    positive baseline signal or no valid T10 read as 0.
     """
+    for value, what, flag in ((fa_deg, "flip angle", "--fa (degrees)"), (tr_s, "TR", "--tr (seconds)"),
+                              (t10_s, "T10", "--t10 (seconds, a value or a map)"),
+                              (r1_per_mM_s, "relaxivity r1", "--r1 (1/(mM s))")):
+        if value is None:
+            raise DCEPKInputError(f"the {what} is unknown: the networks convert the signal to concentration "
+                                  f"and need it; give {flag}")
     sig = np.asarray(signal, dtype=np.float64)
+    conc, _ = signal_models.signal_to_concentration(sig, t10_s, fa_deg, tr_s, r1_per_mM_s, int(baseline_frames))
+    s0 = sig[..., :int(baseline_frames)].mean(axis=-1)
+    t10 = np.broadcast_to(np.asarray(t10_s, dtype=np.float64), s0.shape)
+    convertible = np.isfinite(s0) & (s0 > 0) & np.isfinite(t10) & (t10 > 0)
+    conc = np.where(np.isnan(conc), CONC_CLIP_MM[1], conc)
+    conc = np.where(convertible[..., None], np.clip(conc, *CONC_CLIP_MM), 0.0)
     n_base = int(baseline_frames)
-    if not 1 <= n_base < sig.shape[-1]:
-        raise DCEPKInputError(f"baseline_frames={baseline_frames} must be between 1 and {sig.shape[-1] - 1}")
-    s0 = sig[..., :n_base].mean(axis=-1)
-    ok = np.isfinite(s0) & (s0 > 0)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        re = sig / np.where(ok, s0, 1.0)[..., None] - 1.0
-    re = np.where(ok[..., None] & np.isfinite(re), re, 0.0)
-    return np.clip(re, *RE_CLIP), s0
+    noise = conc[..., :n_base].std(axis=-1, ddof=1) if n_base >= 2 else np.zeros(conc.shape[:-1])
+    return conc, noise
 
 
-def protocol_features(n: int, fa_deg=None, tr_s=None, t10_s=None) -> np.ndarray:
-    """(n, N_PROTOCOL) float32: scaled FA, TR, T10 and their known flags (0 where not given).
-
-    ``t10_s`` may be a scalar or one value per voxel (n,).
-    """
-    out = np.zeros((n, N_PROTOCOL), dtype=np.float32)
-    if fa_deg is not None:
-        out[:, 0], out[:, 3] = float(fa_deg) / 30.0, 1.0
-    if tr_s is not None:
-        if float(tr_s) > 1.0:
-            raise DCEPKInputError(f"tr_s={tr_s} looks like milliseconds: give TR in seconds (e.g. 0.005)")
-        out[:, 1], out[:, 4] = float(tr_s) / 0.005, 1.0
-    if t10_s is not None:
-        t10 = np.broadcast_to(np.asarray(t10_s, dtype=np.float64), (n,))
-        if np.nanmedian(t10) > 20:
-            raise DCEPKInputError("T10 looks like milliseconds: give T10 in seconds")
-        out[:, 2], out[:, 5] = np.nan_to_num(t10 / 1.5), 1.0
+def protocol_features(noise_sd_mM, times_s) -> np.ndarray:
+    """(N, N_PROTOCOL) float32: log10 baseline noise SD (mM, floored at 1e-3) and the median frame
+    interval / 4 s."""
+    noise = np.asarray(noise_sd_mM, dtype=np.float64).ravel()
+    out = np.empty((noise.size, N_PROTOCOL), dtype=np.float32)
+    out[:, 0] = np.log10(np.maximum(noise, 1e-3))
+    out[:, 1] = float(np.median(np.diff(np.asarray(times_s, dtype=np.float64)))) / GRID_STEP_S
     return out
 
 
 @dataclass
 class CanonicalInput:
-    """Network input for N voxels: ``curves (N, G)`` float32 RE on the grid, ``valid (G,)``
-    float32 grid mask, ``protocol (N, N_PROTOCOL)`` float32, and the baseline used."""
+    """Network input for N voxels: ``curves (N, G)`` float32 concentration (mM) on the grid,
+    ``valid (G,)`` float32 grid mask, ``protocol (N, N_PROTOCOL)`` float32, and the baseline used."""
 
     curves: np.ndarray
     valid: np.ndarray
@@ -138,7 +144,7 @@ def estimate_baseline_frames(signal, times_s=None) -> int:
     """Frames before bolus arrival from the most enhancing voxels (core detector), >= 2 when possible.
 
     Where nothing enhances (e.g. a patch of non-enhancing tissue) the core finds no arrival; the
-    baseline is then the frames of the first 20 s (any choice gives RE ~ 0 for a flat curve).
+    baseline is then the frames of the first 20 s (any choice gives a concentration ~ 0 for a flat curve).
     """
     sig = np.asarray(signal, dtype=np.float64)
     n_t = sig.shape[-1]
@@ -152,9 +158,10 @@ def estimate_baseline_frames(signal, times_s=None) -> int:
     return int(min(max(n_base, min(2, n_t - 1)), n_t - 1))
 
 
-def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, fa_deg=None, tr_s=None,
-                 t10_s=None, weights=None) -> CanonicalInput:
-    """Signal (N, T) -> ``CanonicalInput``. ``weights`` = a precomputed ``resampling_matrix``."""
+def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, *, fa_deg, tr_s, t10_s, r1_per_mM_s,
+                 weights=None) -> CanonicalInput:
+    """Signal (N, T) -> ``CanonicalInput``. FA (deg), TR (s), T10 (s: scalar or (N,)) and r1
+    (1/(mM s)) are required; ``weights`` = a precomputed ``resampling_matrix``."""
     sig = np.asarray(signal)
     if sig.ndim != 2:
         raise DCEPKInputError(f"to_canonical takes voxel curves (N, T); got shape {sig.shape}")
@@ -163,7 +170,8 @@ def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, fa_deg=
         raise DCEPKInputError(f"{sig.shape[1]} frames but {w.shape[1]} frame times")
     if baseline_frames is None:
         baseline_frames = estimate_baseline_frames(sig, times_s)
-    re, s0 = relative_enhancement(sig, baseline_frames)
-    curves = (re @ w.T).astype(np.float32)
-    return CanonicalInput(curves, valid.astype(np.float32), protocol_features(sig.shape[0], fa_deg, tr_s, t10_s),
+    conc, noise = tissue_concentration(sig, baseline_frames, fa_deg, tr_s, t10_s, r1_per_mM_s)
+    s0 = sig[:, :int(baseline_frames)].mean(axis=-1)
+    curves = (conc @ w.T).astype(np.float32)
+    return CanonicalInput(curves, valid.astype(np.float32), protocol_features(noise, times_s),
                           int(baseline_frames), s0)

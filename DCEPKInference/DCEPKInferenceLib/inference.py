@@ -1,6 +1,7 @@
 """Run a shipped network on a DCE series: ``run_inference`` and ``dcepk infer`` (``infer_main``).
 
-No AIF is needed: the series is converted to relative enhancement on the canonical grid
+No AIF is needed: the series is converted to tissue concentration (exact SPGR inversion with
+the FA, TR, T10 and r1 that the conventional fit needs too) on the canonical grid
 (``canonical_grid``). Memory stays bounded: voxel-wise networks run on chunks of
 ``batch_voxels`` voxels; 2-D networks run slice by slice on the bounding box of the mask.
 Maps outside the mask are 0. kep = Ktrans / ve with ve floored at ``KEP_VE_FLOOR`` (kep is
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 
 from DCEPKFittingLib.cli import add_timing_options, parse_times
+from DCEPKFittingLib.signal_models import default_r1
 from DCEPKFittingLib.dce_io import DCESeries, read_dce, read_mask, read_volume, write_maps
 from DCEPKFittingLib.errors import DCEPKInputError
 from DCEPKFittingLib.geometry import Geometry, check_same_grid
@@ -84,7 +86,7 @@ def _check_series(series: DCESeries):
     if not isinstance(series, DCESeries):
         raise DCEPKInputError("run_inference takes a DCESeries (dce_io.read_dce or DCESeries(signal, times_s, ...))")
     if series.kind != "signal":
-        raise DCEPKInputError("the networks take the raw signal series (they convert to relative enhancement "
+        raise DCEPKInputError("the networks take the raw signal series (they convert it to concentration "
                               "themselves); this series holds concentration: load the signal series instead")
     cg.check_times(series.times_s)
     if not np.all(np.isfinite(series.signal)):
@@ -110,7 +112,8 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
 
 def _t10_values(t10_s, shape):
     if t10_s is None:
-        return None
+        raise DCEPKInputError("T10 is needed to convert the signal to concentration: give the pre-contrast T1 "
+                              "in seconds, one value (e.g. 1.4) or a T1 map on the series grid (dcepk t1map)")
     t10 = np.asarray(t10_s, dtype=np.float64)
     if t10.ndim == 0:
         return float(t10)
@@ -120,14 +123,16 @@ def _t10_values(t10_s, shape):
 
 
 def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None, device="auto", fa_deg=None,
-                  tr_s=None, t10_s=None, batch_voxels: int = 65536, progress=None, cancel=None,
+                  tr_s=None, t10_s=None, r1_per_mM_s=None, batch_voxels: int = 65536, progress=None, cancel=None,
                   baseline_frames: Optional[int] = None, n_samples: Optional[int] = None,
                   models_dir=None) -> InferenceOutput:
     """Ktrans, ve, vp, kep maps and their 1-SD uncertainty from a DCE signal series, no AIF needed.
 
     mask: bool [k, j, i] (None: voxels whose baseline signal exceeds 10 % of its 99th percentile);
-    fa_deg / tr_s: default to the series header (optional inputs of the networks); t10_s: None,
-    a T10 in s or a map [k, j, i]; baseline_frames: None detects bolus arrival.
+    fa_deg (degrees) / tr_s (s): default to the series header; t10_s (required): T10 in s, one
+    value or a map [k, j, i]; r1_per_mM_s: the agent's relaxivity in 1/(mM s) (None: the core's
+    default, ``signal_models.default_r1()``, said in the notes); baseline_frames: None detects
+    bolus arrival.
     """
     _check_series(series)
     notes = []
@@ -137,6 +142,14 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     fa_deg = series.flip_angle_deg if fa_deg is None else fa_deg
     tr_s = series.tr_s if tr_s is None else tr_s
     t10 = _t10_values(t10_s, shape)
+    if fa_deg is None or tr_s is None:
+        missing = " and ".join(n for n, v in (("flip angle (--fa, degrees)", fa_deg), ("TR (--tr, seconds)", tr_s))
+                               if v is None)
+        raise DCEPKInputError(f"the series header has no {missing}: give it, the signal-to-concentration "
+                              "conversion needs it")
+    if r1_per_mM_s is None:
+        r1_per_mM_s = default_r1()
+        notes.append(f"relaxivity r1 = {r1_per_mM_s} 1/(mM s) (default agent and field; give r1 if yours differs)")
     if mask is not None:
         mask = np.asarray(mask).astype(bool)
         check_same_grid(shape, None, mask.shape, None, "DCE series", "mask")
@@ -157,7 +170,8 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     sample_kwargs = {"n_samples": n_samples} if n_samples else {}
 
     def canonical(signal_2d, t10_part):
-        return cg.to_canonical(signal_2d, series.times_s, n_base, fa_deg, tr_s, t10_part, weights)
+        return cg.to_canonical(signal_2d, series.times_s, n_base, fa_deg=fa_deg, tr_s=tr_s, t10_s=t10_part,
+                               r1_per_mM_s=r1_per_mM_s, weights=weights)
 
     torch.manual_seed(0)  # latent draws (tcn_punet) reproducible run to run
     if model.kind == "voxel":
@@ -186,7 +200,7 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
             h, w = tissue.shape
             t10_part = t10[k, j0:j1, i0:i1].ravel() if isinstance(t10, np.ndarray) else t10
             c = canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t), t10_part)
-            curves = c.curves * tissue.reshape(-1, 1)     # background reads as flat (RE 0)
+            curves = c.curves * tissue.reshape(-1, 1)     # background reads as flat (no contrast)
             to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
             with torch.no_grad():
                 m, s = model.predict(to(curves.T.reshape(1, -1, h, w)), to(c.valid[None]),
@@ -225,7 +239,8 @@ def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("--mask", type=Path, help="mask / label map on the series grid (default: auto)")
     parser.add_argument("--fa", type=float, help="flip angle in degrees (default: from the file)")
     parser.add_argument("--tr", type=float, help="repetition time in seconds (default: from the file)")
-    parser.add_argument("--t10", type=str, help="pre-contrast T1: a value in s or a map file")
+    parser.add_argument("--t10", type=str, help="pre-contrast T1 (required): a value in s or a map file in s")
+    parser.add_argument("--r1", type=float, help="relaxivity r1 in 1/(mM s) (default: gadoterate at 3 T)")
     parser.add_argument("--baseline-frames", type=int, help="pre-contrast frames (default: detected)")
     add_timing_options(parser)
     parser.add_argument("--batch-voxels", type=int, default=65536, help="voxels per chunk (memory bound)")
@@ -255,7 +270,7 @@ def infer_main(argv=None) -> int:
             check_same_grid(series.spatial_shape, series.geometry, t10_map.shape, t10_geometry, "DCE series", "T10 map")
             t10 = t10_map.astype(np.float64)
     result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
-                           t10_s=t10, batch_voxels=args.batch_voxels, baseline_frames=args.baseline_frames,
+                           t10_s=t10, r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels, baseline_frames=args.baseline_frames,
                            progress=ConsoleProgress(f"infer {args.model}"))
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)

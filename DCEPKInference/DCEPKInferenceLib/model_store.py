@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 
 from DCEPKFittingLib.errors import DCEPKInputError
 
+from .canonical_grid import INPUT_DESCRIPTION, PROTOCOL_FEATURES
 from .networks import build_network
 
 SOURCE_MODELS_DIR = Path(__file__).resolve().parents[1] / "Resources" / "Models"
@@ -83,6 +84,11 @@ def read_card(name: str, directory=None) -> Dict:
     for key in ("network", "network_config", "sha256"):
         if key not in card:
             raise DCEPKInputError(f"model card {card_path} has no '{key}': reinstall the model files")
+    grid = card.get("canonical_grid", {})
+    if grid.get("input") != INPUT_DESCRIPTION or grid.get("protocol_features") != list(PROTOCOL_FEATURES):
+        raise DCEPKInputError(f"model '{name}' ({card_path}) was trained on another network input "
+                              f"({grid.get('input', 'not stated')!r}) than this version computes: install the "
+                              "models of this version or retrain with 'dcepk train'")
     return card
 
 

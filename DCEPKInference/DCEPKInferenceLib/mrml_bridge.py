@@ -33,7 +33,6 @@ PARAMETERS = ("Ktrans", "ve", "vp", "kep")
 UNITS = {"Ktrans": "1/min", "ve": "fraction", "vp": "fraction", "kep": "1/min"}
 FIT_PREFIX = "fit_"               # conventional-fit maps published beside the network's: fit_Ktrans, ...
 FIT_MODELS = ("etofts", "tofts", "patlak")
-DEFAULT_FIT_T10_S = 1.4           # the comparison fit needs a T10; used (and said) when none is given
 STATISTICS_COLUMNS = ("segment", "label", "map", "unit", "voxels", "count", "nan_count", "mean", "sd", "median",
                       "iqr", "p05", "p95", "mean_uncertainty", "excluded_fraction")
 MODEL_ATTRIBUTE = "DCEPK.Model"
@@ -190,6 +189,7 @@ class SceneInferenceRequest:
     fa_deg: Optional[float] = None
     tr_s: Optional[float] = None
     t10_s: Union[None, float, np.ndarray] = None
+    r1_per_mM_s: Optional[float] = None
     uncertainty_threshold: Threshold = None
     compare_with_fit: bool = False
     fit_settings: Optional[dict] = None         # FitSettings fields; mask = the inferred voxels, set at compute
@@ -230,7 +230,10 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
     t10 = t10_s
     if t10_map is not None:
         t10 = fit_bridge.t10_map_seconds(t10_map, reference, t10_map_unit)
-    elif t10 is not None and not 0.05 <= float(t10) <= 10.0:
+    elif t10 is None:
+        raise DCEPKInputError("T10 is needed (the networks convert the signal to concentration): give a T10 value "
+                              "in seconds or a T1 map volume")
+    elif not 0.05 <= float(t10) <= 10.0:
         raise DCEPKInputError(f"T10 = {t10} s is outside 0.05-10 s: give T10 in seconds")
     _, regions = fit_bridge.statistics_regions(statistics_segmentation, mask, reference)
     fit_settings = None
@@ -245,12 +248,12 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
                 (tr_s if tr_s is not None else series.tr_s) is None:
             raise DCEPKInputError("the comparison fit needs the flip angle and TR, which the series does not "
                                   "have: give them, or untick 'compare with conventional fit'")
-        fit_settings = dict(model=fit_model, method="nlls", t10_s=t10 if t10 is not None else DEFAULT_FIT_T10_S,
+        fit_settings = dict(model=fit_model, method="nlls", t10_s=t10,
                             fa_deg=fa_deg, tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, population_aif=population_aif,
                             hct=hct, device=device)
     return SceneInferenceRequest(
         series=series, model_name=model_name, mask=inference_mask, device=device, fa_deg=fa_deg, tr_s=tr_s,
-        t10_s=t10, uncertainty_threshold=threshold, compare_with_fit=compare_with_fit, fit_settings=fit_settings,
+        t10_s=t10, r1_per_mM_s=r1_per_mM_s, uncertainty_threshold=threshold, compare_with_fit=compare_with_fit, fit_settings=fit_settings,
         statistics_regions=regions, source_id=series.metadata.get("sequence_id", ""),
         output_prefix=output_prefix or "DCEPK-NN", update_existing=update_existing)
 
@@ -262,6 +265,7 @@ def compute_scene_inference(request: SceneInferenceRequest, progress=None, cance
     split = 0.5 if request.compare_with_fit else 1.0
     inference = run_inference(request.series, request.model_name, mask=request.mask, device=request.device,
                               fa_deg=request.fa_deg, tr_s=request.tr_s, t10_s=request.t10_s,
+                              r1_per_mM_s=request.r1_per_mM_s,
                               progress=sub_progress(progress, 0.0, 0.95 * split), cancel=cancel)
     raise_if_cancelled(cancel)
     fit = None
@@ -273,9 +277,7 @@ def compute_scene_inference(request: SceneInferenceRequest, progress=None, cance
         settings = FitSettings(mask=inference.mask, **request.fit_settings)
         fit = run_fit(request.series, settings, progress=sub_progress(progress, 0.5, 0.95), cancel=cancel)
         raise_if_cancelled(cancel)
-        if request.t10_s is None:
-            messages.append(f"comparison fit used T10 = {DEFAULT_FIT_T10_S} s (none given) and the "
-                            f"{request.fit_settings['population_aif']} population AIF")
+        messages.append(f"comparison fit used the {request.fit_settings['population_aif']} population AIF")
     report(progress, 0.95, "uncertainty threshold and statistics")
     result = derive_outputs(request, inference, fit)
     result.messages = messages + result.messages

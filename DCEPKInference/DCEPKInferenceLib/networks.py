@@ -1,8 +1,8 @@
 """The four inference networks, selectable by name with a config dict (``build_network``).
 
-All take the canonical input of ``canonical_grid`` (relative enhancement on a fixed 4 s grid,
-a grid validity mask, optional protocol scalars), so any frame count / frame times work and no
-AIF is needed. All output Ktrans, ve, vp through a sigmoid scaled to ``PARAM_UPPER`` (bounded
+All take the canonical input of ``canonical_grid`` (tissue concentration on a fixed 4 s grid,
+a grid validity mask, per-voxel noise and temporal-resolution scalars), so any frame count /
+frame times work and no AIF is needed. All output Ktrans, ve, vp through a sigmoid scaled to ``PARAM_UPPER`` (bounded
 activations; kep = Ktrans / ve is derived in ``inference``) and a 1-SD uncertainty in the same
 units:
 
@@ -48,9 +48,9 @@ MIN_SCALE = 1e-3   # normalised units; keeps the NLL finite
 
 
 def compress(curves: torch.Tensor) -> torch.Tensor:
-    """asinh of the relative enhancement: linear near 0, logarithmic for vessel-like values
-    (RE up to ~15), so no input dominates the first layer."""
-    return torch.asinh(curves)
+    """asinh of the concentration / 0.5 mM: linear over tissue values, logarithmic for
+    vessel-like ones (up to ~30 mM), so no input dominates the first layer."""
+    return torch.asinh(curves / 0.5)
 
 
 def _upper(like: torch.Tensor, channel_dim: int) -> torch.Tensor:
@@ -147,7 +147,7 @@ class HeteroEncoder(nn.Module):
 
 # ------------------------------------------------------------------------------- 2-D helpers
 class _Stem(nn.Module):
-    """Grid frames (+ protocol) as channels -> features; the grid validity mask (one per slice)
+    """Grid frames (+ per-voxel scalars) as channels -> features; the grid validity mask (one per slice)
     enters as a learned per-channel bias, which costs nothing per pixel."""
 
     def __init__(self, channels: int):

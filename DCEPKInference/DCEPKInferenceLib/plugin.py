@@ -29,8 +29,9 @@ def commands() -> Dict[str, tuple]:
             "train": ("train an inference network on simulated DCE data", _train_main)}
 
 
-def demo_analyses(series, mask, device, progress) -> Dict[str, dict]:
+def demo_analyses(series, mask, device, progress, t10_s, r1_per_mM_s) -> Dict[str, dict]:
     """The demo's network maps: {method name: maps} with the default voxel-wise network."""
     from .inference import run_inference
-    result = run_inference(series, DEMO_MODEL, mask=mask, device=device, progress=progress)
+    result = run_inference(series, DEMO_MODEL, mask=mask, device=device, progress=progress, t10_s=t10_s,
+                           r1_per_mM_s=r1_per_mM_s)
     return {DEMO_MODEL: result.maps}

@@ -55,7 +55,8 @@ SIMULATOR_RANGES = {
     "r1_per_mM_s": [3.0, 6.0],
     "baseline_snr": {"range": [4.0, 150.0], "distribution": "log-uniform", "definition":
                      "noise-free pre-contrast signal / SD of the Gaussian noise per quadrature channel (Rician magnitude)"},
-    "protocol_inputs_known_probability": 0.5,
+    "protocol_inputs": "FA, TR, T10 and r1 are known (as for the conventional fit) and used for the exact SPGR "
+                       "inversion to concentration; the AIF is never an input",
     "patch_size": 32,
 }
 
@@ -78,7 +79,6 @@ class Subject:
     r1_per_mM_s: float
     fine_t_s: np.ndarray
     fine_cp_mM: np.ndarray
-    known: tuple  # (fa, tr, t10) given to the network?
 
     def plasma_at(self, t_s):
         return np.interp(t_s, self.fine_t_s, self.fine_cp_mM, left=0.0)
@@ -116,10 +116,9 @@ def sample_subject(rng, times_s: Optional[np.ndarray] = None) -> Subject:
     cp = np.where(fine_t >= arrival, cp, 0.0)
     if tau > 0.5:  # dispersion: convolution with a unit-area exponential kernel of time constant tau
         cp = tk_models.exp_convolution(fine_t, cp, 1.0 / tau) / tau
-    known = tuple(bool(v) for v in rng.uniform(size=3) < r["protocol_inputs_known_probability"])
     return Subject(times_s=t, cp_mM=np.interp(t, fine_t, cp), fa_deg=float(rng.uniform(*r["fa_deg"])),
                    tr_s=float(rng.uniform(*r["tr_s"])), r1_per_mM_s=float(rng.uniform(*r["r1_per_mM_s"])),
-                   fine_t_s=fine_t, fine_cp_mM=cp, known=known)
+                   fine_t_s=fine_t, fine_cp_mM=cp)
 
 
 def sample_tissue_params(rng, n: int) -> np.ndarray:
@@ -178,9 +177,8 @@ def simulate_subject_voxels(rng, subject: Subject, params: np.ndarray, snr_range
     lo, hi = snr_range or r["baseline_snr"]["range"]
     snr = _loguniform(rng, lo, hi, n)
     noisy = add_rician_noise(rng, signal, signal[:, 0] / snr)
-    fa_known, tr_known, t10_known = subject.known
-    canonical = cg.to_canonical(noisy, subject.times_s, fa_deg=subject.fa_deg if fa_known else None,
-                                tr_s=subject.tr_s if tr_known else None, t10_s=t10 if t10_known else None)
+    canonical = cg.to_canonical(noisy, subject.times_s, fa_deg=subject.fa_deg, tr_s=subject.tr_s, t10_s=t10,
+                                r1_per_mM_s=subject.r1_per_mM_s)
     return canonical, conc, noisy, snr, t10
 
 

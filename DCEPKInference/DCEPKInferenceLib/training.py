@@ -41,6 +41,7 @@ DEFAULT_TRAINING = {"steps": 1000, "lr": 2e-3, "weight_decay": 1e-4, "seed": 1, 
                     "subjects_per_batch": 16, "voxels_per_subject": 256, "patches_per_batch": 8,
                     "patch_size": 32, "checkpoint_every": 200, "log_every": 25, "temporal_shift_max": 4,
                     "grad_clip": 5.0}
+BUDGET_PROBE_STEPS = 20
 CHECK_SET = {"seed": 424242, "subjects": 8, "voxels_per_subject": 64, "patches": 4}
 DESCRIPTIONS = {
     "hetero_encoder": "voxel-wise temporal encoder (patch embedding + MLP), heteroscedastic Laplace/Gaussian NLL, "
@@ -213,8 +214,13 @@ def check_metric(model, device="cpu") -> float:
 # ------------------------------------------------------------------------------------ training
 def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] = None, device="auto",
           out_dir=None, resume=None, overwrite: bool = False, threads: Optional[int] = None,
-          progress=None, cancel=None, log=sys.stderr) -> Dict:
-    """Train ``model_name`` and write ``<out_dir>/<model_name>.safetensors`` + ``.json``. Returns the card."""
+          time_budget_min: Optional[float] = None, progress=None, cancel=None, log=sys.stderr) -> Dict:
+    """Train ``model_name`` and write ``<out_dir>/<model_name>.safetensors`` + ``.json``. Returns the card.
+
+    ``time_budget_min``: on a slow machine, fit the run into this many minutes of wall clock: after
+    ``BUDGET_PROBE_STEPS`` steps the total is cut to what the measured step time allows (the
+    cosine schedule follows the new total, so the run still ends at the low learning rate).
+    """
     config = config or load_config(model_name)
     training = dict(config["training"])
     if steps is not None:
@@ -233,8 +239,9 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
     model = build_network(model_name, config["network_config"]).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])
     total = training["steps"]
+    plan = {"total": total}  # read by the schedule, so a time budget can shorten the run
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total) / total)))
+        optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, plan["total"]) / plan["total"])))
     start_step = 0
     previous_wall = 0.0
     checkpoint_path = out_dir / f"{model_name}.checkpoint.pt"
@@ -252,7 +259,8 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
     val_batch = _to_torch(make_batch(model.kind, np.random.default_rng(training["val_seed"]), training, True), dev)
     started = time.perf_counter()
     running = None
-    for step in range(start_step, total):
+    step = start_step
+    while step < total:
         raise_if_cancelled(cancel)
         rng = np.random.default_rng([seed, step])
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
@@ -266,7 +274,15 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         optimizer.step()
         schedule.step()
         running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        done = step + 1
+        done = step = step + 1
+        if time_budget_min and done == start_step + BUDGET_PROBE_STEPS:
+            per_step = (time.perf_counter() - started) / BUDGET_PROBE_STEPS
+            affordable = start_step + int(time_budget_min * 60.0 / per_step)
+            if affordable < total:
+                total = plan["total"] = max(affordable, done)
+                training["steps"] = total
+                print(f"[{model_name}] {per_step:.2f} s/step: {total} steps fit the {time_budget_min:g} min budget",
+                      file=log, flush=True)
         if done % training["log_every"] == 0 or done == total:
             elapsed = time.perf_counter() - started
             eta = elapsed / (done - start_step) * (total - done)
@@ -299,8 +315,7 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         "uncertainty": UNCERTAINTY_METHOD[model_name],
         "sd_calibration": calibration,
         "canonical_grid": {"step_s": canonical_grid.GRID_STEP_S, "points": canonical_grid.GRID_POINTS,
-                           "input": "relative enhancement S/S0 - 1 (S0 = mean of detected baseline frames), "
-                                    "cell-mean resampled, with validity mask",
+                           "input": canonical_grid.INPUT_DESCRIPTION,
                            "protocol_features": list(canonical_grid.PROTOCOL_FEATURES)},
         "simulator_ranges": simulator.SIMULATOR_RANGES,
         "training": {**training, "steps_run_this_session": total - start_step, "resumed_from_step": start_step,
@@ -330,6 +345,7 @@ def build_train_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("--out", type=Path, default=Path("dcepk_models"), help="output folder for weights + card")
     parser.add_argument("--resume", type=Path, help="checkpoint (.checkpoint.pt) to continue from")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
+    parser.add_argument("--time-budget-min", type=float, help="cut the steps to fit this many minutes (slow machines)")
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -337,7 +353,7 @@ def build_train_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
 def train_main(argv=None) -> int:
     args = build_train_parser().parse_args(argv)
     train(args.model, load_config(args.model, args.config), steps=args.steps, device=args.device, out_dir=args.out,
-          resume=args.resume, overwrite=args.overwrite, threads=args.threads)
+          resume=args.resume, overwrite=args.overwrite, threads=args.threads, time_budget_min=args.time_budget_min)
     return 0
 
 

@@ -30,6 +30,7 @@ from DCEPKInferenceLib.inference import run_inference  # noqa: E402
 from DCEPKInferenceLib.model_store import list_models  # noqa: E402
 
 torch.set_num_threads(1)
+T10_S = 1.2  # one T10 for the scene and the direct calls alike (the networks need one to get concentration)
 MODELS = [card["name"] for card in list_models()]  # whatever weights are shipped when the tests run
 DEFAULT_MODEL = "hetero_encoder" if "hetero_encoder" in MODELS else (MODELS[0] if MODELS else None)
 if not MODELS:  # nothing to test without weights: skip on a user's checkout, fail in CI
@@ -80,8 +81,8 @@ def _array(node):
 def test_maps_equal_run_inference_on_the_same_arrays_with_the_source_geometry(slicer_scene, phantom, loaded,
                                                                               model_name):
     nodes, result = bridge.run_scene_inference(slicer_scene.scene, loaded["sequence"], model_name=model_name,
-                                               mask=loaded["tissues"], device="cpu")
-    direct = run_inference(phantom.series, model_name, mask=phantom.labels > 0, device="cpu")
+                                               mask=loaded["tissues"], device="cpu", t10_s=T10_S)
+    direct = run_inference(phantom.series, model_name, mask=phantom.labels > 0, device="cpu", t10_s=T10_S)
     assert set(nodes) == set(MAPS) | {"statistics"}  # the mask is a segmentation: statistics per segment
     for name in MAPS:
         got = _array(nodes[name])
@@ -100,14 +101,14 @@ def test_maps_equal_run_inference_on_the_same_arrays_with_the_source_geometry(sl
 def test_relative_and_absolute_uncertainty_thresholds_match_numpy(slicer_scene, phantom, loaded):
     scene = slicer_scene.scene
     raw_nodes, raw = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
-                                                mask=loaded["tissues"], device="cpu")
+                                                mask=loaded["tissues"], device="cpu", t10_s=T10_S)
     raw_maps = {name: _array(raw_nodes[name]).copy() for name in MAPS}
     inside = phantom.labels > 0
     count = scene.GetNumberOfNodes()
 
     relative = 0.8
     nodes, result = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
-                                               mask=loaded["tissues"], device="cpu", uncertainty_threshold=relative)
+                                               mask=loaded["tissues"], device="cpu", uncertainty_threshold=relative, t10_s=T10_S)
     assert scene.GetNumberOfNodes() == count and nodes["Ktrans"] is raw_nodes["Ktrans"]  # updated in place
     for name in bridge.PARAMETERS:
         expected_out = inside & (raw_maps[f"{name}_sd"] > relative * np.abs(raw_maps[name]))
@@ -123,7 +124,7 @@ def test_relative_and_absolute_uncertainty_thresholds_match_numpy(slicer_scene, 
     limits = {"Ktrans": float(np.median(raw_maps["Ktrans_sd"][inside])),
               "ve": float(np.median(raw_maps["ve_sd"][inside]))}
     nodes, result = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
-                                               mask=loaded["tissues"], device="cpu", uncertainty_threshold=limits)
+                                               mask=loaded["tissues"], device="cpu", uncertainty_threshold=limits, t10_s=T10_S)
     for name in bridge.PARAMETERS:
         expected_out = inside & (raw_maps[f"{name}_sd"] > limits[name]) if name in limits else np.zeros_like(inside)
         np.testing.assert_array_equal(np.isnan(_array(nodes[name])), expected_out, err_msg=name)
@@ -131,7 +132,7 @@ def test_relative_and_absolute_uncertainty_thresholds_match_numpy(slicer_scene, 
 
     # A new threshold on the earlier result (no new inference) gives what a fresh run gives, in the same nodes.
     request = bridge.prepare_scene_inference(loaded["sequence"], model_name=DEFAULT_MODEL, mask=loaded["tissues"],
-                                             device="cpu", uncertainty_threshold=limits)
+                                             device="cpu", uncertainty_threshold=limits, t10_s=T10_S)
     request, again = bridge.rethreshold(request, result, relative)
     republished = bridge.publish_scene_inference(scene, request, again, existing_nodes=nodes)
     assert scene.GetNumberOfNodes() == count and republished["ve"] is nodes["ve"]
@@ -153,8 +154,8 @@ def test_statistics_table_matches_numpy_with_uncertainty_and_excluded_fraction(s
     labelmap.SetIJKToRASMatrix(slicer.util.vtkMatrixFromArray(phantom.series.geometry.ijk_to_ras()))
     nodes, result = bridge.run_scene_inference(slicer_scene.scene, loaded["sequence"], model_name=DEFAULT_MODEL,
                                                device="cpu", mask=labelmap, uncertainty_threshold=relative,
-                                               statistics_segmentation=loaded["tissues"])
-    direct = run_inference(phantom.series, DEFAULT_MODEL, mask=inferred, device="cpu")
+                                               statistics_segmentation=loaded["tissues"], t10_s=T10_S)
+    direct = run_inference(phantom.series, DEFAULT_MODEL, mask=inferred, device="cpu", t10_s=T10_S)
     np.testing.assert_array_equal(result.inference.mask, inferred)
     rows = fit_bridge.table_rows(nodes["statistics"])
     names = {v: n for v, n in phantom.label_names.items() if np.any(phantom.labels == v)}
@@ -215,14 +216,14 @@ def test_comparison_fit_equals_the_pipeline_on_the_inferred_voxels(slicer_scene,
 def test_rerun_updates_outputs_and_makes_new_ones_when_asked(slicer_scene, loaded):
     scene = slicer_scene.scene
     first, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
-                                          mask=loaded["tissues"], device="cpu")
+                                          mask=loaded["tissues"], device="cpu", t10_s=T10_S)
     first_ktrans = _array(first["Ktrans"]).copy()
     count = scene.GetNumberOfNodes()
     second, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
-                                           mask=loaded["tissues"], device="cpu", uncertainty_threshold=0.5)
+                                           mask=loaded["tissues"], device="cpu", uncertainty_threshold=0.5, t10_s=T10_S)
     assert scene.GetNumberOfNodes() == count and all(second[name] is first[name] for name in first)
     third, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
-                                          mask=loaded["tissues"], device="cpu", update_existing=False)
+                                          mask=loaded["tissues"], device="cpu", update_existing=False, t10_s=T10_S)
     volumes = [name for name in third if name != "statistics"]
     assert scene.GetNumberOfNodes() == count + 2 * len(volumes) + 1  # each volume with its display node, a table
     assert third["Ktrans"] is not first["Ktrans"] and third["Ktrans"].GetName() != first["Ktrans"].GetName()
@@ -233,7 +234,7 @@ def test_rerun_updates_outputs_and_makes_new_ones_when_asked(slicer_scene, loade
 def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, loaded):
     scene = slicer_scene.scene
     earlier, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
-                                            mask=loaded["tissues"], device="cpu")
+                                            mask=loaded["tissues"], device="cpu", t10_s=T10_S)
     earlier_ktrans = _array(earlier["Ktrans"]).copy()
     before = _fingerprint(slicer_scene)
 
@@ -248,14 +249,14 @@ def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, loaded):
         with pytest.raises(JobCancelledError):
             bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, mask=loaded["tissues"],
                                        device="cpu", compare_with_fit=True, uncertainty_threshold=0.5,
-                                       progress=progress, cancel=cancel)
+                                       progress=progress, cancel=cancel, t10_s=T10_S)
         assert seen and max(seen) < 1.0
         assert _fingerprint(slicer_scene) == before
         np.testing.assert_array_equal(_array(earlier["Ktrans"]), earlier_ktrans)
 
     # The widget's path: compute in a BackgroundJob, cancelled while it runs; nothing is published.
     request = bridge.prepare_scene_inference(loaded["sequence"], model_name=DEFAULT_MODEL, mask=loaded["tissues"],
-                                             device="cpu", compare_with_fit=True)
+                                             device="cpu", compare_with_fit=True, t10_s=T10_S)
     gate = threading.Event()
 
     def compute(request, progress=None, cancel=None):
@@ -275,31 +276,31 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
     with pytest.raises(DCEPKInputError, match="no model 'no_such_network'"):
         bridge.run_scene_inference(scene, loaded["sequence"], model_name="no_such_network", device="cpu")
     with pytest.raises(DCEPKInputError, match="unknown device"):
-        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="tpu")
+        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="tpu", t10_s=T10_S)
     with pytest.raises(DCEPKInputError, match="T10"):
         bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu", t10_s=1400.0)
     with pytest.raises(DCEPKInputError, match="comparison fit model"):
         bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu",
-                                   compare_with_fit=True, fit_model="2cxm")
+                                   compare_with_fit=True, fit_model="2cxm", t10_s=T10_S)
     with pytest.raises(DCEPKInputError, match="population AIF 'fritz'"):
         bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu",
-                                   compare_with_fit=True, population_aif="fritz")
+                                   compare_with_fit=True, population_aif="fritz", t10_s=T10_S)
     if not torch.cuda.is_available():
         with pytest.raises(DCEPKInputError, match="no CUDA GPU"):
-            bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cuda")
+            bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cuda", t10_s=T10_S)
     assert _fingerprint(slicer_scene) == before
 
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     before = _fingerprint(slicer_scene)
     with pytest.raises(DCEPKInputError, match="no segments"):
-        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu", mask=empty)
+        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu", mask=empty, t10_s=T10_S)
 
     sequence = loaded["sequence"]
     sequence.RemoveAttribute("MultiVolume.FrameLabels")
     sequence.SetIndexUnit("")
     before = _fingerprint(slicer_scene)
     with pytest.raises(DCEPKInputError, match="no frame times"):
-        bridge.run_scene_inference(scene, sequence, model_name=DEFAULT_MODEL, device="cpu")
+        bridge.run_scene_inference(scene, sequence, model_name=DEFAULT_MODEL, device="cpu", t10_s=T10_S)
     assert _fingerprint(slicer_scene) == before
     assert not slicer_scene.nodes_by_class("vtkMRMLTableNode")
     assert not [n for n in slicer_scene.nodes_by_class("vtkMRMLScalarVolumeNode") if n.GetAttribute("DCEPK.Map")]
@@ -308,7 +309,7 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
 def test_show_map_with_uncertainty_puts_them_side_by_side(slicer_scene, loaded):
     scene = slicer_scene.scene
     nodes, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu",
-                                          mask=loaded["tissues"])
+                                          mask=loaded["tissues"], t10_s=T10_S)
     with pytest.raises(DCEPKInputError, match="no slice view"):
         bridge.show_map_with_uncertainty(scene, nodes["Ktrans"], nodes["Ktrans_sd"])
     layout = scene.AddNewNodeByClass("vtkMRMLLayoutNode")
@@ -440,8 +441,9 @@ def test_self_test_ground_truth_checks_pass_on_the_sample_phantom(slicer_scene, 
     phantom = make_phantom(vfa_flip_angles_deg=(2.0, 5.0, 10.0, 15.0, 20.0))
     nodes_in = fit_bridge.phantom_to_scene(slicer_scene.scene, phantom, "DCEPK phantom", slicer_scene.sequences_logic)
     logic = module.DCEPKInferenceLogic(scene=slicer_scene.scene)
+    t10_node = module.DCEPKInferenceTest.addPhantomT10Map(slicer_scene.scene, phantom)
     outputs = logic.run(nodes_in["sequence"], modelName=module.DEFAULT_MODEL, maskNode=nodes_in["tissues"],
-                        segmentationNode=nodes_in["tissues"], device="cpu")
+                        segmentationNode=nodes_in["tissues"], device="cpu", t10Map=t10_node, t10MapUnit="s")
     maps = {name: _array(node).copy() for name, node in outputs.items() if name != "statistics"}
     checks = module.DCEPKInferenceTest.phantomChecks(phantom, maps, read_card(module.DEFAULT_MODEL))
     assert len(checks) == 6
@@ -458,7 +460,7 @@ def test_self_test_ground_truth_checks_pass_on_the_sample_phantom(slicer_scene, 
 def test_a_publish_that_fails_half_way_takes_out_what_it_added(slicer_scene, loaded, monkeypatch):
     scene = slicer_scene.scene
     request = bridge.prepare_scene_inference(loaded["sequence"], model_name=DEFAULT_MODEL, mask=loaded["tissues"],
-                                             device="cpu")
+                                             device="cpu", t10_s=T10_S)
     result = bridge.compute_scene_inference(request)
     before = _fingerprint(slicer_scene)
     real, calls = fit_bridge.update_volume_from_array, []
