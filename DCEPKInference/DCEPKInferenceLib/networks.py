@@ -88,14 +88,19 @@ class _PatchEmbed(nn.Module):
     """Stride-``p`` temporal patches -> channels, i.e. a Conv1d(2, c, p, stride=p) written as a
     Linear on (N, T/p, 2p): the same maths, several times faster on CPU for millions of voxels."""
 
-    def __init__(self, c: int, patch: int = 4):
-        super().__init__()
-        self.patch = patch
-        self.linear = nn.Linear(2 * patch, c)
+    PATCH = 4
 
-    def forward(self, curves, valid):
+    def __init__(self, c: int):
+        super().__init__()
+        self.linear = nn.Linear(2 * self.PATCH, c)
+
+    @classmethod
+    def inputs(cls, curves, valid):
+        """(N, G), (N, G) -> (N, G/p, 2p): computed once and shared by every ensemble member."""
         n, g = curves.shape
-        x = torch.stack([compress(curves) * valid, valid], dim=-1).view(n, g // self.patch, 2 * self.patch)
+        return torch.stack([compress(curves) * valid, valid], dim=-1).view(n, g // cls.PATCH, 2 * cls.PATCH)
+
+    def forward(self, x):
         return F.gelu(self.linear(x))                                      # (N, G/p, c)
 
 
@@ -110,8 +115,8 @@ class _VoxelEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(flat + N_PROTOCOL, 2 * hidden), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 6))
 
-    def forward(self, curves, valid, protocol):
-        h = self.embed(curves, valid).flatten(1)
+    def forward(self, x, protocol):
+        h = self.embed(x).flatten(1)
         return _heads(self.mlp(torch.cat([h, protocol], dim=1)), dim=1)
 
 
@@ -129,8 +134,8 @@ class HeteroEncoder(nn.Module):
 
     def forward(self, curves, valid, protocol):
         """curves (N, G), valid (N, G) or (G,), protocol (N, P) -> list of (mean_n, scale_n) (N, 3)."""
-        valid = valid.expand_as(curves)
-        return [member(curves, valid, protocol) for member in self.members]
+        x = _PatchEmbed.inputs(curves, valid.expand_as(curves))
+        return [member(x, protocol) for member in self.members]
 
     def loss(self, outputs, target_n, batch=None):
         return sum(nll(target_n, m, s, self.likelihood) for m, s in outputs) / len(outputs)
@@ -251,7 +256,7 @@ class _TCN(nn.Module):
         self.out = nn.Linear(c * (GRID_POINTS // 16) + N_PROTOCOL, out)
 
     def forward(self, curves, valid, protocol):
-        h = self.embed(curves, valid)                                     # (N, G/4, c)
+        h = self.embed(_PatchEmbed.inputs(curves, valid))                 # (N, G/4, c)
         for d, block in zip(self.dilations, self.blocks):
             hp = F.pad(h, (0, 0, d, d))
             h = h + F.gelu(block(torch.cat([hp[:, : -2 * d], h, hp[:, 2 * d:]], dim=-1)))

@@ -58,6 +58,16 @@ SNR_SETS = {"SNR 4-150": (4.0, 150.0), "SNR 5-15": (5.0, 15.0)}
 NLLS_TRUE, NLLS_POPULATION = "NLLS (true AIF)", "NLLS (Parker AIF)"
 
 
+def amplitude_floor_factor():
+    """Without the AIF, the data fix only a * Ktrans (a = the subject's AIF amplitude factor, uniform
+    over SIMULATOR_RANGES). The best estimate of the form g * a * Ktrans has g = E[a] / E[a^2] and
+    relative RMSE sqrt(1 - E[a]^2 / E[a^2]): a floor for any AIF-free method from the amplitude
+    alone (AIF width and haematocrit add to it)."""
+    lo, hi = simulator.SIMULATOR_RANGES["aif_amplitude_factor"]
+    mean, mean_sq = (lo + hi) / 2, (hi ** 3 - lo ** 3) / (3 * (hi - lo))
+    return float(np.sqrt(1 - mean ** 2 / mean_sq))
+
+
 def nlls_on_patch(patch, n_base, aif):
     """Extended Tofts NLLS of one patch on the networks' concentration, with the subject's true
     plasma AIF (``aif='true'``) or the Parker population AIF from the detected bolus arrival
@@ -93,12 +103,13 @@ def network_on_patches(model, patches):
 
 
 def synthetic(models, n_patches, log):
-    rows, calib = [], []
+    rows, calib, floors = [], [], {}
     for p_index, (pname, times) in enumerate(PROTOCOLS.items()):
         for s_index, (sname, snr_range) in enumerate(SNR_SETS.items()):
             rng = np.random.default_rng([BENCH_SEED, p_index, s_index])
             patches = [simulator.simulate_patch(rng, 32, snr_range, times) for _ in range(n_patches)]
             truth = np.concatenate([p["params"] for p in patches])
+            floors[(pname, sname)] = amplitude_floor_factor() * float(np.sqrt(np.mean(truth[:, 0] ** 2)))
             results = {}
             t0 = time.perf_counter()
             for method, aif in ((NLLS_TRUE, "true"), (NLLS_POPULATION, "parker")):
@@ -116,7 +127,7 @@ def synthetic(models, n_patches, log):
                     calib.append({"protocol": pname, "method": method,
                                   **{par: metrics.summarize(est[:, i], truth[:, i], sd[:, i])
                                      for i, par in enumerate(PARAM_NAMES)}})
-    return rows, calib
+    return rows, calib, floors
 
 
 def qiba(models, log, models_dir=None):
@@ -179,7 +190,7 @@ def _fmt(x, digits=3):
     return "nan" if x is None or not np.isfinite(x) else f"{x:.{digits}f}"
 
 
-def render(rows, calib, qiba_out, qiba_note, speed_out, budgets, threads, wall, n_patches):
+def render(rows, calib, floors, qiba_out, qiba_note, speed_out, budgets, threads, wall, n_patches):
     lines = ["## Inference", "",
              f"`OMP_NUM_THREADS={threads} python Testing/Benchmarks/bench_inference.py` on {platform.processor() or platform.machine()}, "
              f"torch {torch.__version__}, {threads} CPU thread(s), {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, "
@@ -203,7 +214,11 @@ def render(rows, calib, qiba_out, qiba_note, speed_out, budgets, threads, wall, 
             nl = [r for r in sub if r["method"] == reference][0]["Ktrans"]["rmse"]
             ratio = best["Ktrans"]["rmse"] / nl
             parts.append(f"vs {reference} {_fmt(nl)}: ratio {ratio:.2f} ({'meets' if ratio <= 0.7 else 'misses'})")
-        lines.append(f"- {pname}: {best['method']} {_fmt(best['Ktrans']['rmse'])}; " + "; ".join(parts))
+        lines.append(f"- {pname}: {best['method']} {_fmt(best['Ktrans']['rmse'])}; " + "; ".join(parts)
+                     + f"; AIF-amplitude floor of any AIF-free method {_fmt(floors[(pname, 'SNR 5-15')])}")
+    lines += ["", f"(The floor is {amplitude_floor_factor():.3f} x the RMS true Ktrans of the set: with no AIF the "
+              "data fix only amplitude x Ktrans, and the amplitude factor is uniform over "
+              f"{simulator.SIMULATOR_RANGES['aif_amplitude_factor']}; see `amplitude_floor_factor`.)"]
     lines += ["", "### Calibration (SNR 4-150): coverage of the 90 % interval (target 0.85-0.95) and Spearman "
               "|error| vs SD (target > 0.3)", "",
               "| protocol | method | Ktrans cov90 | Ktrans rho | ve cov90 | ve rho | vp cov90 | vp rho |",
@@ -261,11 +276,11 @@ def main(argv=None):
                         for c in cards)
     log("synthetic sets...")
     n_patches = 2 if args.quick else args.patches
-    rows, calib = synthetic(models, n_patches, log)
+    rows, calib, floors = synthetic(models, n_patches, log)
     log("QIBA v6...")
     qiba_out, qiba_note = qiba(models, log, args.models_dir)
     speed_out = {"_voxels": (0, 0)} if args.quick else (log("speed...") or speed(models, log, args.models_dir))
-    text = render(rows, calib, qiba_out, qiba_note, speed_out, budgets, threads, time.perf_counter() - started,
+    text = render(rows, calib, floors, qiba_out, qiba_note, speed_out, budgets, threads, time.perf_counter() - started,
                   n_patches)
     print(text)
     if not args.no_write:
