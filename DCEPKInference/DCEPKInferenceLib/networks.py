@@ -21,9 +21,11 @@ units:
 * ``tcn_punet`` (after Lyoo et al. 2025): per-voxel temporal convolutional network (dilated
   residual 1-D convs) -> feature map -> small U-Net over the slice, with a probabilistic
   U-Net latent (prior net from the image, posterior net from image + truth in training, KL
-  term). Mean and SD come from ``n_samples`` latent draws from the prior; because one global
-  latent per slice under-disperses, the SD is multiplied by per-parameter factors fitted after
-  training on a separate held-out simulated set (``training.calibrate_sd``, recorded in the card).
+  term). Mean and SD come from ``n_samples`` latent draws from the prior (one global latent per
+  slice under-disperses, which the SD calibration below corrects).
+
+Every network's SD is finally multiplied by per-parameter factors fitted after training on a
+separate held-out simulated set (``training.calibrate_sd``, recorded in the card).
 
 Internally parameters are normalised by ``PARAM_UPPER`` (values in [0, 1]); the ``predict``
 methods return physical units (Ktrans 1/min, ve and vp fractions).
@@ -78,6 +80,19 @@ def nll(target_n, mean_n, scale_n, kind: str = "laplace", weight=None):
     return value.mean()
 
 
+# Every network's SD is multiplied by per-parameter factors fitted after training on a held-out
+# simulated set (``training.calibrate_sd``, recorded in the card): variance scaling, so the 90 %
+# interval covers 90 % of that set whatever the network's raw spread.
+SD_CALIBRATION = {"calibrate_sd": True, "sd_scale": [1.0, 1.0, 1.0]}
+
+
+def calibrated_sd(sd, config: Dict, channel_dim: int = 1):
+    shape = [1] * sd.dim()
+    shape[channel_dim] = 3
+    factors = config.get("sd_scale", SD_CALIBRATION["sd_scale"])
+    return sd * torch.tensor(factors, dtype=sd.dtype, device=sd.device).view(shape)
+
+
 def scale_to_sd(scale_n, kind: str):
     """1-SD of the likelihood from its scale: Laplace SD = sqrt(2) b, Gaussian SD = sigma."""
     return scale_n * math.sqrt(2.0) if kind == "laplace" else scale_n
@@ -122,7 +137,8 @@ class _VoxelEncoder(nn.Module):
 
 class HeteroEncoder(nn.Module):
     kind = "voxel"
-    default_config = {"width": 16, "hidden": 64, "members": 3, "likelihood": "laplace", "dropout": 0.0}
+    default_config = {"width": 16, "hidden": 64, "members": 3, "likelihood": "laplace", "dropout": 0.0,
+                      **SD_CALIBRATION}
 
     def __init__(self, config: Dict):
         super().__init__()
@@ -147,7 +163,7 @@ class HeteroEncoder(nn.Module):
         var_alea = torch.stack([scale_to_sd(s, self.likelihood) ** 2 for _, s in outputs]).mean(0)
         var_epi = means.var(0, unbiased=False) if len(outputs) > 1 else torch.zeros_like(var_alea)
         up = _upper(means[0], 1)
-        return means.mean(0) * up, torch.sqrt(var_alea + var_epi) * up
+        return means.mean(0) * up, calibrated_sd(torch.sqrt(var_alea + var_epi) * up, self.config)
 
 
 # ------------------------------------------------------------------------------- 2-D helpers
@@ -172,7 +188,8 @@ def _masked_mean(x, tissue):
 
 class UlasCNN(nn.Module):
     kind = "slice"
-    default_config = {"channels": 32, "fuse": 64, "tk_weight": 1.0, "param_weight": 1.0, "nll_weight": 0.5}
+    default_config = {"channels": 32, "fuse": 64, "tk_weight": 1.0, "param_weight": 1.0, "nll_weight": 0.5,
+                      **SD_CALIBRATION}
 
     def __init__(self, config: Dict):
         super().__init__()
@@ -195,7 +212,7 @@ class UlasCNN(nn.Module):
     def predict(self, curves, valid, protocol, tissue, n_samples: int = 0):
         out = self.forward(curves, valid, protocol, tissue)
         up = _upper(out["mean_n"], 1)
-        return out["mean_n"] * up, out["scale_n"] * up
+        return out["mean_n"] * up, calibrated_sd(out["scale_n"] * up, self.config)
 
 
 class _CBAM(nn.Module):
@@ -216,7 +233,8 @@ class _CBAM(nn.Module):
 
 class FCSANet(nn.Module):
     kind = "slice"
-    default_config = {"channels": 32, "blocks": 3, "param_weight": 1.0, "nll_weight": 0.5, "tk_weight": 0.0}
+    default_config = {"channels": 32, "blocks": 3, "param_weight": 1.0, "nll_weight": 0.5, "tk_weight": 0.0,
+                      **SD_CALIBRATION}
 
     def __init__(self, config: Dict):
         super().__init__()
@@ -289,7 +307,7 @@ class TCNProbUNet(nn.Module):
     kind = "slice"
     default_config = {"tcn_channels": 12, "tcn_levels": 3, "features": 16, "unet": 24, "latent": 6,
                       "beta_kl": 0.05, "n_samples": 8, "param_weight": 1.0, "tk_weight": 0.0,
-                      "calibrate_sd": True, "sd_scale": [1.0, 1.0, 1.0]}
+                      **SD_CALIBRATION}
 
     def __init__(self, config: Dict):
         super().__init__()
@@ -343,11 +361,10 @@ class TCNProbUNet(nn.Module):
         mu_p, ls_p = self.prior(feat, tissue)
         samples = torch.stack([self._decode(feat, mu_p + torch.exp(ls_p) * torch.randn_like(mu_p)) for _ in range(n)])
         up = _upper(samples[0], 1)
-        # latent draws under-disperse (one global latent per slice), so the SD is scaled by
-        # per-parameter factors fitted on a held-out simulated set (training.calibrate_sd);
-        # a floor keeps the SD > 0 where all draws agree
-        scale = torch.tensor(self.config["sd_scale"], dtype=samples.dtype, device=samples.device).view(1, 3, 1, 1)
-        return samples.mean(0) * up, samples.std(0, unbiased=False).clamp_min(MIN_SCALE) * up * scale
+        # latent draws under-disperse (one global latent per slice): the calibration factors matter most
+        # here; a floor keeps the SD > 0 where all draws agree
+        sd = samples.std(0, unbiased=False).clamp_min(MIN_SCALE) * up
+        return samples.mean(0) * up, calibrated_sd(sd, self.config)
 
 
 NETWORKS = {"hetero_encoder": HeteroEncoder, "ulas_cnn": UlasCNN, "fcsa_net": FCSANet, "tcn_punet": TCNProbUNet}

@@ -52,13 +52,14 @@ DESCRIPTIONS = {
     "tcn_punet": "per-voxel temporal convolutional network then a probabilistic U-Net over the slice; mean and SD "
                  "from latent samples (after Lyoo et al. 2025)",
 }
+_CALIBRATED = ", times per-parameter factors fitted on a held-out simulated set (sd_calibration)"
 UNCERTAINTY_METHOD = {
     "hetero_encoder": "heteroscedastic NLL head (aleatoric) per ensemble member; SD^2 = mean member variance "
-                      "+ variance of member means (epistemic)",
-    "ulas_cnn": "added Gaussian variance head trained by NLL (aleatoric only)",
-    "fcsa_net": "added Gaussian variance head trained by NLL (aleatoric only)",
-    "tcn_punet": "SD over latent draws from the prior net of the probabilistic U-Net (floor 1e-3 of the bound), "
-                 "times per-parameter factors fitted on a held-out simulated set (sd_calibration)",
+                      "+ variance of member means (epistemic)" + _CALIBRATED,
+    "ulas_cnn": "added Gaussian variance head trained by NLL (aleatoric only)" + _CALIBRATED,
+    "fcsa_net": "added Gaussian variance head trained by NLL (aleatoric only)" + _CALIBRATED,
+    "tcn_punet": "SD over latent draws from the prior net of the probabilistic U-Net (floor 1e-3 of the bound)"
+                 + _CALIBRATED,
 }
 
 
@@ -187,14 +188,40 @@ def evaluate(model, batch: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float
 def calibrate_sd(model, batch: Dict[str, torch.Tensor]) -> list:
     """Per-parameter SD factors so that mean +- 1.645 SD covers 90 % of this (held-out) set.
 
-    Post-hoc recalibration for networks whose SD is not a likelihood scale (tcn_punet's latent
-    spread); stored in ``network_config['sd_scale']``."""
+    Post-hoc variance scaling of every network's SD (a likelihood head trained on few steps, or
+    tcn_punet's latent spread, is not calibrated by itself); stored in
+    ``network_config['sd_scale']`` and applied by ``networks.calibrated_sd``."""
     model.config["sd_scale"] = [1.0, 1.0, 1.0]
     mean, sd, truth, _ = predict_batch(model, batch)
     ratio = np.abs(mean - truth) / np.maximum(sd, 1e-12)
     factors = [float(np.quantile(ratio[:, i], 0.9) / Z90) for i in range(3)]
     model.config["sd_scale"] = factors
     return factors
+
+
+def fit_sd_calibration(model, training: Dict, device) -> Dict:
+    """Calibrate ``model``'s SD on the held-out calibration set (seed ``val_seed + 1``, never a
+    training or validation seed); returns the card's ``sd_calibration`` entry."""
+    seed = training["val_seed"] + 1
+    batch = _to_torch(make_batch(model.kind, np.random.default_rng(seed), training, True), device)
+    return {"seed": seed, "factors": calibrate_sd(model, batch)}
+
+
+def recalibrate(model_name: str, models_dir, device="cpu", log=sys.stderr) -> Dict:
+    """Fit the SD factors of a trained model anew and rewrite its card (weights unchanged)."""
+    from .model_store import load_model
+
+    model, card = load_model(model_name, device, models_dir)
+    training = {**DEFAULT_TRAINING, **card["training"]}
+    calibration = fit_sd_calibration(model, training, device)
+    val_batch = _to_torch(make_batch(model.kind, np.random.default_rng(training["val_seed"]), training, True), device)
+    validation = evaluate(model, val_batch)
+    print(f"[{model_name}] SD factors {np.round(calibration['factors'], 3).tolist()}; validation coverage90 "
+          + ", ".join(f"{k} {v['coverage90']:.3f}" for k, v in validation.items()), file=log, flush=True)
+    card = {**card, "network_config": model.config, "sd_calibration": calibration,
+            "uncertainty": UNCERTAINTY_METHOD[model_name],
+            "validation": {**card["validation"], "metrics": validation}}
+    return save_model(model.cpu(), card, models_dir, model_name, overwrite=True)
 
 
 def check_batch(kind: str, device="cpu") -> Dict[str, torch.Tensor]:
@@ -296,10 +323,7 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
                         "wall_s": previous_wall + time.perf_counter() - started}, checkpoint_path)
     wall = time.perf_counter() - started
     model.eval()
-    calibration = None
-    if model.config.get("calibrate_sd"):
-        calibration = {"seed": training["val_seed"] + 1, "factors": calibrate_sd(model, _to_torch(
-            make_batch(model.kind, np.random.default_rng(training["val_seed"] + 1), training, True), dev))}
+    calibration = fit_sd_calibration(model, training, dev) if model.config.get("calibrate_sd") else None
     validation = evaluate(model, val_batch)
     print(f"[{model_name}] validation: " + ", ".join(f"{k} RMSE {v['rmse']:.4f} CCC {v['ccc']:.3f}"
                                                      for k, v in validation.items()), file=log, flush=True)
@@ -346,12 +370,17 @@ def build_train_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("--resume", type=Path, help="checkpoint (.checkpoint.pt) to continue from")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--time-budget-min", type=float, help="cut the steps to fit this many minutes (slow machines)")
+    parser.add_argument("--recalibrate", action="store_true",
+                        help="only refit the SD calibration of the trained model in --out and rewrite its card")
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
 
 def train_main(argv=None) -> int:
     args = build_train_parser().parse_args(argv)
+    if args.recalibrate:
+        recalibrate(args.model, args.out, resolve_device(args.device))
+        return 0
     train(args.model, load_config(args.model, args.config), steps=args.steps, device=args.device, out_dir=args.out,
           resume=args.resume, overwrite=args.overwrite, threads=args.threads, time_budget_min=args.time_budget_min)
     return 0

@@ -108,7 +108,8 @@ def test_relative_and_absolute_uncertainty_thresholds_match_numpy(slicer_scene, 
 
     relative = 0.8
     nodes, result = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
-                                               mask=loaded["tissues"], device="cpu", uncertainty_threshold=relative, t10_s=T10_S)
+                                               mask=loaded["tissues"], device="cpu", uncertainty_threshold=relative,
+                                               t10_s=T10_S)
     assert scene.GetNumberOfNodes() == count and nodes["Ktrans"] is raw_nodes["Ktrans"]  # updated in place
     for name in bridge.PARAMETERS:
         expected_out = inside & (raw_maps[f"{name}_sd"] > relative * np.abs(raw_maps[name]))
@@ -124,7 +125,8 @@ def test_relative_and_absolute_uncertainty_thresholds_match_numpy(slicer_scene, 
     limits = {"Ktrans": float(np.median(raw_maps["Ktrans_sd"][inside])),
               "ve": float(np.median(raw_maps["ve_sd"][inside]))}
     nodes, result = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
-                                               mask=loaded["tissues"], device="cpu", uncertainty_threshold=limits, t10_s=T10_S)
+                                               mask=loaded["tissues"], device="cpu", uncertainty_threshold=limits,
+                                               t10_s=T10_S)
     for name in bridge.PARAMETERS:
         expected_out = inside & (raw_maps[f"{name}_sd"] > limits[name]) if name in limits else np.zeros_like(inside)
         np.testing.assert_array_equal(np.isnan(_array(nodes[name])), expected_out, err_msg=name)
@@ -293,7 +295,8 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
     before = _fingerprint(slicer_scene)
     with pytest.raises(DCEPKInputError, match="no segments"):
-        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu", mask=empty, t10_s=T10_S)
+        bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu", mask=empty,
+                                   t10_s=T10_S)
 
     sequence = loaded["sequence"]
     sequence.RemoveAttribute("MultiVolume.FrameLabels")

@@ -174,3 +174,23 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
     assert resumed["training"]["resumed_from_step"] == 2
     model, card = load_model("hetero_encoder", "cpu", tmp_path / "a")
     assert card["sha256"] == straight["sha256"] and card["training"]["steps"] == 4
+
+
+def test_recalibration_makes_the_90_percent_interval_cover_90_percent_of_the_calibration_set(tmp_path):
+    config = training.load_config("hetero_encoder")
+    config["network_config"].update(members=1, width=4, hidden=8, calibrate_sd=False)
+    config["training"].update(subjects_per_batch=2, voxels_per_subject=32, val_subjects=8,
+                              val_voxels_per_subject=64, log_every=2)
+    trained = training.train("hetero_encoder", config, steps=2, device="cpu", out_dir=tmp_path,
+                             log=open("/dev/null", "w"))
+    assert trained["sd_calibration"] is None
+    card = training.recalibrate("hetero_encoder", tmp_path, log=open("/dev/null", "w"))
+    assert card["sha256"] == trained["sha256"]                       # the weights are untouched
+    model, loaded = load_model("hetero_encoder", "cpu", tmp_path)
+    assert loaded["network_config"]["sd_scale"] == card["sd_calibration"]["factors"]
+    # coverage is measured independently of calibrate_sd: |error| <= 1.645 SD on the calibration set itself
+    batch = training._to_torch(training.make_batch("voxel", np.random.default_rng(card["sd_calibration"]["seed"]),
+                                                   {**training.DEFAULT_TRAINING, **card["training"]}, True), "cpu")
+    mean, sd, truth, _ = training.predict_batch(model, batch)
+    coverage = np.mean(np.abs(mean - truth) <= 1.6448536 * sd, axis=0)
+    np.testing.assert_allclose(coverage, 0.9, atol=0.01)
