@@ -90,29 +90,34 @@ def resampling_matrix(times_s):
     return w, valid
 
 
+def require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s) -> None:
+    """The signal-to-concentration conversion needs all four; say which is missing and how to give it."""
+    for value, what in ((fa_deg, "flip angle (degrees)"), (tr_s, "TR (seconds)"),
+                        (t10_s, "T10 (seconds: one value, e.g. 1.4, or a T1 map on the series grid)"),
+                        (r1_per_mM_s, "relaxivity r1 (1/(mM s))")):
+        if value is None:
+            raise DCEPKInputError(f"the {what} is not known: the networks convert the signal to concentration "
+                                  "and need it; give it (FA and TR may also come from the series header)")
+
+
 def tissue_concentration(signal, baseline_frames: int, fa_deg, tr_s, t10_s, r1_per_mM_s):
-    """Concentration (N, T) mM by the core's exact SPGR inversion, clipped to ``CONC_CLIP_MM``,
-    and the per-voxel noise SD (N,) mM over the baseline frames.
+    """Concentration (N, T) mM by the core's exact SPGR inversion, clipped to ``CONC_CLIP_MM``, the
+    per-voxel noise SD (N,) mM over the baseline frames, and the baseline signal S0 (N,).
 
     Frames past the SPGR ceiling (undefined inversion) read as the upper clip; voxels with no
     positive baseline signal or no valid T10 read as 0.
     """
-    for value, what, flag in ((fa_deg, "flip angle", "--fa (degrees)"), (tr_s, "TR", "--tr (seconds)"),
-                              (t10_s, "T10", "--t10 (seconds, a value or a map)"),
-                              (r1_per_mM_s, "relaxivity r1", "--r1 (1/(mM s))")):
-        if value is None:
-            raise DCEPKInputError(f"the {what} is unknown: the networks convert the signal to concentration "
-                                  f"and need it; give {flag}")
+    require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s)
     sig = np.asarray(signal, dtype=np.float64)
-    conc, _ = signal_models.signal_to_concentration(sig, t10_s, fa_deg, tr_s, r1_per_mM_s, int(baseline_frames))
-    s0 = sig[..., :int(baseline_frames)].mean(axis=-1)
+    n_base = int(baseline_frames)
+    conc, _ = signal_models.signal_to_concentration(sig, t10_s, fa_deg, tr_s, r1_per_mM_s, n_base)
+    s0 = sig[..., :n_base].mean(axis=-1)
     t10 = np.broadcast_to(np.asarray(t10_s, dtype=np.float64), s0.shape)
     convertible = np.isfinite(s0) & (s0 > 0) & np.isfinite(t10) & (t10 > 0)
     conc = np.where(np.isnan(conc), CONC_CLIP_MM[1], conc)
     conc = np.where(convertible[..., None], np.clip(conc, *CONC_CLIP_MM), 0.0)
-    n_base = int(baseline_frames)
     noise = conc[..., :n_base].std(axis=-1, ddof=1) if n_base >= 2 else np.zeros(conc.shape[:-1])
-    return conc, noise
+    return conc, noise, s0
 
 
 def protocol_features(noise_sd_mM, times_s) -> np.ndarray:
@@ -170,8 +175,7 @@ def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, *, fa_d
         raise DCEPKInputError(f"{sig.shape[1]} frames but {w.shape[1]} frame times")
     if baseline_frames is None:
         baseline_frames = estimate_baseline_frames(sig, times_s)
-    conc, noise = tissue_concentration(sig, baseline_frames, fa_deg, tr_s, t10_s, r1_per_mM_s)
-    s0 = sig[:, :int(baseline_frames)].mean(axis=-1)
+    conc, noise, s0 = tissue_concentration(sig, baseline_frames, fa_deg, tr_s, t10_s, r1_per_mM_s)
     curves = (conc @ w.T).astype(np.float32)
     return CanonicalInput(curves, valid.astype(np.float32), protocol_features(noise, times_s),
                           int(baseline_frames), s0)

@@ -111,9 +111,6 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
 
 
 def _t10_values(t10_s, shape):
-    if t10_s is None:
-        raise DCEPKInputError("T10 is needed to convert the signal to concentration: give the pre-contrast T1 "
-                              "in seconds, one value (e.g. 1.4) or a T1 map on the series grid (dcepk t1map)")
     t10 = np.asarray(t10_s, dtype=np.float64)
     if t10.ndim == 0:
         return float(t10)
@@ -141,15 +138,11 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     report(progress, 0.0, "preparing")
     fa_deg = series.flip_angle_deg if fa_deg is None else fa_deg
     tr_s = series.tr_s if tr_s is None else tr_s
-    t10 = _t10_values(t10_s, shape)
-    if fa_deg is None or tr_s is None:
-        missing = " and ".join(n for n, v in (("flip angle (--fa, degrees)", fa_deg), ("TR (--tr, seconds)", tr_s))
-                               if v is None)
-        raise DCEPKInputError(f"the series header has no {missing}: give it, the signal-to-concentration "
-                              "conversion needs it")
     if r1_per_mM_s is None:
         r1_per_mM_s = default_r1()
         notes.append(f"relaxivity r1 = {r1_per_mM_s} 1/(mM s) (default agent and field; give r1 if yours differs)")
+    cg.require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s)
+    t10 = _t10_values(t10_s, shape)
     if mask is not None:
         mask = np.asarray(mask).astype(bool)
         check_same_grid(shape, None, mask.shape, None, "DCE series", "mask")
@@ -270,8 +263,8 @@ def infer_main(argv=None) -> int:
             check_same_grid(series.spatial_shape, series.geometry, t10_map.shape, t10_geometry, "DCE series", "T10 map")
             t10 = t10_map.astype(np.float64)
     result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
-                           t10_s=t10, r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels, baseline_frames=args.baseline_frames,
-                           progress=ConsoleProgress(f"infer {args.model}"))
+                           t10_s=t10, r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
+                           baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {args.model}"))
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     written = write_maps(args.out, result.maps, result.geometry, overwrite=args.overwrite)

@@ -253,7 +253,8 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
                             hct=hct, device=device)
     return SceneInferenceRequest(
         series=series, model_name=model_name, mask=inference_mask, device=device, fa_deg=fa_deg, tr_s=tr_s,
-        t10_s=t10, r1_per_mM_s=r1_per_mM_s, uncertainty_threshold=threshold, compare_with_fit=compare_with_fit, fit_settings=fit_settings,
+        t10_s=t10, r1_per_mM_s=r1_per_mM_s, uncertainty_threshold=threshold, compare_with_fit=compare_with_fit,
+        fit_settings=fit_settings,
         statistics_regions=regions, source_id=series.metadata.get("sequence_id", ""),
         output_prefix=output_prefix or "DCEPK-NN", update_existing=update_existing)
 

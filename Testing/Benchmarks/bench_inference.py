@@ -73,7 +73,7 @@ def nlls_on_patch(patch, n_base, aif):
     plasma AIF (``aif='true'``) or the Parker population AIF from the detected bolus arrival
     (as ``pipeline.run_fit`` places it) with the simulator's mean haematocrit."""
     sub = patch["subject"]
-    conc, _ = cg.tissue_concentration(patch["signal"], n_base, sub.fa_deg, sub.tr_s, patch["t10"], sub.r1_per_mM_s)
+    conc, _, _ = cg.tissue_concentration(patch["signal"], n_base, sub.fa_deg, sub.tr_s, patch["t10"], sub.r1_per_mM_s)
     if aif == "true":
         cp = sub.cp_mM
     else:

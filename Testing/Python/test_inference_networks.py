@@ -52,16 +52,17 @@ def test_concentration_input_inverts_the_spgr_signal_and_flags_the_ceiling():
     signal = signal_models.spgr_signal(1000.0, 1 / t10 + r1 * conc, fa, tr)
     signal[1, :3] *= [1.0, 1.02, 0.98]                       # baseline noise on the second voxel
     signal[0, 5] = 1e6                                        # past the SPGR ceiling (q >= 1)
-    out, noise = cg.tissue_concentration(signal, 3, fa, tr, t10, r1)
+    out, noise, s0 = cg.tissue_concentration(signal, 3, fa, tr, t10, r1)
     np.testing.assert_allclose(out[0, :5], conc[0, :5], atol=1e-9)
     assert out[0, 5] == cg.CONC_CLIP_MM[1]
+    np.testing.assert_allclose(s0, signal[:, :3].mean(axis=1))
     assert noise[0] < 1e-9 and noise[1] > 1e-3               # the baseline SD follows the noise
     features = cg.protocol_features(noise, np.array([0.0, 2.0, 4.0, 8.0]))
     np.testing.assert_allclose(features[:, 0], np.log10(np.maximum(noise, 1e-3)), rtol=1e-6)
     np.testing.assert_allclose(features[:, 1], 0.5)          # median interval 2 s / 4 s
     for missing in ("fa_deg", "tr_s", "t10_s", "r1_per_mM_s"):
         kwargs = {**dict(fa_deg=fa, tr_s=tr, t10_s=t10, r1_per_mM_s=r1), missing: None}
-        with pytest.raises(DCEPKInputError, match="unknown: the networks convert"):
+        with pytest.raises(DCEPKInputError, match="not known: the networks convert"):
             cg.to_canonical(np.repeat(signal, 2, axis=1), np.arange(12.0), 3, **kwargs)
     with pytest.raises(DCEPKInputError, match="at least"):
         cg.resampling_matrix(np.arange(5.0))
