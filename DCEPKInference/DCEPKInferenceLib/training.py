@@ -42,6 +42,7 @@ DEFAULT_TRAINING = {"steps": 1000, "lr": 2e-3, "weight_decay": 1e-4, "seed": 1, 
                     "patch_size": 32, "checkpoint_every": 200, "log_every": 25, "temporal_shift_max": 4,
                     "grad_clip": 5.0}
 BUDGET_PROBE_STEPS = 20
+CALIBRATION_SUBJECTS = 128        # patches or voxel groups (one AIF each) in the SD calibration set
 CHECK_SET = {"seed": 424242, "subjects": 8, "voxels_per_subject": 64, "patches": 4}
 DESCRIPTIONS = {
     "hetero_encoder": "voxel-wise temporal encoder (patch embedding + MLP), heteroscedastic Laplace/Gaussian NLL, "
@@ -203,8 +204,10 @@ def fit_sd_calibration(model, training: Dict, device) -> Dict:
     """Calibrate ``model``'s SD on the held-out calibration set (seed ``val_seed + 1``, never a
     training or validation seed); returns the card's ``sd_calibration`` entry."""
     seed = training["val_seed"] + 1
-    batch = _to_torch(make_batch(model.kind, np.random.default_rng(seed), training, True), device)
-    return {"seed": seed, "factors": calibrate_sd(model, batch)}
+    # voxels of one patch (or subject) share an AIF, so the set needs many subjects, not many voxels
+    sized = {**training, "val_patches": CALIBRATION_SUBJECTS, "val_subjects": CALIBRATION_SUBJECTS}
+    batch = _to_torch(make_batch(model.kind, np.random.default_rng(seed), sized, True), device)
+    return {"seed": seed, "subjects": CALIBRATION_SUBJECTS, "factors": calibrate_sd(model, batch)}
 
 
 def recalibrate(model_name: str, models_dir, device="cpu", log=sys.stderr) -> Dict:

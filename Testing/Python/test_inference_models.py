@@ -189,8 +189,9 @@ def test_recalibration_makes_the_90_percent_interval_cover_90_percent_of_the_cal
     model, loaded = load_model("hetero_encoder", "cpu", tmp_path)
     assert loaded["network_config"]["sd_scale"] == card["sd_calibration"]["factors"]
     # coverage is measured independently of calibrate_sd: |error| <= 1.645 SD on the calibration set itself
+    sized = {**training.DEFAULT_TRAINING, **card["training"], "val_subjects": card["sd_calibration"]["subjects"]}
     batch = training._to_torch(training.make_batch("voxel", np.random.default_rng(card["sd_calibration"]["seed"]),
-                                                   {**training.DEFAULT_TRAINING, **card["training"]}, True), "cpu")
+                                                   sized, True), "cpu")
     mean, sd, truth, _ = training.predict_batch(model, batch)
     coverage = np.mean(np.abs(mean - truth) <= 1.6448536 * sd, axis=0)
     np.testing.assert_allclose(coverage, 0.9, atol=0.01)
