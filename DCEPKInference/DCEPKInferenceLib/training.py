@@ -200,6 +200,11 @@ def calibrate_sd(model, batch: Dict[str, torch.Tensor]) -> list:
     return factors
 
 
+def validation_batch(kind: str, training: Dict, device) -> Dict[str, torch.Tensor]:
+    """The fixed validation set of a model card (seed ``val_seed``)."""
+    return _to_torch(make_batch(kind, np.random.default_rng(training["val_seed"]), training, True), device)
+
+
 def fit_sd_calibration(model, training: Dict, device) -> Dict:
     """Calibrate ``model``'s SD on the held-out calibration set (seed ``val_seed + 1``, never a
     training or validation seed); returns the card's ``sd_calibration`` entry."""
@@ -217,7 +222,7 @@ def recalibrate(model_name: str, models_dir, device="cpu", log=sys.stderr) -> Di
     model, card = load_model(model_name, device, models_dir)
     training = {**DEFAULT_TRAINING, **card["training"]}
     calibration = fit_sd_calibration(model, training, device)
-    val_batch = _to_torch(make_batch(model.kind, np.random.default_rng(training["val_seed"]), training, True), device)
+    val_batch = validation_batch(model.kind, training, device)
     validation = evaluate(model, val_batch)
     print(f"[{model_name}] SD factors {np.round(calibration['factors'], 3).tolist()}; validation coverage90 "
           + ", ".join(f"{k} {v['coverage90']:.3f}" for k, v in validation.items()), file=log, flush=True)
@@ -286,7 +291,7 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         previous_wall = float(state.get("wall_s", 0.0))
         print(f"resumed {model_name} from {resume} at step {start_step}", file=log)
     out_dir.mkdir(parents=True, exist_ok=True)
-    val_batch = _to_torch(make_batch(model.kind, np.random.default_rng(training["val_seed"]), training, True), dev)
+    val_batch = validation_batch(model.kind, training, dev)
     started = time.perf_counter()
     running = None
     step = start_step
