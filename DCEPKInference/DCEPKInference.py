@@ -369,7 +369,8 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
         ``r1_per_mM_s`` (1/(mM s); None: the core's default) convert the signal to concentration (FA and TR
         default to the series' header). ``uncertaintyThreshold``: None, a number r
         (voxels with SD > r*|value| become NaN) or ``{'Ktrans': SD limit in 1/min, 've': ..., ...}``.
-        The comparison fit uses ``fitModel`` with the ``populationAif`` and the same T10. ``progress(fraction, message)`` and ``cancel`` (``threading.Event``) are optional.
+        The comparison fit uses ``fitModel`` with the ``populationAif`` and the same T10.
+        ``progress(fraction, message)`` and ``cancel`` (``threading.Event``) are optional.
         """
         request = self.prepare(
             sequenceNode, modelName=modelName, maskNode=maskNode, device=device, flipAngle_deg=flipAngle_deg,

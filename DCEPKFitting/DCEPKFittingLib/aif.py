@@ -163,6 +163,14 @@ def population_aif(name, t_s, delay_s=0.0, dose_mmol_per_kg=0.1, compartment="bl
     return blood_to_plasma(c, hct) if compartment == "plasma" else plasma_to_blood(c, hct)
 
 
+def population_aif_at_arrival(name, times_s, baseline_frames: int, hct=0.45, extra_delay_s=0.0):
+    """Plasma population AIF (mM) on the frame times, starting at bolus arrival: the first frame
+    after the ``baseline_frames`` pre-contrast frames (plus ``extra_delay_s``)."""
+    t = np.asarray(times_s, dtype=np.float64) - float(np.asarray(times_s)[0])
+    arrival_s = t[min(int(baseline_frames), t.size - 1)]
+    return population_aif(name, t, delay_s=arrival_s + extra_delay_s, compartment="plasma", hct=hct)
+
+
 def aif_from_roi(conc, roi_mask, top_fraction=None, rank_by="peak"):
     """Mean concentration-time curve (T,) of the ROI voxels of a (K, J, I, T) series.
 

@@ -130,13 +130,10 @@ def _input_function(series: DCESeries, conc: np.ndarray, settings: FitSettings, 
         t_csv, c_csv = aif_lib.load_aif_csv(settings.aif_csv)
         curve = aif_lib.resample_aif(t_csv, c_csv, times - times[0])
     else:
-        # A population AIF starts at bolus arrival: the first frame after the baseline.
         if baseline_frames is None:
             baseline_frames = signal_models.detect_baseline_frames(conc)
-        arrival_s = times[min(int(baseline_frames), times.size - 1)] - times[0]
-        return aif_lib.population_aif(settings.population_aif, times - times[0],
-                                      delay_s=arrival_s + settings.aif_delay_s,
-                                      compartment="plasma", hct=settings.hct)
+        return aif_lib.population_aif_at_arrival(settings.population_aif, times, baseline_frames, settings.hct,
+                                                 settings.aif_delay_s)
     if settings.aif_delay_s:
         curve = np.interp(times - settings.aif_delay_s, times, curve, left=0.0)
     return curve if settings.aif_is_plasma else aif_lib.blood_to_plasma(curve, settings.hct)

@@ -2,8 +2,8 @@
 
 All take the canonical input of ``canonical_grid`` (tissue concentration on a fixed 4 s grid,
 a grid validity mask, per-voxel noise and temporal-resolution scalars), so any frame count /
-frame times work and no AIF is needed. All output Ktrans, ve, vp through a sigmoid scaled to ``PARAM_UPPER`` (bounded
-activations; kep = Ktrans / ve is derived in ``inference``) and a 1-SD uncertainty in the same
+frame times work and no AIF is needed. All output Ktrans, ve, vp through a sigmoid scaled to
+``PARAM_UPPER`` (bounded activations; kep = Ktrans / ve is derived in ``inference``) and a 1-SD uncertainty in the same
 units:
 
 * ``hetero_encoder`` (after Hess et al.): voxel-wise strided 1-D conv encoder, heteroscedastic

@@ -71,15 +71,15 @@ def amplitude_floor_factor():
 def nlls_on_patch(patch, n_base, aif):
     """Extended Tofts NLLS of one patch on the networks' concentration, with the subject's true
     plasma AIF (``aif='true'``) or the Parker population AIF from the detected bolus arrival
-    (as ``pipeline.run_fit`` places it) with the simulator's mean haematocrit."""
+    (``aif.population_aif_at_arrival``, as ``pipeline.run_fit``) with the simulator's mean haematocrit."""
     sub = patch["subject"]
-    conc, _, _ = cg.tissue_concentration(patch["signal"], n_base, sub.fa_deg, sub.tr_s, patch["t10"], sub.r1_per_mM_s)
+    conc, _, _ = cg.tissue_concentration(patch["signal"], n_base, sub.fa_deg, sub.tr_s, patch["t10"],
+                                         sub.r1_per_mM_s)
     if aif == "true":
         cp = sub.cp_mM
     else:
-        t = sub.times_s - sub.times_s[0]
-        cp = aif_lib.population_aif("parker", t, delay_s=t[min(n_base, t.size - 1)], compartment="plasma",
-                                    hct=float(np.mean(simulator.SIMULATOR_RANGES["hct"])))
+        cp = aif_lib.population_aif_at_arrival("parker", sub.times_s, n_base,
+                                               hct=float(np.mean(simulator.SIMULATOR_RANGES["hct"])))
     fit = fitting.fit_curves(conc, sub.times_s, cp, "etofts", method="nlls", device="cpu")
     return np.nan_to_num(np.stack([fit.params[n] for n in PARAM_NAMES], axis=1))
 
