@@ -7,9 +7,9 @@ frame times work and no AIF is needed. All output Ktrans, ve, vp through a sigmo
 units:
 
 * ``hetero_encoder`` (after Hess et al.): voxel-wise strided 1-D conv encoder, heteroscedastic
-  Laplace (default) or Gaussian NLL head -> mean + aleatoric SD; a small ensemble (members
-  trained jointly from different initialisations) adds epistemic spread:
-  var = mean(aleatoric var) + var(member means).
+  Laplace or Gaussian NLL head (optionally beta-NLL, ``nll_beta``) -> mean + aleatoric SD; a
+  small ensemble (members trained jointly from different initialisations) adds epistemic
+  spread: var = mean(aleatoric var) + var(member means). The shipped model: Gaussian, beta 1.
 * ``ulas_cnn`` (after Ulas et al. 2019): 2-D CNN, grid frames as channels, a local pathway
   (3x3 convs) and a global pathway (dilated 3x3 convs, dilation 2/4/8) fused by 1x1 convs;
   trained with a parameter loss plus the tracer-kinetic loss on concentration (``training``).
@@ -67,12 +67,22 @@ def _heads(raw: torch.Tensor, dim: int):
     return torch.sigmoid(mean_logit), F.softplus(scale_raw) + MIN_SCALE
 
 
-def nll(target_n, mean_n, scale_n, kind: str = "laplace", weight=None):
-    """Mean negative log-likelihood of normalised targets under Laplace(b) or Gaussian(sigma)."""
+def nll(target_n, mean_n, scale_n, kind: str = "laplace", weight=None, beta: float = 0.0):
+    """Mean negative log-likelihood of normalised targets under Laplace(b) or Gaussian(sigma).
+
+    ``beta`` > 0 (Gaussian only): beta-NLL of Seitzer et al. 2022, each term weighted by the
+    detached sigma^(2 beta). Plain NLL lets the mean ignore the voxels it finds uncertain (large
+    Ktrans, where the unknown AIF amplitude dominates) although they carry most of the RMSE;
+    beta = 1 gives the mean the gradient of a squared error, the mean of the predictive
+    distribution rather than its median, while sigma still learns the spread."""
     if kind == "laplace":
+        if beta:
+            raise DCEPKInputError("nll_beta applies to the gaussian likelihood only")
         value = torch.log(2 * scale_n) + (target_n - mean_n).abs() / scale_n
     elif kind == "gaussian":
         value = torch.log(scale_n) + 0.5 * ((target_n - mean_n) / scale_n) ** 2 + 0.5 * math.log(2 * math.pi)
+        if beta:
+            value = value * scale_n.detach() ** (2.0 * beta)
     else:
         raise DCEPKInputError(f"unknown likelihood {kind!r}: use 'laplace' or 'gaussian'")
     if weight is not None:
@@ -132,13 +142,17 @@ class _VoxelEncoder(nn.Module):
 
     def forward(self, x, protocol):
         h = self.embed(x).flatten(1)
-        return _heads(self.mlp(torch.cat([h, protocol], dim=1)), dim=1)
+        # first layer on [h, protocol] as two products: the same maths without copying h (millions of rows)
+        first = self.mlp[0]
+        flat = h.shape[1]
+        z = F.linear(h, first.weight[:, :flat]) + F.linear(protocol, first.weight[:, flat:], first.bias)
+        return _heads(self.mlp[1:](z), dim=1)
 
 
 class HeteroEncoder(nn.Module):
     kind = "voxel"
-    default_config = {"width": 16, "hidden": 64, "members": 3, "likelihood": "laplace", "dropout": 0.0,
-                      **SD_CALIBRATION}
+    default_config = {"width": 16, "hidden": 64, "members": 3, "likelihood": "laplace", "nll_beta": 0.0,
+                      "dropout": 0.0, **SD_CALIBRATION}
 
     def __init__(self, config: Dict):
         super().__init__()
@@ -154,7 +168,8 @@ class HeteroEncoder(nn.Module):
         return [member(x, protocol) for member in self.members]
 
     def loss(self, outputs, target_n, batch=None):
-        return sum(nll(target_n, m, s, self.likelihood) for m, s in outputs) / len(outputs)
+        beta = float(self.config["nll_beta"])
+        return sum(nll(target_n, m, s, self.likelihood, beta=beta) for m, s in outputs) / len(outputs)
 
     @torch.no_grad()
     def predict(self, curves, valid, protocol, n_samples: int = 0):
@@ -334,13 +349,23 @@ class TCNProbUNet(nn.Module):
             feat[inside] = self.tcn(xv, vv, pv)
         return feat.view(b, h, w, -1).permute(0, 3, 1, 2)
 
-    def _decode(self, feat, z):
+    def _unet(self, feat):
         e1 = self.enc1(feat)
         e2 = self.enc2(F.avg_pool2d(e1, 2, ceil_mode=True))
         up = F.interpolate(e2, size=e1.shape[2:], mode="nearest")
-        d1 = self.dec1(torch.cat([e1, up], dim=1))
-        zmap = z[:, :, None, None].expand(-1, -1, d1.shape[2], d1.shape[3])
-        return torch.sigmoid(self.head(torch.cat([d1, zmap], dim=1)))
+        return self.dec1(torch.cat([e1, up], dim=1))
+
+    def _head(self, d1, z):
+        """Bounded maps from the U-Net output and one latent draw per slice. The first 1x1 conv
+        on [d1, z broadcast] is split into its d1 and z parts, so a new draw costs the 1x1 head
+        only (the U-Net does not depend on z)."""
+        first = self.head[0]
+        u = d1.shape[1]
+        h = F.conv2d(d1, first.weight[:, :u]) + (z @ first.weight[:, u:, 0, 0].T + first.bias)[:, :, None, None]
+        return torch.sigmoid(self.head[1:](h))
+
+    def _decode(self, feat, z):
+        return self._head(self._unet(feat), z)
 
     def forward(self, curves, valid, protocol, tissue, truth_n=None):
         feat = self.features(curves, valid, protocol, tissue)
@@ -359,7 +384,8 @@ class TCNProbUNet(nn.Module):
         n = int(n_samples or self.config["n_samples"])
         feat = self.features(curves, valid, protocol, tissue)
         mu_p, ls_p = self.prior(feat, tissue)
-        samples = torch.stack([self._decode(feat, mu_p + torch.exp(ls_p) * torch.randn_like(mu_p)) for _ in range(n)])
+        d1 = self._unet(feat)
+        samples = torch.stack([self._head(d1, mu_p + torch.exp(ls_p) * torch.randn_like(mu_p)) for _ in range(n)])
         up = _upper(samples[0], 1)
         # latent draws under-disperse (one global latent per slice): the calibration factors matter most
         # here; a floor keeps the SD > 0 where all draws agree

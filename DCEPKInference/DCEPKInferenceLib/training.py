@@ -247,14 +247,35 @@ def check_metric(model, device="cpu") -> float:
 
 
 # ------------------------------------------------------------------------------------ training
+def _initialise_from(model, model_name: str, directory, log) -> Dict:
+    """Copy the weights of the trained ``model_name`` in ``directory`` into ``model``."""
+    from .model_store import load_model
+
+    trained, card = load_model(model_name, "cpu", directory)
+    try:
+        model.load_state_dict(trained.state_dict())
+    except RuntimeError as error:
+        raise DCEPKInputError(f"--init-from {directory}: its {model_name} has another architecture than the "
+                              f"config (width, hidden, members...): {str(error).splitlines()[0]}") from None
+    print(f"initialised {model_name} from {directory} (sha256 {card['sha256'][:12]}..., "
+          f"{card['training']['steps']} steps)", file=log)
+    previous = card["training"]
+    return {"sha256": card["sha256"], "steps": previous["steps"], "wall_s": previous.get("wall_s"),
+            "likelihood": card["network_config"].get("likelihood"),
+            **({"initialised_from": previous["initialised_from"]} if "initialised_from" in previous else {})}
+
+
 def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] = None, device="auto",
           out_dir=None, resume=None, overwrite: bool = False, threads: Optional[int] = None,
-          time_budget_min: Optional[float] = None, progress=None, cancel=None, log=sys.stderr) -> Dict:
+          time_budget_min: Optional[float] = None, init_from=None, progress=None, cancel=None,
+          log=sys.stderr) -> Dict:
     """Train ``model_name`` and write ``<out_dir>/<model_name>.safetensors`` + ``.json``. Returns the card.
 
     ``time_budget_min``: on a slow machine, fit the run into this many minutes of wall clock: after
     ``BUDGET_PROBE_STEPS`` steps the total is cut to what the measured step time allows (the
     cosine schedule follows the new total, so the run still ends at the low learning rate).
+    ``init_from``: a folder with a trained ``<model_name>`` (weights checked against its card):
+    fine-tune from those weights with a fresh optimiser and schedule, e.g. under another loss.
     """
     config = config or load_config(model_name)
     training = dict(config["training"])
@@ -279,6 +300,12 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, plan["total"]) / plan["total"])))
     start_step = 0
     previous_wall = 0.0
+    initialised_from = None
+    if init_from and resume:
+        raise DCEPKInputError("--init-from and --resume exclude each other: resume continues a run, "
+                              "init-from starts a new one from trained weights")
+    if init_from:
+        initialised_from = _initialise_from(model, model_name, init_from, log)
     checkpoint_path = out_dir / f"{model_name}.checkpoint.pt"
     if resume:
         state = torch.load(resume, map_location=dev, weights_only=True)
@@ -352,7 +379,8 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         "simulator_ranges": simulator.SIMULATOR_RANGES,
         "training": {**training, "steps_run_this_session": total - start_step, "resumed_from_step": start_step,
                      "wall_s": round(previous_wall + wall, 1), "wall_s_this_session": round(wall, 1), "device": str(dev), "torch_threads": torch.get_num_threads(),
-                     "torch_version": torch.__version__, "platform": platform.platform()},
+                     "torch_version": torch.__version__, "platform": platform.platform(),
+                     **({"initialised_from": initialised_from} if initialised_from else {})},
         "validation": {"set": {"seed": training["val_seed"], "kind": model.kind,
                                "size": int(val_batch["params"].numel() // 3)}, "metrics": validation},
         "check": {**CHECK_SET, "metric": "Ktrans_rmse_per_min", "value": check_metric(model, dev)},
@@ -376,6 +404,8 @@ def build_train_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", type=Path, default=Path("dcepk_models"), help="output folder for weights + card")
     parser.add_argument("--resume", type=Path, help="checkpoint (.checkpoint.pt) to continue from")
+    parser.add_argument("--init-from", type=Path,
+                        help="folder with a trained model of this name: fine-tune from its weights")
     parser.add_argument("--threads", type=int, help="CPU threads for torch")
     parser.add_argument("--time-budget-min", type=float, help="cut the steps to fit this many minutes (slow machines)")
     parser.add_argument("--recalibrate", action="store_true",
@@ -390,7 +420,8 @@ def train_main(argv=None) -> int:
         recalibrate(args.model, args.out, resolve_device(args.device))
         return 0
     train(args.model, load_config(args.model, args.config), steps=args.steps, device=args.device, out_dir=args.out,
-          resume=args.resume, overwrite=args.overwrite, threads=args.threads, time_budget_min=args.time_budget_min)
+          resume=args.resume, overwrite=args.overwrite, threads=args.threads, time_budget_min=args.time_budget_min,
+          init_from=args.init_from)
     return 0
 
 

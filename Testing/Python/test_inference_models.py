@@ -195,3 +195,33 @@ def test_recalibration_makes_the_90_percent_interval_cover_90_percent_of_the_cal
     mean, sd, truth, _ = training.predict_batch(model, batch)
     coverage = np.mean(np.abs(mean - truth) <= 1.6448536 * sd, axis=0)
     np.testing.assert_allclose(coverage, 0.9, atol=0.01)
+
+
+def test_fine_tuning_starts_from_the_trained_weights_under_a_new_loss(tmp_path):
+    config = training.load_config("hetero_encoder")
+    config["network_config"].update(members=1, width=4, hidden=8, likelihood="laplace", nll_beta=0.0)
+    config["training"].update(subjects_per_batch=2, voxels_per_subject=32, val_subjects=2,
+                              val_voxels_per_subject=16, log_every=2)
+    log = open("/dev/null", "w")
+    first = training.train("hetero_encoder", config, steps=3, device="cpu", out_dir=tmp_path / "a", log=log)
+    tuned_config = {**config, "network_config": {**config["network_config"], "likelihood": "gaussian",
+                                                 "nll_beta": 1.0},
+                    "training": {**config["training"], "lr": 0.0, "weight_decay": 0.0}}
+    tuned = training.train("hetero_encoder", tuned_config, steps=2, device="cpu", out_dir=tmp_path / "b",
+                           init_from=tmp_path / "a", log=log)
+    a = load_file(str(tmp_path / "a" / "hetero_encoder.safetensors"))
+    b = load_file(str(tmp_path / "b" / "hetero_encoder.safetensors"))
+    assert a.keys() == b.keys()
+    for key in a:   # learning rate 0: the fine-tuned weights are exactly the ones it started from
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    assert tuned["training"]["initialised_from"]["sha256"] == first["sha256"]
+    assert tuned["training"]["initialised_from"]["likelihood"] == "laplace"
+    assert tuned["network_config"]["likelihood"] == "gaussian"
+    wider = {**config, "network_config": {**config["network_config"], "width": 6}}
+    with pytest.raises(DCEPKInputError, match="another architecture"):
+        training.train("hetero_encoder", wider, steps=1, device="cpu", out_dir=tmp_path / "c",
+                       init_from=tmp_path / "a", log=log)
+    with pytest.raises(DCEPKInputError, match="exclude each other"):
+        training.train("hetero_encoder", config, steps=1, device="cpu", out_dir=tmp_path / "d",
+                       init_from=tmp_path / "a", resume=tmp_path / "a" / "hetero_encoder.checkpoint.pt", log=log)
+    assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()

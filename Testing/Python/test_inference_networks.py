@@ -8,7 +8,7 @@ from DCEPKFittingLib import signal_models, tk_models
 from DCEPKFittingLib.errors import DCEPKInputError
 from DCEPKInferenceLib import canonical_grid as cg
 from DCEPKInferenceLib import simulator
-from DCEPKInferenceLib.networks import NETWORKS, PARAM_UPPER, build_network, count_parameters
+from DCEPKInferenceLib.networks import NETWORKS, PARAM_UPPER, build_network, count_parameters, nll
 from DCEPKInferenceLib.training import compute_loss, temporal_shift, tracer_kinetic_loss
 
 torch.set_num_threads(1)
@@ -179,3 +179,19 @@ def test_temporal_shift_delays_the_curve():
         s = int((row == 0).sum()) - 1
         assert 0 <= s <= 3
         torch.testing.assert_close(row[s:], torch.arange(10.0 - s))
+
+
+def test_beta_nll_gives_the_mean_a_squared_error_gradient_and_keeps_the_variance_optimum():
+    target = torch.tensor([[0.1, 0.5, 0.9]], dtype=torch.float64)
+    mean = torch.tensor([[0.3, 0.2, 0.6]], dtype=torch.float64, requires_grad=True)
+    scale = torch.tensor([[0.05, 0.4, 1.5]], dtype=torch.float64, requires_grad=True)
+    plain = nll(target, mean, scale, "gaussian")
+    assert plain.item() == pytest.approx(float(torch.distributions.Normal(mean, scale).log_prob(target).mean().neg().detach()))
+    nll(target, mean, scale, "gaussian", beta=1.0).backward()
+    # beta = 1: d/dmean = (mean - target) / n whatever sigma, i.e. the gradient of half the mean squared error
+    torch.testing.assert_close(mean.grad, (mean - target).detach() / 3)
+    # d/dsigma = sigma^2 (1/sigma - r^2/sigma^3) / n: zero exactly at sigma = |r|, as for the plain NLL
+    r = (target - mean).detach()
+    torch.testing.assert_close(scale.grad, (scale - r ** 2 / scale).detach() / 3)
+    with pytest.raises(DCEPKInputError, match="gaussian"):
+        nll(target, mean, scale, "laplace", beta=1.0)
