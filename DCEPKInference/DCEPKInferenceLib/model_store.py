@@ -117,6 +117,20 @@ def load_model(name: str, device="cpu", directory=None) -> Tuple[torch.nn.Module
     return model.to(device).eval(), card
 
 
+def training_totals(card: Dict) -> Tuple[int, float]:
+    """Optimiser steps and wall seconds of a model's whole training, following the chain of
+    ``training.initialised_from`` entries of fine-tuned models (a resumed run already counts
+    its earlier steps)."""
+    run = card["training"]
+    steps, wall = int(run["steps"]), float(run.get("wall_s") or 0.0)
+    parent = run.get("initialised_from")
+    while parent:
+        steps += int(parent["steps"])
+        wall += float(parent.get("wall_s") or 0.0)
+        parent = parent.get("initialised_from")
+    return steps, wall
+
+
 def _atomic_write(target: Path, writer) -> None:
     handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
     os.close(handle)

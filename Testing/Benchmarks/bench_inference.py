@@ -42,7 +42,7 @@ from DCEPKFittingLib.reference_data import missing_reason, reference_path  # noq
 from DCEPKInferenceLib import canonical_grid as cg  # noqa: E402
 from DCEPKInferenceLib import metrics, simulator  # noqa: E402
 from DCEPKInferenceLib.inference import run_inference  # noqa: E402
-from DCEPKInferenceLib.model_store import list_models, load_model  # noqa: E402
+from DCEPKInferenceLib.model_store import list_models, load_model, training_totals  # noqa: E402
 from DCEPKInferenceLib.networks import PARAM_NAMES  # noqa: E402
 
 BENCH_SEED = 7_000_001          # training draws [seed, step] with seeds 1-4, 11, 12; validation 900001, calibration 900002, checks 424242
@@ -272,8 +272,7 @@ def main(argv=None):
     log = lambda msg: print(msg, file=sys.stderr, flush=True)
     cards = list_models(args.models_dir)
     models = {card["name"]: load_model(card["name"], "cpu", args.models_dir)[0] for card in cards}
-    budgets = ", ".join(f"{c['name']} {c['training']['steps']} steps / {c['training']['wall_s']:.0f} s"
-                        for c in cards)
+    budgets = ", ".join("{} {} steps / {:.0f} s".format(c["name"], *training_totals(c)) for c in cards)
     log("synthetic sets...")
     n_patches = 2 if args.quick else args.patches
     rows, calib, floors = synthetic(models, n_patches, log)

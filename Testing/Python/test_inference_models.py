@@ -13,7 +13,7 @@ from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError
 from DCEPKFittingLib.phantom import TUMOUR_RIM, WHITE_MATTER, make_phantom
 from DCEPKInferenceLib import simulator, training
 from DCEPKInferenceLib.inference import infer_main, run_inference
-from DCEPKInferenceLib.model_store import DEFAULT_MODELS_DIR, list_models, load_model, sha256_of
+from DCEPKInferenceLib.model_store import DEFAULT_MODELS_DIR, list_models, load_model, sha256_of, training_totals
 from DCEPKInferenceLib.networks import NETWORKS
 
 torch.set_num_threads(1)
@@ -217,6 +217,7 @@ def test_fine_tuning_starts_from_the_trained_weights_under_a_new_loss(tmp_path):
     assert tuned["training"]["initialised_from"]["sha256"] == first["sha256"]
     assert tuned["training"]["initialised_from"]["likelihood"] == "laplace"
     assert tuned["network_config"]["likelihood"] == "gaussian"
+    assert training_totals(tuned) == (3 + 2, pytest.approx(first["training"]["wall_s"] + tuned["training"]["wall_s"]))
     wider = {**config, "network_config": {**config["network_config"], "width": 6}}
     with pytest.raises(DCEPKInputError, match="another architecture"):
         training.train("hetero_encoder", wider, steps=1, device="cpu", out_dir=tmp_path / "c",
