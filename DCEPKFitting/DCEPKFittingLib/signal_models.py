@@ -281,6 +281,21 @@ def detect_baseline_frames(signal_or_curve, min_frames=1):
 
 
 # --------------------------------------------------------------------------- concentration
+def check_t10(t10_s, spatial_shape=None) -> np.ndarray:
+    """T10 (s) as float64, scalar or a map of ``spatial_shape``; an error names a wrong shape, a
+    map with no positive finite value, or values that look like milliseconds."""
+    t10 = np.asarray(t10_s, dtype=np.float64)
+    if t10.ndim > 0 and spatial_shape is not None and t10.shape != tuple(spatial_shape):
+        raise DCEPKInputError(f"T10 map of shape {t10.shape} does not match the series' grid {tuple(spatial_shape)}")
+    t10_finite = t10[np.isfinite(t10) & (t10 > 0)]
+    if t10_finite.size == 0:
+        raise DCEPKInputError("T10 has no positive finite value: give the pre-contrast T1 in seconds")
+    if np.median(t10_finite) > 20:
+        raise DCEPKInputError(
+            f"T10 median {np.median(t10_finite):g} s is implausible: T10 looks like milliseconds; pass seconds")
+    return t10
+
+
 def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames=None, b1=1.0,
                             baseline_start=0, progress=None, cancel=None):
     """Concentration (mM) from SPGR signal by exact inversion of the SPGR equation.
@@ -319,15 +334,7 @@ def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_f
     if not np.any(np.isfinite(sig)):
         raise DCEPKInputError("the signal is NaN / inf everywhere: check the loaded series")
     spatial = sig.shape[:-1]
-    t10 = np.asarray(t10_s, dtype=np.float64)
-    if t10.ndim > 0 and t10.shape != spatial:
-        raise DCEPKInputError(f"T10 map of shape {t10.shape} does not match the series' grid {spatial}")
-    t10_finite = t10[np.isfinite(t10) & (t10 > 0)]
-    if t10_finite.size == 0:
-        raise DCEPKInputError("T10 has no positive finite value: give the pre-contrast T1 in seconds")
-    if np.median(t10_finite) > 20:
-        raise DCEPKInputError(
-            f"T10 median {np.median(t10_finite):g} s is implausible: T10 looks like milliseconds; pass seconds")
+    t10 = check_t10(t10_s, spatial)
     b1v = _check_b1(b1)
     if b1v.ndim > 0 and b1v.shape != spatial:
         raise DCEPKInputError(f"B1 map of shape {b1v.shape} does not match the series' grid {spatial}")

@@ -110,10 +110,12 @@ def tissue_concentration(signal, baseline_frames: int, fa_deg, tr_s, t10_s, r1_p
     require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s)
     sig = np.asarray(signal, dtype=np.float64)
     n_base = int(baseline_frames)
-    conc, _ = signal_models.signal_to_concentration(sig, t10_s, fa_deg, tr_s, r1_per_mM_s, n_base)
     s0 = sig[..., :n_base].mean(axis=-1)
     t10 = np.broadcast_to(np.asarray(t10_s, dtype=np.float64), s0.shape)
     convertible = np.isfinite(s0) & (s0 > 0) & np.isfinite(t10) & (t10 > 0)
+    if not convertible.any():   # e.g. a chunk of background: nothing to convert, not an error
+        return np.zeros(sig.shape), np.zeros(sig.shape[:-1]), s0
+    conc, _ = signal_models.signal_to_concentration(sig, t10_s, fa_deg, tr_s, r1_per_mM_s, n_base)
     conc = np.where(np.isnan(conc), CONC_CLIP_MM[1], conc)
     conc = np.where(convertible[..., None], np.clip(conc, *CONC_CLIP_MM), 0.0)
     noise = conc[..., :n_base].std(axis=-1, ddof=1) if n_base >= 2 else np.zeros(conc.shape[:-1])

@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from DCEPKFittingLib.cli import add_timing_options, parse_times
-from DCEPKFittingLib.signal_models import default_r1
+from DCEPKFittingLib.signal_models import check_t10, default_r1
 from DCEPKFittingLib.dce_io import DCESeries, read_dce, read_mask, read_volume, write_maps
 from DCEPKFittingLib.errors import DCEPKInputError
 from DCEPKFittingLib.geometry import Geometry, check_same_grid
@@ -111,12 +111,9 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
 
 
 def _t10_values(t10_s, shape):
-    t10 = np.asarray(t10_s, dtype=np.float64)
-    if t10.ndim == 0:
-        return float(t10)
-    if t10.shape != tuple(shape):
-        raise DCEPKInputError(f"T10 map of shape {t10.shape} does not match the series' grid {tuple(shape)}")
-    return t10
+    """The whole map is checked here: a chunk of background (T10 0 outside the head) is then not an error."""
+    t10 = check_t10(t10_s, shape)
+    return float(t10) if t10.ndim == 0 else t10
 
 
 def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None, device="auto", fa_deg=None,

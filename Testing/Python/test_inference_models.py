@@ -88,6 +88,24 @@ def test_run_inference_on_a_phantom(name, phantom):
     assert abs(result.baseline_frames - phantom.protocol.baseline_frames) <= 1
 
 
+def test_a_chunk_of_background_with_no_t10_is_not_an_error(phantom):
+    """T10 maps have no value (NaN or 0) outside the head; a chunk of only such voxels (small chunks,
+    or a whole slice of air) must give 0 there and leave the tissue maps as with one chunk."""
+    everything = np.ones(phantom.series.spatial_shape, bool)
+    t10 = phantom.truth["T10"]
+    no_t10 = ~(t10 > 0)
+    assert no_t10.any() and not no_t10.all()
+    one = run_inference(phantom.series, "hetero_encoder", mask=everything, device="cpu", t10_s=t10)
+    small = run_inference(phantom.series, "hetero_encoder", mask=everything, device="cpu", t10_s=t10,
+                          batch_voxels=64)
+    assert np.all(small.maps["Ktrans"][no_t10] < 0.01)
+    for key in one.maps:
+        np.testing.assert_allclose(small.maps[key], one.maps[key], rtol=1e-5, atol=1e-6, err_msg=key)
+    with pytest.raises(DCEPKInputError, match="no positive finite"):
+        run_inference(phantom.series, "hetero_encoder", device="cpu", t10_s=np.zeros_like(t10))
+    with pytest.raises(DCEPKInputError, match="milliseconds"):
+        run_inference(phantom.series, "hetero_encoder", device="cpu", t10_s=t10 * 1000)
+
 def test_voxel_network_recovers_phantom_tissue_contrast(phantom):
     """Independent truth: the phantom's tumour rim has Ktrans ~0.12 /min, white matter ~0.001.
 
