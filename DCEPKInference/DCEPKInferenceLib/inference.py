@@ -111,7 +111,7 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
 
 
 def _t10_values(t10_s, shape):
-    """The whole map is checked here: a chunk of background (T10 0 outside the head) is then not an error."""
+    """The whole map is checked here, so a chunk of background (no T10: NaN or 0) is not an error."""
     t10 = check_t10(t10_s, shape)
     return float(t10) if t10.ndim == 0 else t10
 

@@ -32,7 +32,7 @@ from DCEPKFittingLib.jobs import raise_if_cancelled
 
 from . import __version__, canonical_grid, simulator
 from .metrics import Z90, summarize
-from .model_store import models_dir, save_model
+from .model_store import load_model, models_dir, save_model
 from .networks import NETWORKS, PARAM_NAMES, PARAM_UNITS, PARAM_UPPER, build_network, count_parameters
 
 CONFIG_DIR = models_dir() / "configs"
@@ -217,8 +217,6 @@ def fit_sd_calibration(model, training: Dict, device) -> Dict:
 
 def recalibrate(model_name: str, models_dir, device="cpu", log=sys.stderr) -> Dict:
     """Fit the SD factors of a trained model anew and rewrite its card (weights unchanged)."""
-    from .model_store import load_model
-
     model, card = load_model(model_name, device, models_dir)
     training = {**DEFAULT_TRAINING, **card["training"]}
     calibration = fit_sd_calibration(model, training, device)
@@ -249,8 +247,6 @@ def check_metric(model, device="cpu") -> float:
 # ------------------------------------------------------------------------------------ training
 def _initialise_from(model, model_name: str, directory, log) -> Dict:
     """Copy the weights of the trained ``model_name`` in ``directory`` into ``model``."""
-    from .model_store import load_model
-
     trained, card = load_model(model_name, "cpu", directory)
     try:
         model.load_state_dict(trained.state_dict())
