@@ -90,7 +90,8 @@ def test_run_inference_on_a_phantom(name, phantom):
 
 def test_a_chunk_of_background_with_no_t10_is_not_an_error(phantom):
     """T10 maps have no value (NaN or 0) outside the head; a chunk of only such voxels (small chunks,
-    or a whole slice of air) must give 0 there and leave the tissue maps as with one chunk."""
+    or a whole slice of air) must read as no contrast there (concentration 0, Ktrans ~ 0) and leave
+    the maps as with one chunk."""
     everything = np.ones(phantom.series.spatial_shape, bool)
     t10 = phantom.truth["T10"]
     no_t10 = ~(t10 > 0)
@@ -105,6 +106,7 @@ def test_a_chunk_of_background_with_no_t10_is_not_an_error(phantom):
         run_inference(phantom.series, "hetero_encoder", device="cpu", t10_s=np.zeros_like(t10))
     with pytest.raises(DCEPKInputError, match="milliseconds"):
         run_inference(phantom.series, "hetero_encoder", device="cpu", t10_s=t10 * 1000)
+
 
 def test_voxel_network_recovers_phantom_tissue_contrast(phantom):
     """Independent truth: the phantom's tumour rim has Ktrans ~0.12 /min, white matter ~0.001.
