@@ -32,6 +32,7 @@ from .networks import PARAM_NAMES
 DEFAULT_MODEL = "hetero_encoder"
 KEP_VE_FLOOR = 0.01
 AUTO_MASK_FRACTION = 0.1       # auto mask: baseline signal above 10 % of its 99th percentile
+BASELINE_SAMPLE_VOXELS = 50_000  # voxels sampled for bolus-arrival detection
 SLICE_MARGIN = 8               # pixels of context around the mask's bounding box for 2-D networks
 GPU_BYTES_NEEDED = 2 << 30     # ask for 2 GiB free before choosing the GPU
 UNITS = {"Ktrans": "1/min", "ve": "fraction", "vp": "fraction", "kep": "1/min",
@@ -99,9 +100,10 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
         if not 1 <= n < series.n_frames:
             raise DCEPKInputError(f"baseline_frames={baseline_frames} must be between 1 and {series.n_frames - 1}")
         return n
-    voxels = series.signal[mask] if mask is not None else series.signal.reshape(-1, series.n_frames)
-    if voxels.shape[0] > 200_000:  # detection needs the most enhancing voxels, not all of them
-        voxels = voxels[np.random.default_rng(0).choice(voxels.shape[0], 200_000, replace=False)]
+    # detection needs the most enhancing voxels, not all of them: an evenly spaced sample of the mask
+    index = np.flatnonzero(mask) if mask is not None else np.arange(int(np.prod(series.spatial_shape)))
+    index = index[::max(1, index.size // BASELINE_SAMPLE_VOXELS)]
+    voxels = series.signal.reshape(-1, series.n_frames)[index]
     try:
         return cg.estimate_baseline_frames(voxels)
     except DCEPKInputError:

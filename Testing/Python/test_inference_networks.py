@@ -159,6 +159,47 @@ def test_network_forward_backward_any_frame_count(name, n_frames):
     assert sum(int(g is not None and torch.any(g != 0)) for g in grads) >= 0.8 * len(grads)
 
 
+def test_inference_shortcuts_give_the_plain_layers_results():
+    """The CPU speed-ups (unused grid patches folded into a bias, cache-sized voxel blocks, dilated
+    conv as shifted taps, stem without the invalid grid points) against the plain layers."""
+    torch.manual_seed(3)
+    rng = np.random.default_rng(3)
+    canonical, _ = _voxel_inputs(20, rng, n=64)               # 300 s: the grid after it is invalid
+    reps = 5000 // 64 + 1                                     # more voxels than one CPU block
+    curves = torch.from_numpy(np.tile(canonical.curves, (reps, 1)) * rng.uniform(0.5, 1.5, (64 * reps, 1)))
+    curves = curves.float()
+    protocol = torch.from_numpy(np.tile(canonical.protocol, (reps, 1)))
+    valid = torch.from_numpy(canonical.valid)
+    assert 0 < valid.sum() < cg.GRID_POINTS - 8
+    hetero = build_network("hetero_encoder").eval()
+    for p in hetero.parameters():                             # non-trivial biases everywhere
+        p.data += 0.1 * torch.randn_like(p)
+    with torch.no_grad():
+        plain = torch.stack([m for m, _ in hetero(curves, valid.expand_as(curves), protocol)]).mean(0)
+        mean, _ = hetero.predict(curves, valid, protocol)
+    assert torch.allclose(mean, plain * torch.tensor(PARAM_UPPER), atol=1e-5)
+
+    tcn_net = build_network("tcn_punet").eval()
+    tcn = tcn_net.tcn
+    h = torch.randn(7, 32, tcn.blocks[0].in_features // 3)
+    for d, block in zip(tcn.dilations, tcn.blocks):
+        hp = torch.nn.functional.pad(h, (0, 0, d, d))
+        expected = block(torch.cat([hp[:, :-2 * d], h, hp[:, 2 * d:]], dim=-1))
+        assert torch.allclose(tcn._dilated(block, h, d), expected, atol=1e-5)
+    side = 50                                                  # 2500 tissue voxels: several TCN blocks
+    img = lambda a: a[: side * side].T.reshape(1, -1, side, side).contiguous()
+    with torch.no_grad():
+        feat = tcn_net.features(img(curves), valid[None], img(protocol), torch.ones(1, 1, side, side))
+        direct = tcn(curves[: side * side], valid.expand(side * side, -1), protocol[: side * side])
+    assert torch.allclose(feat[0].reshape(feat.shape[1], -1).T, direct, atol=1e-5)
+
+    stem = build_network("fcsa_net").stem
+    x = torch.cat([torch.asinh(img(curves) / 0.5) * valid[None, :, None, None], img(protocol)], dim=1)
+    with torch.no_grad():
+        expected = torch.nn.functional.gelu(stem.conv(x) + stem.valid_bias(valid[None])[:, :, None, None])
+        assert torch.allclose(stem(img(curves), valid[None], img(protocol)), expected, atol=1e-5)
+
+
 def test_tracer_kinetic_loss_is_zero_only_for_the_true_parameters():
     rng = np.random.default_rng(1)
     subject = simulator.sample_subject(rng)
