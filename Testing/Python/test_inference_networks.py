@@ -8,7 +8,7 @@ from DCEPKFittingLib import signal_models, tk_models
 from DCEPKFittingLib.errors import DCEPKInputError
 from DCEPKInferenceLib import canonical_grid as cg
 from DCEPKInferenceLib import simulator
-from DCEPKInferenceLib.networks import NETWORKS, PARAM_UPPER, build_network, count_parameters, nll
+from DCEPKInferenceLib.networks import NETWORKS, PARAM_UPPER, build_network, compress, count_parameters, nll
 from DCEPKInferenceLib.training import compute_loss, temporal_shift, tracer_kinetic_loss
 
 torch.set_num_threads(1)
@@ -161,7 +161,7 @@ def test_network_forward_backward_any_frame_count(name, n_frames):
 
 def test_inference_shortcuts_give_the_plain_layers_results():
     """The CPU speed-ups (unused grid patches folded into a bias, cache-sized voxel blocks, dilated
-    conv as shifted taps, stem without the invalid grid points) against the plain layers."""
+    conv as shifted taps, stem without the invalid grid points, asinh by log1p) against the plain layers."""
     torch.manual_seed(3)
     rng = np.random.default_rng(3)
     canonical, _ = _voxel_inputs(20, rng, n=64)               # 300 s: the grid after it is invalid
@@ -193,6 +193,8 @@ def test_inference_shortcuts_give_the_plain_layers_results():
         direct = tcn(curves[: side * side], valid.expand(side * side, -1), protocol[: side * side])
     assert torch.allclose(feat[0].reshape(feat.shape[1], -1).T, direct, atol=1e-5)
 
+    x = torch.cat([-torch.logspace(-6, 2, 50), torch.zeros(1), torch.logspace(-6, 2, 50)])
+    assert torch.allclose(compress(x), torch.asinh(x / 0.5), rtol=1e-6, atol=1e-7)
     stem = build_network("fcsa_net").stem
     x = torch.cat([torch.asinh(img(curves) / 0.5) * valid[None, :, None, None], img(protocol)], dim=1)
     with torch.no_grad():
