@@ -97,10 +97,11 @@ _DICOM_SUFFIXES = (".dcm", ".ima", ".dicom")
 _WRITE_SUFFIXES = (".nii.gz", ".nii", ".nrrd", ".mha")
 _SUPPORTED = ("a folder (or list) of DICOM files, a multi-frame DICOM file, .nii, .nii.gz, .nrrd, .nhdr, "
               ".mha or .mhd")
-_TIME_UNITS_TO_S = {"s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0,
-                    "ms": 1e-3, "msec": 1e-3, "millisecond": 1e-3, "milliseconds": 1e-3,
-                    "us": 1e-6, "usec": 1e-6, "microsecond": 1e-6, "microseconds": 1e-6,
-                    "min": 60.0, "minute": 60.0, "minutes": 60.0}
+# Seconds per time unit, for every reader of frame times (files and the Slicer scene).
+TIME_UNITS_TO_S = {"s": 1.0, "sec": 1.0, "secs": 1.0, "second": 1.0, "seconds": 1.0,
+                   "ms": 1e-3, "msec": 1e-3, "millisecond": 1e-3, "milliseconds": 1e-3,
+                   "us": 1e-6, "usec": 1e-6, "microsecond": 1e-6, "microseconds": 1e-6,
+                   "min": 60.0, "minute": 60.0, "minutes": 60.0}
 _SLICER_TIME_TAGS = ("TriggerTime", "AcquisitionTime", "SeriesTime", "ContentTime", "Time")
 
 
@@ -717,7 +718,7 @@ def _nrrd_timing(path: Path, n_frames: int):
             f"{path} is a {not_frames[0]} image (NRRD kind), not a dynamic series: give the DCE series")
     tag = keys.get("MultiVolume.FrameIdentifyingDICOMTagName", "").strip()
     tag_unit = keys.get("MultiVolume.FrameIdentifyingDICOMTagUnits", "").strip().lower()
-    if tag and tag not in _SLICER_TIME_TAGS and tag_unit not in _TIME_UNITS_TO_S:
+    if tag and tag not in _SLICER_TIME_TAGS and tag_unit not in TIME_UNITS_TO_S:
         return None, (f"its frames are indexed by {tag} ({tag_unit or 'no unit'}), not by time: this is not a "
                       "DCE series"), extra
 
@@ -727,11 +728,11 @@ def _nrrd_timing(path: Path, n_frames: int):
     if list_axis is not None and f"axis {list_axis} index values" in keys:
         units = _nrrd_words(fields.get("units", "")) if "units" in fields else []
         unit = units[list_axis].strip().lower() if list_axis < len(units) else ""
-        if unit in _TIME_UNITS_TO_S:
+        if unit in TIME_UNITS_TO_S:
             values = _float_list(keys[f"axis {list_axis} index values"], "the sequence index values")
             if values.size == n_frames:
                 metadata["timing_source"] = f"NRRD sequence index values ({unit})"
-                return values * _TIME_UNITS_TO_S[unit], None, extra
+                return values * TIME_UNITS_TO_S[unit], None, extra
             problems.append(f"{values.size} sequence index values for {n_frames} frames")
         else:
             problems.append(f"the sequence index has no time unit ('{unit}')")
@@ -740,13 +741,13 @@ def _nrrd_timing(path: Path, n_frames: int):
     if "MultiVolume.FrameLabels" in keys:
         labels = _float_list(keys["MultiVolume.FrameLabels"], "MultiVolume.FrameLabels")
         unit = tag_unit or "ms"
-        if unit not in _TIME_UNITS_TO_S:
+        if unit not in TIME_UNITS_TO_S:
             return None, f"MultiVolume.FrameLabels are in '{unit}', not a time unit", extra
         if labels.size != n_frames:
             problems.append(f"{labels.size} MultiVolume.FrameLabels for {n_frames} frames")
         else:
             metadata["timing_source"] = f"MultiVolume.FrameLabels ({unit})"
-            return labels * _TIME_UNITS_TO_S[unit], None, extra
+            return labels * TIME_UNITS_TO_S[unit], None, extra
     return None, "; ".join(problems) or "the NRRD header has no MultiVolume.FrameLabels or sequence index", extra
 
 

@@ -18,7 +18,7 @@ import slicer
 import vtk
 from vtkmodules.util import numpy_support
 
-from .dce_io import DCESeries
+from .dce_io import TIME_UNITS_TO_S, DCESeries
 from .errors import DCEPKInputError
 from .geometry import Geometry, check_same_grid
 from .stats import STAT_COLUMNS, label_statistics
@@ -31,12 +31,6 @@ OUTPUT_MAP_ATTRIBUTE = "DCEPK.Map"  # marks map volumes this extension wrote (va
 UNITS_ATTRIBUTE = "DCEPK.Units"
 KIND_ATTRIBUTE = "DCEPK.SeriesKind"  # "signal" (default) or "concentration" (mM)
 
-# Seconds per unit; Slicer writes "ms" for DICOM trigger times, users type anything of these.
-_TIME_UNIT_SECONDS = {
-    "ms": 1e-3, "msec": 1e-3, "millisecond": 1e-3, "milliseconds": 1e-3,
-    "s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0,
-    "min": 60.0, "minute": 60.0, "minutes": 60.0,
-}
 
 
 # --------------------------------------------------------------------------- geometry / arrays
@@ -86,12 +80,13 @@ def _parse_numbers(text: str, what: str) -> np.ndarray:
 
 
 def _unit_seconds(unit: str, where: str) -> float:
+    """Seconds per ``unit`` (Slicer writes "ms" for DICOM trigger times; users type any unit DCEPK knows)."""
     key = (unit or "").strip().lower()
-    if key not in _TIME_UNIT_SECONDS:
+    if key not in TIME_UNITS_TO_S:
         raise DCEPKInputError(
             f"the {where} has time unit '{unit}', which is not a time unit DCEPK knows: "
             "set it to ms, s or min (Sequences module: index unit)")
-    return _TIME_UNIT_SECONDS[key]
+    return TIME_UNITS_TO_S[key]
 
 
 def _frame_times_s(sequence_node, first_frame, n_frames: int) -> Tuple[np.ndarray, str]:
