@@ -3,7 +3,8 @@
 No AIF is needed: the series is converted to tissue concentration (exact SPGR inversion with
 the FA, TR, T10 and r1 that the conventional fit needs too) on the canonical grid
 (``canonical_grid``). Memory stays bounded: voxel-wise networks run on chunks of
-``batch_voxels`` voxels; 2-D networks run slice by slice on the bounding box of the mask.
+``batch_voxels`` voxels (on CPU in cache-sized blocks within a chunk, ``networks.in_cache_blocks``);
+2-D networks run slice by slice on the bounding box of the mask.
 Maps outside the mask are 0. kep = Ktrans / ve with ve floored at ``KEP_VE_FLOOR`` (kep is
 undefined where ve -> 0), and its SD by first-order error propagation from the Ktrans and ve SDs
 (assumed independent).

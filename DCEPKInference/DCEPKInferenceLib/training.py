@@ -245,19 +245,51 @@ def check_metric(model, device="cpu") -> float:
 
 
 # ------------------------------------------------------------------------------------ training
+# Config keys a fine-tune may enlarge (the MLP's hidden layers, whose units can be added without
+# changing what the network computes: ``_grow_into``), and the architecture keys that must match then.
+GROWABLE = {"hetero_encoder": {"grow": ("hidden",), "fixed": ("width", "members")}}
+
+
+def _grow_into(model, trained) -> None:
+    """Embed the trained weights of a narrower MLP into ``model`` (same layers, more hidden units)
+    so that it computes the same function: each weight's old block is copied, the new units keep
+    their random init, and the weights from new units into old ones (and into the outputs) are 0.
+    Training then uses the new units from the first step (their outgoing weights get gradients)."""
+    old_state, state = trained.state_dict(), model.state_dict()
+    for key, new in state.items():
+        old = old_state[key]
+        if old.shape == new.shape:
+            new.copy_(old)
+            continue
+        block = tuple(slice(0, n) for n in old.shape)
+        if new.dim() == 2 and new.shape[1] > old.shape[1]:
+            new[: old.shape[0], old.shape[1]:] = 0.0     # old units ignore the new ones
+        new[block] = old
+    model.load_state_dict(state)
+
+
 def _initialise_from(model, model_name: str, directory, log) -> Dict:
-    """Copy the weights of the trained ``model_name`` in ``directory`` into ``model``."""
+    """Copy the weights of the trained ``model_name`` in ``directory`` into ``model``, or grow them
+    into it when the config only enlarges a ``GROWABLE`` key."""
     trained, card = load_model(model_name, "cpu", directory)
+    rule = GROWABLE.get(model_name, {"grow": (), "fixed": ()})
+    grown = [k for k in rule["grow"] if model.config[k] > trained.config[k]]
     try:
-        model.load_state_dict(trained.state_dict())
+        if grown and any(model.config[k] != trained.config[k] for k in rule["fixed"]):
+            raise RuntimeError(f"only {', '.join(rule['grow'])} may grow; {', '.join(rule['fixed'])} must match")
+        if grown:
+            _grow_into(model, trained)
+        else:
+            model.load_state_dict(trained.state_dict())
     except RuntimeError as error:
         raise DCEPKInputError(f"--init-from {directory}: its {model_name} has another architecture than the "
                               f"config (width, hidden, members...): {str(error).splitlines()[0]}") from None
     print(f"initialised {model_name} from {directory} (sha256 {card['sha256'][:12]}..., "
-          f"{card['training']['steps']} steps)", file=log)
+          f"{card['training']['steps']} steps{', grown: ' + ', '.join(grown) if grown else ''})", file=log)
     previous = card["training"]
     return {"sha256": card["sha256"], "steps": previous["steps"], "wall_s": previous.get("wall_s"),
             "likelihood": card["network_config"].get("likelihood"),
+            **({"grown": {k: [trained.config[k], model.config[k]] for k in grown}} if grown else {}),
             **({"initialised_from": previous["initialised_from"]} if "initialised_from" in previous else {})}
 
 

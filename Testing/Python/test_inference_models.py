@@ -242,7 +242,37 @@ def test_fine_tuning_starts_from_the_trained_weights_under_a_new_loss(tmp_path):
     with pytest.raises(DCEPKInputError, match="another architecture"):
         training.train("hetero_encoder", wider, steps=1, device="cpu", out_dir=tmp_path / "c",
                        init_from=tmp_path / "a", log=log)
+    with pytest.raises(DCEPKInputError, match="must match"):    # hidden may grow, width not with it
+        training.train("hetero_encoder", {**wider, "network_config": {**wider["network_config"], "hidden": 12}},
+                       steps=1, device="cpu", out_dir=tmp_path / "c", init_from=tmp_path / "a", log=log)
     with pytest.raises(DCEPKInputError, match="exclude each other"):
         training.train("hetero_encoder", config, steps=1, device="cpu", out_dir=tmp_path / "d",
                        init_from=tmp_path / "a", resume=tmp_path / "a" / "hetero_encoder.checkpoint.pt", log=log)
     assert not (tmp_path / "c").exists() and not (tmp_path / "d").exists()
+
+
+def test_a_wider_hidden_layer_starts_from_the_same_function(tmp_path):
+    """--init-from into a larger ``hidden``: the trained weights are embedded, the network's output
+    is unchanged at the start (learning rate 0 here), and the new units are trainable."""
+    config = training.load_config("hetero_encoder")
+    config["network_config"].update(members=2, width=4, hidden=8)
+    config["training"].update(subjects_per_batch=2, voxels_per_subject=32, val_subjects=2,
+                              val_voxels_per_subject=16, log_every=2)
+    log = open("/dev/null", "w")
+    training.train("hetero_encoder", config, steps=3, device="cpu", out_dir=tmp_path / "a", log=log)
+    grown_config = {"network_config": {**config["network_config"], "hidden": 12},
+                    "training": {**config["training"], "lr": 0.0, "weight_decay": 0.0}}
+    card = training.train("hetero_encoder", grown_config, steps=1, device="cpu", out_dir=tmp_path / "b",
+                          init_from=tmp_path / "a", log=log)
+    assert card["training"]["initialised_from"]["grown"] == {"hidden": [8, 12]}
+    narrow, _ = load_model("hetero_encoder", "cpu", tmp_path / "a")
+    wide, _ = load_model("hetero_encoder", "cpu", tmp_path / "b")
+    assert wide.members[0].mlp[3].weight.shape == (12, 24)
+    batch = training.check_batch("voxel")
+    with torch.no_grad():
+        outputs = [model(batch["curves"], batch["valid"], batch["protocol"]) for model in (narrow, wide)]
+    for (m_narrow, s_narrow), (m_wide, s_wide) in zip(*outputs):
+        torch.testing.assert_close(m_wide, m_narrow, rtol=0, atol=1e-6)
+        torch.testing.assert_close(s_wide, s_narrow, rtol=0, atol=1e-6)
+    new_units = wide.members[0].mlp[3].weight[8:]
+    assert torch.any(new_units != 0)                             # new units are live, not dead copies
