@@ -42,3 +42,15 @@ def summarize(estimate, truth, sd=None) -> dict:
         out["coverage90"] = coverage90(estimate, sd, truth)
         out["spearman_abs_err_sd"] = error_sd_spearman(estimate, sd, truth)
     return out
+
+
+def group_bootstrap_interval(statistic, n_groups: int, level: float = 0.9, draws: int = 2000, seed: int = 0):
+    """Percentile interval of ``statistic(group_indices)`` over resamples of whole groups.
+
+    Voxels of one simulated subject share its AIF, so their errors are not independent: the
+    subject, not the voxel, is the unit to resample. Returns (low, high)."""
+    picks = np.random.default_rng(seed).integers(0, n_groups, size=(draws, n_groups))
+    values = np.array([statistic(p) for p in picks])
+    tail = 50.0 * (1.0 - level)
+    low, high = np.percentile(values, [tail, 100.0 - tail])
+    return float(low), float(high)

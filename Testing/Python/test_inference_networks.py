@@ -238,3 +238,15 @@ def test_beta_nll_gives_the_mean_a_squared_error_gradient_and_keeps_the_variance
     torch.testing.assert_close(scale.grad, (scale - r ** 2 / scale).detach() / 3)
     with pytest.raises(DCEPKInputError, match="gaussian"):
         nll(target, mean, scale, "laplace", beta=1.0)
+
+
+def test_group_bootstrap_interval_of_a_mean_is_the_analytic_interval():
+    from DCEPKInferenceLib.metrics import Z90, group_bootstrap_interval
+    rng = np.random.default_rng(5)
+    # 400 subjects of 50 voxels that share a subject offset (SD 1) plus voxel noise (SD 0.5):
+    # the subject mean has SD sqrt(1 + 0.25/50); the interval must follow the subjects, not the 20,000 voxels
+    values = rng.normal(size=(400, 1)) + 0.5 * rng.normal(size=(400, 50))
+    low, high = group_bootstrap_interval(lambda idx: values[idx].mean(), 400, draws=4000)
+    half_width = Z90 * values.mean(1).std() / np.sqrt(400)
+    assert (low + high) / 2 == pytest.approx(values.mean(), abs=0.1 * half_width)
+    assert (high - low) / 2 == pytest.approx(half_width, rel=0.1)
