@@ -255,7 +255,7 @@ def render(rows, calib, floors, qiba_out, qiba_note, speed_out, budgets, threads
                          f"[{low:.2f}, {high:.2f}] ({'meets' if ratio <= 0.7 else 'misses'})")
         lines.append(f"- {pname}: {best['method']} {_fmt(best['Ktrans']['rmse'])}; " + "; ".join(parts)
                      + f"; AIF-amplitude floor of any AIF-free method {_fmt(floors[(pname, 'SNR 5-15')])}, i.e. "
-                     f"ratio >= {floors[(pname, 'SNR 5-15')] / true_rmse:.2f} vs NLLS (true AIF)")
+                     f"a ratio of {floors[(pname, 'SNR 5-15')] / true_rmse:.2f} vs NLLS (true AIF)")
     lines += ["", "[a, b]: 90 % interval over the subjects, by resampling whole subjects (one AIF each, so the "
               "subject, not the voxel, is the independent unit)."]
     lines += ["", f"(The floor is {amplitude_floor_factor():.3f} x the RMS true Ktrans of the set: with no AIF the "
