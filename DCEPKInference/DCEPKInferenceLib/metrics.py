@@ -24,10 +24,15 @@ def ccc(estimate, truth) -> float:
     return float(2 * cov / denominator) if denominator > 0 else float("nan")
 
 
+def inside90(estimate, sd, truth):
+    """Elementwise: is the truth inside the Gaussian 90 % interval estimate +- 1.645 SD?"""
+    e, s, t = (np.asarray(a, float) for a in (estimate, sd, truth))
+    return np.abs(e - t) <= Z90 * s
+
+
 def coverage90(estimate, sd, truth) -> float:
     """Fraction of truths inside the Gaussian 90 % interval estimate +- 1.645 SD."""
-    e, s, t = (np.asarray(a, float).ravel() for a in (estimate, sd, truth))
-    return float(np.mean(np.abs(e - t) <= Z90 * s))
+    return float(np.mean(inside90(estimate, sd, truth)))
 
 
 def error_sd_spearman(estimate, sd, truth) -> float:

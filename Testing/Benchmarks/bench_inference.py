@@ -158,7 +158,7 @@ def synthetic(models, n_patches, log, pool):
                     row[par] = metrics.summarize(est[:, i], truth[:, i])
                 rows.append(row)
                 if sd is not None and s_index == 0:
-                    inside = per_subject_sum(np.abs(est - truth) <= metrics.Z90 * sd, n_patches)
+                    inside = per_subject_sum(metrics.inside90(est, sd, truth), n_patches)
                     calib.append({"protocol": pname, "method": method, "subject_inside": inside,
                                   "subject_voxels": truth.shape[0] // n_patches,
                                   **{par: metrics.summarize(est[:, i], truth[:, i], sd[:, i])
