@@ -72,11 +72,12 @@ def amplitude_floor_factor():
     return float(np.sqrt(1 - mean ** 2 / mean_sq))
 
 
-def nlls_on_patch(patch, n_base, aif):
+def nlls_on_patch(patch, aif):
     """Extended Tofts NLLS of one patch on the networks' concentration, with the subject's true
     plasma AIF (``aif='true'``) or the Parker population AIF from the detected bolus arrival
     (``aif.population_aif_at_arrival``, as ``pipeline.run_fit``) with the simulator's mean haematocrit."""
     sub = patch["subject"]
+    n_base = patch["canonical"].baseline_frames
     conc, _, _ = cg.tissue_concentration(patch["signal"], n_base, sub.fa_deg, sub.tr_s, patch["t10"],
                                          sub.r1_per_mM_s)
     if aif == "true":
@@ -86,11 +87,6 @@ def nlls_on_patch(patch, n_base, aif):
                                                hct=float(np.mean(simulator.SIMULATOR_RANGES["hct"])))
     fit = fitting.fit_curves(conc, sub.times_s, cp, "etofts", method="nlls", device="cpu")
     return np.nan_to_num(np.stack([fit.params[n] for n in PARAM_NAMES], axis=1))
-
-
-def _nlls_job(job):
-    patch, aif = job
-    return nlls_on_patch(patch, patch["canonical"].baseline_frames, aif)
 
 
 def _one_thread():
@@ -147,7 +143,7 @@ def synthetic(models, n_patches, log, pool):
             results = {}
             t0 = time.perf_counter()
             for method, aif in ((NLLS_TRUE, "true"), (NLLS_POPULATION, "parker")):
-                results[method] = (np.concatenate(list(pool.map(_nlls_job, [(p, aif) for p in patches]))), None)
+                results[method] = (np.concatenate(list(pool.map(nlls_on_patch, patches, [aif] * len(patches)))), None)
             log(f"  {pname} / {sname}: NLLS {time.perf_counter() - t0:.1f} s")
             for name, model in models.items():
                 results[name] = network_on_patches(model, patches)
@@ -246,9 +242,9 @@ def render(rows, calib, floors, qiba_out, qiba_note, speed_out, budgets, threads
         sub = [r for r in rows if r["protocol"] == pname and r["snr"] == "SNR 5-15"]
         best = min((r for r in sub if not r["method"].startswith("NLLS")), key=lambda r: r["Ktrans"]["rmse"])
         parts = []
-        true_rmse = [r for r in sub if r["method"] == NLLS_TRUE][0]["Ktrans"]["rmse"]
-        for reference in (NLLS_TRUE, NLLS_POPULATION):
-            nl = [r for r in sub if r["method"] == reference][0]
+        nlls_rows = {r["method"]: r for r in sub if r["method"] in (NLLS_TRUE, NLLS_POPULATION)}
+        true_rmse = nlls_rows[NLLS_TRUE]["Ktrans"]["rmse"]
+        for reference, nl in nlls_rows.items():
             ratio = best["Ktrans"]["rmse"] / nl["Ktrans"]["rmse"]
             low, high = ratio_interval(best["subject_sse"][:, 0], nl["subject_sse"][:, 0])
             parts.append(f"vs {reference} {_fmt(nl['Ktrans']['rmse'])}: ratio {ratio:.2f} "
