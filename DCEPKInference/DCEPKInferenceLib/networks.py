@@ -21,8 +21,11 @@ units:
 * ``tcn_punet`` (after Lyoo et al. 2025): per-voxel temporal convolutional network (dilated
   residual 1-D convs) -> feature map -> small U-Net over the slice, with a probabilistic
   U-Net latent (prior net from the image, posterior net from image + truth in training, KL
-  term). Mean and SD come from ``n_samples`` latent draws from the prior (one global latent per
-  slice under-disperses, which the SD calibration below corrects).
+  term). The mean comes from ``n_samples`` latent draws from the prior. With ``aleatoric_head``
+  (the shipped model; a documented addition to the paper) a Gaussian variance head on the U-Net
+  output, trained by NLL, adds the per-voxel noise: SD^2 = variance over the draws + aleatoric
+  variance. The draws alone (one global latent per slice) under-disperse and do not rank the
+  voxels' errors.
 
 Every network's SD is finally multiplied by per-parameter factors fitted after training on a
 separate held-out simulated set (``training.calibrate_sd``, recorded in the card).
@@ -229,6 +232,18 @@ class HeteroEncoder(nn.Module):
 
 
 # ------------------------------------------------------------------------------- 2-D helpers
+class _ScaleHead(nn.Sequential):
+    """Per-pixel Gaussian scale (normalised units, > 0) with a hidden layer of its own, trained by
+    the NLL (``aleatoric_head``): the scale does not have to be read off features shaped by the
+    mean's loss."""
+
+    def __init__(self, c: int):
+        super().__init__(nn.Conv2d(c, c, 1), nn.GELU(), nn.Conv2d(c, 3, 1))
+
+    def forward(self, x):
+        return F.softplus(super().forward(x)) + MIN_SCALE
+
+
 class _Stem(nn.Module):
     """Grid frames (+ per-voxel scalars) as channels -> features; the grid validity mask (one per slice)
     enters as a learned per-channel bias, which costs nothing per pixel."""
@@ -249,6 +264,17 @@ class _Stem(nn.Module):
         return F.gelu(F.conv2d(x, weight, self.conv.bias) + self.valid_bias(valid)[:, :, None, None])
 
 
+def _slice_outputs(model, head, h):
+    """Mean and scale maps of a 2-D network from its features ``h``; with ``aleatoric_head`` the scale
+    comes from the dedicated ``model.scale_head`` (only the mean channels of ``head`` are computed)."""
+    if not model.config["aleatoric_head"]:
+        mean_n, scale_n = _heads(head(h), dim=1)
+        return {"mean_n": mean_n, "scale_n": scale_n}
+    *hidden, last = head
+    mean_logit = F.conv2d(nn.Sequential(*hidden)(h), last.weight[:3], last.bias[:3])
+    return {"mean_n": torch.sigmoid(mean_logit), "scale_n": model.scale_head(h)}
+
+
 def _masked_mean(x, tissue):
     """Spatial mean over tissue pixels: (B, C, H, W), (B, 1, H, W) -> (B, C)."""
     return (x * tissue).sum((2, 3)) / tissue.sum((2, 3)).clamp_min(1.0)
@@ -257,7 +283,7 @@ def _masked_mean(x, tissue):
 class UlasCNN(nn.Module):
     kind = "slice"
     default_config = {"channels": 32, "fuse": 64, "tk_weight": 1.0, "param_weight": 1.0, "nll_weight": 0.5,
-                      **SD_CALIBRATION}
+                      "aleatoric_head": False, **SD_CALIBRATION}
 
     def __init__(self, config: Dict):
         super().__init__()
@@ -269,12 +295,13 @@ class UlasCNN(nn.Module):
                                            for m in (nn.Conv2d(c, c, 3, padding=d, dilation=d), nn.GELU())])
         f = self.config["fuse"]
         self.fuse = nn.Sequential(nn.Conv2d(2 * c, f, 1), nn.GELU(), nn.Conv2d(f, 6, 1))
+        if self.config["aleatoric_head"]:   # replaces the fused scale channels (left unused: fine-tuned from them)
+            self.scale_head = _ScaleHead(2 * c)
 
     def forward(self, curves, valid, protocol, tissue, truth_n=None):
         h = self.stem(curves, valid, protocol)
         h = torch.cat([self.local_path(h), self.global_path(h)], dim=1)
-        mean_n, scale_n = _heads(self.fuse(h), dim=1)
-        return {"mean_n": mean_n, "scale_n": scale_n}
+        return _slice_outputs(self, self.fuse, h)
 
     @torch.no_grad()
     def predict(self, curves, valid, protocol, tissue, n_samples: int = 0):
@@ -302,7 +329,7 @@ class _CBAM(nn.Module):
 class FCSANet(nn.Module):
     kind = "slice"
     default_config = {"channels": 32, "blocks": 3, "param_weight": 1.0, "nll_weight": 0.5, "tk_weight": 0.0,
-                      **SD_CALIBRATION}
+                      "aleatoric_head": False, **SD_CALIBRATION}
 
     def __init__(self, config: Dict):
         super().__init__()
@@ -314,6 +341,8 @@ class FCSANet(nn.Module):
         self.convs = nn.ModuleList(nn.Conv2d(c, c, 3, padding=1) for _ in range(self.config["blocks"]))
         self.attn = nn.ModuleList(_CBAM(c) for _ in range(self.config["blocks"]))
         self.head = nn.Sequential(nn.Conv2d(c, c, 1), nn.GELU(), nn.Conv2d(c, 6, 1))
+        if self.config["aleatoric_head"]:   # replaces the head's scale channels (left unused: fine-tuned from them)
+            self.scale_head = _ScaleHead(c)
 
     def forward(self, curves, valid, protocol, tissue, truth_n=None):
         mean_curve = _masked_mean(curves, tissue)
@@ -321,8 +350,7 @@ class FCSANet(nn.Module):
         h = self.stem(curves * weights[:, :, None, None], valid, protocol)
         for conv, attn in zip(self.convs, self.attn):
             h = h + attn(F.gelu(conv(h)), tissue)
-        mean_n, scale_n = _heads(self.head(h), dim=1)
-        return {"mean_n": mean_n, "scale_n": scale_n}
+        return _slice_outputs(self, self.head, h)
 
     predict = UlasCNN.predict
 
@@ -386,7 +414,7 @@ class TCNProbUNet(nn.Module):
     kind = "slice"
     default_config = {"tcn_channels": 12, "tcn_levels": 3, "features": 16, "unet": 24, "latent": 6,
                       "beta_kl": 0.05, "n_samples": 8, "param_weight": 1.0, "tk_weight": 0.0,
-                      **SD_CALIBRATION}
+                      "aleatoric_head": False, "nll_weight": 0.5, **SD_CALIBRATION}
 
     def __init__(self, config: Dict):
         super().__init__()
@@ -400,6 +428,8 @@ class TCNProbUNet(nn.Module):
         self.prior = _LatentNet(f, u, z)
         self.posterior = _LatentNet(f + 3, u, z)
         self.head = nn.Sequential(nn.Conv2d(u + z, u, 1), nn.GELU(), nn.Conv2d(u, u, 1), nn.GELU(), nn.Conv2d(u, 3, 1))
+        if cfg["aleatoric_head"]:   # per-voxel noise scale from the U-Net output
+            self.scale_head = _ScaleHead(u)
 
     TCN_CPU_BLOCK_VOXELS = 1024   # ~5 MB of TCN activations per block (fastest on 2 cores)
 
@@ -430,9 +460,6 @@ class TCNProbUNet(nn.Module):
         h = F.conv2d(d1, first.weight[:, :u]) + (z @ first.weight[:, u:, 0, 0].T + first.bias)[:, :, None, None]
         return torch.sigmoid(self.head[1:](h))
 
-    def _decode(self, feat, z):
-        return self._head(self._unet(feat), z)
-
     def forward(self, curves, valid, protocol, tissue, truth_n=None):
         feat = self.features(curves, valid, protocol, tissue)
         mu_p, ls_p = self.prior(feat, tissue)
@@ -443,7 +470,11 @@ class TCNProbUNet(nn.Module):
         else:
             z = mu_p + torch.exp(ls_p) * torch.randn_like(mu_p)
             kl = torch.zeros((), device=curves.device)
-        return {"mean_n": self._decode(feat, z), "kl": kl, "feat": feat, "prior": (mu_p, ls_p)}
+        d1 = self._unet(feat)
+        out = {"mean_n": self._head(d1, z), "kl": kl, "feat": feat, "prior": (mu_p, ls_p)}
+        if self.config["aleatoric_head"]:
+            out["scale_n"] = self.scale_head(d1)
+        return out
 
     @torch.no_grad()
     def predict(self, curves, valid, protocol, tissue, n_samples: int = 0):
@@ -453,9 +484,13 @@ class TCNProbUNet(nn.Module):
         d1 = self._unet(feat)
         samples = torch.stack([self._head(d1, mu_p + torch.exp(ls_p) * torch.randn_like(mu_p)) for _ in range(n)])
         up = _upper(samples[0], 1)
-        # latent draws under-disperse (one global latent per slice): the calibration factors matter most
-        # here; a floor keeps the SD > 0 where all draws agree
-        sd = samples.std(0, unbiased=False).clamp_min(MIN_SCALE) * up
+        # predictive variance = variance over the latent draws + the aleatoric variance (law of total
+        # variance). The latent alone under-disperses (one global latent per slice) and does not rank
+        # voxels; a floor keeps the SD > 0 where all draws agree and there is no aleatoric head
+        var = samples.var(0, unbiased=False)
+        if self.config["aleatoric_head"]:
+            var = var + self.scale_head(d1) ** 2
+        sd = var.sqrt().clamp_min(MIN_SCALE) * up
         return samples.mean(0) * up, calibrated_sd(sd, self.config)
 
 

@@ -51,7 +51,8 @@ DESCRIPTIONS = {
                 "loss (after Ulas et al. 2019)",
     "fcsa_net": "2-D CNN with frame attention and channel/spatial (CBAM) attention (after Zeng & Zhou, FCSA-net)",
     "tcn_punet": "per-voxel temporal convolutional network then a probabilistic U-Net over the slice; mean and SD "
-                 "from latent samples (after Lyoo et al. 2025)",
+                 "from latent samples, plus an aleatoric variance head when aleatoric_head is on (after Lyoo et "
+                 "al. 2025)",
 }
 _CALIBRATED = ", times per-parameter factors fitted on a held-out simulated set (sd_calibration)"
 UNCERTAINTY_METHOD = {
@@ -62,6 +63,19 @@ UNCERTAINTY_METHOD = {
     "tcn_punet": "SD over latent draws from the prior net of the probabilistic U-Net (floor 1e-3 of the bound)"
                  + _CALIBRATED,
 }
+_OWN_HEAD = "added Gaussian variance head with a hidden layer of its own, trained by NLL (aleatoric only)"
+UNCERTAINTY_METHOD_WITH_ALEATORIC_HEAD = {
+    "ulas_cnn": _OWN_HEAD + _CALIBRATED,
+    "fcsa_net": _OWN_HEAD + _CALIBRATED,
+    "tcn_punet": "SD^2 = variance over latent draws from the prior net of the probabilistic U-Net + the variance "
+                 "of an added Gaussian head trained by NLL (aleatoric)" + _CALIBRATED,
+}
+
+
+def uncertainty_method(model_name: str, network_config: Dict) -> str:
+    if network_config.get("aleatoric_head"):
+        return UNCERTAINTY_METHOD_WITH_ALEATORIC_HEAD[model_name]
+    return UNCERTAINTY_METHOD[model_name]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -225,7 +239,7 @@ def recalibrate(model_name: str, models_dir, device="cpu", log=sys.stderr) -> Di
     print(f"[{model_name}] SD factors {np.round(calibration['factors'], 3).tolist()}; validation coverage90 "
           + ", ".join(f"{k} {v['coverage90']:.3f}" for k, v in validation.items()), file=log, flush=True)
     card = {**card, "network_config": model.config, "sd_calibration": calibration,
-            "uncertainty": UNCERTAINTY_METHOD[model_name],
+            "uncertainty": uncertainty_method(model_name, model.config),
             "validation": {**card["validation"], "metrics": validation}}
     return save_model(model.cpu(), card, models_dir, model_name, overwrite=True)
 
@@ -248,6 +262,9 @@ def check_metric(model, device="cpu") -> float:
 # Config keys a fine-tune may enlarge (the MLP's hidden layers, whose units can be added without
 # changing what the network computes: ``_grow_into``), and the architecture keys that must match then.
 GROWABLE = {"hetero_encoder": {"grow": ("hidden",), "fixed": ("width", "members")}}
+# Config switches a fine-tune may turn on: each adds a module (its parameters' name prefix), which
+# starts from its random init; the trained weights of everything else are copied unchanged.
+ADDABLE = {name: {"aleatoric_head": "scale_head."} for name in ("tcn_punet", "ulas_cnn", "fcsa_net")}
 
 
 def _grow_into(model, trained) -> None:
@@ -274,22 +291,31 @@ def _initialise_from(model, model_name: str, directory, log) -> Dict:
     trained, card = load_model(model_name, "cpu", directory)
     rule = GROWABLE.get(model_name, {"grow": (), "fixed": ()})
     grown = [k for k in rule["grow"] if model.config[k] > trained.config[k]]
+    added = {k: prefix for k, prefix in ADDABLE.get(model_name, {}).items()
+             if model.config.get(k) and not trained.config.get(k)}
     try:
         if grown and any(model.config[k] != trained.config[k] for k in rule["fixed"]):
             raise RuntimeError(f"only {', '.join(rule['grow'])} may grow; {', '.join(rule['fixed'])} must match")
         if grown:
             _grow_into(model, trained)
+        elif added:
+            missing, unexpected = model.load_state_dict(trained.state_dict(), strict=False)
+            stray = [k for k in missing if not k.startswith(tuple(added.values()))] + list(unexpected)
+            if stray:
+                raise RuntimeError(f"parameters that do not match: {', '.join(stray[:4])}")
         else:
             model.load_state_dict(trained.state_dict())
     except RuntimeError as error:
         raise DCEPKInputError(f"--init-from {directory}: its {model_name} has another architecture than the "
                               f"config (width, hidden, members...): {str(error).splitlines()[0]}") from None
     print(f"initialised {model_name} from {directory} (sha256 {card['sha256'][:12]}..., "
-          f"{card['training']['steps']} steps{', grown: ' + ', '.join(grown) if grown else ''})", file=log)
+          f"{card['training']['steps']} steps{', grown: ' + ', '.join(grown) if grown else ''}"
+          f"{', added: ' + ', '.join(added) if added else ''})", file=log)
     previous = card["training"]
     return {"sha256": card["sha256"], "steps": previous["steps"], "wall_s": previous.get("wall_s"),
             "likelihood": card["network_config"].get("likelihood"),
             **({"grown": {k: [trained.config[k], model.config[k]] for k in grown}} if grown else {}),
+            **({"added": sorted(added)} if added else {}),
             **({"initialised_from": previous["initialised_from"]} if "initialised_from" in previous else {})}
 
 
@@ -399,7 +425,7 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         "n_parameters": count_parameters(model),
         "outputs": {n: u for n, u in zip(PARAM_NAMES, PARAM_UNITS)},
         "output_upper_bounds": dict(zip(PARAM_NAMES, PARAM_UPPER)),
-        "uncertainty": UNCERTAINTY_METHOD[model_name],
+        "uncertainty": uncertainty_method(model_name, model.config),
         "sd_calibration": calibration,
         "canonical_grid": {"step_s": canonical_grid.GRID_STEP_S, "points": canonical_grid.GRID_POINTS,
                            "input": canonical_grid.INPUT_DESCRIPTION,

@@ -276,3 +276,30 @@ def test_a_wider_hidden_layer_starts_from_the_same_function(tmp_path):
         torch.testing.assert_close(s_wide, s_narrow, rtol=0, atol=1e-6)
     new_units = wide.members[0].mlp[3].weight[8:]
     assert torch.any(new_units != 0)                             # new units are live, not dead copies
+
+
+def test_fine_tuning_can_add_the_aleatoric_head_and_keeps_every_trained_weight(tmp_path):
+    config = training.load_config("tcn_punet")
+    config["network_config"].update(tcn_channels=4, features=4, unet=4, latent=2, n_samples=2, calibrate_sd=False,
+                                    aleatoric_head=False)
+    config["training"].update(patches_per_batch=1, patch_size=16, val_patches=1, log_every=1)
+    log = open("/dev/null", "w")
+    first = training.train("tcn_punet", config, steps=1, device="cpu", out_dir=tmp_path / "a", log=log)
+    with_head = {"network_config": {**config["network_config"], "aleatoric_head": True},
+                 "training": {**config["training"], "lr": 0.0, "weight_decay": 0.0}}
+    card = training.train("tcn_punet", with_head, steps=1, device="cpu", out_dir=tmp_path / "b",
+                          init_from=tmp_path / "a", log=log)
+    assert card["training"]["initialised_from"] == {**card["training"]["initialised_from"],
+                                                    "sha256": first["sha256"], "added": ["aleatoric_head"]}
+    assert "added Gaussian head" in card["uncertainty"] and "added Gaussian head" not in first["uncertainty"]
+    a = load_file(str(tmp_path / "a" / "tcn_punet.safetensors"))
+    b = load_file(str(tmp_path / "b" / "tcn_punet.safetensors"))
+    new_keys = set(b) - set(a)
+    assert new_keys and all(k.startswith("scale_head.") for k in new_keys) and set(a) <= set(b)
+    for key in a:   # learning rate 0: every trained weight is the one it started from
+        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0)
+    # the other way round, dropping a trained module, is another architecture
+    with pytest.raises(DCEPKInputError, match="another architecture"):
+        training.train("tcn_punet", config, steps=1, device="cpu", out_dir=tmp_path / "c",
+                       init_from=tmp_path / "b", log=log)
+    assert not (tmp_path / "c").exists()

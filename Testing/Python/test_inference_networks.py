@@ -126,12 +126,17 @@ def _voxel_inputs(n_frames, rng, n=32):
     return canonical, params
 
 
-@pytest.mark.parametrize("name", sorted(NETWORKS))
+NETWORK_VARIANTS = [(name, {}) for name in sorted(NETWORKS)] + [(name, {"aleatoric_head": True})
+                                                                 for name in ("fcsa_net", "tcn_punet", "ulas_cnn")]
+
+
+@pytest.mark.parametrize("name, config", NETWORK_VARIANTS, ids=[n + "".join(f"-{k}" for k in c)
+                                                               for n, c in NETWORK_VARIANTS])
 @pytest.mark.parametrize("n_frames", [20, 45, 97])
-def test_network_forward_backward_any_frame_count(name, n_frames):
+def test_network_forward_backward_any_frame_count(name, config, n_frames):
     rng = np.random.default_rng(n_frames)
     torch.manual_seed(0)
-    model = build_network(name)
+    model = build_network(name, config)
     assert count_parameters(model) * 4 < 20e6            # weights well under 20 MB
     canonical, params = _voxel_inputs(n_frames, rng, n=64)
     if model.kind == "voxel":
@@ -157,6 +162,62 @@ def test_network_forward_backward_any_frame_count(name, n_frames):
     grads = [p.grad for p in model.parameters() if p.requires_grad]
     assert torch.isfinite(loss)
     assert sum(int(g is not None and torch.any(g != 0)) for g in grads) >= 0.8 * len(grads)
+
+
+def test_tcn_punet_sd_adds_the_aleatoric_variance_to_the_latent_spread():
+    """Law of total variance: SD^2 = variance over the latent draws + the aleatoric variance. The
+    aleatoric head is set to a known constant scale softplus(b) + 1e-3 to have an analytic value."""
+    torch.manual_seed(0)
+    model = build_network("tcn_punet", {"aleatoric_head": True}).eval()
+    last = model.scale_head[-1]
+    bias = torch.tensor([0.3, -1.0, -2.0])
+    last.weight.data.zero_()
+    last.bias.data.copy_(bias)
+    aleatoric = (torch.nn.functional.softplus(bias) + 1e-3) * torch.tensor(PARAM_UPPER)
+    canonical, _ = _voxel_inputs(45, np.random.default_rng(3), n=64)
+    to_img = lambda a: torch.from_numpy(np.ascontiguousarray(a.T.reshape(1, -1, 8, 8)))
+    inputs = (to_img(canonical.curves), torch.from_numpy(canonical.valid[None]), to_img(canonical.protocol),
+              torch.ones(1, 1, 8, 8))
+
+    def predict(aleatoric_head, log_sigma_shift):
+        """log_sigma_shift widens (> 0) or removes (-50: every draw is the prior mean) the latent spread."""
+        model.config["aleatoric_head"] = aleatoric_head
+        hook = model.prior.register_forward_hook(lambda module, args, out: (out[0], out[1] + log_sigma_shift))
+        torch.manual_seed(7)
+        out = model.predict(*inputs, n_samples=6)
+        hook.remove()
+        return out
+
+    mean_both, sd_both = predict(True, 3.0)
+    mean_latent, sd_latent = predict(False, 3.0)
+    torch.testing.assert_close(mean_both, mean_latent)                  # the head leaves the mean alone
+    floor = 1e-3 * torch.tensor(PARAM_UPPER).view(1, 3, 1, 1)
+    assert torch.all(sd_latent > 2 * floor)                             # spread above the floor: the sum is exact
+    expected = torch.sqrt(sd_latent ** 2 + aleatoric.view(1, 3, 1, 1) ** 2)
+    torch.testing.assert_close(sd_both, expected, rtol=1e-4, atol=1e-6)
+    _, sd_no_spread = predict(True, -50.0)
+    torch.testing.assert_close(sd_no_spread, aleatoric.view(1, 3, 1, 1).expand_as(sd_no_spread), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["fcsa_net", "ulas_cnn"])
+def test_a_2d_network_with_the_aleatoric_head_keeps_its_mean_and_takes_the_scale_from_the_head(name):
+    torch.manual_seed(0)
+    plain = build_network(name).eval()
+    headed = build_network(name, {"aleatoric_head": True}).eval()
+    missing, unexpected = headed.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("scale_head.") for k in missing)
+    headed.scale_head[-1].weight.data.zero_()
+    headed.scale_head[-1].bias.data.fill_(-1.0)
+    canonical, _ = _voxel_inputs(45, np.random.default_rng(4), n=64)
+    to_img = lambda a: torch.from_numpy(np.ascontiguousarray(a.T.reshape(1, -1, 8, 8)))
+    inputs = (to_img(canonical.curves), torch.from_numpy(canonical.valid[None]), to_img(canonical.protocol),
+              torch.ones(1, 1, 8, 8))
+    with torch.no_grad():
+        out_plain, out_headed = plain(*inputs), headed(*inputs)
+    torch.testing.assert_close(out_headed["mean_n"], out_plain["mean_n"])
+    expected = torch.nn.functional.softplus(torch.tensor(-1.0)) + 1e-3
+    torch.testing.assert_close(out_headed["scale_n"], torch.full((1, 3, 8, 8), float(expected)))
+    assert not torch.allclose(out_plain["scale_n"], out_headed["scale_n"])
 
 
 def test_inference_shortcuts_give_the_plain_layers_results():
