@@ -180,12 +180,16 @@ def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, *, fa_d
         baseline_frames = estimate_baseline_frames(sig, times_s)
     n = sig.shape[0]
     t10 = np.asarray(t10_s) if np.ndim(t10_s) else t10_s   # a map (N,) is cut with the blocks
-    curves = np.empty((n, w.shape[0]), dtype=np.float32)
+    # the valid grid points are a prefix (0 s to the last frame) and the other rows of w are 0:
+    # only the prefix is multiplied, the rest of the curves stays 0
+    n_valid = int(valid.sum())
+    w_used = np.ascontiguousarray(w[:n_valid].T)
+    curves = np.zeros((n, w.shape[0]), dtype=np.float32)
     noise, s0 = np.empty(n), np.empty(n)
     for lo in range(0, n, BLOCK_VOXELS):   # cache-sized blocks: ~1.5x faster than one pass
         part = slice(lo, lo + BLOCK_VOXELS)
         conc, noise[part], s0[part] = tissue_concentration(sig[part], baseline_frames, fa_deg, tr_s,
                                                            t10[part] if np.ndim(t10) else t10, r1_per_mM_s)
-        curves[part] = conc @ w.T
+        curves[part, :n_valid] = conc @ w_used
     return CanonicalInput(curves, valid.astype(np.float32), protocol_features(noise, times_s),
                           int(baseline_frames), s0)

@@ -193,10 +193,11 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
             h, w = tissue.shape
             t10_part = t10[k, j0:j1, i0:i1].ravel() if isinstance(t10, np.ndarray) else t10
             c = canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t), t10_part)
-            curves = c.curves * tissue.reshape(-1, 1)     # background reads as flat (no contrast)
+            # background reads as flat (no contrast); one pass masks and transposes to frames-first
+            curves = np.multiply(c.curves.T, tissue.reshape(1, -1), out=np.empty(c.curves.shape[::-1], np.float32))
             to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
             with torch.no_grad():
-                m, s = model.predict(to(curves.T.reshape(1, -1, h, w)), to(c.valid[None]),
+                m, s = model.predict(to(curves.reshape(1, -1, h, w)), to(c.valid[None]),
                                      to(c.protocol.T.reshape(1, -1, h, w)),
                                      to(tissue[None, None].astype(np.float32)), **sample_kwargs)
             m = m[0].permute(1, 2, 0).cpu().numpy()

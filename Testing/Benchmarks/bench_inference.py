@@ -49,7 +49,7 @@ from DCEPKInferenceLib.inference import run_inference  # noqa: E402
 from DCEPKInferenceLib.model_store import list_models, load_model, training_totals  # noqa: E402
 from DCEPKInferenceLib.networks import PARAM_NAMES  # noqa: E402
 
-BENCH_SEED = 7_000_001          # training draws [seed, step] with seeds 1-4, 11-18; validation 900001, calibration 900002, checks 424242
+BENCH_SEED = 7_000_001          # training draws [seed, step] with seeds 1-4, 11-21; validation 900001, calibration 900002, checks 424242
 PROTOCOLS = {
     "60 x 5 s": np.arange(60) * 5.0,
     "two-rate 10 x 2 s + 40 x 8 s": np.concatenate([np.arange(10) * 2.0, 20.0 + np.arange(40) * 8.0]),
