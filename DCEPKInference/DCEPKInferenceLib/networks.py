@@ -14,7 +14,8 @@ units:
   (3x3 convs) and a global pathway (dilated 3x3 convs, dilation 2/4/8) fused by 1x1 convs;
   trained with a parameter loss plus the tracer-kinetic loss on concentration (``training``).
   Uncertainty: an added Gaussian variance head trained by NLL (documented deviation: the
-  paper gives no uncertainty).
+  paper gives no uncertainty); with ``aleatoric_head`` (the shipped model) it has a hidden layer
+  of its own instead of sharing the output layer with the mean.
 * ``fcsa_net`` (after Zeng & Zhou): frame attention (per-frame weights from the slice's mean
   curve), then conv blocks with channel (squeeze-excitation) and spatial attention (CBAM
   style). Uncertainty: added Gaussian variance head (NLL), as for ``ulas_cnn``.
