@@ -113,6 +113,26 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
         return cg.estimate_baseline_frames(voxels, series.times_s)
 
 
+def protocol_outside_training(times_s, card) -> Optional[str]:
+    """A note when the frame count or the median frame interval lies outside the ranges the network
+    was trained on (its card's ``simulator_ranges``): its maps and, more, its SD are then less sure
+    (on a 20 x 16 s protocol the 90 % intervals covered 74-86 %, Testing/Benchmarks/RESULTS.md)."""
+    ranges = card.get("simulator_ranges", {})
+    t = np.asarray(times_s, dtype=np.float64)
+    found = []
+    frames = ranges.get("n_frames")
+    if frames and not frames[0] <= t.size <= frames[1]:
+        found.append(f"{t.size} frames (trained on {frames[0]}-{frames[1]})")
+    interval = ranges.get("frame_interval_s", {}).get("range")
+    median = float(np.median(np.diff(t)))
+    if interval and not interval[0] <= median <= interval[1]:
+        found.append(f"a median frame interval of {median:.3g} s (trained on {interval[0]:g}-{interval[1]:g} s)")
+    if not found:
+        return None
+    return (f"the series has {' and '.join(found)}: outside the training ranges of {card.get('name', 'this network')},"
+            " so its maps are less reliable and its uncertainty may be too small")
+
+
 def _t10_values(t10_s, shape):
     """The whole map is checked here, so a chunk of background (no T10: NaN or 0) is not an error."""
     t10 = check_t10(t10_s, shape)
@@ -155,6 +175,9 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
                      f"{AUTO_MASK_FRACTION:.0%} of its 99th percentile")
     dev = choose_device(device, notes)
     model, card = load_model(model_name, dev, models_dir)
+    outside = protocol_outside_training(series.times_s, card)
+    if outside:
+        notes.append(outside)
     weights = cg.resampling_matrix(series.times_s)
     if series.times_s[-1] - series.times_s[0] > cg.GRID_STEP_S * cg.GRID_POINTS:
         notes.append(f"frames after {cg.GRID_STEP_S * cg.GRID_POINTS:.0f} s are not used by the networks")

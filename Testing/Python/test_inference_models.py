@@ -10,10 +10,11 @@ from safetensors.torch import load_file
 
 from DCEPKFittingLib.dce_io import read_volume, write_dce_series, write_maps
 from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError
-from DCEPKFittingLib.phantom import TUMOUR_RIM, WHITE_MATTER, make_phantom
+from DCEPKFittingLib.phantom import TUMOUR_RIM, WHITE_MATTER, Protocol, make_phantom
 from DCEPKInferenceLib import simulator, training
-from DCEPKInferenceLib.inference import infer_main, run_inference
-from DCEPKInferenceLib.model_store import DEFAULT_MODELS_DIR, list_models, load_model, sha256_of, training_totals
+from DCEPKInferenceLib.inference import infer_main, protocol_outside_training, run_inference
+from DCEPKInferenceLib.model_store import (DEFAULT_MODELS_DIR, list_models, load_model, read_card, sha256_of,
+                                           training_totals)
 from DCEPKInferenceLib.networks import NETWORKS
 
 torch.set_num_threads(1)
@@ -86,6 +87,24 @@ def test_run_inference_on_a_phantom(name, phantom):
     for key in ("Ktrans_sd", "ve_sd", "vp_sd", "kep_sd"):
         assert np.all(result.maps[key][mask] > 0), key
     assert abs(result.baseline_frames - phantom.protocol.baseline_frames) <= 1
+
+
+def test_a_protocol_outside_the_training_ranges_is_said(phantom):
+    card = read_card("hetero_encoder")
+    assert card["simulator_ranges"]["n_frames"] == [30, 150]
+    assert protocol_outside_training(np.arange(60) * 5.0, card) is None
+    coarse = protocol_outside_training(np.arange(20) * 16.0, card)
+    assert "20 frames (trained on 30-150)" in coarse and "median frame interval of 16 s (trained on 1.5-15 s)" in coarse
+    fast = protocol_outside_training(np.arange(200) * 1.2, card)
+    assert "200 frames" in fast and "1.2 s" in fast
+    slow = protocol_outside_training(np.arange(60) * 16.0, card)
+    assert "16 s" in slow and "60 frames" not in slow           # only what is outside is named
+    short = make_phantom(shape=(1, 32, 32), protocol=Protocol(n_frames=20, frame_time_s=16.0, baseline_frames=3),
+                         seed=2)
+    result = run_inference(short.series, "hetero_encoder", device="cpu", t10_s=short.truth["T10"])
+    assert sum("outside the training ranges" in note for note in result.notes) == 1
+    result = run_inference(phantom.series, "hetero_encoder", device="cpu", t10_s=phantom.truth["T10"])
+    assert not any("outside the training ranges" in note for note in result.notes)
 
 
 def test_a_chunk_of_background_with_no_t10_is_not_an_error(phantom):
