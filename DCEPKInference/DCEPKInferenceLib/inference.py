@@ -116,7 +116,7 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
 def protocol_outside_training(times_s, card) -> Optional[str]:
     """A note when the frame count or the median frame interval lies outside the ranges the network
     was trained on (its card's ``simulator_ranges``): its maps and, more, its SD are then less sure
-    (on a 20 x 16 s protocol the 90 % intervals covered 74-86 %, Testing/Benchmarks/RESULTS.md)."""
+    (the unseen 20 x 16 s protocol of Testing/Benchmarks/RESULTS.md: coverage below 0.85)."""
     ranges = card.get("simulator_ranges", {})
     t = np.asarray(times_s, dtype=np.float64)
     found = []

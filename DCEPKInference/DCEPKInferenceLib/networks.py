@@ -271,8 +271,8 @@ def _slice_outputs(model, head, h):
     if not model.config["aleatoric_head"]:
         mean_n, scale_n = _heads(head(h), dim=1)
         return {"mean_n": mean_n, "scale_n": scale_n}
-    *hidden, last = head
-    mean_logit = F.conv2d(nn.Sequential(*hidden)(h), last.weight[:3], last.bias[:3])
+    last = head[-1]
+    mean_logit = F.conv2d(head[:-1](h), last.weight[:3], last.bias[:3])
     return {"mean_n": torch.sigmoid(mean_logit), "scale_n": model.scale_head(h)}
 
 
