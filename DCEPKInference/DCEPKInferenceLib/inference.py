@@ -29,6 +29,7 @@ from DCEPKFittingLib.jobs import ConsoleProgress, raise_if_cancelled, report
 from . import canonical_grid as cg
 from .model_store import list_models, load_model
 from .networks import PARAM_NAMES
+from .simulator import TWO_RATE_SWITCH_FRACTION
 
 DEFAULT_MODEL = "hetero_encoder"
 KEP_VE_FLOOR = 0.01
@@ -114,9 +115,12 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
 
 
 def protocol_outside_training(times_s, card) -> Optional[str]:
-    """A note when the frame count or the median frame interval lies outside the ranges the network
+    """A note when the frame count or the starting frame interval lies outside the ranges the network
     was trained on (its card's ``simulator_ranges``): its maps and, more, its SD are then less sure
-    (the unseen 20 x 16 s protocol of Testing/Benchmarks/RESULTS.md: coverage below 0.85)."""
+    (the unseen 20 x 16 s protocol of Testing/Benchmarks/RESULTS.md: coverage below 0.85).
+
+    The interval range is that of the base interval; two-rate training series doubled it after the
+    first ``TWO_RATE_SWITCH_FRACTION`` of the frames, so the median is taken over those frames only."""
     ranges = card.get("simulator_ranges", {})
     t = np.asarray(times_s, dtype=np.float64)
     found = []
@@ -124,9 +128,11 @@ def protocol_outside_training(times_s, card) -> Optional[str]:
     if frames and not frames[0] <= t.size <= frames[1]:
         found.append(f"{t.size} frames (trained on {frames[0]}-{frames[1]})")
     interval = ranges.get("frame_interval_s", {}).get("range")
-    median = float(np.median(np.diff(t)))
-    if interval and not interval[0] <= median <= interval[1]:
-        found.append(f"a median frame interval of {median:.3g} s (trained on {interval[0]:g}-{interval[1]:g} s)")
+    steps = np.diff(t)
+    starting = float(np.median(steps[:max(1, int(TWO_RATE_SWITCH_FRACTION * steps.size))]))
+    if interval and not interval[0] <= starting <= interval[1]:
+        found.append(f"a frame interval of {starting:.3g} s over the first {TWO_RATE_SWITCH_FRACTION:.0%} of the "
+                     f"frames (trained on {interval[0]:g}-{interval[1]:g} s)")
     if not found:
         return None
     return (f"the series has {' and '.join(found)}: outside the training ranges of {card.get('name', 'this network')},"

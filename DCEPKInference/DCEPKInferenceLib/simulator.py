@@ -31,6 +31,9 @@ from DCEPKFittingLib import signal_models, tk_models
 
 from . import canonical_grid as cg
 
+# two-rate protocols (a fast first pass, then slower): the interval doubles after this fraction of the frames
+TWO_RATE_SWITCH_FRACTION = 0.4
+
 SIMULATOR_RANGES = {
     "tk_model": "etofts (extended Tofts), DCEPKFittingLib.tk_models.concentration",
     "Ktrans_per_min": {"range": [0.0, 1.5], "distribution": "tissue: 50% log-uniform [0.002, 1.5], 50% uniform [0, 1.5]"},
@@ -47,7 +50,8 @@ SIMULATOR_RANGES = {
     "hct": [0.30, 0.55],
     "dose_mmol_per_kg": 0.1,
     "n_frames": [30, 150],
-    "frame_interval_s": {"range": [1.5, 15.0], "distribution": "log-uniform; 25% jittered +-20%, 20% two-rate (x2 after 40%)"},
+    "frame_interval_s": {"range": [1.5, 15.0], "distribution": "log-uniform; 25% jittered +-20%, "
+                         f"20% two-rate (x2 after {TWO_RATE_SWITCH_FRACTION:.0%})"},
     "duration_s": [150.0, 660.0],
     "fa_deg": [8.0, 35.0],
     "tr_s": [0.0025, 0.008],
@@ -95,7 +99,7 @@ def sample_times(rng) -> np.ndarray:
     if style < 0.25:
         steps *= rng.uniform(0.8, 1.2, n - 1)
     elif style < 0.45:
-        steps[int(0.4 * (n - 1)):] *= 2.0
+        steps[int(TWO_RATE_SWITCH_FRACTION * (n - 1)):] *= 2.0
     return np.concatenate([[0.0], np.cumsum(steps)])
 
 

@@ -94,11 +94,16 @@ def test_a_protocol_outside_the_training_ranges_is_said(phantom):
     assert card["simulator_ranges"]["n_frames"] == [30, 150]
     assert protocol_outside_training(np.arange(60) * 5.0, card) is None
     coarse = protocol_outside_training(np.arange(20) * 16.0, card)
-    assert "20 frames (trained on 30-150)" in coarse and "median frame interval of 16 s (trained on 1.5-15 s)" in coarse
+    assert "20 frames (trained on 30-150)" in coarse and "frame interval of 16 s over the first 40% of the frames (trained on 1.5-15 s)" in coarse
     fast = protocol_outside_training(np.arange(200) * 1.2, card)
     assert "200 frames" in fast and "1.2 s" in fast
     slow = protocol_outside_training(np.arange(60) * 16.0, card)
     assert "16 s" in slow and "60 frames" not in slow           # only what is outside is named
+    # two-rate series were trained with the interval doubled after 40 % of the frames: 12 s then 24 s
+    # (median of all intervals 24 s) is inside; 16 s then 32 s is not
+    two_rate = lambda first_s: np.cumsum(np.r_[0.0, np.full(20, first_s), np.full(30, 2 * first_s)])
+    assert protocol_outside_training(two_rate(12.0), card) is None
+    assert "frame interval of 16 s" in protocol_outside_training(two_rate(16.0), card)
     short = make_phantom(shape=(1, 32, 32), protocol=Protocol(n_frames=20, frame_time_s=16.0, baseline_frames=3),
                          seed=2)
     result = run_inference(short.series, "hetero_encoder", device="cpu", t10_s=short.truth["T10"])
