@@ -30,6 +30,7 @@ from . import canonical_grid as cg
 from .model_store import list_models, load_model
 from .networks import PARAM_NAMES
 from .simulator import TWO_RATE_SWITCH_FRACTION
+from .training import PROTOCOL_CALIBRATION, calibrate_to_protocol
 
 DEFAULT_MODEL = "hetero_encoder"
 KEP_VE_FLOOR = 0.01
@@ -116,8 +117,8 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
 
 def protocol_outside_training(times_s, card) -> Optional[str]:
     """A note when the frame count or the starting frame interval lies outside the ranges the network
-    was trained on (its card's ``simulator_ranges``): its maps and, more, its SD are then less sure
-    (the unseen 20 x 16 s protocol of Testing/Benchmarks/RESULTS.md: coverage below 0.85).
+    was trained on (its card's ``simulator_ranges``): its maps are then less sure, and its SD too
+    small unless recalibrated for the protocol (``training.calibrate_to_protocol``).
 
     The interval range is that of the base interval; two-rate training series doubled it after the
     first ``TWO_RATE_SWITCH_FRACTION`` of the frames, so the median is taken over those frames only."""
@@ -136,7 +137,7 @@ def protocol_outside_training(times_s, card) -> Optional[str]:
     if not found:
         return None
     return (f"the series has {' and '.join(found)}: outside the training ranges of {card.get('name', 'this network')},"
-            " so its maps are less reliable and its uncertainty may be too small")
+            " so its maps are less reliable")
 
 
 def _t10_values(t10_s, shape):
@@ -148,14 +149,15 @@ def _t10_values(t10_s, shape):
 def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None, device="auto", fa_deg=None,
                   tr_s=None, t10_s=None, r1_per_mM_s=None, batch_voxels: int = 65536, progress=None, cancel=None,
                   baseline_frames: Optional[int] = None, n_samples: Optional[int] = None,
-                  models_dir=None) -> InferenceOutput:
+                  models_dir=None, protocol_calibration: bool = True) -> InferenceOutput:
     """Ktrans, ve, vp, kep maps and their 1-SD uncertainty from a DCE signal series, no AIF needed.
 
     mask: bool [k, j, i] (None: voxels whose baseline signal exceeds 10 % of its 99th percentile);
     fa_deg (degrees) / tr_s (s): default to the series header; t10_s (required): T10 in s, one
     value or a map [k, j, i]; r1_per_mM_s: the agent's relaxivity in 1/(mM s) (None: the core's
     default, ``signal_models.default_r1()``, said in the notes); baseline_frames: None detects
-    bolus arrival.
+    bolus arrival; protocol_calibration: for frame times outside the network's training ranges,
+    refit its SD factors on simulated subjects with these frame times (a few seconds).
     """
     _check_series(series)
     notes = []
@@ -182,8 +184,15 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     dev = choose_device(device, notes)
     model, card = load_model(model_name, dev, models_dir)
     outside = protocol_outside_training(series.times_s, card)
-    if outside:
-        notes.append(outside)
+    if outside and protocol_calibration:
+        report(progress, 0.0, "calibrating the uncertainty for this protocol")
+        factors = calibrate_to_protocol(model, series.times_s, dev)
+        raise_if_cancelled(cancel)
+        notes.append(f"{outside}; its SD was recalibrated for these frame times on "
+                     f"{PROTOCOL_CALIBRATION['subjects']} simulated subjects (x "
+                     + ", ".join(f"{name} {f:.2f}" for name, f in zip(PARAM_NAMES, factors)) + ")")
+    elif outside:
+        notes.append(f"{outside}, and its uncertainty may be too small (protocol calibration is off)")
     weights = cg.resampling_matrix(series.times_s)
     if series.times_s[-1] - series.times_s[0] > cg.GRID_STEP_S * cg.GRID_POINTS:
         notes.append(f"frames after {cg.GRID_STEP_S * cg.GRID_POINTS:.0f} s are not used by the networks")
@@ -267,6 +276,8 @@ def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("--baseline-frames", type=int, help="pre-contrast frames (default: detected)")
     add_timing_options(parser)
     parser.add_argument("--batch-voxels", type=int, default=65536, help="voxels per chunk (memory bound)")
+    parser.add_argument("--no-protocol-calibration", action="store_true",
+                        help="keep the card's SD factors for frame times outside the training ranges")
     parser.add_argument("--list", action="store_true", help="list the shipped models and exit")
     parser.add_argument("--overwrite", action="store_true")
     return parser
@@ -294,7 +305,8 @@ def infer_main(argv=None) -> int:
             t10 = t10_map.astype(np.float64)
     result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
                            t10_s=t10, r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
-                           baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {args.model}"))
+                           baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {args.model}"),
+                           protocol_calibration=not args.no_protocol_calibration)
     for note in result.notes:
         print(f"note: {note}", file=sys.stderr)
     written = write_maps(args.out, result.maps, result.geometry, overwrite=args.overwrite)

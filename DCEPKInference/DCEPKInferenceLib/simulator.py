@@ -190,10 +190,12 @@ def cp_on_grid(subject: Subject) -> np.ndarray:
     return subject.plasma_at(subject.times_s[0] + cg.grid_times_s())
 
 
-def sample_voxels(rng, n_subjects: int = 16, voxels_per_subject: int = 256, snr_range=None) -> SimulatedBatch:
+def sample_voxels(rng, n_subjects: int = 16, voxels_per_subject: int = 256, snr_range=None,
+                  times_s=None) -> SimulatedBatch:
+    """Voxels of ``n_subjects`` subjects (one AIF and protocol each); ``times_s`` fixes the frame times."""
     out = {k: [] for k in ("curves", "valid", "protocol", "params", "cp", "snr")}
     for _ in range(n_subjects):
-        subject = sample_subject(rng)
+        subject = sample_subject(rng, times_s)
         params = sample_tissue_params(rng, voxels_per_subject)
         canonical, _, _, snr, _ = simulate_subject_voxels(rng, subject, params, snr_range)
         out["curves"].append(canonical.curves)
