@@ -186,8 +186,7 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     outside = protocol_outside_training(series.times_s, card)
     if outside and protocol_calibration:
         report(progress, 0.0, "calibrating the uncertainty for this protocol")
-        factors = calibrate_to_protocol(model, series.times_s, dev)
-        raise_if_cancelled(cancel)
+        factors = calibrate_to_protocol(model, series.times_s, dev, cancel)
         notes.append(f"{outside}; its SD was recalibrated for these frame times on "
                      f"{PROTOCOL_CALIBRATION['subjects']} simulated subjects (x "
                      + ", ".join(f"{name} {f:.2f}" for name, f in zip(PARAM_NAMES, factors)) + ")")

@@ -43,7 +43,8 @@ DEFAULT_TRAINING = {"steps": 1000, "lr": 2e-3, "weight_decay": 1e-4, "seed": 1, 
                     "grad_clip": 5.0}
 BUDGET_PROBE_STEPS = 20
 CALIBRATION_SUBJECTS = 128        # patches or voxel groups (one AIF each) in the SD calibration set
-PROTOCOL_CALIBRATION = {"seed": 900003, "subjects": 64, "voxels_per_subject": 64, "patch_size": 32}
+PROTOCOL_CALIBRATION = {"seed": 900003, "subjects": 64, "subjects_per_chunk": 8, "voxels_per_subject": 64,
+                        "patch_size": 32}
 CHECK_SET = {"seed": 424242, "subjects": 8, "voxels_per_subject": 64, "patches": 4}
 DESCRIPTIONS = {
     "hetero_encoder": "voxel-wise temporal encoder (patch embedding + MLP), heteroscedastic Laplace/Gaussian NLL, "
@@ -201,11 +202,14 @@ def evaluate(model, batch: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float
     return {name: summarize(mean[:, i], truth[:, i], sd[:, i]) for i, name in enumerate(PARAM_NAMES)}
 
 
-def coverage_factors(model, batch: Dict[str, torch.Tensor]) -> list:
-    """Per-parameter factors on ``model``'s present SD so that mean +- 1.645 SD covers 90 % of this set."""
+def _error_to_sd(model, batch: Dict[str, torch.Tensor]) -> np.ndarray:
     mean, sd, truth, _ = predict_batch(model, batch)
-    ratio = np.abs(mean - truth) / np.maximum(sd, 1e-12)
-    return [float(np.quantile(ratio[:, i], 0.9) / Z90) for i in range(3)]
+    return np.abs(mean - truth) / np.maximum(sd, 1e-12)
+
+
+def _coverage_factors(error_to_sd: np.ndarray) -> list:
+    """Per-parameter factors on the present SD so that mean +- 1.645 SD covers 90 % of the voxels."""
+    return [float(np.quantile(error_to_sd[:, i], 0.9) / Z90) for i in range(3)]
 
 
 def calibrate_sd(model, batch: Dict[str, torch.Tensor]) -> list:
@@ -215,12 +219,12 @@ def calibrate_sd(model, batch: Dict[str, torch.Tensor]) -> list:
     tcn_punet's latent spread, is not calibrated by itself); stored in
     ``network_config['sd_scale']`` and applied by ``networks.calibrated_sd``."""
     model.config["sd_scale"] = [1.0, 1.0, 1.0]
-    factors = coverage_factors(model, batch)
+    factors = _coverage_factors(_error_to_sd(model, batch))
     model.config["sd_scale"] = factors
     return factors
 
 
-def calibrate_to_protocol(model, times_s, device="cpu") -> list:
+def calibrate_to_protocol(model, times_s, device="cpu", cancel=None) -> list:
     """Rescale ``model``'s SD for one protocol (frame times, s), in place; returns the factors applied
     on top of the card's.
 
@@ -228,16 +232,21 @@ def calibrate_to_protocol(model, times_s, device="cpu") -> list:
     too long an interval) the SD was too small (coverage 0.74-0.86 at 20 x 16 s in the benchmark).
     The simulator can draw subjects with exactly these frame times (all else over
     ``SIMULATOR_RANGES``), so the coverage is fitted on those: ``PROTOCOL_CALIBRATION`` subjects,
-    one AIF each, from a seed no training, validation or benchmark set uses."""
-    rng = np.random.default_rng(PROTOCOL_CALIBRATION["seed"])
+    one AIF each, from a seed no training, validation or benchmark set uses. They are simulated a
+    few at a time (memory stays bounded for long series; ``cancel`` is checked in between)."""
+    settings = PROTOCOL_CALIBRATION
+    rng = np.random.default_rng(settings["seed"])
     times = np.asarray(times_s, dtype=np.float64)
-    if model.kind == "voxel":
-        batch = simulator.sample_voxels(rng, PROTOCOL_CALIBRATION["subjects"],
-                                        PROTOCOL_CALIBRATION["voxels_per_subject"], times_s=times)
-    else:
-        batch = simulator.sample_patches(rng, PROTOCOL_CALIBRATION["subjects"],
-                                         PROTOCOL_CALIBRATION["patch_size"], times_s=times)
-    factors = coverage_factors(model, _to_torch(batch, device))
+    ratios = []
+    for start in range(0, settings["subjects"], settings["subjects_per_chunk"]):
+        raise_if_cancelled(cancel)
+        n = min(settings["subjects_per_chunk"], settings["subjects"] - start)
+        if model.kind == "voxel":
+            batch = simulator.sample_voxels(rng, n, settings["voxels_per_subject"], times_s=times)
+        else:
+            batch = simulator.sample_patches(rng, n, settings["patch_size"], times_s=times)
+        ratios.append(_error_to_sd(model, _to_torch(batch, device)))
+    factors = _coverage_factors(np.concatenate(ratios))
     present = model.config.get("sd_scale", [1.0, 1.0, 1.0])
     model.config["sd_scale"] = [a * b for a, b in zip(present, factors)]
     return factors

@@ -117,6 +117,12 @@ def test_frame_times_outside_the_training_ranges_get_the_sd_recalibrated_to_them
     factors = training.calibrate_to_protocol(model, times)
     np.testing.assert_allclose(model.config["sd_scale"], np.multiply(card["network_config"]["sd_scale"], factors))
     assert read_card("hetero_encoder")["network_config"]["sd_scale"] == card["network_config"]["sd_scale"]
+    cancelled = threading.Event()
+    cancelled.set()
+    before = list(model.config["sd_scale"])
+    with pytest.raises(JobCancelledError):
+        training.calibrate_to_protocol(model, times, cancel=cancelled)
+    assert model.config["sd_scale"] == before
     independent = simulator.sample_voxels(np.random.default_rng(31337), 48, 64, times_s=times)
     mean, sd, truth, _ = training.predict_batch(model, training._to_torch(independent, "cpu"))
     coverage = np.mean(np.abs(mean - truth) <= 1.6448536 * sd, axis=0)
