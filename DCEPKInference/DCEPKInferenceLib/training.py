@@ -229,8 +229,8 @@ def calibrate_to_protocol(model, times_s, device="cpu", cancel=None) -> list:
     on top of the card's.
 
     The card's factors hold over the training ranges; on a protocol outside them (too few frames,
-    too long an interval) the SD was too small (coverage 0.74-0.86 at 20 x 16 s in the benchmark).
-    The simulator can draw subjects with exactly these frame times (all else over
+    too long an interval) the SD was too small (the card's factors covered 74-86 % at 20 x 16 s in the
+    benchmark of 2026-12-01). The simulator can draw subjects with exactly these frame times (all else over
     ``SIMULATOR_RANGES``), so the coverage is fitted on those: ``PROTOCOL_CALIBRATION`` subjects,
     one AIF each, from a seed no training, validation or benchmark set uses. They are simulated a
     few at a time (memory stays bounded for long series; ``cancel`` is checked in between)."""
