@@ -157,7 +157,7 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     value or a map [k, j, i]; r1_per_mM_s: the agent's relaxivity in 1/(mM s) (None: the core's
     default, ``signal_models.default_r1()``, said in the notes); baseline_frames: None detects
     bolus arrival; protocol_calibration: for frame times outside the network's training ranges,
-    refit its SD factors on simulated subjects with these frame times (a few seconds).
+    refit its SD factors on simulated subjects with these frame times (2-30 s on 2 cores).
     """
     _check_series(series)
     notes = []
