@@ -51,7 +51,9 @@ from DCEPKInferenceLib.model_store import list_models, load_model, training_tota
 from DCEPKInferenceLib.networks import PARAM_NAMES  # noqa: E402
 from DCEPKInferenceLib.training import PROTOCOL_CALIBRATION, calibrate_to_protocol  # noqa: E402
 
-BENCH_SEED = 7_000_001          # training draws [seed, step] with seeds 1-4, 11-21; validation 900001, calibration 900002, protocol calibration 900003, checks 424242
+# training draws [seed, step] with seeds 1-4, 11-21; validation 900001, calibration 900002,
+# protocol calibration 900003, checks 424242
+BENCH_SEED = 7_000_001
 PROTOCOLS = {
     "60 x 5 s": np.arange(60) * 5.0,
     "two-rate 10 x 2 s + 40 x 8 s": np.concatenate([np.arange(10) * 2.0, 20.0 + np.arange(40) * 8.0]),
@@ -170,7 +172,8 @@ def synthetic(models, cards, n_patches, log, pool):
                 inside = per_subject_sum(metrics.inside90(est, sd, truth), n_patches)
                 return {"protocol": pname, "method": method, "subject_inside": inside,
                         "subject_voxels": truth.shape[0] // n_patches,
-                        **{par: metrics.summarize(est[:, i], truth[:, i], sd[:, i]) for i, par in enumerate(PARAM_NAMES)}}
+                        **{par: metrics.summarize(est[:, i], truth[:, i], sd[:, i])
+                           for i, par in enumerate(PARAM_NAMES)}}
 
             for method, (est, sd) in results.items():
                 row = {"protocol": pname, "snr": sname, "method": method, "n": truth.shape[0],
