@@ -135,7 +135,7 @@ def protocol_features(noise_sd_mM, times_s) -> np.ndarray:
 
 @dataclass
 class CanonicalInput:
-    """Network input for N voxels: ``curves (N, G)`` float32 concentration (mM) on the grid,
+    """Network input for N voxels: ``curves (N, G)`` (or (G, N)) float32 concentration (mM) on the grid,
     ``valid (G,)`` float32 grid mask, ``protocol (N, N_PROTOCOL)`` float32, and the baseline used."""
 
     curves: np.ndarray
@@ -167,9 +167,11 @@ def estimate_baseline_frames(signal, times_s=None) -> int:
 
 
 def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, *, fa_deg, tr_s, t10_s, r1_per_mM_s,
-                 weights=None) -> CanonicalInput:
+                 weights=None, frames_first: bool = False) -> CanonicalInput:
     """Signal (N, T) -> ``CanonicalInput``. FA (deg), TR (s), T10 (s: scalar or (N,)) and r1
-    (1/(mM s)) are required; ``weights`` = a precomputed ``resampling_matrix``."""
+    (1/(mM s)) are required; ``weights`` = a precomputed ``resampling_matrix``. ``frames_first``:
+    curves as (G, N), the layout of the 2-D networks' image channels (a transpose afterwards cost
+    as much as the network's first layers)."""
     sig = np.asarray(signal)
     if sig.ndim != 2:
         raise DCEPKInputError(f"to_canonical takes voxel curves (N, T); got shape {sig.shape}")
@@ -184,12 +186,15 @@ def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, *, fa_d
     # only the prefix is multiplied, the rest of the curves stays 0
     n_valid = int(valid.sum())
     w_used = np.ascontiguousarray(w[:n_valid].T)
-    curves = np.zeros((n, w.shape[0]), dtype=np.float32)
+    curves = np.zeros((w.shape[0], n) if frames_first else (n, w.shape[0]), dtype=np.float32)
     noise, s0 = np.empty(n), np.empty(n)
     for lo in range(0, n, BLOCK_VOXELS):   # cache-sized blocks: ~1.5x faster than one pass
         part = slice(lo, lo + BLOCK_VOXELS)
         conc, noise[part], s0[part] = tissue_concentration(sig[part], baseline_frames, fa_deg, tr_s,
                                                            t10[part] if np.ndim(t10) else t10, r1_per_mM_s)
-        curves[part, :n_valid] = conc @ w_used
+        if frames_first:
+            curves[:n_valid, part] = w_used.T @ conc.T
+        else:
+            curves[part, :n_valid] = conc @ w_used
     return CanonicalInput(curves, valid.astype(np.float32), protocol_features(noise, times_s),
                           int(baseline_frames), s0)

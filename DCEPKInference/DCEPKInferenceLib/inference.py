@@ -199,9 +199,9 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     sd = np.zeros(shape + (3,), dtype=np.float32)
     sample_kwargs = {"n_samples": n_samples} if n_samples else {}
 
-    def canonical(signal_2d, t10_part):
+    def canonical(signal_2d, t10_part, frames_first=False):
         return cg.to_canonical(signal_2d, series.times_s, n_base, fa_deg=fa_deg, tr_s=tr_s, t10_s=t10_part,
-                               r1_per_mM_s=r1_per_mM_s, weights=weights)
+                               r1_per_mM_s=r1_per_mM_s, weights=weights, frames_first=frames_first)
 
     torch.manual_seed(0)  # latent draws (tcn_punet) reproducible run to run
     if model.kind == "voxel":
@@ -229,9 +229,9 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
             tissue = mask[k, j0:j1, i0:i1]
             h, w = tissue.shape
             t10_part = t10[k, j0:j1, i0:i1].ravel() if isinstance(t10, np.ndarray) else t10
-            c = canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t), t10_part)
-            # background reads as flat (no contrast); one pass masks and transposes to frames-first
-            curves = np.multiply(c.curves.T, tissue.reshape(1, -1), out=np.empty(c.curves.shape[::-1], np.float32))
+            c = canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t), t10_part, frames_first=True)
+            curves = c.curves
+            curves *= tissue.reshape(1, -1)         # background reads as flat (no contrast)
             to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
             with torch.no_grad():
                 m, s = model.predict(to(curves.reshape(1, -1, h, w)), to(c.valid[None]),
