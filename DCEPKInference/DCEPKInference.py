@@ -62,7 +62,9 @@ followed by a probabilistic U-Net. Only the networks whose weights ship with thi
 signal), the network and the device, give T10 (seconds), and press Apply. The networks convert the signal to
 concentration with flip angle (degrees), TR (milliseconds), T10 and the agent's r1, as the conventional fit does;
 flip angle and TR default to the series' header. Inference runs
-in the background and can be cancelled; the scene only changes when it has finished.<br>
+in the background and can be cancelled; the scene only changes when it has finished. A series whose frame count
+or frame interval lies outside a network's training ranges (in its model card) is named in the messages, and the
+network's uncertainty is then recalibrated for those frame times on simulated data (seconds to half a minute).<br>
 <b>Outputs and units</b> (OSIPI lexicon): Ktrans and kep in 1/min, ve and vp as fractions; &lt;name&gt;_sd is
 the network's uncertainty as one standard deviation in the same unit. kep = Ktrans/ve. The uncertainty
 threshold hides (sets to NaN) voxels whose SD exceeds a fraction of the value (relative) or a limit per map
