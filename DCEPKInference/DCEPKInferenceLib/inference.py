@@ -287,8 +287,12 @@ def infer_main(argv=None) -> int:
     if args.list:
         for card in list_models():
             val = card.get("validation", {}).get("metrics", {}).get("Ktrans", {})
+            ranges = card.get("simulator_ranges", {})
+            frames, interval = ranges.get("n_frames"), ranges.get("frame_interval_s", {}).get("range")
+            trained = (f"\ttrained on {frames[0]}-{frames[1]} frames, {interval[0]:g}-{interval[1]:g} s apart"
+                       if frames and interval else "")
             print(f"{card['name']}\t{card.get('description', '')}\tvalidation Ktrans RMSE "
-                  f"{val.get('rmse', float('nan')):.4f} 1/min")
+                  f"{val.get('rmse', float('nan')):.4f} 1/min{trained}")
         return 0
     if args.input is None or args.out is None:
         raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")

@@ -209,6 +209,7 @@ def test_list_command(capsys):
     assert infer_main(["--list"]) == 0
     listed = capsys.readouterr().out
     assert all(name in listed for name in SHIPPED)
+    assert listed.count("trained on 30-150 frames, 1.5-15 s apart") == len(SHIPPED)   # the cards' ranges
 
 
 def test_concentration_series_is_refused(phantom):
