@@ -115,6 +115,13 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
         return cg.estimate_baseline_frames(voxels, series.times_s)
 
 
+def training_protocol_ranges(card):
+    """([min, max] frame count, [min, max] base frame interval in s) of a card's training data; None
+    for what an older card does not record."""
+    ranges = card.get("simulator_ranges", {})
+    return ranges.get("n_frames"), ranges.get("frame_interval_s", {}).get("range")
+
+
 def protocol_outside_training(times_s, card) -> Optional[str]:
     """A note when the frame count or the starting frame interval lies outside the ranges the network
     was trained on (its card's ``simulator_ranges``): its maps are then less sure, and its SD too
@@ -122,13 +129,11 @@ def protocol_outside_training(times_s, card) -> Optional[str]:
 
     The interval range is that of the base interval; two-rate training series doubled it after the
     first ``TWO_RATE_SWITCH_FRACTION`` of the frames, so the median is taken over those frames only."""
-    ranges = card.get("simulator_ranges", {})
     t = np.asarray(times_s, dtype=np.float64)
     found = []
-    frames = ranges.get("n_frames")
+    frames, interval = training_protocol_ranges(card)
     if frames and not frames[0] <= t.size <= frames[1]:
         found.append(f"{t.size} frames (trained on {frames[0]}-{frames[1]})")
-    interval = ranges.get("frame_interval_s", {}).get("range")
     steps = np.diff(t)
     starting = float(np.median(steps[:max(1, int(TWO_RATE_SWITCH_FRACTION * steps.size))]))
     if interval and not interval[0] <= starting <= interval[1]:
@@ -287,8 +292,7 @@ def infer_main(argv=None) -> int:
     if args.list:
         for card in list_models():
             val = card.get("validation", {}).get("metrics", {}).get("Ktrans", {})
-            ranges = card.get("simulator_ranges", {})
-            frames, interval = ranges.get("n_frames"), ranges.get("frame_interval_s", {}).get("range")
+            frames, interval = training_protocol_ranges(card)
             trained = (f"\ttrained on {frames[0]}-{frames[1]} frames, {interval[0]:g}-{interval[1]:g} s apart"
                        if frames and interval else "")
             print(f"{card['name']}\t{card.get('description', '')}\tvalidation Ktrans RMSE "

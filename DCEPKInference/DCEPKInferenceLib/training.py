@@ -122,13 +122,14 @@ def _to_torch(batch: simulator.SimulatedBatch, device) -> Dict[str, torch.Tensor
     return out
 
 
-def make_batch(kind: str, rng, training: Dict, validation=False):
+def make_batch(kind: str, rng, training: Dict, validation=False, times_s=None):
+    """A training (or, ``validation``, held-out) batch; ``times_s`` fixes every subject's frame times."""
     if kind == "voxel":
         subjects = training["val_subjects"] if validation else training["subjects_per_batch"]
         voxels = training["val_voxels_per_subject"] if validation else training["voxels_per_subject"]
-        return simulator.sample_voxels(rng, subjects, voxels)
+        return simulator.sample_voxels(rng, subjects, voxels, times_s=times_s)
     patches = training["val_patches"] if validation else training["patches_per_batch"]
-    return simulator.sample_patches(rng, patches, training["patch_size"])
+    return simulator.sample_patches(rng, patches, training["patch_size"], times_s=times_s)
 
 
 def temporal_shift(curves, valid, max_shift: int, generator):
@@ -243,10 +244,9 @@ def calibrate_to_protocol(model, times_s, device="cpu", cancel=None) -> list:
     for start in range(0, settings["subjects"], settings["subjects_per_chunk"]):
         raise_if_cancelled(cancel)
         n = min(settings["subjects_per_chunk"], settings["subjects"] - start)
-        if model.kind == "voxel":
-            batch = simulator.sample_voxels(rng, n, settings["voxels_per_subject"], times_s=times)
-        else:
-            batch = simulator.sample_patches(rng, n, settings["patch_size"], times_s=times)
+        sized = {"val_subjects": n, "val_patches": n, "val_voxels_per_subject": settings["voxels_per_subject"],
+                 "patch_size": settings["patch_size"]}
+        batch = make_batch(model.kind, rng, sized, validation=True, times_s=times)
         ratios.append(_error_to_sd(model, _to_torch(batch, device)))
     factors = _coverage_factors(np.concatenate(ratios))
     present = model.config.get("sd_scale", [1.0, 1.0, 1.0])
