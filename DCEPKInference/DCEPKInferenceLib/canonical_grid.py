@@ -101,25 +101,30 @@ def require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s) -> None:
                                   "and need it; give it (FA and TR may also come from the series header)")
 
 
-def tissue_concentration(signal, baseline_frames: int, fa_deg, tr_s, t10_s, r1_per_mM_s):
+def tissue_concentration(signal, baseline_frames: int, fa_deg, tr_s, t10_s, r1_per_mM_s, dtype=np.float64):
     """Concentration (N, T) mM by the core's exact SPGR inversion, clipped to ``CONC_CLIP_MM``, the
     per-voxel noise SD (N,) mM over the baseline frames, and the baseline signal S0 (N,).
 
     Frames past the SPGR ceiling (undefined inversion) read as the upper clip; voxels with no
-    positive baseline signal or no valid T10 read as 0.
+    positive baseline signal or no valid T10 read as 0. ``dtype``: the precision of the
+    concentration (float32 for the networks' input: < 1e-4 mM off, ~2x faster).
     """
     require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s)
-    sig = np.asarray(signal, dtype=np.float64)
+    sig = np.asarray(signal)
+    if sig.dtype.kind != "f":
+        sig = sig.astype(np.float64)
     n_base = int(baseline_frames)
-    s0 = sig[..., :n_base].mean(axis=-1)
+    s0 = sig[..., :n_base].mean(axis=-1).astype(np.float64)
     t10 = np.broadcast_to(np.asarray(t10_s, dtype=np.float64), s0.shape)
     convertible = np.isfinite(s0) & (s0 > 0) & np.isfinite(t10) & (t10 > 0)
     if not convertible.any():   # e.g. a chunk of background: nothing to convert, not an error
-        return np.zeros(sig.shape), np.zeros(sig.shape[:-1]), s0
-    conc, _ = signal_models.signal_to_concentration(sig, t10_s, fa_deg, tr_s, r1_per_mM_s, n_base)
-    conc = np.where(np.isnan(conc), CONC_CLIP_MM[1], conc)
-    conc = np.where(convertible[..., None], np.clip(conc, *CONC_CLIP_MM), 0.0)
-    noise = conc[..., :n_base].std(axis=-1, ddof=1) if n_base >= 2 else np.zeros(conc.shape[:-1])
+        return np.zeros(sig.shape, dtype=dtype), np.zeros(sig.shape[:-1]), s0
+    conc, _ = signal_models.signal_to_concentration(sig, t10_s, fa_deg, tr_s, r1_per_mM_s, n_base, dtype=dtype)
+    conc[np.isnan(conc)] = CONC_CLIP_MM[1]
+    np.clip(conc, *CONC_CLIP_MM, out=conc)
+    conc[~convertible] = 0.0
+    noise = (conc[..., :n_base].std(axis=-1, ddof=1, dtype=np.float64) if n_base >= 2
+             else np.zeros(conc.shape[:-1]))
     return conc, noise, s0
 
 
@@ -185,16 +190,17 @@ def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, *, fa_d
     # the valid grid points are a prefix (0 s to the last frame) and the other rows of w are 0:
     # only the prefix is multiplied, the rest of the curves stays 0
     n_valid = int(valid.sum())
-    w_used = np.ascontiguousarray(w[:n_valid].T)
+    w_used = np.ascontiguousarray(w[:n_valid].T, dtype=np.float32)
     curves = np.zeros((w.shape[0], n) if frames_first else (n, w.shape[0]), dtype=np.float32)
     noise, s0 = np.empty(n), np.empty(n)
     for lo in range(0, n, BLOCK_VOXELS):   # cache-sized blocks: ~1.5x faster than one pass
         part = slice(lo, lo + BLOCK_VOXELS)
         conc, noise[part], s0[part] = tissue_concentration(sig[part], baseline_frames, fa_deg, tr_s,
-                                                           t10[part] if np.ndim(t10) else t10, r1_per_mM_s)
+                                                           t10[part] if np.ndim(t10) else t10, r1_per_mM_s,
+                                                           dtype=np.float32)
         if frames_first:
-            curves[:n_valid, part] = w_used.T @ conc.T
+            np.matmul(w_used.T, conc.T, out=curves[:n_valid, part])
         else:
-            curves[part, :n_valid] = conc @ w_used
+            np.matmul(conc, w_used, out=curves[part, :n_valid])
     return CanonicalInput(curves, valid.astype(np.float32), protocol_features(noise, times_s),
                           int(baseline_frames), s0)

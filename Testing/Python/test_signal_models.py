@@ -251,3 +251,20 @@ def test_float32_series_is_converted_in_double_precision():
     got32, _ = signal_to_concentration(sig.astype(np.float32), 1.2, 20.0, TR, 4.0, baseline_frames=4)
     assert got32.dtype == np.float64
     np.testing.assert_allclose(got32, conc, atol=1e-4)   # float32 rounding of the signal only
+
+
+@pytest.mark.parametrize("tr_s", [0.0005, 0.004, 0.01])
+def test_float32_arithmetic_stays_within_1e4_mM_of_double(tr_s):
+    """dtype=float32 (the networks' input): the documented bound over tissue-to-vessel concentrations."""
+    rng = np.random.default_rng(10)
+    conc = np.zeros((400, 30))
+    conc[:, 5:] = rng.uniform(0, 20, (400, 25))
+    t10 = rng.uniform(0.3, 3.0, 400)
+    sig = spgr_signal(1000.0, 1 / t10[:, None] + 4.0 * conc, 20.0, tr_s)
+    got64, ok64 = signal_to_concentration(sig, t10, 20.0, tr_s, 4.0, baseline_frames=5)
+    got32, ok32 = signal_to_concentration(sig, t10, 20.0, tr_s, 4.0, baseline_frames=5, dtype=np.float32)
+    assert got32.dtype == np.float32 and ok32.all() and ok64.all()
+    np.testing.assert_allclose(got64, conc, atol=1e-9)
+    np.testing.assert_allclose(got32, got64, atol=1e-4)
+    with pytest.raises(DCEPKInputError, match="float32 or float64"):
+        signal_to_concentration(sig, t10, 20.0, tr_s, 4.0, baseline_frames=5, dtype=np.int16)
