@@ -172,11 +172,9 @@ def estimate_baseline_frames(signal, times_s=None) -> int:
 
 
 def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, *, fa_deg, tr_s, t10_s, r1_per_mM_s,
-                 weights=None, frames_first: bool = False) -> CanonicalInput:
+                 weights=None) -> CanonicalInput:
     """Signal (N, T) -> ``CanonicalInput``. FA (deg), TR (s), T10 (s: scalar or (N,)) and r1
-    (1/(mM s)) are required; ``weights`` = a precomputed ``resampling_matrix``. ``frames_first``:
-    curves as (G, N), the layout of the 2-D networks' image channels (a transpose afterwards cost
-    as much as the network's first layers)."""
+    (1/(mM s)) are required; ``weights`` = a precomputed ``resampling_matrix``."""
     sig = np.asarray(signal)
     if sig.ndim != 2:
         raise DCEPKInputError(f"to_canonical takes voxel curves (N, T); got shape {sig.shape}")
@@ -191,16 +189,13 @@ def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, *, fa_d
     # only the prefix is multiplied, the rest of the curves stays 0
     n_valid = int(valid.sum())
     w_used = np.ascontiguousarray(w[:n_valid].T, dtype=np.float32)
-    curves = np.zeros((w.shape[0], n) if frames_first else (n, w.shape[0]), dtype=np.float32)
+    curves = np.zeros((n, w.shape[0]), dtype=np.float32)
     noise, s0 = np.empty(n), np.empty(n)
     for lo in range(0, n, BLOCK_VOXELS):   # cache-sized blocks: ~1.5x faster than one pass
         part = slice(lo, lo + BLOCK_VOXELS)
         conc, noise[part], s0[part] = tissue_concentration(sig[part], baseline_frames, fa_deg, tr_s,
                                                            t10[part] if np.ndim(t10) else t10, r1_per_mM_s,
                                                            dtype=np.float32)
-        if frames_first:
-            np.matmul(w_used.T, conc.T, out=curves[:n_valid, part])
-        else:
-            np.matmul(conc, w_used, out=curves[part, :n_valid])
+        np.matmul(conc, w_used, out=curves[part, :n_valid])
     return CanonicalInput(curves, valid.astype(np.float32), protocol_features(noise, times_s),
                           int(baseline_frames), s0)

@@ -204,9 +204,9 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     sd = np.zeros(shape + (3,), dtype=np.float32)
     sample_kwargs = {"n_samples": n_samples} if n_samples else {}
 
-    def canonical(signal_2d, t10_part, frames_first=False):
+    def canonical(signal_2d, t10_part):
         return cg.to_canonical(signal_2d, series.times_s, n_base, fa_deg=fa_deg, tr_s=tr_s, t10_s=t10_part,
-                               r1_per_mM_s=r1_per_mM_s, weights=weights, frames_first=frames_first)
+                               r1_per_mM_s=r1_per_mM_s, weights=weights)
 
     torch.manual_seed(0)  # latent draws (tcn_punet) reproducible run to run
     if model.kind == "voxel":
@@ -225,6 +225,9 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
             report(progress, min(start + part.size, index.size) / index.size,
                    f"{min(start + part.size, index.size)} of {index.size} voxels")
     else:
+        # pixels as the fastest axis of the image channels (channels_last): the layout of the
+        # conversion's (voxels, grid) output, and 1.2-2x faster 3x3 convolutions on CPU
+        model.to(memory_format=torch.channels_last)
         slices = [k for k in range(shape[0]) if mask[k].any()]
         for done, k in enumerate(slices):
             raise_if_cancelled(cancel)
@@ -233,15 +236,20 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
             i0, i1 = max(cols[0] - SLICE_MARGIN, 0), min(cols[-1] + SLICE_MARGIN + 1, shape[2])
             tissue = mask[k, j0:j1, i0:i1]
             h, w = tissue.shape
-            t10_part = t10[k, j0:j1, i0:i1].ravel() if isinstance(t10, np.ndarray) else t10
-            c = canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t), t10_part, frames_first=True)
-            curves = c.curves
-            curves *= tissue.reshape(1, -1)         # background reads as flat (no contrast)
-            to = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(dev)
+            inside = tissue.ravel()
+            t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
+            c = canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], t10_part)
+            # only the tissue is converted; the margin reads as flat tissue (no contrast) at the
+            # slice's median noise level, like the non-enhancing tissue of the training patches
+            curves = np.zeros((h * w, c.curves.shape[1]), dtype=np.float32)
+            curves[inside] = c.curves
+            protocol = np.repeat(np.median(c.protocol, axis=0, keepdims=True), h * w, axis=0)
+            protocol[inside] = c.protocol
+            image = lambda a: torch.from_numpy(a).view(1, h, w, -1).permute(0, 3, 1, 2).to(dev)
             with torch.no_grad():
-                m, s = model.predict(to(curves.reshape(1, -1, h, w)), to(c.valid[None]),
-                                     to(c.protocol.T.reshape(1, -1, h, w)),
-                                     to(tissue[None, None].astype(np.float32)), **sample_kwargs)
+                m, s = model.predict(image(curves), torch.from_numpy(c.valid[None]).to(dev), image(protocol),
+                                     torch.from_numpy(tissue[None, None].astype(np.float32)).to(dev),
+                                     **sample_kwargs)
             m = m[0].permute(1, 2, 0).cpu().numpy()
             s = s[0].permute(1, 2, 0).cpu().numpy()
             mean[k, j0:j1, i0:i1][tissue], sd[k, j0:j1, i0:i1][tissue] = m[tissue], s[tissue]

@@ -174,11 +174,11 @@ class _VoxelEncoder(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(flat + N_PROTOCOL, 2 * hidden), nn.GELU(), nn.Dropout(dropout),
                                  nn.Linear(2 * hidden, hidden), nn.GELU(), nn.Linear(hidden, 6))
 
-    def forward(self, x, protocol, used_patches=None):
-        """x (N, G/p, 2p), or only the ``used_patches`` of it: the embedding of an unused patch (no
-        valid point) is gelu(bias) for every voxel, so its share of the first layer joins the bias."""
-        h = self.embed(x).flatten(1)
-        # first layer on [h, protocol] as two products: the same maths without copying h (millions of rows)
+    def first_layer(self, used_patches=None):
+        """The MLP's first layer split for [embedded curve, protocol] inputs: (w_curve, w_protocol,
+        bias), applied as two products (the same maths without copying millions of rows). With
+        ``used_patches`` w_curve keeps only their columns: the embedding of an unused patch (no valid
+        point) is gelu(bias) for every voxel, so its share of the layer joins the bias."""
         first = self.mlp[0]
         width = self.embed.linear.out_features
         w_curve = first.weight[:, :width * (GRID_POINTS // _PatchEmbed.PATCH)]
@@ -188,7 +188,13 @@ class _VoxelEncoder(nn.Module):
             bias = bias + w_curve[:, ~used_patches].flatten(1) @ F.gelu(self.embed.linear.bias).repeat(
                 int((~used_patches).sum()))
             w_curve = w_curve[:, used_patches].flatten(1)
-        z = F.linear(h, w_curve) + F.linear(protocol, w_protocol, bias)
+        return w_curve, w_protocol, bias
+
+    def forward(self, x, protocol, used_patches=None, first_layer=None):
+        """x (N, G/p, 2p), or only the ``used_patches`` of it; ``first_layer``: this member's
+        ``first_layer(used_patches)``, computed once for all blocks of a volume."""
+        w_curve, w_protocol, bias = first_layer or self.first_layer(used_patches)
+        z = F.linear(self.embed(x).flatten(1), w_curve) + F.linear(protocol, w_protocol, bias)
         return _heads(self.mlp[1:](z), dim=1)
 
 
@@ -205,14 +211,16 @@ class HeteroEncoder(nn.Module):
                                                    self.config["dropout"])
                                      for _ in range(int(self.config["members"])))
 
-    def forward(self, curves, valid, protocol):
-        """curves (N, G), valid (N, G) or (G,), protocol (N, P) -> list of (mean_n, scale_n) (N, 3)."""
+    def forward(self, curves, valid, protocol, first_layers=None):
+        """curves (N, G), valid (N, G) or (G,), protocol (N, P) -> list of (mean_n, scale_n) (N, 3).
+        ``first_layers``: the members' ``first_layer`` for this ``valid``, if already computed."""
         used = _PatchEmbed.used_patches(valid)
         if used is not None:   # inference on one protocol: skip the grid beyond the acquired span
             points = used.repeat_interleave(_PatchEmbed.PATCH)
             curves, valid = curves[:, points], valid[points]
         x = _PatchEmbed.inputs(curves, valid.expand_as(curves))
-        return [member(x, protocol, used) for member in self.members]
+        first_layers = first_layers or [None] * len(self.members)
+        return [member(x, protocol, used, first) for member, first in zip(self.members, first_layers)]
 
     def loss(self, outputs, target_n, batch=None):
         beta = float(self.config["nll_beta"])
@@ -222,15 +230,19 @@ class HeteroEncoder(nn.Module):
 
     @torch.no_grad()
     def predict(self, curves, valid, protocol, n_samples: int = 0):
-        if valid.dim() == 1:
-            return in_cache_blocks(lambda c, p: self._predict(c, valid, p), self.CPU_BLOCK_VOXELS, curves, protocol)
+        if valid.dim() == 1:    # one grid mask for all voxels: the folded first layers serve every block
+            used = _PatchEmbed.used_patches(valid)
+            first_layers = [member.first_layer(used) for member in self.members]
+            return in_cache_blocks(lambda c, p: self._predict(c, valid, p, first_layers), self.CPU_BLOCK_VOXELS,
+                                   curves, protocol)
         return in_cache_blocks(self._predict, self.CPU_BLOCK_VOXELS, curves, valid, protocol)
 
-    def _predict(self, curves, valid, protocol):
-        outputs = self.forward(curves, valid, protocol)
+    def _predict(self, curves, valid, protocol, first_layers=None):
+        outputs = self.forward(curves, valid, protocol, first_layers)
         means = torch.stack([m for m, _ in outputs])                      # (M, N, 3)
         var_alea = torch.stack([scale_to_sd(s, self.likelihood) ** 2 for _, s in outputs]).mean(0)
-        var_epi = means.var(0, unbiased=False) if len(outputs) > 1 else torch.zeros_like(var_alea)
+        # the spread over the members, written out: Tensor.var over the short first axis is ~100x slower on CPU
+        var_epi = (means - means.mean(0)).square().mean(0)
         up = _upper(means[0], 1)
         return means.mean(0) * up, calibrated_sd(torch.sqrt(var_alea + var_epi) * up, self.config)
 
@@ -262,9 +274,16 @@ class _Stem(nn.Module):
         # leaving them out of the 1x1 conv is the same maths and saves their asinh and products
         used = valid.amax(0) > 0
         weight = self.conv.weight
-        if not bool(used.all()):
-            curves, weight = curves[:, used], weight[:, torch.cat([used, used.new_ones(N_PROTOCOL)])]
-        x = torch.cat([compress(curves) * valid[:, used, None, None], protocol], dim=1)
+        n_used = int(used.sum())
+        if n_used < used.numel():
+            if bool(used[:n_used].all()):   # a prefix (always, for one series): a view, not a copy
+                curves, weight = curves[:, :n_used], torch.cat([weight[:, :n_used], weight[:, GRID_POINTS:]], 1)
+            else:
+                curves, weight = curves[:, used], weight[:, torch.cat([used, used.new_ones(N_PROTOCOL)])]
+        x = compress(curves)
+        if not bool(valid[:, used].all()):   # else the mask multiplies by 1
+            x = x * valid[:, used, None, None]
+        x = torch.cat([x, protocol], dim=1)
         return F.gelu(F.conv2d(x, weight, self.conv.bias) + self.valid_bias(valid)[:, :, None, None])
 
 
@@ -280,8 +299,15 @@ def _slice_outputs(model, head, h):
 
 
 def _masked_mean(x, tissue):
-    """Spatial mean over tissue pixels: (B, C, H, W), (B, 1, H, W) -> (B, C)."""
-    return (x * tissue).sum((2, 3)) / tissue.sum((2, 3)).clamp_min(1.0)
+    """Spatial mean over tissue pixels: (B, C, H, W), (B, 1, H, W) -> (B, C). A batched
+    matrix-vector product in either memory layout: no image-sized temporary."""
+    b, c = x.shape[:2]
+    weights = tissue.reshape(b, 1, -1)
+    if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous():
+        total = torch.bmm(weights, x.permute(0, 2, 3, 1).reshape(b, -1, c))[:, 0]
+    else:
+        total = torch.bmm(x.reshape(b, c, -1), weights.transpose(1, 2))[..., 0]
+    return total / tissue.sum((2, 3)).clamp_min(1.0)
 
 
 class UlasCNN(nn.Module):

@@ -1,5 +1,6 @@
 """Shipped weights (checksums, model-card metrics), run_inference / dcepk infer, training resume."""
 
+import dataclasses
 import shutil
 import threading
 
@@ -87,6 +88,24 @@ def test_run_inference_on_a_phantom(name, phantom):
     for key in ("Ktrans_sd", "ve_sd", "vp_sd", "kep_sd"):
         assert np.all(result.maps[key][mask] > 0), key
     assert abs(result.baseline_frames - phantom.protocol.baseline_frames) <= 1
+
+
+@pytest.mark.parametrize("name", [n for n in SHIPPED if NETWORKS[n].kind == "slice"])
+def test_a_2d_network_reads_no_signal_outside_the_mask(name, phantom):
+    """The margin around the mask enters as flat tissue at the slice's noise level, not as its own
+    signal: another signal and T10 there (a strongly enhancing curve, no T10) change no map inside."""
+    mask = phantom.labels > 0
+    mask[:, :, 30:] = False                                    # tissue in the margin of the crop too
+    t10 = phantom.truth["T10"].copy()
+    kwargs = dict(mask=mask, device="cpu", baseline_frames=phantom.protocol.baseline_frames)
+    plain = run_inference(phantom.series, name, t10_s=t10, **kwargs)
+    signal = phantom.series.signal.copy()
+    signal[~mask] *= np.linspace(1.0, 3.0, signal.shape[-1])
+    t10[~mask] = np.nan
+    other = run_inference(dataclasses.replace(phantom.series, signal=signal), name, t10_s=t10, **kwargs)
+    for key in plain.maps:
+        np.testing.assert_array_equal(other.maps[key], plain.maps[key], err_msg=key)
+    assert np.all(plain.maps["ve"][mask] > 0) and np.all(plain.maps["Ktrans_sd"][mask] > 0)
 
 
 def test_a_protocol_outside_the_training_ranges_is_said(phantom):
