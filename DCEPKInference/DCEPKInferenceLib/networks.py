@@ -241,8 +241,7 @@ class HeteroEncoder(nn.Module):
         outputs = self.forward(curves, valid, protocol, first_layers)
         means = torch.stack([m for m, _ in outputs])                      # (M, N, 3)
         var_alea = torch.stack([scale_to_sd(s, self.likelihood) ** 2 for _, s in outputs]).mean(0)
-        # the spread over the members, written out: Tensor.var over the short first axis is ~100x slower on CPU
-        var_epi = (means - means.mean(0)).square().mean(0)
+        var_epi = (means - means.mean(0)).square().mean(0)   # written out: Tensor.var(0) is far slower on CPU
         up = _upper(means[0], 1)
         return means.mean(0) * up, calibrated_sd(torch.sqrt(var_alea + var_epi) * up, self.config)
 
@@ -468,7 +467,10 @@ class TCNProbUNet(nn.Module):
         # the TCN runs on tissue voxels only (background is most of a volume), then scatters back
         inside = tissue[:, 0].reshape(-1) > 0
         xv = curves.permute(0, 2, 3, 1).reshape(-1, g)[inside]
-        vv = valid[:, None, None, :].expand(b, h, w, g).reshape(-1, g)[inside]
+        if b == 1:   # one grid mask for every voxel: a view, not a copied row per voxel
+            vv = valid.expand(int(inside.sum()), g)
+        else:
+            vv = valid[:, None, None, :].expand(b, h, w, g).reshape(-1, g)[inside]
         pv = protocol.permute(0, 2, 3, 1).reshape(-1, protocol.shape[1])[inside]
         feat = curves.new_zeros(b * h * w, self.config["features"])
         if inside.any():
@@ -517,7 +519,7 @@ class TCNProbUNet(nn.Module):
         # predictive variance = variance over the latent draws + the aleatoric variance (law of total
         # variance). The latent alone under-disperses (one global latent per slice) and does not rank
         # voxels; a floor keeps the SD > 0 where all draws agree and there is no aleatoric head
-        var = samples.var(0, unbiased=False)
+        var = (samples - samples.mean(0)).square().mean(0)   # written out: Tensor.var(0) is far slower on CPU
         if self.config["aleatoric_head"]:
             var = var + self.scale_head(d1) ** 2
         sd = var.sqrt().clamp_min(MIN_SCALE) * up
