@@ -196,6 +196,6 @@ def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, *, fa_d
         conc, noise[part], s0[part] = tissue_concentration(sig[part], baseline_frames, fa_deg, tr_s,
                                                            t10[part] if np.ndim(t10) else t10, r1_per_mM_s,
                                                            dtype=np.float32)
-        np.matmul(conc, w_used, out=curves[part, :n_valid])
+        curves[part, :n_valid] = conc @ w_used   # (matmul into the strided rows would skip BLAS)
     return CanonicalInput(curves, valid.astype(np.float32), protocol_features(noise, times_s),
                           int(baseline_frames), s0)
