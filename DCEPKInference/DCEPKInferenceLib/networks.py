@@ -259,6 +259,14 @@ class _ScaleHead(nn.Sequential):
         return F.softplus(super().forward(x)) + MIN_SCALE
 
 
+def _used_prefix(valid):
+    """Number of grid points valid in some slice of the batch (B, G) when they are a prefix (always
+    for one series: 0 s to its last frame), else None."""
+    used = valid.amax(0) > 0
+    n_used = int(used.sum())
+    return n_used if bool(used[:n_used].all()) else None
+
+
 class _Stem(nn.Module):
     """Grid frames (+ per-voxel scalars) as channels -> features; the grid validity mask (one per slice)
     enters as a learned per-channel bias, which costs nothing per pixel."""
@@ -273,12 +281,12 @@ class _Stem(nn.Module):
         # leaving them out of the 1x1 conv is the same maths and saves their asinh and products
         used = valid.amax(0) > 0
         weight = self.conv.weight
-        n_used = int(used.sum())
-        if n_used < used.numel():
-            if bool(used[:n_used].all()):   # a prefix (always, for one series): a view, not a copy
-                curves, weight = curves[:, :n_used], torch.cat([weight[:, :n_used], weight[:, GRID_POINTS:]], 1)
-            else:
-                curves, weight = curves[:, used], weight[:, torch.cat([used, used.new_ones(N_PROTOCOL)])]
+        n_used = _used_prefix(valid)
+        if n_used is not None and n_used < GRID_POINTS:
+            # a view, not a copy (``curves`` may hold only these points already, see FCSANet)
+            curves, weight = curves[:, :n_used], torch.cat([weight[:, :n_used], weight[:, GRID_POINTS:]], 1)
+        elif n_used is None:
+            curves, weight = curves[:, used], weight[:, torch.cat([used, used.new_ones(N_PROTOCOL)])]
         x = compress(curves)
         if not bool(valid[:, used].all()):   # else the mask multiplies by 1
             x = x * valid[:, used, None, None]
@@ -376,7 +384,8 @@ class FCSANet(nn.Module):
     def forward(self, curves, valid, protocol, tissue, truth_n=None):
         mean_curve = _masked_mean(curves, tissue)
         weights = 2 * torch.sigmoid(self.frame_attention(torch.cat([mean_curve, valid], dim=1)))
-        h = self.stem(curves * weights[:, :, None, None], valid, protocol)
+        n_used = _used_prefix(valid) or GRID_POINTS   # weighting the points beyond would give zeros
+        h = self.stem(curves[:, :n_used] * weights[:, :n_used, None, None], valid, protocol)
         for conv, attn in zip(self.convs, self.attn):
             h = h + attn(F.gelu(conv(h)), tissue)
         return _slice_outputs(self, self.head, h)
