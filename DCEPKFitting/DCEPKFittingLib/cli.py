@@ -25,6 +25,30 @@ def _value_or_file(text: str):
         return Path(text)
 
 
+T10_UNIT_SECONDS = {"s": 1.0, "ms": 1e-3}
+
+
+def add_t10_options(parser: argparse.ArgumentParser, required_note: str = "") -> None:
+    parser.add_argument("--t10", type=_value_or_file,
+                        help=f"pre-contrast T1{required_note}: a value or a map file on the series grid, "
+                             "in --t10-unit")
+    parser.add_argument("--t10-unit", default="s", choices=sorted(T10_UNIT_SECONDS),
+                        help="unit of --t10 (default s; Slicer's PkModeling and many scanners write T1 maps in ms)")
+
+
+def read_t10(args, series):
+    """``--t10`` in seconds: None, one value, or a map checked against the series' grid."""
+    from .dce_io import read_volume
+    from .geometry import check_same_grid
+    if args.t10 is None:
+        return None
+    if isinstance(args.t10, Path):
+        t10_map, t10_geometry = read_volume(args.t10)
+        check_same_grid(series.spatial_shape, series.geometry, t10_map.shape, t10_geometry, "DCE series", "T10 map")
+        return t10_map.astype(np.float64) * T10_UNIT_SECONDS[args.t10_unit]
+    return args.t10 * T10_UNIT_SECONDS[args.t10_unit]
+
+
 def add_timing_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("timing (only when the file has none)")
     group.add_argument("--dt", type=float, help="frame interval in seconds")
@@ -82,7 +106,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--aif-is-plasma", action="store_true", help="the ROI/CSV curve is plasma, not blood")
     p.add_argument("--hct", type=float, default=0.45, help="haematocrit (fraction)")
     p.add_argument("--aif-delay", type=float, default=0.0, help="extra delay of the input function in seconds")
-    p.add_argument("--t10", type=_value_or_file, help="pre-contrast T1: a value in seconds or a map file")
+    add_t10_options(p)
     p.add_argument("--fa", type=float, help="flip angle in degrees (default: from the header)")
     p.add_argument("--tr", type=float, help="repetition time in seconds (default: from the header)")
     p.add_argument("--r1", type=float, help="relaxivity in 1/(mM s) (default: gadoterate at 3 T)")
@@ -164,19 +188,13 @@ def _cmd_t1map(args) -> int:
 
 
 def _cmd_fit(args) -> int:
-    from .dce_io import read_dce, read_mask, read_volume, write_maps
-    from .geometry import check_same_grid
+    from .dce_io import read_dce, read_mask, write_maps
     from .jobs import ConsoleProgress
     from .pipeline import FitSettings, run_fit
     series = read_dce(args.input, times_s=parse_times(args.times), dt_s=args.dt, kind=args.input_kind)
     grid = (series.geometry, series.spatial_shape)
-    t10 = args.t10
-    if isinstance(t10, Path):
-        t10_map, t10_geometry = read_volume(t10)
-        check_same_grid(series.spatial_shape, series.geometry, t10_map.shape, t10_geometry, "DCE series", "T10 map")
-        t10 = t10_map
     settings = FitSettings(
-        model=args.model, method=args.method, t10_s=t10, fa_deg=args.fa, tr_s=args.tr, r1_per_mM_s=args.r1,
+        model=args.model, method=args.method, t10_s=read_t10(args, series), fa_deg=args.fa, tr_s=args.tr, r1_per_mM_s=args.r1,
         baseline_frames=args.baseline_frames,
         aif_mask=read_mask(args.aif_roi, *grid) if args.aif_roi else None,
         aif_top_fraction=args.aif_top_fraction, population_aif=args.population_aif,

@@ -292,7 +292,8 @@ def check_t10(t10_s, spatial_shape=None) -> np.ndarray:
         raise DCEPKInputError("T10 has no positive finite value: give the pre-contrast T1 in seconds")
     if np.median(t10_finite) > 20:
         raise DCEPKInputError(
-            f"T10 median {np.median(t10_finite):g} s is implausible: T10 looks like milliseconds; pass seconds")
+            f"T10 median {np.median(t10_finite):g} s is implausible: T10 looks like milliseconds; pass seconds "
+            "(divide by 1000; on the command line add --t10-unit ms)")
     return t10
 
 

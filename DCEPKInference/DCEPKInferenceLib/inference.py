@@ -19,9 +19,9 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from DCEPKFittingLib.cli import add_timing_options, parse_times
+from DCEPKFittingLib.cli import add_t10_options, add_timing_options, parse_times, read_t10
 from DCEPKFittingLib.signal_models import check_t10, default_r1
-from DCEPKFittingLib.dce_io import DCESeries, read_dce, read_mask, read_volume, write_maps
+from DCEPKFittingLib.dce_io import DCESeries, read_dce, read_mask, write_maps
 from DCEPKFittingLib.errors import DCEPKInputError
 from DCEPKFittingLib.geometry import Geometry, check_same_grid
 from DCEPKFittingLib.jobs import ConsoleProgress, raise_if_cancelled, report
@@ -283,7 +283,7 @@ def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("--mask", type=Path, help="mask / label map on the series grid (default: auto)")
     parser.add_argument("--fa", type=float, help="flip angle in degrees (default: from the file)")
     parser.add_argument("--tr", type=float, help="repetition time in seconds (default: from the file)")
-    parser.add_argument("--t10", type=str, help="pre-contrast T1 (required): a value in s or a map file in s")
+    add_t10_options(parser, " (required)")
     parser.add_argument("--r1", type=float, help="relaxivity r1 in 1/(mM s) (default: gadoterate at 3 T)")
     parser.add_argument("--baseline-frames", type=int, help="pre-contrast frames (default: detected)")
     add_timing_options(parser)
@@ -310,16 +310,8 @@ def infer_main(argv=None) -> int:
         raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")
     series = read_dce(args.input, times_s=parse_times(args.times), dt_s=args.dt)
     mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
-    t10 = None
-    if args.t10 is not None:
-        try:
-            t10 = float(args.t10)
-        except ValueError:
-            t10_map, t10_geometry = read_volume(args.t10)
-            check_same_grid(series.spatial_shape, series.geometry, t10_map.shape, t10_geometry, "DCE series", "T10 map")
-            t10 = t10_map.astype(np.float64)
     result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
-                           t10_s=t10, r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
+                           t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
                            baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {args.model}"),
                            protocol_calibration=not args.no_protocol_calibration)
     for note in result.notes:

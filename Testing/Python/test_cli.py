@@ -94,6 +94,25 @@ def _settings(phantom, **changes):
     return FitSettings(**settings)
 
 
+def test_a_t10_map_in_milliseconds_is_read_with_its_unit(phantom_dir, tmp_path, capsys):
+    """Slicer's PkModeling writes T1 maps in ms: --t10-unit ms gives the maps of the same map in s,
+    and without it the error names the option."""
+    t10_s, geometry = read_volume(phantom_dir / "truth" / "T10.nii.gz")
+    t10_ms = write_volume(tmp_path / "t10_ms.nrrd", (t10_s * 1000).astype(np.float32), geometry)
+    base = _fit_args(phantom_dir, tmp_path / "s")
+    in_ms = base[:base.index("--t10") + 1] + [str(t10_ms), "--t10-unit", "ms"] + base[base.index("--t10") + 2:]
+    in_ms[in_ms.index("--out") + 1] = str(tmp_path / "ms")
+    assert cli.main(base) == 0 and cli.main(in_ms) == 0
+    for name in ("Ktrans", "ve", "vp"):
+        seconds, _ = read_volume(tmp_path / "s" / f"{name}.nii.gz")
+        millis, _ = read_volume(tmp_path / "ms" / f"{name}.nii.gz")
+        np.testing.assert_allclose(millis, seconds, atol=1e-4, err_msg=name)   # float32 map rounding
+    without_unit = [a for a in in_ms if a not in ("--t10-unit", "ms")]
+    without_unit[without_unit.index("--out") + 1] = str(tmp_path / "refused")
+    _expect_error(capsys, without_unit, "milliseconds", "--t10-unit ms")
+    assert not (tmp_path / "refused").exists()
+
+
 def _expect_error(capsys, argv, *words):
     assert cli.main(argv) == cli.EXIT_INPUT_ERROR
     message = capsys.readouterr().err.lower()

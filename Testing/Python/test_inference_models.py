@@ -208,6 +208,11 @@ def test_infer_command_writes_maps(tmp_path, phantom):
     assert (out / "Ktrans_sd.nii.gz").is_file() and (out / "kep.nii.gz").is_file()
     with pytest.raises(DCEPKInputError, match="exist"):
         infer_main(args)
+    t10_ms = write_maps(tmp_path / "t10_ms", {"T10": phantom.truth["T10"] * 1000}, phantom.series.geometry)[0]
+    in_ms = [str(series_path), "--model", "hetero_encoder", "--out", str(tmp_path / "ms"), "--device", "cpu",
+             "--t10", str(t10_ms), "--t10-unit", "ms", "--r1", str(phantom.protocol.r1_per_mM_s)]
+    assert infer_main(in_ms) == 0                             # the same T10 in ms: the same maps
+    np.testing.assert_allclose(read_volume(tmp_path / "ms" / "Ktrans.nii.gz")[0], ktrans, atol=1e-4)  # float32 map
     with pytest.raises(DCEPKInputError, match="T10 .*not known"):
         infer_main([str(series_path), "--out", str(tmp_path / "no_t10"), "--device", "cpu"])
     assert not (tmp_path / "no_t10").exists()
