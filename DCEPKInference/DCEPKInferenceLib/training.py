@@ -270,7 +270,7 @@ def fit_sd_calibration(model, training: Dict, device) -> Dict:
 
 
 def recalibrate(model_name: str, models_dir, device="cpu", log=sys.stderr) -> Dict:
-    """Fit the SD factors of a trained model anew and rewrite its card (weights unchanged)."""
+    """Fit the SD factors of the trained model ``model_name`` anew and rewrite its card (weights unchanged)."""
     model, card = load_model(model_name, device, models_dir)
     training = {**DEFAULT_TRAINING, **card["training"]}
     calibration = fit_sd_calibration(model, training, device)
@@ -279,7 +279,7 @@ def recalibrate(model_name: str, models_dir, device="cpu", log=sys.stderr) -> Di
     print(f"[{model_name}] SD factors {np.round(calibration['factors'], 3).tolist()}; validation coverage90 "
           + ", ".join(f"{k} {v['coverage90']:.3f}" for k, v in validation.items()), file=log, flush=True)
     card = {**card, "network_config": model.config, "sd_calibration": calibration,
-            "uncertainty": uncertainty_method(model_name, model.config),
+            "uncertainty": uncertainty_method(card["network"], model.config),
             "validation": {**card["validation"], "metrics": validation}}
     return save_model(model.cpu(), card, models_dir, model_name, overwrite=True)
 
@@ -325,10 +325,11 @@ def _grow_into(model, trained) -> None:
     model.load_state_dict(state)
 
 
-def _initialise_from(model, model_name: str, directory, log) -> Dict:
-    """Copy the weights of the trained ``model_name`` in ``directory`` into ``model``, or grow them
-    into it when the config only enlarges a ``GROWABLE`` key."""
-    trained, card = load_model(model_name, "cpu", directory)
+def _initialise_from(model, model_name: str, directory, log, name: Optional[str] = None) -> Dict:
+    """Copy the weights of the trained model ``name`` (default: the network's name) of network
+    ``model_name`` in ``directory`` into ``model``, or grow them into it when the config only
+    enlarges a ``GROWABLE`` key."""
+    trained, card = load_model(name or model_name, "cpu", directory)
     rule = GROWABLE.get(model_name, {"grow": (), "fixed": ()})
     grown = [k for k in rule["grow"] if model.config[k] > trained.config[k]]
     added = {k: prefix for k, prefix in ADDABLE.get(model_name, {}).items()
@@ -362,8 +363,10 @@ def _initialise_from(model, model_name: str, directory, log) -> Dict:
 def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] = None, device="auto",
           out_dir=None, resume=None, overwrite: bool = False, threads: Optional[int] = None,
           time_budget_min: Optional[float] = None, init_from=None, progress=None, cancel=None,
-          log=sys.stderr) -> Dict:
-    """Train ``model_name`` and write ``<out_dir>/<model_name>.safetensors`` + ``.json``. Returns the card.
+          log=sys.stderr, name: Optional[str] = None) -> Dict:
+    """Train network ``model_name`` and write ``<out_dir>/<name>.safetensors`` + ``.json`` (``name``:
+    the model's name, default the network's; another name ships a variant, e.g. a smaller config,
+    beside the network's own model). Returns the card.
 
     ``time_budget_min``: on a slow machine, fit the run into this many minutes of wall clock: after
     ``BUDGET_PROBE_STEPS`` steps the total is cut to what the measured step time allows (the
@@ -378,7 +381,8 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
     if training["steps"] < 1:
         raise DCEPKInputError("--steps must be at least 1")
     out_dir = Path(out_dir or ".")
-    target = out_dir / f"{model_name}.safetensors"
+    name = name or model_name
+    target = out_dir / f"{name}.safetensors"
     if target.exists() and not overwrite:
         raise DCEPKInputError(f"{target} exists: choose another --out or pass --overwrite")
     if threads:
@@ -399,8 +403,8 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         raise DCEPKInputError("--init-from and --resume exclude each other: resume continues a run, "
                               "init-from starts a new one from trained weights")
     if init_from:
-        initialised_from = _initialise_from(model, model_name, init_from, log)
-    checkpoint_path = out_dir / f"{model_name}.checkpoint.pt"
+        initialised_from = _initialise_from(model, model_name, init_from, log, name)
+    checkpoint_path = out_dir / f"{name}.checkpoint.pt"
     if resume:
         state = torch.load(resume, map_location=dev, weights_only=True)
         if state.get("network") != model_name:
@@ -480,10 +484,12 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         "check": {**CHECK_SET, "metric": "Ktrans_rmse_per_min", "value": check_metric(model, dev)},
         "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "code_version": f"DCEPKInferenceLib {__version__}",
-        "retrain_command": f"dcepk train --model {model_name} --steps {max(total, 20000)} --device cuda "
-                           f"--out DCEPKInference/Resources/Models --overwrite",
+        "retrain_command": f"dcepk train --model {model_name} "
+                           + (f"--name {name} --config DCEPKInference/Resources/Models/configs/{name}.json "
+                              if name != model_name else "")
+                           + f"--steps {max(total, 20000)} --device cuda --out DCEPKInference/Resources/Models --overwrite",
     }
-    card = save_model(model.cpu(), card, out_dir, model_name, overwrite=overwrite)
+    card = save_model(model.cpu(), card, out_dir, name, overwrite=overwrite)
     print(f"[{model_name}] wrote {target} ({card['weights_bytes'] / 1e6:.2f} MB, sha256 {card['sha256'][:12]}...)",
           file=log, flush=True)
     return card
@@ -493,7 +499,10 @@ def build_train_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser = parser or argparse.ArgumentParser(prog="dcepk train",
                                                description="train an inference network on simulated DCE data")
     parser.add_argument("--model", required=True, choices=sorted(NETWORKS), help="network name")
-    parser.add_argument("--config", type=Path, help="training config JSON (default: the shipped one)")
+    parser.add_argument("--name", help="model name of the files and card (default: the network name; "
+                                       "another name trains a variant beside it)")
+    parser.add_argument("--config", type=Path,
+                        help="training config JSON (default: the shipped configs/<name>.json)")
     parser.add_argument("--steps", type=int, help="optimiser steps (overrides the config)")
     parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
     parser.add_argument("--out", type=Path, default=Path("dcepk_models"), help="output folder for weights + card")
@@ -510,12 +519,14 @@ def build_train_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
 
 def train_main(argv=None) -> int:
     args = build_train_parser().parse_args(argv)
+    name = args.name or args.model
     if args.recalibrate:
-        recalibrate(args.model, args.out, resolve_device(args.device))
+        recalibrate(name, args.out, resolve_device(args.device))
         return 0
-    train(args.model, load_config(args.model, args.config), steps=args.steps, device=args.device, out_dir=args.out,
+    config_path = args.config or (CONFIG_DIR / f"{name}.json" if args.name else None)
+    train(args.model, load_config(args.model, config_path), steps=args.steps, device=args.device, out_dir=args.out,
           resume=args.resume, overwrite=args.overwrite, threads=args.threads, time_budget_min=args.time_budget_min,
-          init_from=args.init_from)
+          init_from=args.init_from, name=name)
     return 0
 
 

@@ -274,6 +274,13 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
     assert resumed["training"]["resumed_from_step"] == 2
     model, card = load_model("hetero_encoder", "cpu", tmp_path / "a")
     assert card["sha256"] == straight["sha256"] and card["training"]["steps"] == 4
+    # a variant under its own name: the same run, in files and a card of that name beside the network's
+    named = training.train("hetero_encoder", config, steps=4, device="cpu", out_dir=tmp_path / "a", log=log,
+                           name="hetero_encoder_small")
+    assert named["sha256"] == straight["sha256"] and named["name"] == "hetero_encoder_small"
+    assert "--model hetero_encoder --name hetero_encoder_small --config" in named["retrain_command"]
+    assert sorted(c["name"] for c in list_models(tmp_path / "a")) == ["hetero_encoder", "hetero_encoder_small"]
+    assert load_model("hetero_encoder_small", "cpu", tmp_path / "a")[1]["network"] == "hetero_encoder"
 
 
 def test_recalibration_makes_the_90_percent_interval_cover_90_percent_of_the_calibration_set(tmp_path):
