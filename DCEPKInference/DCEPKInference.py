@@ -55,7 +55,8 @@ Pharmacokinetic maps with per-voxel uncertainty from a dynamic contrast-enhanced
 neural networks, directly from the signal-time curves: no arterial input function is needed.<br>
 <b>Networks</b> (trained by DCEPK on physics-based synthetic data; the model card of each is shown in the panel):
 <i>hetero_encoder</i>, a voxel-wise temporal encoder with a heteroscedastic (Laplace/Gaussian NLL) output and a
-small ensemble; <i>ulas_cnn</i>, a 2D CNN with local and dilated global pathways and a tracer-kinetic loss;
+small ensemble (<i>hetero_encoder_fast</i>: one smaller member, about twice as fast, slightly less accurate);
+<i>ulas_cnn</i>, a 2D CNN with local and dilated global pathways and a tracer-kinetic loss;
 <i>fcsa_net</i>, a frame/channel/spatial attention CNN; <i>tcn_punet</i>, a temporal convolutional network
 followed by a probabilistic U-Net. Only the networks whose weights ship with this version are listed.<br>
 <b>Steps</b>: choose the DCE volume sequence, optionally a mask (segmentation or label map; default: voxels with

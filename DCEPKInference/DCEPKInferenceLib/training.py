@@ -77,6 +77,8 @@ UNCERTAINTY_METHOD_WITH_ALEATORIC_HEAD = {
 
 
 def uncertainty_method(model_name: str, network_config: Dict) -> str:
+    if model_name == "hetero_encoder" and int(network_config.get("members", 1)) == 1:
+        return "heteroscedastic NLL head (aleatoric only: one member, no ensemble spread)" + _CALIBRATED
     if network_config.get("aleatoric_head"):
         return UNCERTAINTY_METHOD_WITH_ALEATORIC_HEAD[model_name]
     return UNCERTAINTY_METHOD[model_name]
