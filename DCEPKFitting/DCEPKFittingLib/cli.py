@@ -194,7 +194,8 @@ def _cmd_fit(args) -> int:
     series = read_dce(args.input, times_s=parse_times(args.times), dt_s=args.dt, kind=args.input_kind)
     grid = (series.geometry, series.spatial_shape)
     settings = FitSettings(
-        model=args.model, method=args.method, t10_s=read_t10(args, series), fa_deg=args.fa, tr_s=args.tr, r1_per_mM_s=args.r1,
+        model=args.model, method=args.method, t10_s=read_t10(args, series), fa_deg=args.fa, tr_s=args.tr,
+        r1_per_mM_s=args.r1,
         baseline_frames=args.baseline_frames,
         aif_mask=read_mask(args.aif_roi, *grid) if args.aif_roi else None,
         aif_top_fraction=args.aif_top_fraction, population_aif=args.population_aif,
