@@ -16,6 +16,7 @@ fractions, concentration in mM. Standard errors come from sigma^2 (J^T J)^-1, si
 
 import enum
 import itertools
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from typing import Dict, Optional
@@ -714,10 +715,12 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
     jobs.report(progress, 0.0, f"fitting {spec.name} to {n_voxels} voxels")
     starts = list(range(0, n_voxels, chunk))
     done = 0
-    if torch_device.type == "cpu":
+    if torch_device.type == "cpu" and threading.current_thread() is threading.main_thread():
         # The work is many small element-wise ops on (voxels,) vectors: torch's intra-op threads
         # gain little on them and lose much to synchronisation (10x slower on a busy machine), so
         # each core fits its own chunks instead (torch releases the GIL inside its kernels).
+        # torch's thread count is process-wide: only the main thread changes it, for the fit's
+        # duration; in a worker (Slicer's background job) chunks run in turn on torch's own threads.
         workers = max(1, min(torch.get_num_threads(), len(starts)))
         previous_threads = torch.get_num_threads()
         torch.set_num_threads(1)

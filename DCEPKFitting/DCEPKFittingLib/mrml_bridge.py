@@ -9,6 +9,8 @@ through ``Geometry.from_ijk_to_ras`` / ``ijk_to_ras()``, times in seconds (Slice
 ``MultiVolume.FrameLabels`` are milliseconds and are converted here), TR in seconds, FA in degrees.
 """
 
+import inspect
+import itertools
 import os
 from dataclasses import dataclass
 from typing import Dict, Iterable, Mapping, Optional, Sequence, Tuple, Union
@@ -21,7 +23,7 @@ from vtkmodules.util import numpy_support
 from .dce_io import TIME_UNITS_TO_S, DCESeries
 from .errors import DCEPKInputError
 from .geometry import Geometry, check_same_grid
-from .stats import STAT_COLUMNS, label_statistics
+from .stats import label_statistics
 
 FRAME_LABELS = "MultiVolume.FrameLabels"
 FRAME_LABEL_UNITS = "MultiVolume.FrameIdentifyingDICOMTagUnits"
@@ -289,6 +291,34 @@ def acquisition_from_sequence(node) -> Tuple[Optional[float], Optional[float]]:
             _optional_number((sequence, first), REPETITION_TIME, 1e-3))
 
 
+def series_header(sequence_node, vfa_sequence=None, aif_segmentation=None):
+    """``panel_state.SeriesHeader`` of the nodes a panel has selected: attributes only, no voxels read.
+
+    A series that cannot be resolved gives a header whose ``error`` says why (shown in the panel).
+    """
+    from .panel_state import SeriesHeader
+
+    segments = tuple(segment_ids(aif_segmentation)) if aif_segmentation is not None else ()
+    if sequence_node is None:
+        return SeriesHeader(aif_segment_ids=segments)
+    try:
+        fa_deg, tr_s = acquisition_from_sequence(sequence_node)
+        kind = _resolve_sequence(sequence_node).GetAttribute(KIND_ATTRIBUTE) or "signal"
+        vfa_tr_s = acquisition_from_sequence(vfa_sequence)[1] if vfa_sequence is not None else None
+    except DCEPKInputError as error:
+        return SeriesHeader(error=str(error), aif_segment_ids=segments)
+    return SeriesHeader(flip_angle_deg=fa_deg, tr_s=tr_s, kind=kind, vfa_tr_s=vfa_tr_s, aif_segment_ids=segments)
+
+
+def series_grid(node) -> Tuple[Tuple[int, int, int], Geometry]:
+    """(shape [k, j, i], geometry) of a series' first frame, without reading the other frames."""
+    sequence = _resolve_sequence(node)
+    first = sequence.GetNthDataNode(0) if sequence.GetNumberOfDataNodes() else None
+    if first is None or first.GetImageData() is None:
+        raise DCEPKInputError(f"sequence '{sequence.GetName()}' has no image: load the DCE series first")
+    return tuple(reversed(first.GetImageData().GetDimensions())), volume_geometry(first)
+
+
 def voxel_index_at_ras(geometry: Geometry, shape, ras) -> Optional[Tuple[int, int, int]]:
     """(k, j, i) of the voxel containing RAS point ``ras``, or None outside the grid."""
     ijk = np.linalg.solve(geometry.ijk_to_ras(), np.r_[np.asarray(ras, float)[:3], 1.0])[:3]
@@ -324,14 +354,14 @@ def _node_by_name(scene, class_name: str, name: str):
     return collection.GetItemAsObject(0) if collection.GetNumberOfItems() else None
 
 
-def colour_node(scene, colour: str, status_names: Optional[Mapping[int, str]] = None):
+def colour_node(scene, colour: str):
     """Colour node for ``colour``: Slicer's own table of that name if the scene has it, else one made here.
 
     Slicer's full build has Inferno/Viridis tables (from colour files); the headless core has not,
-    so an equivalent 256-entry table is built once and reused. ``"status"`` gives a discrete table.
+    so an equivalent 256-entry table is built once and reused. ``"status"`` gives the fit status table.
     """
     if colour == "status":
-        return _status_colour_node(scene, status_names or {})
+        return status_colour_table(scene)
     existing = _node_by_name(scene, "vtkMRMLColorNode", colour)
     if existing is not None:
         return existing
@@ -354,23 +384,55 @@ def colour_node(scene, colour: str, status_names: Optional[Mapping[int, str]] = 
     return table
 
 
-_STATUS_COLOURS = ((0.2, 0.7, 0.3), (0.95, 0.6, 0.1), (0.85, 0.15, 0.15), (0.4, 0.4, 0.9),
-                   (0.6, 0.3, 0.7), (0.9, 0.9, 0.2), (0.3, 0.8, 0.9), (0.5, 0.5, 0.5))
+STATUS_TABLE = "DCEPK fit status"
+# Colours of the fit statuses the module knows by name (masked voxels are transparent over the
+# anatomy); a status the core adds later takes the next spare colour, so it shows without a change here.
+_STATUS_RGBA = {"MASKED": (0.0, 0.0, 0.0, 0.0), "CONVERGED": (0.2, 0.7, 0.3, 1.0),
+                "HIT_BOUND": (0.95, 0.6, 0.1, 1.0), "FAILED": (0.85, 0.15, 0.15, 1.0),
+                "INVALID_INPUT": (0.6, 0.3, 0.7, 1.0)}
+_SPARE_RGBA = ((0.3, 0.55, 0.95, 1.0), (0.9, 0.9, 0.2, 1.0), (0.3, 0.8, 0.9, 1.0), (0.95, 0.45, 0.7, 1.0),
+               (0.55, 0.55, 0.55, 1.0), (0.55, 0.35, 0.2, 1.0))
 
 
-def _status_colour_node(scene, status_names: Mapping[int, str]):
-    table = _node_by_name(scene, "vtkMRMLColorTableNode", "DCEPK fit status")
-    n_colours = max([int(v) for v in status_names] + [len(_STATUS_COLOURS) - 1]) + 1
+def status_entries(status_enum=None) -> list:
+    """``[(code, name, rgba)]``, one per member of ``fitting.FitStatus`` (or ``status_enum``), in code order."""
+    if status_enum is None:
+        from .fitting import FitStatus as status_enum
+    spare = itertools.cycle(_SPARE_RGBA)
+    return [(int(member), member.name.lower().replace("_", " "), _STATUS_RGBA.get(member.name) or next(spare))
+            for member in sorted(status_enum, key=int)]
+
+
+def status_colour_table(scene, status_enum=None):
+    """The fit status colour table (names and codes from the enum; a code the enum lacks is transparent)."""
+    table = _node_by_name(scene, "vtkMRMLColorTableNode", STATUS_TABLE)
     if table is None:
         table = slicer.vtkMRMLColorTableNode()
-        table.SetName("DCEPK fit status")
+        table.SetName(STATUS_TABLE)
         table.SetTypeToUser()
         scene.AddNode(table)
-    table.SetNumberOfColors(n_colours)
-    for value in range(n_colours):
-        rgb = _STATUS_COLOURS[value % len(_STATUS_COLOURS)]
-        table.SetColor(value, status_names.get(value, f"status {value}"), rgb[0], rgb[1], rgb[2], 1.0)
+    entries = status_entries(status_enum)
+    table.SetNumberOfColors(max(code for code, _, _ in entries) + 1)
+    for code in range(table.GetNumberOfColors()):
+        table.SetColor(code, "unused", 0.0, 0.0, 0.0, 0.0)
+    for code, name, rgba in entries:
+        table.SetColor(code, name, *rgba)
     return table
+
+
+def hide_nan_voxels(display, array) -> None:
+    """Voxels without a value (NaN: masked, failed, excluded) are drawn transparent over the anatomy.
+
+    Display thresholding keeps voxels within [lower, upper]; NaN compares false, so its alpha is 0.
+    """
+    if display is None or not hasattr(display, "SetApplyThreshold"):
+        return
+    has_nan = bool(np.isnan(array).any())
+    display.SetAutoThreshold(False)
+    if has_nan:
+        display.SetLowerThreshold(-1e30)
+        display.SetUpperThreshold(1e30)
+    display.SetApplyThreshold(has_nan)
 
 
 def robust_window(array: np.ndarray, low_percentile: float = 1.0, high_percentile: float = 99.0) -> Tuple[float, float]:
@@ -387,13 +449,13 @@ def robust_window(array: np.ndarray, low_percentile: float = 1.0, high_percentil
 
 def update_volume_from_array(scene, array: np.ndarray, geometry: Geometry, name: str, existing_node=None,
                              colour: Optional[str] = None, window_level: Optional[Tuple[float, float]] = None,
-                             units: str = "", map_name: Optional[str] = None,
-                             status_names: Optional[Mapping[int, str]] = None):
-    """Write a ``[k, j, i]`` map into ``existing_node`` (updated in place) or a new scalar volume node.
+                             units: str = "", map_name: Optional[str] = None):
+    """Write a ``[k, j, i]`` map into ``existing_node`` (updated in place) or a new volume node.
 
     The node gets the source ``geometry``, a display node with the colour table ``colour``
     (default per map name, see ``default_colour_for_map``) and ``window_level`` = (lower, upper)
-    (default: 1st-99th percentile of the finite voxels; the status map shows every code).
+    (default: 1st-99th percentile of the finite voxels); NaN voxels are transparent. The status map
+    becomes a label map (uint8) with the fit status colour table, so each voxel shows its status name.
     """
     array = np.asarray(array)
     if array.ndim != 3:
@@ -406,7 +468,8 @@ def update_volume_from_array(scene, array: np.ndarray, geometry: Geometry, name:
         array = array.astype(np.float32)
     node = existing_node
     if node is None or node.GetScene() is not scene:
-        node = scene.AddNewNodeByClass("vtkMRMLScalarVolumeNode", name)
+        node_class = "vtkMRMLLabelMapVolumeNode" if colour == "status" else "vtkMRMLScalarVolumeNode"
+        node = scene.AddNewNodeByClass(node_class, name)
     else:
         node.SetName(name)
     _set_image(node, array, geometry)
@@ -414,17 +477,21 @@ def update_volume_from_array(scene, array: np.ndarray, geometry: Geometry, name:
     node.SetAttribute(UNITS_ATTRIBUTE, units or "")
     display = node.GetDisplayNode()
     if display is None:
-        display = scene.AddNewNodeByClass("vtkMRMLScalarVolumeDisplayNode")
+        display_class = "vtkMRMLLabelMapVolumeDisplayNode" if node.IsA("vtkMRMLLabelMapVolumeNode") \
+            else "vtkMRMLScalarVolumeDisplayNode"
+        display = scene.AddNewNodeByClass(display_class)
         node.SetAndObserveDisplayNodeID(display.GetID())
-    display.SetAndObserveColorNodeID(colour_node(scene, colour, status_names).GetID())
+    display.SetAndObserveColorNodeID(colour_node(scene, colour).GetID())
+    if not display.IsA("vtkMRMLScalarVolumeDisplayNode"):
+        return node  # a label map display shows each code in its table colour: no window
     display.AutoWindowLevelOff()
     if colour == "status":
-        n_colours = display.GetColorNode().GetNumberOfColors()
         # Half a code beyond each end puts every integer code at the centre of its own colour bin.
-        lower, upper = -0.5, n_colours - 0.5
+        lower, upper = -0.5, display.GetColorNode().GetNumberOfColors() - 0.5
         display.SetInterpolate(False)
     else:
         lower, upper = window_level if window_level is not None else robust_window(array)
+        hide_nan_voxels(display, array)
     display.SetWindowLevelMinMax(lower, upper)
     return node
 
@@ -555,48 +622,74 @@ def mean_curve_in_mask(series: DCESeries, mask: np.ndarray) -> np.ndarray:
 Regions = Union[Mapping[str, np.ndarray], Tuple[np.ndarray, Mapping[int, str]]]
 
 
-def statistics_rows(maps: Mapping[str, np.ndarray], regions: Regions) -> list:
+def _core_label_statistics(maps, labels, names, label_values=None, status=None) -> list:
+    """``stats.label_statistics``; the fit status map goes along when the core takes one (it then adds
+    voxel counts per status to each row). Whatever columns the core returns reach the table."""
+    kwargs = {"label_values": label_values} if label_values is not None else {}
+    if status is not None and "status" in inspect.signature(label_statistics).parameters:
+        kwargs["status"] = status
+    return label_statistics(maps, labels, names, **kwargs)
+
+
+def statistics_rows(maps: Mapping[str, np.ndarray], regions: Regions, status=None) -> list:
     """Rows of ``stats.label_statistics`` for named masks ``{name: bool}`` or ``(labels, {value: name})``.
 
     Masks may overlap (segments often do), so each mask is summarised on its own.
     """
     if isinstance(regions, tuple):
         labels, names = regions
-        return label_statistics(maps, np.asarray(labels), names)
+        return _core_label_statistics(maps, np.asarray(labels), names, status=status)
     rows = []
     for value, (name, mask) in enumerate(regions.items(), start=1):
         mask = np.asarray(mask, dtype=bool)
         if not mask.any():
             raise DCEPKInputError(f"segment '{name}' is empty on the maps' grid: paint it or pick another")
-        for row in label_statistics(maps, mask.astype(np.int32), {1: name}, label_values=[1]):
+        for row in _core_label_statistics(maps, mask.astype(np.int32), {1: name}, [1], status):
             row["label"] = value
             rows.append(row)
     return rows
 
 
 def statistics_table(scene, maps: Mapping[str, np.ndarray], regions: Regions, name: str = "DCEPK statistics",
-                     existing_table=None, units: Optional[Mapping[str, str]] = None):
-    """Table node with one row per (segment, map): count, NaN count, mean, SD, median, IQR, p05, p95."""
-    rows = statistics_rows(maps, regions)
+                     existing_table=None, units: Optional[Mapping[str, str]] = None, status=None):
+    """Table node with one row per (segment, map): segment, label, map, unit, then every column the
+    core's statistics give (count, NaN count, mean, SD, median, IQR, p05, p95, ...)."""
+    rows = statistics_rows(maps, regions, status)
     if not rows:
         raise DCEPKInputError("no statistics: the segments or labels hold no voxels")
+    rows = [dict(row, unit=(units or {}).get(row["map"], "")) for row in rows]
+    leading = ["segment", "label", "map", "unit"]
+    columns = leading + [c for c in dict.fromkeys(k for row in rows for k in row) if c not in leading]
+    return table_from_rows(scene, rows, name, existing_table, columns)
+
+
+def table_from_rows(scene, rows: list, name: str, existing_table=None, columns=None):
+    """Table node (new, or ``existing_table`` updated in place) from a list of dicts: text columns for
+    strings, integer columns for ints, double columns for everything else (a missing value is NaN)."""
+    if not rows:
+        raise DCEPKInputError("no statistics: the segments hold no voxel")
+    columns = list(columns or rows[0].keys())
+    vtk_table = vtk.vtkTable()
+    for column in columns:
+        present = [row[column] for row in rows if column in row]
+        integers = len(present) == len(rows) and all(
+            isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in present)
+        array = vtk.vtkStringArray() if isinstance(present[0], str) else \
+            vtk.vtkIntArray() if integers else vtk.vtkDoubleArray()
+        array.SetName(column)
+        array.SetNumberOfValues(len(rows))
+        for r, row in enumerate(rows):
+            value = row.get(column, "" if isinstance(array, vtk.vtkStringArray) else float("nan"))
+            array.SetValue(r, value if isinstance(array, vtk.vtkStringArray) else
+                           int(value) if isinstance(array, vtk.vtkIntArray) else float(value))
+        vtk_table.AddColumn(array)
     table = existing_table if existing_table is not None and existing_table.GetScene() is scene else None
     if table is None:
         table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    columns = [("segment", vtk.vtkStringArray), ("label", vtk.vtkIntArray), ("map", vtk.vtkStringArray),
-               ("unit", vtk.vtkStringArray)] + [(stat, vtk.vtkDoubleArray) for stat in STAT_COLUMNS]
-    vtk_table = vtk.vtkTable()
-    for column_name, array_class in columns:
-        array = array_class()
-        array.SetName(column_name)
-        array.SetNumberOfValues(len(rows))
-        vtk_table.AddColumn(array)
-    for r, row in enumerate(rows):
-        row = dict(row, unit=(units or {}).get(row["map"], ""))
-        for c, (column_name, _) in enumerate(columns):
-            vtk_table.GetColumn(c).SetValue(r, row[column_name])
+    else:
+        table.SetName(name)
     table.SetAndObserveTable(vtk_table)
-    table.SetUseColumnTitleAsColumnHeader(True)
+    table.SetUseColumnTitleAsColumnHeader(True)  # Slicer 5.8+: the minimum this extension supports
     return table
 
 
@@ -711,6 +804,9 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
     from .pipeline import FitSettings  # imported here: the module loads before its dependencies are checked
 
     series = series_from_sequence(sequence_node)
+    if series.kind != "concentration":
+        require_acquisition(fa_deg, series.flip_angle_deg, "flip angle", "flipAngle_deg (degrees)", "Flip angle")
+        require_acquisition(tr_s, series.tr_s, "TR", "tr_s (seconds)", "TR")
     reference = reference_volume(series.spatial_shape, series.geometry)
     aif_mask = None
     if aif_segmentation is not None and aif_segment_id:
@@ -734,7 +830,8 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
         check_same_grid(series.spatial_shape, series.geometry, vfa_signals.shape, vfa_geometry,
                         "DCE series", "VFA series")
         if vfa_tr_s is None:
-            vfa_tr_s = _optional_number((_resolve_sequence(vfa_sequence),), REPETITION_TIME, 1e-3)
+            vfa_tr_s = acquisition_from_sequence(vfa_sequence)[1]
+        require_acquisition(vfa_tr_s, None, "VFA TR", "vfaTr_s (seconds)", "VFA TR", "VFA series")
         t10 = None
     fit_mask = mask_from_node(mask, reference, "fit mask")
     statistics_source, regions = statistics_regions(statistics_segmentation, mask, reference)
@@ -751,6 +848,13 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
     return SceneFitRequest(series=series, settings=settings, source_id=series.metadata.get("sequence_id", ""),
                            statistics_regions=regions, output_prefix=output_prefix or "DCEPK",
                            update_existing=update_existing)
+
+
+def require_acquisition(given, header, what: str, argument: str, checkbox: str, series: str = "DCE series"):
+    """Refuse a run whose acquisition value is neither given nor in the header: no silent default."""
+    if given is None and header is None:
+        raise DCEPKInputError(f"the {series} has no {what} in its header: give {argument} (in the module panel: "
+                              f"tick '{checkbox}' and type it)")
 
 
 def t10_map_seconds(t10_map, reference, unit: str) -> np.ndarray:
@@ -775,14 +879,6 @@ def compute_scene_fit(request: SceneFitRequest, progress=None, cancel=None):
     return run_fit(request.series, request.settings, progress=progress, cancel=cancel)
 
 
-def _status_names() -> Dict[int, str]:
-    try:
-        from .fitting import FitStatus
-        return {int(member.value): member.name.lower().replace("_", " ") for member in FitStatus}
-    except (ImportError, TypeError, ValueError):
-        return {}
-
-
 def output_name(prefix: str, map_name: str) -> str:
     return f"{prefix} {map_name}"
 
@@ -796,7 +892,6 @@ def publish_scene_fit(scene, request: SceneFitRequest, output) -> Dict[str, obje
     for name, array in maps.items():  # check everything before the first write
         if array.shape != tuple(request.series.spatial_shape):
             raise DCEPKInputError(f"map {name} has shape {array.shape}, not the series' {request.series.spatial_shape}")
-    status_names = _status_names()
     nodes = {}
     for name, array in maps.items():
         node_name = output_name(request.output_prefix, name)
@@ -804,8 +899,7 @@ def publish_scene_fit(scene, request: SceneFitRequest, output) -> Dict[str, obje
         if existing is None and not request.update_existing:
             node_name = scene.GenerateUniqueName(node_name)
         node = update_volume_from_array(scene, array, output.geometry, node_name, existing_node=existing,
-                                        units=output.units.get(name, ""), map_name=name,
-                                        status_names=status_names)
+                                        units=output.units.get(name, ""), map_name=name)
         node.SetAttribute("DCEPK.Source", request.source_id)
         nodes[name] = node
     if request.statistics_regions:
@@ -817,7 +911,7 @@ def publish_scene_fit(scene, request: SceneFitRequest, output) -> Dict[str, obje
             table_name = scene.GenerateUniqueName(table_name)
         stat_maps = {name: array for name, array in maps.items() if name != "status"}
         nodes["statistics"] = statistics_table(scene, stat_maps, request.statistics_regions, table_name,
-                                               existing_table, output.units)
+                                               existing_table, output.units, status=maps.get("status"))
     return nodes
 
 
@@ -899,22 +993,45 @@ def segmentation_from_labels(scene, labels: np.ndarray, geometry: Geometry, name
     return segmentation
 
 
+def _fit_roi_to_voxels(roi, geometry: Geometry, low_ijk, high_ijk):
+    """Align ``roi`` with the voxel grid so that it holds exactly the voxels ``low_ijk``..``high_ijk``."""
+    low, high = np.asarray(low_ijk, float), np.asarray(high_ijk, float)
+    ijk_to_ras = geometry.ijk_to_ras()
+    object_to_node = np.eye(4)
+    object_to_node[:3, :3] = ijk_to_ras[:3, :3] / geometry.spacing[None, :]  # unit axes of the grid, in RAS
+    object_to_node[:3, 3] = (ijk_to_ras @ np.r_[(low + high) / 2.0, 1.0])[:3]
+    if roi.GetDisplayNode() is None:
+        roi.CreateDefaultDisplayNodes()
+    roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(object_to_node))
+    # Half a voxel beyond the outer centres on each side: the box holds exactly the bounding voxels.
+    roi.SetSize(*((high - low + 1) * geometry.spacing))
+    return roi
+
+
 def roi_around_mask(scene, mask: np.ndarray, geometry: Geometry, name: str):
     """Markups ROI aligned with the voxel grid that encloses the centres of the mask's voxels."""
     indices = np.argwhere(mask)
     if indices.size == 0:
         raise DCEPKInputError(f"cannot place ROI '{name}': the mask is empty")
-    low, high = indices.min(axis=0)[::-1], indices.max(axis=0)[::-1]  # (i, j, k)
-    ijk_to_ras = geometry.ijk_to_ras()
-    object_to_node = np.eye(4)
-    object_to_node[:3, :3] = ijk_to_ras[:3, :3] / geometry.spacing[None, :]  # unit axes of the grid, in RAS
-    object_to_node[:3, 3] = (ijk_to_ras @ np.r_[(low + high) / 2.0, 1.0])[:3]
     roi = scene.AddNewNodeByClass("vtkMRMLMarkupsROINode", name)
-    roi.CreateDefaultDisplayNodes()
-    roi.SetAndObserveObjectToNodeMatrix(slicer.util.vtkMatrixFromArray(object_to_node))
-    # Half a voxel beyond the outer centres on each side: the box holds exactly the bounding voxels.
-    roi.SetSize(*((high - low + 1) * geometry.spacing))
-    return roi
+    return _fit_roi_to_voxels(roi, geometry, indices.min(axis=0)[::-1], indices.max(axis=0)[::-1])
+
+
+AIF_BOX_VOXELS = (5, 5, 1)  # (i, j, k): a small box that fits on an artery
+
+
+def place_roi_on_series(roi, sequence_node, centre_ras=None, size_voxels=AIF_BOX_VOXELS):
+    """Give a new ROI (the node selector creates it empty, with no size) a box of ``size_voxels`` on the
+    series' grid, centred on the voxel under ``centre_ras`` (the crosshair) when that lies in the
+    series, else on the middle of the series; the user then drags it onto the artery."""
+    shape, geometry = series_grid(sequence_node)
+    centre = voxel_index_at_ras(geometry, shape, centre_ras) if centre_ras is not None else None
+    centre_ijk = np.array((centre or tuple(n // 2 for n in shape))[::-1])
+    last = np.array(shape[::-1]) - 1
+    half = (np.asarray(size_voxels) - 1) // 2
+    low = np.clip(centre_ijk - half, 0, last)
+    high = np.clip(low + np.asarray(size_voxels) - 1, 0, last)
+    return _fit_roi_to_voxels(roi, geometry, low, high)
 
 
 def phantom_to_scene(scene, phantom, name: str = "DCEPK phantom", sequences_logic=None) -> Dict[str, object]:

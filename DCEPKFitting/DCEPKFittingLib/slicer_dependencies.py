@@ -46,9 +46,14 @@ def missing_requirements(requirements: Sequence[str]) -> List[str]:
     return [requirement for requirement in requirements if not _satisfied(requirement)]
 
 
-def installer_for_slicer(slicer_module) -> Callable[[List[str]], None]:
-    """Slicer 5.12+'s ``slicer.packaging.pip_install`` (progress dialog) where present, else ``slicer.util.pip_install``."""
+def installer_for_slicer(slicer_module, requester: str = "DCEPK") -> Callable[[List[str]], None]:
+    """The newest installer this Slicer has: ``slicer.packaging.pip_ensure`` (5.12+: progress dialog, restart
+    prompt when an imported package changed; the consent was asked already), else
+    ``slicer.packaging.pip_install``, else ``slicer.util.pip_install`` (5.8)."""
     packaging = getattr(slicer_module, "packaging", None)
+    if packaging is not None and hasattr(packaging, "pip_ensure"):
+        return lambda requirements: packaging.pip_ensure(list(requirements), prompt_install=False,
+                                                         requester=requester)
     if packaging is not None and hasattr(packaging, "pip_install"):
         return lambda requirements: packaging.pip_install(list(requirements))
     return lambda requirements: slicer_module.util.pip_install(list(requirements))

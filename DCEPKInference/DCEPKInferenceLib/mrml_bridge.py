@@ -21,7 +21,6 @@ from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
 import slicer
-import vtk
 
 from DCEPKFittingLib import mrml_bridge as fit_bridge
 from DCEPKFittingLib.dce_io import DCESeries
@@ -225,6 +224,10 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
         raise DCEPKInputError(f"unknown device {device!r}: use auto, cpu or cuda")
     threshold = normalize_threshold(uncertainty_threshold)
     series = fit_bridge.series_from_sequence(sequence_node)
+    if series.kind != "concentration":
+        fit_bridge.require_acquisition(fa_deg, series.flip_angle_deg, "flip angle", "flipAngle_deg (degrees)",
+                                       "Flip angle")
+        fit_bridge.require_acquisition(tr_s, series.tr_s, "TR", "tr_s (seconds)", "TR")
     reference = fit_bridge.reference_volume(series.spatial_shape, series.geometry)
     inference_mask = fit_bridge.mask_from_node(mask, reference, "inference mask")
     t10 = t10_s
@@ -244,10 +247,6 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
 
         if population_aif not in POPULATION_AIFS:
             raise DCEPKInputError(f"population AIF '{population_aif}' unknown: use one of {', '.join(POPULATION_AIFS)}")
-        if (fa_deg if fa_deg is not None else series.flip_angle_deg) is None or \
-                (tr_s if tr_s is not None else series.tr_s) is None:
-            raise DCEPKInputError("the comparison fit needs the flip angle and TR, which the series does not "
-                                  "have: give them, or untick 'compare with conventional fit'")
         fit_settings = dict(model=fit_model, method="nlls", t10_s=t10,
                             fa_deg=fa_deg, tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, population_aif=population_aif,
                             hct=hct, device=device)
@@ -357,34 +356,6 @@ def _nanmean(values) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-def table_from_rows(scene, rows: list, name: str, existing_table=None, columns=None):
-    """Table node (new, or ``existing_table`` updated in place) from a list of dicts: text columns for
-    strings, integer columns for ints, double columns for everything else."""
-    if not rows:
-        raise DCEPKInputError("no statistics: the segments hold no inferred voxel")
-    columns = list(columns or rows[0].keys())
-    vtk_table = vtk.vtkTable()
-    for column in columns:
-        sample = rows[0][column]
-        array = vtk.vtkStringArray() if isinstance(sample, str) else \
-            vtk.vtkIntArray() if isinstance(sample, (int, np.integer)) and not isinstance(sample, bool) \
-            else vtk.vtkDoubleArray()
-        array.SetName(column)
-        array.SetNumberOfValues(len(rows))
-        for r, row in enumerate(rows):
-            array.SetValue(r, row[column] if isinstance(array, vtk.vtkStringArray) else
-                           int(row[column]) if isinstance(array, vtk.vtkIntArray) else float(row[column]))
-        vtk_table.AddColumn(array)
-    table = existing_table if existing_table is not None and existing_table.GetScene() is scene else None
-    if table is None:
-        table = scene.AddNewNodeByClass("vtkMRMLTableNode", name)
-    else:
-        table.SetName(name)
-    table.SetAndObserveTable(vtk_table)
-    table.SetUseColumnTitleAsColumnHeader(True)
-    return table
-
-
 # --------------------------------------------------------------------------- publish
 def _node_by_name(scene, class_name: str, name: str):
     collection = scene.GetNodesByClassByName(class_name, name)
@@ -427,7 +398,6 @@ def publish_scene_inference(scene, request: SceneInferenceRequest, result: Scene
             node.SetAttribute("DCEPK.Source", request.source_id)
             node.SetAttribute(MODEL_ATTRIBUTE, "conventional fit" if name.startswith(FIT_PREFIX)
                               else request.model_name)
-            _hide_nan_voxels(node, array)
             nodes[name] = node
         for name in PARAMETERS:
             nodes[name].SetAttribute(UNCERTAINTY_ATTRIBUTE, nodes[f"{name}_sd"].GetID())
@@ -440,8 +410,8 @@ def publish_scene_inference(scene, request: SceneInferenceRequest, result: Scene
                 table_name = scene.GenerateUniqueName(table_name)
             elif existing_table is not None:
                 table_name = existing_table.GetName()
-            nodes["statistics"] = table_from_rows(scene, result.statistics, table_name, existing_table,
-                                                  STATISTICS_COLUMNS)
+            nodes["statistics"] = fit_bridge.table_from_rows(scene, result.statistics, table_name, existing_table,
+                                                             STATISTICS_COLUMNS)
     except BaseException:
         # Should writing fail half-way, take out what this call added (nodes it updated keep the new values).
         for node in [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]:
@@ -452,19 +422,6 @@ def publish_scene_inference(scene, request: SceneInferenceRequest, result: Scene
         if not was_batch:
             scene.EndState(scene.BatchProcessState)
     return nodes
-
-
-def _hide_nan_voxels(node, array) -> None:
-    """Voxels excluded by the threshold (NaN) are drawn transparent: display thresholding drops NaN."""
-    display = node.GetDisplayNode()
-    if display is None or not hasattr(display, "SetApplyThreshold"):
-        return
-    has_nan = bool(np.isnan(array).any())
-    display.SetAutoThreshold(False)
-    if has_nan:
-        display.SetLowerThreshold(-1e30)
-        display.SetUpperThreshold(1e30)
-    display.SetApplyThreshold(has_nan)
 
 
 def run_scene_inference(scene, sequence_node, progress=None, cancel=None, **options):

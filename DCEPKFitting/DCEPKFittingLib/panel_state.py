@@ -1,0 +1,186 @@
+"""What the DCEPK module panels show and allow: a small, explicit state machine, pure Python.
+
+Each module's Logic calls ``fitting_panel`` / ``inference_panel`` with its parameter node (any
+object with the fields named below), what the series headers say (``SeriesHeader``, read from
+the nodes by the MRML bridge) and whether a job runs; the widget only mirrors the returned
+``PanelView``: which widgets are enabled, whether Apply is enabled and, if not, the first thing
+that is missing (its tooltip and the status line), and where the flip angle and TR come from.
+
+Acquisition rule (both modules): the flip angle and TR of the dynamic series, and the TR of a
+variable-flip-angle series, come from the series header unless the user ticks the matching
+override and types the value. A value that is neither in the header nor given by the user
+disables Apply with a message saying which box to tick: never a silent default.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence
+
+SIGNAL, CONCENTRATION = "signal", "concentration"
+
+
+@dataclass(frozen=True)
+class SeriesHeader:
+    """What the selected nodes say about the acquisition (None: not in the header)."""
+    flip_angle_deg: Optional[float] = None
+    tr_s: Optional[float] = None
+    kind: str = SIGNAL                    # "concentration": no FA, TR or T10 needed
+    vfa_tr_s: Optional[float] = None      # TR of the variable-flip-angle series
+    error: str = ""                       # the series could not be read: why
+    aif_segment_ids: Sequence[str] = ()   # segments of the chosen AIF segmentation
+
+
+@dataclass(frozen=True)
+class PanelView:
+    apply_enabled: bool
+    apply_tooltip: str                    # what Apply will do, or the first thing missing
+    cancel_enabled: bool
+    enabled: Dict[str, bool] = field(default_factory=dict)  # .ui widget name -> enabled
+    acquisition: str = ""                 # where FA / TR (and the VFA TR) come from, in words
+
+
+_VFA_TR_MISSING = "The VFA series header has no TR: tick 'VFA TR' and type it (milliseconds)."
+
+
+def _from(user_set: bool, user_value: float, header_value: Optional[float], scale: float = 1.0):
+    """(value in API units or None, 'typed' / 'series header' / None): the user's override wins."""
+    if user_set:
+        return user_value * scale, "typed"
+    if header_value is not None:
+        return header_value, "series header"
+    return None, None
+
+
+def _describe(label: str, value: Optional[float], source: Optional[str], unit: str, scale: float = 1.0) -> str:
+    return f"{label} {value * scale:g} {unit} ({source})" if source else f"{label}: not in the header"
+
+
+def acquisition_values(p, header: SeriesHeader, vfa: bool = False):
+    """``(fa_deg, tr_s, vfa_tr_s, description, missing)``: the values a run uses (None: not known),
+    a line saying where each comes from, and a message per missing one naming the box to tick."""
+    fa, fa_source = _from(p.useFlipAngle, p.flipAngleDeg, header.flip_angle_deg)
+    tr, tr_source = _from(p.useRepetitionTime, p.repetitionTimeMs, header.tr_s, 1e-3)
+    parts = [_describe("flip angle", fa, fa_source, "deg"), _describe("TR", tr, tr_source, "ms", 1e3)]
+    missing = []
+    if fa_source is None:
+        missing.append("The series header has no flip angle: tick 'Flip angle' and type it (degrees).")
+    if tr_source is None:
+        missing.append("The series header has no TR: tick 'TR' and type it (milliseconds).")
+    vfa_tr = None
+    if vfa:
+        vfa_tr, vfa_source = _from(p.useVfaRepetitionTime, p.vfaTrMs, header.vfa_tr_s, 1e-3)
+        parts.append(_describe("VFA TR", vfa_tr, vfa_source, "ms", 1e3))
+        if vfa_source is None:
+            missing.append(_VFA_TR_MISSING)
+    return fa, tr, vfa_tr, "; ".join(parts), missing
+
+
+def parse_flip_angles(text: str):
+    """Comma- (or semicolon-) separated degrees; ValueError naming the bad entry."""
+    angles = []
+    for entry in text.replace(";", ",").split(","):
+        if entry.strip():
+            try:
+                angles.append(float(entry))
+            except ValueError:
+                raise ValueError(f"VFA flip angle '{entry.strip()}' is not a number: type degrees, "
+                                 "comma-separated") from None
+    return angles
+
+
+def _first_missing_fitting(p, header: SeriesHeader, missing_acquisition) -> str:
+    if not p.inputSequence:
+        return "Choose the DCE series (a volume sequence) first."
+    if header.error:
+        return header.error
+    if header.kind != CONCENTRATION:
+        dce_missing = [m for m in missing_acquisition if m != _VFA_TR_MISSING]
+        if dce_missing:
+            return dce_missing[0]
+        if p.t10Mode == "map" and not p.t10Map:
+            return "Choose the T10 map (Pre-contrast T1: map), or another T1 source."
+        if p.t10Mode == "vfa":
+            if not p.vfaSequence:
+                return "Choose the VFA series (Pre-contrast T1: vfa), or another T1 source."
+            try:
+                parse_flip_angles(p.vfaFlipAngles)
+            except ValueError as error:
+                return str(error)
+            if _VFA_TR_MISSING in missing_acquisition:
+                return _VFA_TR_MISSING
+    if p.aifSource == "roi" and not p.aifRoi:
+        return "Place an AIF ROI on an artery (AIF ROI: Create new), or choose another input function source."
+    if p.aifSource == "segment":
+        if not p.aifSegmentation or not p.aifSegmentId:
+            return "Choose the segmentation and the segment on the artery, or another input function source."
+        if p.aifSegmentId not in header.aif_segment_ids:
+            return (f"The AIF segment '{p.aifSegmentId}' is no longer in '{p.aifSegmentation.GetName()}': "
+                    "choose a segment again.")
+    return ""
+
+
+def fitting_panel(p, header: SeriesHeader, running: bool = False) -> PanelView:
+    """The DCEPK Fitting panel for parameter node ``p`` (``None``: no scene yet)."""
+    if p is None:
+        return PanelView(False, "No scene.", running)
+    is_signal = header.kind != CONCENTRATION
+    uses_vfa = is_signal and p.t10Mode == "vfa"
+    _, _, _, described, missing = acquisition_values(p, header, vfa=uses_vfa)
+    if not is_signal:
+        described, missing = "concentration series (mM): no flip angle, TR or T1 needed", []
+    described = described if p.inputSequence else ""
+    if running:
+        reason = "A fit is running: Cancel stops it (the scene is left as it was)."
+    else:
+        reason = _first_missing_fitting(p, header, missing)
+    enabled = {
+        "flipAngleCheckBox": is_signal, "flipAngleSpinBox": is_signal and p.useFlipAngle,
+        "repetitionTimeCheckBox": is_signal, "repetitionTimeSpinBox": is_signal and p.useRepetitionTime,
+        "t10ModeComboBox": is_signal, "relaxivitySpinBox": is_signal,
+        "t10ValueSpinBox": is_signal and p.t10Mode == "fixed",
+        "t10MapSelector": is_signal and p.t10Mode == "map", "t10MapUnitComboBox": is_signal and p.t10Mode == "map",
+        "vfaSequenceSelector": uses_vfa, "vfaFlipAnglesLineEdit": uses_vfa, "vfaTrCheckBox": uses_vfa,
+        "vfaTrSpinBox": uses_vfa and p.useVfaRepetitionTime,
+        "aifRoiSelector": p.aifSource == "roi", "aifSegmentSelector": p.aifSource == "segment",
+        "populationAifComboBox": p.aifSource == "population", "aifTopFractionSpinBox": p.aifSource != "population",
+    }
+    tooltip = reason or f"Fit the {p.model} model to every voxel in the background ({described})."
+    return PanelView(not reason and not running, tooltip, running, enabled, described)
+
+
+def inference_panel(p, header: SeriesHeader, model_names: Sequence[str], running: bool = False,
+                    has_result: bool = False, has_statistics: bool = False) -> PanelView:
+    """The DCEPK Inference panel for parameter node ``p``; ``model_names``: the shipped networks."""
+    if p is None:
+        return PanelView(False, "No scene.", running)
+    _, _, _, described, missing = acquisition_values(p, header)
+    described = described if p.inputSequence else ""
+    if running:
+        reason = "The network is running: Cancel stops it (the scene is left as it was)."
+    elif not p.inputSequence:
+        reason = "Choose the DCE series (a volume sequence) first."
+    elif header.error:
+        reason = header.error
+    elif p.modelName not in model_names:
+        reason = "Choose a network: none of the shipped networks is selected." if model_names else \
+            "No network weights are installed with this extension."
+    elif header.kind != CONCENTRATION and missing:
+        reason = missing[0]
+    elif p.t10Mode == "map" and not p.t10Map:
+        reason = "Choose the T1 map (T10 source: map), or give one T10 value."
+    else:
+        reason = ""
+    absolute = p.thresholdMode == "absolute"
+    enabled = {
+        "flipAngleSpinBox": p.useFlipAngle, "repetitionTimeSpinBox": p.useRepetitionTime,
+        "t10ValueSpinBox": p.t10Mode == "fixed",
+        "t10MapSelector": p.t10Mode == "map", "t10MapUnitComboBox": p.t10Mode == "map",
+        "relativeThresholdSpinBox": p.thresholdMode == "relative",
+        "ktransSdLimitSpinBox": absolute, "veSdLimitSpinBox": absolute, "vpSdLimitSpinBox": absolute,
+        "kepSdLimitSpinBox": absolute,
+        "fitModelComboBox": p.compareWithFit, "populationAifComboBox": p.compareWithFit,
+        "hematocritSpinBox": p.compareWithFit,
+        "applyThresholdButton": has_result and not running, "showUncertaintyButton": has_result,
+        "exportTableButton": has_statistics,
+    }
+    tooltip = reason or f"Run {p.modelName} on every masked voxel in the background ({described})."
+    return PanelView(not reason and not running, tooltip, running, enabled, described)

@@ -1,0 +1,1 @@
+# Stand-in (see SlicerConfig.cmake): nothing to generate.
