@@ -136,6 +136,7 @@ class QWidget(QObject):
 
     def setLayout(self, layout):
         self._layout = layout
+        layout.owner = self
 
     def layout(self):
         return self._layout
@@ -150,8 +151,13 @@ class QWidget(QObject):
 
 
 class QLayout(QObject):
+    owner = None
+
     def addWidget(self, widget, *args):
-        self._children.append(widget)
+        """As Qt: a widget added to a layout becomes a child of the layout's widget."""
+        if self.owner is not None:
+            widget._parent = self.owner
+            self.owner._children.append(widget)
 
     def addRow(self, *args):
         pass

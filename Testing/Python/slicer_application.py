@@ -227,6 +227,7 @@ class SlicerApplication:
         self.app = FakeApplication(self.wired, tmp_path / "cache")
         self.plots = RecordingLogic()
         self.errors = []
+        self.widgets = []
         modules = types.SimpleNamespace()
         for name, logic in (("sequences", self.wired.sequences_logic), ("colors", self.wired.colour_logic),
                             ("markups", self.wired.markups_logic), ("segmentations", self.wired.segmentations_logic),
@@ -283,7 +284,15 @@ class SlicerApplication:
         parent.isEntered = True
         widget = getattr(module, f"{name}Widget")(parent)
         widget.setup()
+        self.widgets.append((widget, parent))
         return widget
+
+    def close(self):
+        """Unload the modules' widgets (cleanup, as when Slicer unloads them) and empty the scene."""
+        for widget, parent in self.widgets:
+            widget.cleanup()
+            parent.setMRMLScene(None)
+        self.scene.Clear(True)
 
     def save_and_reload(self, path: Path):
         """Save the scene to a .mrml file and load it into a new, equally wired scene (as File > Load Scene)."""
@@ -299,4 +308,4 @@ class SlicerApplication:
 def slicer_app(monkeypatch, tmp_path):
     application = SlicerApplication(monkeypatch, tmp_path, require_slicer_source())
     yield application
-    application.scene.Clear(True)
+    application.close()
