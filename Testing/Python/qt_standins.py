@@ -583,28 +583,38 @@ class qMRMLNodeComboBox(QWidget):
 
 
 class qMRMLSegmentSelectorWidget(qMRMLNodeComboBox):
-    """Segmentation + segment picker. As the real widget, choosing a segmentation repopulates the
-    segment list, selects its first segment and emits ``currentSegmentChanged`` with it."""
+    """Segmentation + segment picker, in the order of Slicer's qMRMLSegmentSelectorWidget: choosing a
+    segmentation repopulates the segment list first, keeps the widget's remembered segment if the new
+    segmentation has it (silently), else selects the first segment and emits ``currentSegmentChanged``;
+    only then is ``currentNodeChanged`` emitted. A new widget remembers no segment."""
     currentSegmentChanged = Signal()
 
     def __init__(self, parent=None):
         super().__init__(parent)
         self._segment_id = ""
 
+    def _segment_ids(self):
+        segmentation = self._node.GetSegmentation() if self._node is not None else None
+        return [segmentation.GetNthSegmentID(n) for n in range(segmentation.GetNumberOfSegments())] \
+            if segmentation is not None else []
+
     def setCurrentNode(self, node):
-        changed = node is not self._node
-        super().setCurrentNode(node)
-        if changed:
-            segmentation = node.GetSegmentation() if node is not None else None
-            first = segmentation.GetNthSegmentID(0) if segmentation and segmentation.GetNumberOfSegments() else ""
-            self.setCurrentSegmentID(first)
+        if node is self._node:
+            return
+        self._node = node
+        ids = self._segment_ids()
+        if ids and self._segment_id not in ids:
+            self._segment_id = ids[0]
+            self.emit("currentSegmentChanged", self._segment_id)
+        self.emit("currentNodeChanged", node)
+        self.emit("currentNodeIDChanged", self.currentNodeID())
 
     def currentSegmentID(self):
-        return self._segment_id
+        return self._segment_id if self._segment_id in self._segment_ids() else ""
 
     def setCurrentSegmentID(self, segment_id):
-        if segment_id != self._segment_id:
-            self._segment_id = segment_id or ""
+        if segment_id in self._segment_ids() and segment_id != self._segment_id:
+            self._segment_id = segment_id
             self.emit("currentSegmentChanged", self._segment_id)
 
 

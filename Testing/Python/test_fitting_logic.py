@@ -213,48 +213,45 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
     assert not slicer_scene.nodes_by_class("vtkMRMLTableNode")
 
 
+def test_the_fit_in_a_worker_leaves_torchs_process_wide_thread_count_alone(slicer_scene, phantom, loaded,
+                                                                           monkeypatch):
+    """Issue 16 item 9: Slicer runs the fit in a BackgroundJob; torch.set_num_threads is process-wide,
+    so the worker must not call it (the main thread, the CLI, still may)."""
+    import torch
+
+    calls = []
+    original = torch.set_num_threads
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: (calls.append((threading.current_thread().name, n)),
+                                                             original(n)))
+    request = bridge.prepare_scene_fit(loaded["sequence"], **_options(loaded, phantom, method="linear"))
+    job = BackgroundJob(bridge.compute_scene_fit, request, name="DCEPK fit").start()
+    assert job.wait(120) == JobState.FINISHED, job.error_traceback
+    assert calls == [], f"the worker changed torch's thread count: {calls}"
+    in_worker = job.result.maps["Ktrans"]
+    on_main = bridge.compute_scene_fit(request).maps["Ktrans"]  # the main thread's path: same maps
+    np.testing.assert_allclose(in_worker, on_main, rtol=1e-6, equal_nan=True)
+    assert calls and all(name == threading.main_thread().name for name, _ in calls)
+
+
 # --------------------------------------------------------------------------- the module's Logic class itself
+# The DCEPKFitting module file imported as Slicer imports it, with Slicer's own parameterNodeWrapper
+# and ScriptedLoadableModule (conformance tier: needs ../shared/slicer-src, see slicer_application).
+from slicer_application import slicer_app  # noqa: E402,F401  (fixture)
+
+
 @pytest.fixture
-def module_file(monkeypatch):
-    """Import DCEPKFitting.py headless: only the Qt-shell pieces slicer-core lacks are stood in for.
-
-    Stand-ins: ``qt`` (unused by the Logic), the ScriptedLoadableModule base classes (empty),
-    ``parameterNodeWrapper`` and its validators (inert), ``slicer.i18n`` (identity). Everything
-    the Logic really calls (bridge, pipeline, MRML scene) is real.
-    """
-    import sys
-    import types
-
-    class Base:
-        def __init__(self, *args, **kwargs):
-            pass
-
-    shims = {
-        "qt": types.ModuleType("qt"),
-        "slicer.ScriptedLoadableModule": types.SimpleNamespace(
-            ScriptedLoadableModule=Base, ScriptedLoadableModuleLogic=Base, ScriptedLoadableModuleTest=Base,
-            ScriptedLoadableModuleWidget=Base),
-        "slicer.parameterNodeWrapper": types.SimpleNamespace(
-            parameterNodeWrapper=lambda cls: cls, Choice=lambda choices: ("Choice", choices),
-            WithinRange=lambda low, high: ("WithinRange", low, high)),
-        "slicer.i18n": types.SimpleNamespace(tr=lambda text: text, translate=lambda context, text: text),
-    }
-    for name, shim in shims.items():
-        monkeypatch.setitem(sys.modules, name, shim)
-    monkeypatch.delitem(sys.modules, "DCEPKFitting", raising=False)
-    import DCEPKFitting
-
-    yield DCEPKFitting
-    sys.modules.pop("DCEPKFitting", None)
+def app_loaded(slicer_app, phantom):
+    return bridge.phantom_to_scene(slicer_app.scene, phantom, "phantom", slicer_app.wired.sequences_logic)
 
 
-def test_module_logic_run_from_the_console_equals_the_cli_path(slicer_scene, phantom, loaded, module_file):
-    logic = module_file.DCEPKFittingLogic(scene=slicer_scene.scene)
-    segmentation = loaded["aifSegmentation"]
-    nodes = logic.run(loaded["sequence"], model="etofts", aifSegmentation=segmentation,
-                      aifSegmentId=bridge.segment_ids(segmentation)[0], t10_s=None, vfaSequence=loaded["vfa"],
+def test_module_logic_run_from_the_console_equals_the_cli_path(slicer_app, phantom, app_loaded):
+    module = slicer_app.import_module("DCEPKFitting")
+    logic = module.DCEPKFittingLogic(scene=slicer_app.scene)
+    segmentation = app_loaded["aifSegmentation"]
+    nodes = logic.run(app_loaded["sequence"], model="etofts", aifSegmentation=segmentation,
+                      aifSegmentId=bridge.segment_ids(segmentation)[0], t10_s=None, vfaSequence=app_loaded["vfa"],
                       r1_per_mM_s=phantom.protocol.r1_per_mM_s, hematocrit=phantom.protocol.hct,
-                      mask=loaded["tissues"], statisticsSegmentation=loaded["tissues"], device="cpu")
+                      mask=app_loaded["tissues"], statisticsSegmentation=app_loaded["tissues"], device="cpu")
     cli = pipeline.run_fit(phantom.series, pipeline.FitSettings(
         model="etofts", vfa_signals=phantom.vfa.signals, vfa_flip_angles_deg=list(VFA_ANGLES),
         vfa_tr_s=phantom.vfa.tr_s, r1_per_mM_s=phantom.protocol.r1_per_mM_s, hct=phantom.protocol.hct,
@@ -266,24 +263,24 @@ def test_module_logic_run_from_the_console_equals_the_cli_path(slicer_scene, pha
     assert nodes["statistics"].GetName() == "DCEPK statistics"
 
 
-def test_module_gui_options_reach_the_fit(slicer_scene, phantom, loaded, module_file):
-    import types
-
-    p = types.SimpleNamespace(
-        model="patlak", method="linear", hematocrit=0.4, aifDelay=0.0, flipAngleDeg=phantom.protocol.fa_deg,
-        repetitionTimeMs=phantom.protocol.tr_s * 1000.0, relaxivity=phantom.protocol.r1_per_mM_s,
-        fitMask=loaded["tissues"], fitDelay=False, device="cpu", statisticsSegmentation=None, outputPrefix="GUI",
-        updateExisting=True, aifTopFraction=1.0, aifSource="population", aifRoi=loaded["aifRoi"],
-        aifSegmentation=None, aifSegmentId="", populationAif="parker", t10Mode="vfa", t10Value=1.4, t10Map=None,
-        t10MapUnit="ms", vfaSequence=loaded["vfa"], vfaFlipAngles=", ".join(f"{a:g}" for a in VFA_ANGLES),
-        vfaTrMs=phantom.vfa.tr_s * 1000.0)
-    logic = module_file.DCEPKFittingLogic(scene=slicer_scene.scene)
+def test_module_gui_options_reach_the_fit(slicer_app, phantom, app_loaded):
+    module = slicer_app.import_module("DCEPKFitting")
+    logic = module.DCEPKFittingLogic(scene=slicer_app.scene)
+    p = logic.getParameterNode()  # Slicer's wrapper on the scene's parameter node, as the panel has it
+    p.inputSequence, p.model, p.method, p.hematocrit = app_loaded["sequence"], "patlak", "linear", 0.4
+    p.useRepetitionTime, p.repetitionTimeMs = True, phantom.protocol.tr_s * 1000.0  # typed in ms
+    p.relaxivity, p.fitMask, p.device, p.outputPrefix = phantom.protocol.r1_per_mM_s, app_loaded["tissues"], "cpu", "GUI"
+    p.aifSource, p.aifRoi, p.populationAif = "population", app_loaded["aifRoi"], "parker"
+    p.t10Mode, p.vfaSequence, p.vfaFlipAngles = "vfa", app_loaded["vfa"], ", ".join(f"{a:g}" for a in VFA_ANGLES)
     options = logic.optionsFromParameterNode(p)
     assert options["tr_s"] == pytest.approx(phantom.protocol.tr_s)  # ms in the GUI, s at the API
+    assert options["flipAngle_deg"] is None and options["vfaTr_s"] is None  # from the headers
     assert options["vfaFlipAngles_deg"] == list(VFA_ANGLES) and "aifRoi" not in options
-    request = logic.prepare(loaded["sequence"], **options)
+    assert options["mask"] is app_loaded["tissues"]  # the node union field
+    request = logic.prepare(app_loaded["sequence"], **options)
     assert request.settings.population_aif == "parker" and request.settings.aif_mask is None
     assert request.settings.model == "patlak" and request.settings.hct == pytest.approx(0.4)
+    assert request.settings.vfa_tr_s == pytest.approx(phantom.vfa.tr_s)
     nodes = logic.publish(request, logic.compute(request))
     assert {"Ktrans", "vp"} <= set(nodes) and nodes["Ktrans"].GetName() == "GUI Ktrans"
     assert logic.describeDevice("cpu") == "CPU"

@@ -140,7 +140,13 @@ def test_logic_and_module_load_use_no_qt_and_no_heavy_import_at_load_time(tree):
     assert not names & {"qt", "ctk"}, "the Logic must not use Qt"
     top_level = [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     lib_imports = [s for s in top_level if "DCEPKFittingLib" in s]
-    assert lib_imports == ["from DCEPKFittingLib import slicer_dependencies"], lib_imports
+    # Only the dependency-free helpers (no numpy, no torch): the module loads before packages are installed.
+    assert lib_imports == ["from DCEPKFittingLib import panel_state, slicer_dependencies"], lib_imports
+    for helper in ("panel_state.py", "slicer_dependencies.py"):
+        nodes = list(ast.walk(ast.parse((LIB_DIR / helper).read_text())))
+        imported = [n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module] + \
+            [alias.name for n in nodes if isinstance(n, ast.Import) for alias in n.names]
+        assert not {m.split(".")[0] for m in imported} & {"numpy", "scipy", "torch", "SimpleITK", "slicer"}, helper
     assert not any(re.search(r"\b(numpy|scipy|torch|SimpleITK)\b", s) for s in top_level)
     test_class = find_class(tree, "DCEPKFittingTest")
     assert {"runTest", "test_PhantomWorkflow"} <= {n.name for n in test_class.body if isinstance(n, ast.FunctionDef)}

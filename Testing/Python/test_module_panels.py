@@ -104,15 +104,26 @@ def test_the_saved_aif_segment_survives_a_scene_reload(slicer_app, phantom, tmp_
     slicer_app.scene.SetURL(scene_file)
     assert slicer_app.scene.Commit(scene_file)
 
-    slicer_app.scene.Clear(0)  # File > Close Scene, then load the saved scene into it
-    slicer_app.scene.SetURL(scene_file)
-    assert slicer_app.scene.Import()
-    assert len(bridge.segment_ids(slicer_app.scene.GetFirstNodeByName("tissues"))) == len(bridge.segment_ids(tissues))
-    p = widget._parameterNode
-    assert p.aifSegmentation is not None and p.aifSegmentation.GetName() == tissues.GetName()
-    assert p.aifSegmentId == saved_segment
-    assert widget.ui.aifSegmentSelector.currentSegmentID() == saved_segment
+    def reload_scene():  # File > Close Scene, then File > Load Scene of the saved file
+        slicer_app.scene.Clear(0)
+        slicer_app.scene.SetURL(scene_file)
+        assert slicer_app.scene.Import()
+        return slicer_app.scene.GetFirstNodeByName("tissues")
+
+    reloaded = reload_scene()  # in the same session, the panel open
+    assert bridge.segment_ids(reloaded) == bridge.segment_ids(tissues)
+    assert (widget._parameterNode.aifSegmentId, widget.ui.aifSegmentSelector.currentSegmentID()) == \
+        (saved_segment, saved_segment)
     widget.cleanup()
+
+    reload_scene()  # in a new session: the panel is opened after the scene was loaded
+    fresh = slicer_app.create_widget("DCEPKFitting")
+    p = fresh._parameterNode
+    assert p.aifSegmentation is not None and p.aifSegmentation.GetName() == "tissues"
+    assert p.aifSegmentId == saved_segment, "the AIF segment was replaced by the segmentation's first segment"
+    assert fresh.ui.aifSegmentSelector.currentSegmentID() == saved_segment
+    assert fresh.ui.applyButton.enabled or "AIF" not in fresh.ui.applyButton.toolTip
+    fresh.cleanup()
 
 
 # --------------------------------------------------------------------------- item 5: T1 map for the networks

@@ -198,14 +198,99 @@ def test_maps_become_volume_nodes_with_the_source_geometry_and_rerun_updates_the
     assert scene.GetNumberOfNodes() == count
     np.testing.assert_array_equal(slicer.util.arrayFromVolume(node), ktrans * 2)
 
-    status = bridge.update_volume_from_array(scene, rng.integers(0, 4, size=(4, 5, 6)), OBLIQUE, "DCEPK status",
-                                             map_name="status", status_names={0: "ok", 1: "failed"})
-    table = status.GetDisplayNode().GetColorNode()
-    assert table.GetName() == "DCEPK fit status"
-    assert table.GetColorName(0) == "ok" and table.GetColorName(1) == "failed"
-    assert slicer.util.arrayFromVolume(status).dtype == np.uint8
     r2 = bridge.update_volume_from_array(scene, rng.uniform(0, 1, (4, 5, 6)), OBLIQUE, "DCEPK R2", map_name="R2")
     assert r2.GetDisplayNode().GetColorNode().GetName() == "Grey"
+
+
+def _displayed_rgba(node):
+    """The RGBA image Slicer's display pipeline makes of a volume for the slice views (alpha 0: not drawn)."""
+    from vtkmodules.util import numpy_support
+
+    display = node.GetDisplayNode()
+    display.SetInputImageDataConnection(node.GetImageDataConnection())
+    display.UpdateImageDataPipeline()
+    producer = display.GetOutputImageDataConnection().GetProducer()
+    producer.Update()
+    image = producer.GetOutputDataObject(0)
+    rgba = numpy_support.vtk_to_numpy(image.GetPointData().GetScalars())
+    return rgba.reshape(tuple(reversed(image.GetDimensions())) + (-1,))
+
+
+def test_masked_and_failed_voxels_are_not_drawn_over_the_anatomy(slicer_scene):
+    """Issue 16 item 7: NaN voxels (masked, failed, excluded) get alpha 0 in Slicer's own display pipeline;
+    every voxel with a value is drawn. One helper for fitting and inference maps."""
+    rng = np.random.default_rng(13)
+    ktrans = rng.gamma(2.0, 0.05, size=(3, 4, 5)).astype(np.float32)
+    ktrans[0, :2, :] = np.nan
+    node = bridge.update_volume_from_array(slicer_scene.scene, ktrans, OBLIQUE, "DCEPK Ktrans", map_name="Ktrans")
+    alpha = _displayed_rgba(node)[..., 3]
+    np.testing.assert_array_equal(alpha == 0, np.isnan(ktrans))
+    assert np.all(alpha[~np.isnan(ktrans)] == 255)
+    full = bridge.update_volume_from_array(slicer_scene.scene, np.nan_to_num(ktrans), OBLIQUE, "DCEPK Ktrans",
+                                           existing_node=node, map_name="Ktrans")
+    assert np.all(_displayed_rgba(full)[..., 3] == 255)  # a rerun without NaN shows everything again
+
+
+def test_the_fit_status_is_a_label_map_whose_table_is_the_status_enum(slicer_scene, monkeypatch):
+    import enum
+
+    from DCEPKFittingLib.fitting import FitStatus
+
+    codes = np.array([int(s) for s in FitStatus], dtype=np.uint8)
+    status = np.resize(codes, (2, 3, 4))
+    node = bridge.update_volume_from_array(slicer_scene.scene, status, OBLIQUE, "DCEPK status", map_name="status")
+    assert node.IsA("vtkMRMLLabelMapVolumeNode") and slicer.util.arrayFromVolume(node).dtype == np.uint8
+    table = node.GetDisplayNode().GetColorNode()
+    assert table.GetName() == bridge.STATUS_TABLE
+    for member in FitStatus:
+        assert table.GetColorName(int(member)) == member.name.lower().replace("_", " ")
+    rgba = [0.0] * 4
+    table.GetColor(int(FitStatus.MASKED), rgba)
+    assert rgba[3] == 0.0  # masked voxels are transparent in the label layer
+    colours = set()
+    for member in FitStatus:
+        table.GetColor(int(member), rgba)
+        colours.add(tuple(rgba))
+    assert len(colours) == len(FitStatus)
+
+    # A status the core adds (another engineer's NOT_ENHANCING) appears without a change in the bridge.
+    extended = enum.IntEnum("FitStatus", {**{m.name: int(m) for m in FitStatus}, "NOT_ENHANCING": 5})
+    monkeypatch.setattr("DCEPKFittingLib.fitting.FitStatus", extended)
+    table = bridge.status_colour_table(slicer_scene.scene)
+    assert table.GetNumberOfColors() == 6 and table.GetColorName(5) == "not enhancing"
+    table.GetColor(5, rgba)
+    assert rgba[3] == 1.0 and tuple(rgba) not in colours
+
+
+def test_the_statistics_table_passes_through_every_column_the_core_returns(slicer_scene, monkeypatch):
+    """The core's label statistics decide the columns (voxel counts per fit status, when the core gives
+    them); the bridge only adds segment, label, map and unit, and hands the status map to a core that takes it."""
+    seen = {}
+
+    def core_with_status_counts(maps, labels, names, label_values=None, status=None):
+        seen["status"] = status
+        rows = []
+        for value in label_values or [1]:
+            for name, array in maps.items():
+                inside = labels == value
+                rows.append({"label": value, "segment": names[value], "map": name,
+                             "count": int(np.isfinite(array[inside]).sum()),
+                             "n_converged": int((status[inside] == 1).sum()),
+                             "n_failed": int((status[inside] == 3).sum())})
+        return rows
+
+    monkeypatch.setattr(bridge, "label_statistics", core_with_status_counts)
+    status = np.zeros((2, 3, 4), np.uint8)
+    status[0] = 1
+    status[1, 0] = 3
+    region = np.ones((2, 3, 4), bool)
+    table = bridge.statistics_table(slicer_scene.scene, {"Ktrans": np.ones((2, 3, 4))}, {"brain": region}, "stats",
+                                    units={"Ktrans": "1/min"}, status=status)
+    assert seen["status"] is status
+    names = [table.GetTable().GetColumn(c).GetName() for c in range(table.GetTable().GetNumberOfColumns())]
+    assert names == ["segment", "label", "map", "unit", "count", "n_converged", "n_failed"]
+    (row,) = bridge.table_rows(table)
+    assert (row["n_converged"], row["n_failed"], row["unit"]) == (12.0, 4.0, "1/min")
 
 
 # --------------------------------------------------------------------------- masks
