@@ -467,9 +467,9 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
         p = self._parameterNode
         if p is None or p.inputSequence is None:
             return
+        # The crosshair (Shift + mouse move places it) marks where the user looks; else the series' middle.
         crosshair = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLCrosshairNode")
-        ras = [0.0, 0.0, 0.0]
-        centre = ras if crosshair is not None and crosshair.GetCursorPositionRAS(ras) else None
+        centre = crosshair.GetCrosshairRAS() if crosshair is not None else None
         if self.runShowingErrors(_("The AIF box could not be placed."), self.logic.placeAifRoi, roi,
                                  p.inputSequence, centre):
             self.ui.statusLabel.text = _("AIF box placed: drag it (or its handles) onto the artery.")
@@ -754,8 +754,13 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
         return _("DCEPK voxel (k={k}, j={j}, i={i})").format(k=k, j=j, i=i), output.times_s, curves
 
     def showMaps(self, nodes, sequenceNode=None, showFitStatus=False) -> None:
-        """Ktrans (or PS) over the DCE series' current frame with a colour legend; the fit status as labels if asked."""
+        """Ktrans (or PS) over the DCE series' current frame with a colour legend, the fit status as labels if
+        asked, and the statistics table in the layout's table view."""
         mapNode = nodes.get("Ktrans") or nodes.get("PS") or next(iter(nodes.values()))
+        if "statistics" in nodes:
+            applicationLogic = slicer.app.applicationLogic()
+            applicationLogic.GetSelectionNode().SetActiveTableID(nodes["statistics"].GetID())
+            applicationLogic.PropagateTableSelection()
         browser = slicer.modules.sequences.logic().GetFirstBrowserNodeForSequenceNode(sequenceNode) \
             if sequenceNode else None
         background = browser.GetProxyNode(sequenceNode) if browser is not None else None

@@ -193,6 +193,9 @@ class FakeApplication:
     def layoutManager(self):
         return self.layout
 
+    def applicationLogic(self):
+        return self.wired.app_logic
+
     def mainWindow(self):
         return None
 
@@ -229,7 +232,11 @@ class SlicerApplication:
         self.errors = []
         self.widgets = []
         modules = types.SimpleNamespace()
-        for name, logic in (("sequences", self.wired.sequences_logic), ("colors", self.wired.colour_logic),
+        # The Colors module's logic is the Slicer-level colour logic (colour legends), as in the application.
+        colours = slicer.vtkSlicerColorLogic()
+        colours.SetMRMLApplicationLogic(self.wired.app_logic)
+        colours.SetMRMLScene(self.scene)
+        for name, logic in (("sequences", self.wired.sequences_logic), ("colors", colours),
                             ("markups", self.wired.markups_logic), ("segmentations", self.wired.segmentations_logic),
                             ("plots", self.plots)):
             setattr(modules, name, ModuleEntry(_logic=logic, path=""))

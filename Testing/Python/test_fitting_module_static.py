@@ -181,7 +181,7 @@ def test_top_level_cmake_and_catalog_entry():
     positions = [text.index(line) for line in order]
     assert positions == sorted(positions)
     entry = json.loads((ROOT / "DCEPK.json").read_text())
-    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.1.json#")
+    assert entry["$schema"].endswith("slicer-extension-catalog-entry-schema-v1.0.2.json#")
     assert entry["scm_type"] == "git" and entry["scm_url"].endswith(".git") and entry["scm_revision"]
     assert entry["category"] == "Quantification"
     depends = re.search(r'set\(EXTENSION_DEPENDS "([^"]+)"\)', text).group(1).split()

@@ -176,7 +176,7 @@ def test_a_new_aif_box_is_placed_on_the_series_where_the_user_looks(slicer_app, 
     widget = slicer_app.create_widget("DCEPKFitting")
     vessel_k, vessel_j, vessel_i = np.argwhere(phantom.aif_mask)[0]
     centre = (phantom.series.geometry.ijk_to_ras() @ np.r_[vessel_i, vessel_j, vessel_k, 1.0])[:3]
-    slicer_app.crosshair.SetCursorPositionRAS(centre)
+    slicer_app.crosshair.SetCrosshairRAS(centre)  # Shift + mouse move over the vessel
     roi = widget.ui.aifRoiSelector.addNodeByUser()  # the selector's "Create new MarkupsROI"
     assert widget._parameterNode.aifRoi is roi and widget.ui.applyButton.enabled
     reference = bridge.reference_volume(phantom.series.spatial_shape, phantom.series.geometry)
@@ -336,3 +336,31 @@ def test_download_sample_loads_the_phantom_through_slicers_sample_data(slicer_ap
     series = bridge.series_from_sequence(node)
     np.testing.assert_array_equal(series.signal, expected.series.signal.astype(np.float32))
     np.testing.assert_allclose(series.times_s, expected.series.times_s, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- the whole panel workflow
+def test_apply_runs_in_the_background_and_shows_maps_status_and_table(slicer_app, phantom, loaded):
+    widget = slicer_app.create_widget("DCEPKFitting")
+    p = widget._parameterNode
+    p.aifSource, p.method, p.device = "population", "linear", "cpu"
+    p.fitMask = p.statisticsSegmentation = loaded["tissues"]
+    widget.ui.showFitStatusCheckBox.click()
+    widget.onApplyButton()
+    assert widget._job is not None and widget.ui.statusLabel.text.startswith("Fitting on")
+    widget._job.wait(120)
+    widget.onJobTimer()
+    assert widget.ui.statusLabel.text.startswith("Done:"), (widget.ui.statusLabel.text, slicer_app.errors)
+    nodes = widget.logic.lastNodes
+    composite = slicer_app.scene.GetFirstNodeByClass("vtkMRMLSliceCompositeNode")
+    assert composite.GetForegroundVolumeID() == nodes["Ktrans"].GetID()
+    assert composite.GetLabelVolumeID() == nodes["status"].GetID()  # 'Show fit status' ticked
+    selection = slicer_app.wired.app_logic.GetSelectionNode()
+    assert selection.GetActiveTableID() == nodes["statistics"].GetID()
+    assert widget.ui.exportTableButton.enabled and widget.ui.applyButton.enabled
+    rows = bridge.table_rows(nodes["statistics"])
+    ktrans = slicer.util.arrayFromVolume(nodes["Ktrans"])
+    for row in (r for r in rows if r["map"] == "Ktrans"):
+        value = next(v for v, n in phantom.label_names.items() if n == row["segment"])
+        assert row["mean"] == pytest.approx(np.nanmean(ktrans[phantom.labels == value]), rel=1e-5)
+    widget.ui.showFitStatusCheckBox.click()  # unticked: the label layer is cleared
+    assert not composite.GetLabelVolumeID()
