@@ -269,32 +269,32 @@ class DCEPKBackgroundJobWidgetMixin:
             self.ui.statusLabel.text = _("Failed: the scene is unchanged.")
             slicer.util.errorDisplay(str(job.error), detailedText=job.error_traceback)
 
-    def ensureDependencies(self, requester: str, packages=("torch",)) -> bool:
+    def ensureDependencies(self, requester: str) -> bool:
         """True when DCEPK's Python packages are installed, asking before installing any (never at import).
 
         The packages of both modules are listed in one file, DCEPK Fitting's Resources/requirements.txt
         (the modules share one Resources folder once installed); torch comes from the PyTorch extension.
         An installation error is shown, not raised, and the status line says that nothing was run.
         """
-        installed = [False]
+        outcome = {"installed": False}
 
         def install():
             requirements = slicer_dependencies.read_requirements(requirementsFile())
-            installed[0] = slicer_dependencies.ensure_requirements(
+            outcome["installed"] = slicer_dependencies.ensure_requirements(
                 requirements, confirm=slicer.util.confirmOkCancelDisplay,
-                install=slicer_dependencies.installer_for_slicer(slicer, requester), requester=requester)
-            installed[0] = installed[0] and self._ensureTorch(packages)
+                install=slicer_dependencies.installer_for_slicer(slicer, requester),
+                requester=requester) and self._ensureTorch()
 
         if not self.runShowingErrors(_("The Python packages DCEPK needs could not be installed."), install):
             self.ui.statusLabel.text = _("Installing Python packages failed: nothing was run (see the error message).")
             return False
-        if not installed[0]:
+        if not outcome["installed"]:
             self.ui.statusLabel.text = _("Python packages missing: nothing was run.")
-        return installed[0]
+        return outcome["installed"]
 
     @staticmethod
-    def _ensureTorch(packages) -> bool:
-        if not missingComputePackages(packages):
+    def _ensureTorch() -> bool:
+        if not missingComputePackages():
             return True
         # torch comes from the PyTorch extension, which picks the CPU or CUDA build for this computer.
         try:
@@ -372,8 +372,8 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
         self.ui.inputSequenceSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onInputSequenceChanged)
         self.ui.aifRoiSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onAifRoiChanged)
         self.ui.aifRoiSelector.connect("nodeAddedByUser(vtkMRMLNode*)", self.onAifRoiAdded)
-        self.ui.aifSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onAifSegmentationChanged)
-        self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self.onAifSegmentChanged)
+        self.ui.aifSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onAifSegmentSelected)
+        self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self.onAifSegmentSelected)
         self.ui.voxelCurveCheckBox.connect("toggled(bool)", self.onVoxelCurveToggled)
         self.ui.showFitStatusCheckBox.connect("toggled(bool)", self.onShowFitStatusToggled)
 
@@ -453,13 +453,13 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
     def onInputSequenceChanged(self, node) -> None:
         self._aifTimer.start()  # FA/TR are shown from the header by the panel state; the AIF curve follows
 
-    def onAifSegmentationChanged(self, node) -> None:
+    def onAifSegmentSelected(self, *args) -> None:
+        """The user chose a segmentation or a segment: store both at once, so that the panel (one Modified
+        event) never sees a segment of one segmentation paired with another."""
         if self._parameterNode:
-            self._parameterNode.aifSegmentation = node
-
-    def onAifSegmentChanged(self, segmentId) -> None:
-        if self._parameterNode:
-            self._parameterNode.aifSegmentId = segmentId or ""
+            with slicer.util.NodeModify(self._parameterNode):
+                self._parameterNode.aifSegmentation = self.ui.aifSegmentSelector.currentNode()
+                self._parameterNode.aifSegmentId = self.ui.aifSegmentSelector.currentSegmentID() or ""
 
     # ---------------------------------------------------------------- AIF box and its live curve
     def onAifRoiAdded(self, roi) -> None:
@@ -704,14 +704,13 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
         """Keyword arguments of ``run``/``prepare`` from the GUI state (ms converted to s here).
 
         Flip angle and TRs are passed only when the user ticked them; otherwise None, and the run
-        takes the series header's values (an error names the box to tick when there are none).
+        takes the series headers' values (an error names the box to tick when there are none).
         """
         from DCEPKFittingLib.errors import DCEPKInputError
 
+        flipAngle_deg, tr_s, vfaTr_s = panel_state.typed_acquisition(p, vfa=True)
         options = dict(model=p.model, method=p.method, hematocrit=p.hematocrit, aifDelay_s=p.aifDelay,
-                       flipAngle_deg=p.flipAngleDeg if p.useFlipAngle else None,
-                       tr_s=p.repetitionTimeMs / 1000.0 if p.useRepetitionTime else None,
-                       r1_per_mM_s=p.relaxivity, mask=p.fitMask, fitDelay=p.fitDelay, device=p.device,
+                       flipAngle_deg=flipAngle_deg, tr_s=tr_s, r1_per_mM_s=p.relaxivity, mask=p.fitMask, fitDelay=p.fitDelay, device=p.device,
                        statisticsSegmentation=p.statisticsSegmentation, outputPrefix=p.outputPrefix,
                        updateExisting=p.updateExisting,
                        aifTopFraction=p.aifTopFraction if p.aifTopFraction < 1.0 else None)
@@ -730,8 +729,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
                 angles = panel_state.parse_flip_angles(p.vfaFlipAngles)
             except ValueError as error:
                 raise DCEPKInputError(str(error)) from None
-            options.update(t10_s=None, vfaSequence=p.vfaSequence, vfaFlipAngles_deg=angles or None,
-                           vfaTr_s=p.vfaTrMs / 1000.0 if p.useVfaRepetitionTime else None)
+            options.update(t10_s=None, vfaSequence=p.vfaSequence, vfaFlipAngles_deg=angles or None, vfaTr_s=vfaTr_s)
         return options
 
     @staticmethod

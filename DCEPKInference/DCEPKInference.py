@@ -443,10 +443,9 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
         Flip angle and TR are passed only when ticked; otherwise the series header's values are used.
         """
         fixed = p.t10Mode == "fixed"
+        flipAngle_deg, tr_s = panel_state.typed_acquisition(p)[:2]
         return dict(
-            modelName=p.modelName, maskNode=p.inferenceMask, device=p.device,
-            flipAngle_deg=p.flipAngleDeg if p.useFlipAngle else None,
-            tr_s=p.repetitionTimeMs / 1000.0 if p.useRepetitionTime else None,
+            modelName=p.modelName, maskNode=p.inferenceMask, device=p.device, flipAngle_deg=flipAngle_deg, tr_s=tr_s,
             t10_s=p.t10Value if fixed else None, t10Map=None if fixed else p.t10Map, t10MapUnit=p.t10MapUnit,
             uncertaintyThreshold=cls.uncertaintyThresholdFromParameterNode(p),
             compareWithFit=p.compareWithFit, fitModel=p.fitModel, populationAif=p.populationAif,

@@ -41,10 +41,18 @@ class PanelView:
 _VFA_TR_MISSING = "The VFA series header has no TR: tick 'VFA TR' and type it (milliseconds)."
 
 
-def _from(user_set: bool, user_value: float, header_value: Optional[float], scale: float = 1.0):
-    """(value in API units or None, 'typed' / 'series header' / None): the user's override wins."""
-    if user_set:
-        return user_value * scale, "typed"
+def typed_acquisition(p, vfa: bool = False):
+    """(flip angle in deg, TR in s, VFA TR in s) as the user ticked and typed them; None where the box
+    is unticked, so that a run takes the header's value. What both modules' Logic passes to a run."""
+    return (p.flipAngleDeg if p.useFlipAngle else None,
+            p.repetitionTimeMs * 1e-3 if p.useRepetitionTime else None,
+            p.vfaTrMs * 1e-3 if vfa and p.useVfaRepetitionTime else None)
+
+
+def _source(typed: Optional[float], header_value: Optional[float]):
+    """(value, 'typed' / 'series header' / None): the user's override wins over the header."""
+    if typed is not None:
+        return typed, "typed"
     if header_value is not None:
         return header_value, "series header"
     return None, None
@@ -57,8 +65,9 @@ def _describe(label: str, value: Optional[float], source: Optional[str], unit: s
 def acquisition_values(p, header: SeriesHeader, vfa: bool = False):
     """``(fa_deg, tr_s, vfa_tr_s, description, missing)``: the values a run uses (None: not known),
     a line saying where each comes from, and a message per missing one naming the box to tick."""
-    fa, fa_source = _from(p.useFlipAngle, p.flipAngleDeg, header.flip_angle_deg)
-    tr, tr_source = _from(p.useRepetitionTime, p.repetitionTimeMs, header.tr_s, 1e-3)
+    typed_fa, typed_tr, typed_vfa_tr = typed_acquisition(p, vfa)
+    fa, fa_source = _source(typed_fa, header.flip_angle_deg)
+    tr, tr_source = _source(typed_tr, header.tr_s)
     parts = [_describe("flip angle", fa, fa_source, "deg"), _describe("TR", tr, tr_source, "ms", 1e3)]
     missing = []
     if fa_source is None:
@@ -67,7 +76,7 @@ def acquisition_values(p, header: SeriesHeader, vfa: bool = False):
         missing.append("The series header has no TR: tick 'TR' and type it (milliseconds).")
     vfa_tr = None
     if vfa:
-        vfa_tr, vfa_source = _from(p.useVfaRepetitionTime, p.vfaTrMs, header.vfa_tr_s, 1e-3)
+        vfa_tr, vfa_source = _source(typed_vfa_tr, header.vfa_tr_s)
         parts.append(_describe("VFA TR", vfa_tr, vfa_source, "ms", 1e3))
         if vfa_source is None:
             missing.append(_VFA_TR_MISSING)

@@ -126,6 +126,22 @@ def test_the_saved_aif_segment_survives_a_scene_reload(slicer_app, phantom, tmp_
     fresh.cleanup()
 
 
+def test_choosing_a_segmentation_and_a_segment_stores_both(slicer_app, phantom, loaded):
+    widget = slicer_app.create_widget("DCEPKFitting")
+    p = widget._parameterNode
+    selector = widget.ui.aifSegmentSelector
+    widget.ui.aifSourceComboBox.setCurrentText("segment")
+    tissues, vessel = loaded["tissues"], loaded["aifSegmentation"]
+    selector.setCurrentNode(tissues)  # the user picks a segmentation: its first segment is selected
+    assert (p.aifSegmentation, p.aifSegmentId) == (tissues, bridge.segment_ids(tissues)[0])
+    selector.setCurrentSegmentID(bridge.segment_ids(tissues)[2])  # then a segment
+    assert (p.aifSegmentation, p.aifSegmentId) == (tissues, bridge.segment_ids(tissues)[2])
+    selector.setCurrentNode(vessel)  # then another segmentation
+    assert (p.aifSegmentation, p.aifSegmentId) == (vessel, bridge.segment_ids(vessel)[0])
+    assert selector.currentNode() is vessel and widget.ui.applyButton.enabled
+    widget.cleanup()
+
+
 # --------------------------------------------------------------------------- item 5: T1 map for the networks
 def test_inference_runs_with_a_t1_map_instead_of_one_t10(slicer_app, phantom, loaded):
     widget = slicer_app.create_widget("DCEPKInference")
