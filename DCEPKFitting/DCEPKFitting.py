@@ -710,7 +710,8 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
 
         flipAngle_deg, tr_s, vfaTr_s = panel_state.typed_acquisition(p, vfa=True)
         options = dict(model=p.model, method=p.method, hematocrit=p.hematocrit, aifDelay_s=p.aifDelay,
-                       flipAngle_deg=flipAngle_deg, tr_s=tr_s, r1_per_mM_s=p.relaxivity, mask=p.fitMask, fitDelay=p.fitDelay, device=p.device,
+                       flipAngle_deg=flipAngle_deg, tr_s=tr_s, r1_per_mM_s=p.relaxivity, mask=p.fitMask,
+                       fitDelay=p.fitDelay, device=p.device,
                        statisticsSegmentation=p.statisticsSegmentation, outputPrefix=p.outputPrefix,
                        updateExisting=p.updateExisting,
                        aifTopFraction=p.aifTopFraction if p.aifTopFraction < 1.0 else None)

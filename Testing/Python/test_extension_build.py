@@ -31,7 +31,8 @@ from conftest import ROOT, import_or_skip
 STAND_IN = ROOT / "Testing" / "CMake" / "SlicerStandIn"
 SCRIPTED_MODULES = "lib/Slicer-5.13/qt-scripted-modules"
 MODULES = ("DCEPKFitting", "DCEPKInference")
-SCHEMA_URL = "https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/slicer-extension-catalog-entry-schema-v1.0.2.json#"
+SCHEMA_URL = ("https://raw.githubusercontent.com/Slicer/Slicer/main/Schemas/"
+              "slicer-extension-catalog-entry-schema-v1.0.2.json#")
 
 
 def _tools():

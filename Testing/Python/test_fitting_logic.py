@@ -269,7 +269,8 @@ def test_module_gui_options_reach_the_fit(slicer_app, phantom, app_loaded):
     p = logic.getParameterNode()  # Slicer's wrapper on the scene's parameter node, as the panel has it
     p.inputSequence, p.model, p.method, p.hematocrit = app_loaded["sequence"], "patlak", "linear", 0.4
     p.useRepetitionTime, p.repetitionTimeMs = True, phantom.protocol.tr_s * 1000.0  # typed in ms
-    p.relaxivity, p.fitMask, p.device, p.outputPrefix = phantom.protocol.r1_per_mM_s, app_loaded["tissues"], "cpu", "GUI"
+    p.relaxivity, p.fitMask = phantom.protocol.r1_per_mM_s, app_loaded["tissues"]
+    p.device, p.outputPrefix = "cpu", "GUI"
     p.aifSource, p.aifRoi, p.populationAif = "population", app_loaded["aifRoi"], "parker"
     p.t10Mode, p.vfaSequence, p.vfaFlipAngles = "vfa", app_loaded["vfa"], ", ".join(f"{a:g}" for a in VFA_ANGLES)
     options = logic.optionsFromParameterNode(p)
