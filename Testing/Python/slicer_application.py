@@ -5,7 +5,7 @@ Slicer's source tree the ``parameterNodeWrapper`` (serializers, defaults, valida
 connectors), the ``ScriptedLoadableModule`` base classes, ``slicer.packaging`` and the SampleData
 module's logic; the DCEPK module files are imported as Slicer imports them. Stood in for (no Qt and
 no application exist on these machines): ``qt``/``ctk`` and the qMRML widget classes
-(``qt_standins``: inert, but each of the exact class the .ui names, as the GUI connectors test
+(``qt_standins``, ``mrml_standins``: inert, but each of the exact class the .ui names, as the GUI connectors test
 ``type(widget)``), ``slicer.i18n`` (identity), and a minimal ``slicer.app`` / ``slicer.modules``.
 
 How Slicer's source is imported without shadowing the wheel: the wheel's ``slicer`` package is a
@@ -33,6 +33,7 @@ import pytest
 
 from conftest import ROOT
 from slicer_scene import make_scene
+import mrml_standins
 import qt_standins
 
 import slicer  # noqa: E402  (slicer_scene already required it)
@@ -85,9 +86,9 @@ def install_slicer_python(source: Path):
     """qt/ctk stand-ins, the qMRML widget names on ``slicer``, and Slicer's Python modules grafted on."""
     if "qt" not in sys.modules or not hasattr(sys.modules["qt"], "QDoubleSpinBox") \
             or sys.modules["qt"].QDoubleSpinBox is not qt_standins.QDoubleSpinBox:
-        qt, ctk = qt_standins.make_modules()
+        qt, ctk = mrml_standins.make_modules()
         sys.modules["qt"], sys.modules["ctk"] = qt, ctk
-    for cls in qt_standins.SLICER_WIDGET_CLASSES:
+    for cls in mrml_standins.SLICER_WIDGET_CLASSES:
         setattr(slicer, cls.__name__, cls)
     if "slicer.i18n" not in sys.modules:
         i18n = types.ModuleType("slicer.i18n")
@@ -248,7 +249,7 @@ class SlicerApplication:
         monkeypatch.setattr(slicer, "app", self.app, raising=False)
         monkeypatch.setattr(slicer, "mrmlScene", self.scene, raising=False)
         monkeypatch.setattr(slicer, "modules", modules, raising=False)
-        monkeypatch.setattr(slicer.util, "loadUI", qt_standins.load_ui)
+        monkeypatch.setattr(slicer.util, "loadUI", mrml_standins.load_ui)
         monkeypatch.setattr(slicer.util, "errorDisplay",
                             lambda text, *args, **kwargs: self.errors.append(text))
         # Slicer's own loader for these names is the application's module path: imports come from the tree.
@@ -286,7 +287,7 @@ class SlicerApplication:
     def create_widget(self, name: str, module=None):
         """The module's widget, set up as the application does when the module is first shown."""
         module = module or self.import_module(name)
-        parent = qt_standins.qMRMLWidget()
+        parent = mrml_standins.qMRMLWidget()
         parent.setLayout(qt_standins.QVBoxLayout())
         parent.isEntered = True
         widget = getattr(module, f"{name}Widget")(parent)
