@@ -1,31 +1,163 @@
 """``dcepk`` command line: phantom, t1map, fit, stats, demo, infer, train.
 
 Every command reads and writes files only; units are in the option names' help texts.
-Errors in the input print one clear line and exit with status 2; nothing is half-written.
+Options are checked as they are parsed (argparse names the option); errors in the input print one
+clear line naming the option and exit with status 2. Output targets are checked before any
+computation, and all outputs of a command are published together or not at all.
 """
 
 import argparse
+import json
+import math
 import sys
 from pathlib import Path
-from typing import List, Optional
+from typing import Callable, List, Optional
 
 import numpy as np
 
-from .errors import DCEPKInputError, JobCancelledError
+from .errors import DCEPKInputError, JobCancelledError, command_line_terms
 from .plugins import plugin_commands
 
 EXIT_INPUT_ERROR = 2
+EXIT_INTERRUPTED = 130
+T10_UNIT_SECONDS = {"s": 1.0, "ms": 1e-3}
+
+
+# ------------------------------------------------------------------------ option types (parse time)
+def checked(convert: Callable, check: Optional[Callable] = None, name: str = "value") -> Callable:
+    """An argparse type: ``convert`` the text, then ``check`` it (a core check raising
+    DCEPKInputError); argparse then prints ``argument --x: <message>`` and exits with status 2."""
+    def parse(text):
+        try:
+            value = convert(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"'{text}' is not a {name}") from None
+        if check is not None:
+            try:
+                with command_line_terms():
+                    check(value)
+            except DCEPKInputError as error:
+                raise argparse.ArgumentTypeError(str(error)) from None
+        return value
+    parse.__name__ = name
+    return parse
+
+
+def _require(condition: Callable[[float], bool], message: str) -> Callable:
+    def check(value):
+        if not condition(value):
+            raise DCEPKInputError(message.format(value=value))
+    return check
+
+
+def _finite(value) -> bool:
+    return math.isfinite(value)
+
+
+POSITIVE_INT = checked(int, _require(lambda v: v >= 1, "must be at least 1, got {value}"), "whole number")
+NON_NEGATIVE_INT = checked(int, _require(lambda v: v >= 0, "must be 0 or more, got {value}"), "whole number")
+FRACTION = checked(float, _require(lambda v: 0.0 <= v < 1.0, "must be a fraction in [0, 1), got {value:g}"),
+                   "number")
+OPEN_FRACTION = checked(float, _require(lambda v: 0.0 < v <= 1.0, "must be a fraction in (0, 1], got {value:g}"),
+                        "number")
+SECONDS = checked(float, _require(_finite, "must be a finite number of seconds, got {value:g}"), "number")
+
+
+def _flip_angle(value):
+    from .signal_models import check_flip_angle
+    check_flip_angle(value, name="the flip angle")
+
+
+def _repetition_time(value):
+    from .signal_models import check_tr
+    check_tr(value)
+
+
+def _relaxivity(value):
+    from .plausibility import check_r1
+    check_r1(value)
+
+
+def _frame_interval(value):
+    from .plausibility import check_frame_times
+    if not (math.isfinite(value) and value > 0):
+        raise DCEPKInputError(f"must be a positive frame interval in seconds, got {value:g}")
+    check_frame_times([0.0, value], f"--dt {value:g}")
+
+
+FLIP_ANGLE = checked(float, _flip_angle, "flip angle in degrees")
+REPETITION_TIME = checked(float, _repetition_time, "repetition time in seconds")
+RELAXIVITY = checked(float, _relaxivity, "relaxivity in 1/(mM s)")
+FRAME_INTERVAL = checked(float, _frame_interval, "frame interval in seconds")
+
+
+def read_text_option(path: Path, option: str) -> str:
+    """A small text file given to an option; a binary or unreadable file is named as such."""
+    try:
+        data = Path(path).read_bytes()
+    except OSError as error:
+        raise DCEPKInputError(f"{option} {path}: cannot read it ({error.strerror or error})") from None
+    if b"\0" in data[:4096]:
+        raise DCEPKInputError(f"{option} {path} is a binary file, not text: give a plain text file")
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise DCEPKInputError(f"{option} {path} is not a text file (not UTF-8): give a plain text file") from None
+
+
+def _numbers(text: str) -> Optional[np.ndarray]:
+    try:
+        return np.array([float(v) for v in text.replace(",", " ").split()], dtype=np.float64)
+    except ValueError:
+        return None
+
+
+def parse_times(text: Optional[str]) -> Optional[np.ndarray]:
+    """``--times``: comma-separated seconds (any length) or a text file of them."""
+    if text is None or isinstance(text, np.ndarray):
+        return text
+    times = _numbers(text)
+    if times is None:
+        path = Path(text)
+        try:
+            is_file = path.is_file()
+        except OSError:  # e.g. a name longer than the file system allows: not a file
+            is_file = False
+        if not is_file:
+            raise DCEPKInputError(f"--times must be numbers in seconds (comma-separated) or a text file of them; "
+                                  f"got '{text[:60]}'")
+        times = _numbers(read_text_option(path, "--times"))
+        if times is None:
+            raise DCEPKInputError(f"--times file {path} must hold numbers in seconds (one per line or "
+                                  "comma-separated)")
+    if times.size == 0:
+        raise DCEPKInputError("--times is empty: give one time in seconds per frame")
+    return times
+
+
+def _wrap_core_errors(function):
+    def parse(text):
+        try:
+            with command_line_terms():
+                return function(text)
+        except DCEPKInputError as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+    parse.__name__ = function.__name__
+    return parse
+
+
+FRAME_TIMES = _wrap_core_errors(parse_times)
 
 
 def _value_or_file(text: str):
     """A number (e.g. T10 in s) or the path of a map file."""
     try:
-        return float(text)
+        value = float(text)
     except ValueError:
         return Path(text)
-
-
-T10_UNIT_SECONDS = {"s": 1.0, "ms": 1e-3}
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive number or a map file, got {text}")
+    return value
 
 
 def add_t10_options(parser: argparse.ArgumentParser, required_note: str = "") -> None:
@@ -50,23 +182,38 @@ def read_t10(args, series):
 
 
 def add_timing_options(parser: argparse.ArgumentParser) -> None:
-    group = parser.add_argument_group("timing (only when the file has none)")
-    group.add_argument("--dt", type=float, help="frame interval in seconds")
-    group.add_argument("--times", type=str,
+    group = parser.add_argument_group("timing (only when the file has none, unless --override-timing)")
+    group.add_argument("--dt", type=FRAME_INTERVAL, help="frame interval in seconds")
+    group.add_argument("--times", type=FRAME_TIMES,
                        help="frame times in seconds: comma-separated list or a text file with one per line")
+    group.add_argument("--override-timing", action="store_true",
+                       help="use --dt / --times even where the file stores different frame times")
 
 
-def parse_times(text: Optional[str]) -> Optional[np.ndarray]:
-    if text is None:
-        return None
-    path = Path(text)
-    raw = path.read_text() if path.is_file() else text
-    try:
-        return np.array([float(v) for v in raw.replace(",", " ").split()], dtype=np.float64)
-    except ValueError:
-        raise DCEPKInputError(f"--times must be numbers in seconds (comma-separated or one per line), got '{text[:60]}'")
+def add_acquisition_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--fa", type=FLIP_ANGLE, help="flip angle in degrees (default: from the header)")
+    parser.add_argument("--tr", type=REPETITION_TIME, help="repetition time in seconds (default: from the header)")
+    parser.add_argument("--r1", type=RELAXIVITY, help="relaxivity in 1/(mM s) (default: gadoterate at 3 T)")
+    parser.add_argument("--baseline-frames", type=POSITIVE_INT,
+                        help="number of pre-contrast frames (default: detected)")
 
 
+def read_series_option(args, kind: Optional[str] = None):
+    """The DCE series of a fit or infer command; NaN/inf voxels are kept (and reported as invalid)."""
+    from .dce_io import read_dce
+    return read_dce(args.input, times_s=args.times, dt_s=args.dt, kind=kind, nonfinite="keep",
+                    override_file_timing=args.override_timing)
+
+
+def nonfinite_note(series) -> List[str]:
+    voxels = series.metadata.get("nonfinite_voxels")
+    if not voxels:
+        return []
+    return [f"{voxels} voxels of the series hold NaN or inf values: they are left out (invalid input, NaN in "
+            "every map)"]
+
+
+# ------------------------------------------------------------------------ parser
 def _build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dcepk", description="DCE-MRI pharmacokinetic maps by tracer-kinetic fitting and neural networks.")
@@ -74,43 +221,46 @@ def _build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("phantom", help="write the synthetic brain DCE phantom and its ground truth")
     p.add_argument("--out", required=True, type=Path, help="output folder")
-    p.add_argument("--shape", type=int, nargs=3, metavar=("K", "J", "I"), default=None, help="voxels (slices rows columns)")
-    p.add_argument("--frames", type=int, default=None, help="number of frames")
-    p.add_argument("--frame-time", type=float, default=None, help="frame interval in seconds")
-    p.add_argument("--snr", type=float, default=None, help="baseline signal to noise ratio (inf: no noise)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--vfa-flip-angles", type=float, nargs="*", default=[2.0, 5.0, 10.0, 15.0, 20.0],
+    p.add_argument("--shape", type=POSITIVE_INT, nargs=3, metavar=("K", "J", "I"), default=None,
+                   help="voxels (slices rows columns)")
+    p.add_argument("--frames", type=checked(int, _require(lambda v: v >= 3, "must be at least 3, got {value}"),
+                                            "whole number"), default=None, help="number of frames")
+    p.add_argument("--frame-time", type=FRAME_INTERVAL, default=None, help="frame interval in seconds")
+    p.add_argument("--snr", type=checked(float, _require(lambda v: v > 0, "must be positive (inf: no noise), got "
+                                                         "{value:g}"), "number"),
+                   default=None, help="baseline signal to noise ratio (inf: no noise)")
+    p.add_argument("--seed", type=NON_NEGATIVE_INT, default=0)
+    p.add_argument("--vfa-flip-angles", type=FLIP_ANGLE, nargs="*", default=[2.0, 5.0, 10.0, 15.0, 20.0],
                    help="flip angles (degrees) of the VFA images to render for T1 mapping (none: no VFA)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("t1map", help="T1 map (s) from a variable-flip-angle series")
     p.add_argument("inputs", nargs="+", type=Path, help="one 4-D file (flip angles last) or one 3-D file per flip angle")
-    p.add_argument("--fa", type=float, nargs="+", required=True, help="flip angles in degrees, in input order")
-    p.add_argument("--tr", type=float, required=True, help="repetition time in seconds (e.g. 0.005)")
+    p.add_argument("--fa", type=FLIP_ANGLE, nargs="+", required=True, help="flip angles in degrees, in input order")
+    p.add_argument("--tr", type=REPETITION_TIME, required=True, help="repetition time in seconds (e.g. 0.005)")
     p.add_argument("--b1", type=Path, help="B1 map (actual / nominal flip angle)")
     p.add_argument("--method", choices=["nonlinear", "linear"], default="nonlinear")
-    p.add_argument("--out", required=True, type=Path, help="output T1 map file (.nii.gz or .nrrd)")
+    p.add_argument("--out", required=True, type=_wrap_core_errors(_volume_target),
+                   help="output T1 map file (.nii.gz, .nii, .nrrd or .mha)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("fit", help="fit a tracer-kinetic model voxel by voxel")
     p.add_argument("input", type=Path, help="DCE series: DICOM folder, 4-D NIfTI, NRRD or Slicer MultiVolume NRRD")
     p.add_argument("--model", default="etofts", choices=["tofts", "etofts", "patlak", "2cxm", "2cum"])
     p.add_argument("--method", default="nlls", choices=["nlls", "linear"])
-    p.add_argument("--input-kind", default="signal", choices=["signal", "concentration"],
-                   help="whether the series holds signal (a.u.) or concentration (mM)")
+    p.add_argument("--input-kind", default=None, choices=["signal", "concentration"],
+                   help="whether the series holds signal (a.u.) or concentration (mM) (default: as the file says, "
+                        "else signal)")
     source = p.add_mutually_exclusive_group(required=True)
     source.add_argument("--aif-roi", type=Path, help="mask file of an artery (or vein) ROI on the series' grid")
     source.add_argument("--aif-csv", type=Path, help="CSV with time (s) and blood concentration (mM)")
     source.add_argument("--population-aif", choices=["parker", "georgiou", "weinmann"])
-    p.add_argument("--aif-top-fraction", type=float, help="use only this fraction of most enhancing ROI voxels")
+    p.add_argument("--aif-top-fraction", type=OPEN_FRACTION, help="use only this fraction of most enhancing ROI voxels")
     p.add_argument("--aif-is-plasma", action="store_true", help="the ROI/CSV curve is plasma, not blood")
-    p.add_argument("--hct", type=float, default=0.45, help="haematocrit (fraction)")
-    p.add_argument("--aif-delay", type=float, default=0.0, help="extra delay of the input function in seconds")
+    p.add_argument("--hct", type=FRACTION, default=0.45, help="haematocrit (fraction)")
+    p.add_argument("--aif-delay", type=SECONDS, default=0.0, help="extra delay of the input function in seconds")
     add_t10_options(p)
-    p.add_argument("--fa", type=float, help="flip angle in degrees (default: from the header)")
-    p.add_argument("--tr", type=float, help="repetition time in seconds (default: from the header)")
-    p.add_argument("--r1", type=float, help="relaxivity in 1/(mM s) (default: gadoterate at 3 T)")
-    p.add_argument("--baseline-frames", type=int, help="number of pre-contrast frames (default: detected)")
+    add_acquisition_options(p)
     p.add_argument("--mask", type=Path, help="mask of the voxels to fit")
     p.add_argument("--fit-delay", action="store_true", help="also fit the arterial delay per voxel")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -122,8 +272,9 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stats", help="per-label statistics of one or more maps")
     p.add_argument("maps", nargs="+", type=Path, help="map files on the label map's grid")
     p.add_argument("--labels", required=True, type=Path, help="label map (integer labels, 0 = background)")
-    p.add_argument("--label-names", type=Path, help="text file of 'value name' lines")
-    p.add_argument("--out", type=Path, help="output .tsv or .csv (default: print to stdout)")
+    p.add_argument("--label-names", type=_wrap_core_errors(read_label_names), help="text file of 'value name' lines")
+    p.add_argument("--out", type=_wrap_core_errors(_table_target),
+                   help="output .tsv, .txt (tab-separated) or .csv (default: print to stdout)")
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("demo", help="phantom -> T1 map -> AIF -> fit (+ networks) -> maps, statistics, figure")
@@ -137,61 +288,112 @@ def _build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _read_label_names(path: Optional[Path]):
-    if path is None:
-        return None
+def _volume_target(text: str) -> Path:
+    from .dce_io import volume_suffix
+    volume_suffix(Path(text))
+    return Path(text)
+
+
+def _table_target(text: str) -> Path:
+    from .stats import table_suffix
+    table_suffix(text)
+    return Path(text)
+
+
+def read_label_names(path) -> dict:
+    """``--label-names``: 'value name' per line (# comments and blank lines skipped)."""
     names = {}
-    for line in path.read_text().splitlines():
-        if line.strip() and not line.lstrip().startswith("#"):
-            value, _, name = line.strip().partition(" ")
-            names[int(value)] = name.strip() or f"label {value}"
+    for number, line in enumerate(read_text_option(Path(path), "--label-names").splitlines(), 1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        value, _, name = line.strip().partition(" ")
+        try:
+            label = int(value)
+        except ValueError:
+            raise DCEPKInputError(f"--label-names {path}, line {number}: '{line.strip()[:40]}' does not start with a "
+                                  "whole-number label value: write 'value name' per line, e.g. '4 tumour rim'") from None
+        names[label] = name.strip() or f"label {label}"
     return names
 
 
+# ------------------------------------------------------------------------ commands
 def _cmd_phantom(args) -> int:
-    from .phantom import Protocol, make_phantom, write_phantom
+    from .output_files import check_targets
+    from .phantom import Protocol, phantom_targets, stream_phantom
     protocol_overrides = {}
     if args.frames is not None:
         protocol_overrides["n_frames"] = args.frames
     if args.frame_time is not None:
         protocol_overrides["frame_time_s"] = args.frame_time
-    kwargs = {"protocol": Protocol(**protocol_overrides), "seed": args.seed,
-              "vfa_flip_angles_deg": tuple(args.vfa_flip_angles) or None}
+    vfa = tuple(args.vfa_flip_angles) or None
+    check_targets(phantom_targets(args.out, vfa), args.overwrite)
+    kwargs = {"protocol": Protocol(**protocol_overrides), "seed": args.seed, "vfa_flip_angles_deg": vfa}
     if args.shape is not None:
         kwargs["shape"] = tuple(args.shape)
     if args.snr is not None:
         kwargs["snr"] = args.snr
-    phantom = make_phantom(**kwargs)
-    written = write_phantom(phantom, args.out, overwrite=args.overwrite)
+    written = stream_phantom(args.out, overwrite=args.overwrite, **kwargs)
     print(f"phantom written to {args.out}")
-    for path in written or []:
+    for path in written:
         print(f"  {path}")
     return 0
 
 
 def _cmd_t1map(args) -> int:
     from .dce_io import read_volume, write_volume
+    from .geometry import check_same_grid
+    from .output_files import check_targets
     from .signal_models import fit_vfa_t1
+    check_targets([args.out], args.overwrite)
     volumes = [read_volume(path) for path in args.inputs]
-    geometry = volumes[0][1]
+    first_shape, geometry = volumes[0][0].shape, volumes[0][1]
+    for path, (array, other) in zip(args.inputs[1:], volumes[1:]):
+        check_same_grid(first_shape, geometry, array.shape, other, f"VFA image {args.inputs[0].name}",
+                        f"VFA image {path.name}")
+        if array.ndim != 3:
+            raise DCEPKInputError(f"VFA image {path.name} has shape {array.shape}: give one 3-D file per flip angle "
+                                  "or a single 4-D file")
     if len(volumes) == 1 and volumes[0][0].ndim == 4:
         signals = volumes[0][0]
+    elif volumes[0][0].ndim != 3:
+        raise DCEPKInputError(f"VFA image {args.inputs[0].name} has shape {first_shape}: give one 3-D file per flip "
+                              "angle or a single 4-D file")
     else:
         signals = np.stack([array for array, _ in volumes], axis=-1)
     if signals.shape[-1] != len(args.fa):
         raise DCEPKInputError(f"{signals.shape[-1]} VFA images but {len(args.fa)} flip angles (--fa): give one per image")
-    b1 = read_volume(args.b1)[0] if args.b1 else None
+    b1 = None
+    if args.b1:
+        b1, b1_geometry = read_volume(args.b1)
+        check_same_grid(signals.shape, geometry, b1.shape, b1_geometry, "VFA images", "B1 map")
     t1_s, _, _ = fit_vfa_t1(signals, np.asarray(args.fa), args.tr, method=args.method, b1=b1)
     write_volume(args.out, np.asarray(t1_s, dtype=np.float32), geometry, overwrite=args.overwrite)
     print(f"T1 map (s) written to {args.out}")
     return 0
 
 
+def write_summary(outputs, path: Path, summary: dict) -> None:
+    """A JSON sidecar beside the maps: settings, units, warnings and notes of the run."""
+    outputs.add_text(path, json.dumps(summary, indent=2, default=str) + "\n")
+
+
+def print_messages(kind: str, messages) -> None:
+    for message in messages:
+        print(f"dcepk: {kind}: {message}", file=sys.stderr)
+
+
+FIT_SUMMARY = "dcepk_fit.json"
+
+
 def _cmd_fit(args) -> int:
-    from .dce_io import read_dce, read_mask, write_maps
+    from .dce_io import map_targets, read_mask, stage_maps
+    from .fitting import map_names
     from .jobs import ConsoleProgress
+    from .output_files import OutputSet, check_targets
     from .pipeline import FitSettings, run_fit
-    series = read_dce(args.input, times_s=parse_times(args.times), dt_s=args.dt, kind=args.input_kind)
+    names = map_names(args.model, args.fit_delay)
+    check_targets(map_targets(args.out, names, args.format) + [args.out / FIT_SUMMARY], args.overwrite)
+    series = read_series_option(args, kind=args.input_kind)
     grid = (series.geometry, series.spatial_shape)
     settings = FitSettings(
         model=args.model, method=args.method, t10_s=read_t10(args, series), fa_deg=args.fa, tr_s=args.tr,
@@ -203,23 +405,39 @@ def _cmd_fit(args) -> int:
         hct=args.hct, aif_delay_s=args.aif_delay,
         mask=read_mask(args.mask, *grid) if args.mask else None,
         fit_delay=args.fit_delay, device=args.device)
-    result = run_fit(series, settings, progress=ConsoleProgress(f"fit {args.model}"))
-    written = write_maps(args.out, result.maps, series.geometry, suffix=args.format, overwrite=args.overwrite)
-    print(f"{len(written)} maps written to {args.out}: {', '.join(sorted(result.maps))}")
+    result = run_fit(series, settings, progress=ConsoleProgress(f"fit {args.model}"), reuse_series_memory=True)
+    notes = nonfinite_note(series)
+    print_messages("note", notes)
+    print_messages("warning", result.messages)
+    summary = {"command": "fit", "input": str(args.input), "model": args.model, "method": args.method,
+               "timing_source": series.metadata.get("timing_source"), "times_s": series.times_s.tolist(),
+               "baseline_frames": result.baseline_frames, "units": result.units,
+               "warnings": list(result.messages), "notes": notes}
+    with OutputSet(args.overwrite) as outputs:
+        stage_maps(outputs, args.out, result.maps, series.geometry, suffix=args.format)
+        write_summary(outputs, args.out / FIT_SUMMARY, summary)
+        outputs.commit()
+    print(f"{len(result.maps)} maps written to {args.out}: {', '.join(sorted(result.maps))}")
     return 0
 
 
 def _cmd_stats(args) -> int:
     from .dce_io import read_volume
     from .geometry import check_same_grid
-    from .stats import label_statistics, write_table
+    from .output_files import check_targets
+    from .stats import check_label_map, label_statistics, write_table
+    if args.out:
+        check_targets([args.out], args.overwrite)
     labels, label_geometry = read_volume(args.labels)
+    if labels.ndim != 3:
+        raise DCEPKInputError(f"the label map {args.labels} has shape {labels.shape}: give one 3-D label map")
+    labels = check_label_map(labels, f"the label map {args.labels}")
     maps = {}
     for path in args.maps:
         array, geometry = read_volume(path)
         check_same_grid(labels.shape, label_geometry, array.shape, geometry, "label map", f"map {path.name}")
         maps[path.name.split(".")[0]] = array
-    rows = label_statistics(maps, np.rint(labels).astype(np.int64), _read_label_names(args.label_names))
+    rows = label_statistics(maps, labels, args.label_names)
     if args.out:
         write_table(rows, args.out, overwrite=args.overwrite)
         print(f"statistics of {len(maps)} map(s) over {len({r['label'] for r in rows})} label(s) written to {args.out}")
@@ -243,24 +461,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     extensions = plugin_commands()
     if argv and argv[0] in extensions:
         _, entry = extensions[argv[0]]
-        return _guarded(lambda: entry(argv[1:]))
-    args = _build_parser().parse_args(argv)
+        return guarded(lambda: entry(argv[1:]))
+    with command_line_terms():
+        args = _build_parser().parse_args(argv)
     commands = {"phantom": _cmd_phantom, "t1map": _cmd_t1map, "fit": _cmd_fit, "stats": _cmd_stats, "demo": _cmd_demo}
-    return _guarded(lambda: commands[args.command](args))
+    return guarded(lambda: commands[args.command](args))
 
 
-def _guarded(run) -> int:
+def guarded(run) -> int:
+    """Run a command in command-line terms; input and output errors print one line and give status 2."""
     try:
-        return int(run() or 0)
+        with command_line_terms():
+            return int(run() or 0)
     except DCEPKInputError as error:
         print(f"dcepk: error: {error}", file=sys.stderr)
         return EXIT_INPUT_ERROR
+    except OSError as error:  # an input that cannot be read (permissions, a vanished file)
+        where = f"{error.filename}: " if error.filename else ""
+        print(f"dcepk: error: {where}{error.strerror or error}: check the path and its permissions", file=sys.stderr)
+        return EXIT_INPUT_ERROR
     except JobCancelledError:
-        print("dcepk: cancelled", file=sys.stderr)
-        return 130
+        print("dcepk: cancelled; no output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
-        print("\ndcepk: interrupted; no output was written for the unfinished step", file=sys.stderr)
-        return 130
+        print("\ndcepk: interrupted; no output was written", file=sys.stderr)
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":

@@ -11,11 +11,21 @@ Public API
 ``write_volume(path, array, geometry, overwrite=False)`` -> Path (NIfTI, NRRD or MetaImage by suffix).
 ``write_dce_series(path, series, overwrite=False)`` -> Path (Slicer MultiVolume / sequence NRRD).
 ``write_maps(out_dir, maps, geometry, suffix='.nii.gz', overwrite=False)`` -> list of Paths.
+``stage_volume`` / ``stage_dce_series`` / ``stage_maps`` add the same files to an
+``output_files.OutputSet``, so that one command publishes all its outputs or none.
+
+Every writer goes through ``output_files``: staged under a unique temporary name, verified (the
+header read back against the data size), published atomically. Every reader keeps NaN and inf
+(NIfTI data are read here: SimpleITK's NIfTI reader turns them into 0) and refuses a file whose
+data are shorter than its header says, naming both sizes.
 
 Timing rules (all times in seconds in the API)
 ----------------------------------------------
-* An explicit ``times_s`` (one per frame) or ``dt_s`` (frame ``n`` at ``n * dt_s``) replaces any
-  timing in the file; giving both is an error.
+* An explicit ``times_s`` (one per frame) or ``dt_s`` (frame ``n`` at ``n * dt_s``) is for files
+  without timing. Where the file has its own, different times, they are refused unless
+  ``override_file_timing=True`` (``--override-timing``); giving both is an error.
+* Times must look like seconds: a median frame interval over 300 s (or a series over 3 h) or under
+  0.05 s is refused as a unit mistake (ms or minutes).
 * DICOM: frames are ordered and timed by the first of AcquisitionTime (with AcquisitionDate),
   TriggerTime, ContentTime (with ContentDate) that differs between the images of every slice
   position. Times are relative to the first frame (frame 0 at 0 s), because clock times have
@@ -31,10 +41,9 @@ Timing rules (all times in seconds in the API)
 * Otherwise :class:`DCEPKInputError` asks for ``--times``/``--dt`` in seconds.
 """
 
-import gzip
+import errno
 import math
 import os
-import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -42,8 +51,11 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .errors import DCEPKInputError
+from .errors import DCEPKInputError, setting
 from .geometry import Geometry, check_same_grid
+from .image_files import check_complete, read_nifti_data, read_nifti_header, read_nrrd_data, read_nrrd_header
+from .output_files import OutputSet, check_targets
+from .plausibility import check_frame_times
 
 
 @dataclass
@@ -110,18 +122,24 @@ _SLICER_TIME_TAGS = ("TriggerTime", "AcquisitionTime", "SeriesTime", "ContentTim
 # ---------------------------------------------------------------------------------------------
 
 def read_dce(path, times_s=None, dt_s=None, kind: Optional[str] = None, *, series_uid: Optional[str] = None,
-             replace_nonfinite: Optional[float] = None) -> DCESeries:
+             nonfinite: str = "error", override_file_timing: bool = False) -> DCESeries:
     """Read a dynamic series from DICOM, NIfTI, NRRD (Slicer MultiVolume / sequence) or MetaImage.
 
-    ``times_s`` (seconds, one per frame) or ``dt_s`` (seconds) override the file's timing.
+    ``times_s`` (seconds, one per frame) or ``dt_s`` (seconds) time a file that has no timing; a
+    file's own, different timing is replaced only with ``override_file_timing=True``.
     ``kind`` is ``'signal'`` or ``'concentration'``; None takes it from the file (a series written
-    by :func:`write_dce_series` records it), else ``'signal'``.
+    by :func:`write_dce_series` records it), else ``'signal'``. A kind that contradicts the file's
+    is an error.
     ``series_uid`` picks one series from a DICOM folder holding several; ``'all'`` reads them as one
     (for scanners that store each time point as its own series).
-    ``replace_nonfinite``: NaN/inf voxels are an error unless a value to put in their place is given.
+    ``nonfinite``: ``'error'`` refuses NaN/inf values; ``'keep'`` keeps them (the fit gives those
+    voxels the invalid-input status) and counts them in ``metadata['nonfinite_voxels']``.
     """
     if times_s is not None and dt_s is not None:
-        raise DCEPKInputError("give either frame times (--times) or a frame interval (--dt), not both")
+        raise DCEPKInputError(f"give either frame times ({setting('--times', 'times_s')}) or a frame interval "
+                              f"({setting('--dt', 'dt_s')}), not both")
+    if nonfinite not in ("error", "keep"):
+        raise DCEPKInputError(f"nonfinite must be 'error' or 'keep', got {nonfinite!r}")
     source = _source_kind(path)
     if source == "dicom":
         loaded = _read_dicom(path, series_uid=series_uid)
@@ -149,14 +167,17 @@ def read_dce(path, times_s=None, dt_s=None, kind: Optional[str] = None, *, serie
 
     metadata = dict(loaded.metadata)
     metadata.setdefault("source", where)
-    times = _resolve_times(loaded.times_s, loaded.timing_problem, n_frames, times_s, dt_s, metadata, where)
+    times = _resolve_times(loaded.times_s, loaded.timing_problem, n_frames, times_s, dt_s, metadata, where,
+                           override_file_timing)
 
-    signal = _check_finite(signal, where, replace_nonfinite, metadata)
+    _check_finite(signal, where, nonfinite, metadata)
     file_kind = metadata.get("file_kind")
     if kind is None:
         kind = file_kind or "signal"
     elif file_kind and file_kind != kind:
-        metadata.setdefault("notes", []).append(f"file says the series holds {file_kind}; read as {kind} as asked")
+        raise DCEPKInputError(
+            f"{where} says it holds {file_kind} (its DCEPK.Kind), but it was to be read as {kind}: drop "
+            f"{setting('--input-kind', 'kind')} to take the file's word, or fix the file")
     return DCESeries(signal=signal, times_s=times, geometry=loaded.geometry, flip_angle_deg=loaded.flip_angle_deg,
                      tr_s=loaded.tr_s, kind=kind, metadata=metadata)
 
@@ -173,10 +194,7 @@ def read_volume(path) -> Tuple[np.ndarray, Geometry]:
         loaded = _read_dicom(path, series_uid=None, dynamic=False)
         array = loaded.signal[..., 0] if loaded.signal.shape[-1] == 1 else loaded.signal
         return array, loaded.geometry
-    import SimpleITK as sitk
-    image = _sitk_read(path)
-    array, geometry = _array_and_geometry(image, sitk)
-    return array, geometry
+    return _read_image(path)
 
 
 def read_mask(path, reference_geometry: Optional[Geometry], reference_shape, labels: bool = False) -> np.ndarray:
@@ -216,15 +234,21 @@ def write_volume(path, array, geometry: Geometry, overwrite: bool = False) -> Pa
     """Write a 3-D volume ``[k, j, i]`` as NIfTI (.nii/.nii.gz), NRRD (.nrrd) or MetaImage (.mha).
 
     Floating-point data is written as float32, booleans as uint8, integers as they are. The file
-    is written under a temporary name beside the target and renamed at the end; an existing
-    target is refused unless ``overwrite=True``.
+    is staged, verified and published by ``output_files``; an existing target is refused unless
+    ``overwrite=True``.
     """
+    with OutputSet(overwrite) as outputs:
+        stage_volume(outputs, path, array, geometry)
+        return outputs.commit()[0]
+
+
+def stage_volume(outputs: OutputSet, path, array, geometry: Geometry) -> Path:
+    """Add a volume file to ``outputs`` (see :func:`write_volume`)."""
     target = Path(path)
     array = _prepare_volume_array(array, what=f"the volume for {target.name}")
-    suffix = _write_suffix(target)
+    suffix = volume_suffix(target)
     _check_geometry(geometry)
-    _commit_atomically([(target, lambda tmp: _write_volume_file(tmp, suffix, array, geometry))], overwrite)
-    return target
+    return _stage_volume_file(outputs, target, suffix, array, geometry)
 
 
 def write_dce_series(path, series: DCESeries, overwrite: bool = False) -> Path:
@@ -235,68 +259,86 @@ def write_dce_series(path, series: DCESeries, overwrite: bool = False) -> Path:
     ``MultiVolume.DICOM.RepetitionTime`` (ms) when known. Name it ``*.seq.nrrd`` for Slicer to load
     it as a volume sequence by default.
     """
-    target = Path(path)
-    if not target.name.lower().endswith(".nrrd"):
-        raise DCEPKInputError(
-            f"a DCE series is written as NRRD: name the file '*.seq.nrrd' or '*.nrrd', not {target.name}")
     if not isinstance(series, DCESeries):
         raise DCEPKInputError("write_dce_series needs a DCESeries (signal [k, j, i, t] with times_s)")
     signal = np.asarray(series.signal)
     if signal.dtype == bool:
         signal = signal.astype(np.uint8)
     elif signal.dtype.kind == "f" and signal.dtype != np.float64:
-        signal = signal.astype(np.float32)
-    times_s = np.asarray(series.times_s, dtype=np.float64)
-    _check_geometry(series.geometry)
-    keys = _multivolume_keys(times_s, series.flip_angle_deg, series.tr_s, series.kind)
-    _commit_atomically([(target, lambda tmp: _write_nrrd(tmp, signal, series.geometry, keys, list_axis=True))],
-                       overwrite)
-    return target
+        signal = signal.astype(np.float32, copy=False)
+    with OutputSet(overwrite) as outputs:
+        stage_dce_series(outputs, path, [signal], signal.shape, signal.dtype, series.times_s, series.geometry,
+                         series.flip_angle_deg, series.tr_s, series.kind)
+        return outputs.commit()[0]
+
+
+def stage_dce_series(outputs: OutputSet, path, slabs, shape, dtype, times_s, geometry: Geometry,
+                     flip_angle_deg=None, tr_s=None, kind: str = "signal") -> Path:
+    """Add a DCE series file to ``outputs``, written from ``slabs``: arrays ``[k0:k1, j, i, t]`` in
+    slice order that together make ``shape`` (an iterable, so a series can be written as it is made
+    without ever being whole in memory)."""
+    target = Path(path)
+    if not target.name.lower().endswith(".nrrd"):
+        raise DCEPKInputError(
+            f"a DCE series is written as NRRD: name the file '*.seq.nrrd' or '*.nrrd', not {target.name}")
+    times_s = np.asarray(times_s, dtype=np.float64)
+    _check_geometry(geometry)
+    keys = _multivolume_keys(times_s, flip_angle_deg, tr_s, kind)
+    header = _nrrd_header(np.dtype(dtype), tuple(shape), geometry, keys, list_axis=True)
+    return outputs.add_stream(target, lambda handle: _write_nrrd(handle, header, slabs),
+                              verify=lambda temporary: _verify_image(temporary, target, int(np.prod(shape))))
 
 
 def write_maps(out_dir, maps: Dict[str, np.ndarray], geometry: Geometry, suffix: str = ".nii.gz",
                overwrite: bool = False) -> List[Path]:
     """Write every map as ``out_dir/<name><suffix>``: all of them or none.
 
-    Every target is checked before anything is written; all files are written under temporary
-    names and only then renamed into place, so a failure leaves no partial set behind.
+    Every target is checked before anything is written; all files are staged and verified, and
+    only then published, so a failure leaves no partial set behind and earlier files as they were.
     """
+    with OutputSet(overwrite) as outputs:
+        stage_maps(outputs, out_dir, maps, geometry, suffix)
+        return outputs.commit()
+
+
+def map_targets(out_dir, names, suffix: str = ".nii.gz") -> List[Path]:
+    """The files :func:`write_maps` writes for these map names (for checking them before a run)."""
+    suffix = _map_suffix(suffix)
     out_dir = Path(out_dir)
-    suffix = suffix if suffix.startswith(".") else "." + suffix
-    if suffix.lower() not in _WRITE_SUFFIXES:
-        raise DCEPKInputError(f"unknown map format '{suffix}': use one of {', '.join(_WRITE_SUFFIXES)}")
-    if not maps:
-        raise DCEPKInputError("no maps to write")
     if out_dir.exists() and not out_dir.is_dir():
         raise DCEPKInputError(f"{out_dir} exists and is not a folder: choose another output folder")
-    _check_geometry(geometry)
-    prepared, shape = [], None
-    for name, array in maps.items():
+    targets = []
+    for name in names:
         if not isinstance(name, str) or not name or name != Path(name).name or name.startswith("."):
             raise DCEPKInputError(f"map name {name!r} cannot be a file name: use a plain name such as 'Ktrans'")
+        targets.append(out_dir / f"{name}{suffix}")
+    return targets
+
+
+def _map_suffix(suffix: str) -> str:
+    suffix = (suffix if suffix.startswith(".") else "." + suffix).lower()
+    if suffix not in _WRITE_SUFFIXES:
+        raise DCEPKInputError(f"unknown map format '{suffix}': use one of {', '.join(_WRITE_SUFFIXES)}")
+    return suffix
+
+
+def stage_maps(outputs: OutputSet, out_dir, maps: Dict[str, np.ndarray], geometry: Geometry,
+               suffix: str = ".nii.gz") -> List[Path]:
+    """Add every map to ``outputs`` (see :func:`write_maps`)."""
+    if not maps:
+        raise DCEPKInputError("no maps to write")
+    targets = map_targets(out_dir, list(maps), suffix)
+    _check_geometry(geometry)
+    prepared, shape = [], None
+    for (name, array), target in zip(maps.items(), targets):
         array = _prepare_volume_array(array, what=f"map '{name}'")
         if shape is not None and array.shape != shape:
             raise DCEPKInputError(
                 f"map '{name}' has shape {array.shape} but the others {shape}: maps must share one grid")
         shape = array.shape
-        prepared.append((out_dir / f"{name}{suffix}", array))
-    existing = [str(target) for target, _ in prepared if target.exists()]
-    if existing and not overwrite:
-        raise DCEPKInputError(
-            f"{len(existing)} output file(s) already exist ({', '.join(existing[:5])}"
-            f"{', ...' if len(existing) > 5 else ''}): choose another folder or pass overwrite=True (--overwrite)")
-    created = not out_dir.exists()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    suffix_lower = suffix.lower()
-    jobs = [(target, (lambda tmp, a=array: _write_volume_file(tmp, suffix_lower, a, geometry)))
-            for target, array in prepared]
-    try:
-        _commit_atomically(jobs, overwrite)
-    except BaseException:
-        if created and not any(out_dir.iterdir()):
-            out_dir.rmdir()
-        raise
-    return [target for target, _ in prepared]
+        prepared.append((target, array))
+    check_targets(targets, outputs.overwrite)
+    return [_stage_volume_file(outputs, target, _map_suffix(suffix), array, geometry) for target, array in prepared]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,7 +403,8 @@ def _source_kind(path) -> str:
     raise DCEPKInputError(f"unknown file type '{path.name}': give {_SUPPORTED}")
 
 
-def _resolve_times(file_times, problem, n_frames, times_s, dt_s, metadata, where) -> np.ndarray:
+def _given_times(times_s, dt_s, n_frames, where) -> Tuple[Optional[np.ndarray], Optional[str]]:
+    """Frame times given by the caller (``times_s`` or ``dt_s``) and how to name them, or (None, None)."""
     if times_s is not None:
         try:
             times = np.asarray(times_s, dtype=np.float64).ravel()
@@ -370,25 +413,28 @@ def _resolve_times(file_times, problem, n_frames, times_s, dt_s, metadata, where
         if times.size != n_frames:
             raise DCEPKInputError(
                 f"{times.size} frame times given for the {n_frames} frames of {where}: give one time (s) per frame")
-        source = "times_s given"
-    elif dt_s is not None:
+        return times, setting("--times", "times_s given")
+    if dt_s is not None:
         try:
             dt = float(dt_s)
         except (TypeError, ValueError):
             dt = math.nan
         if not math.isfinite(dt) or dt <= 0:
-            raise DCEPKInputError(f"the frame interval must be a positive number of seconds, got {dt_s!r}")
-        times = np.arange(n_frames, dtype=np.float64) * dt
-        source = "dt_s given"
-    elif file_times is not None:
+            raise DCEPKInputError(f"the frame interval must be a positive number of seconds, got {dt_s}")
+        return np.arange(n_frames, dtype=np.float64) * dt, setting("--dt", "dt_s given")
+    return None, None
+
+
+def _resolve_times(file_times, problem, n_frames, times_s, dt_s, metadata, where, override) -> np.ndarray:
+    times, source = _given_times(times_s, dt_s, n_frames, where)
+    if times is None and file_times is not None:
         times = np.asarray(file_times, dtype=np.float64)
         source = metadata.get("timing_source", "file")
-    else:
+    elif times is None:
         raise DCEPKInputError(
-            f"{where} has no usable frame times ({problem or 'none stored'}): give them with --times "
-            "(comma-separated seconds) or --dt (frame interval in seconds)")
-    if file_times is not None and source != metadata.get("timing_source"):
-        metadata["file_times_s"] = np.asarray(file_times, dtype=np.float64)
+            f"{where} has no usable frame times ({problem or 'none stored'}): give them with "
+            f"{setting('--times', 'times_s')} (comma-separated seconds) or {setting('--dt', 'dt_s')} "
+            "(frame interval in seconds)")
     if not np.all(np.isfinite(times)):
         raise DCEPKInputError(f"frame times of {where} ({source}) contain NaN or inf: give finite times in seconds")
     steps = np.diff(times)
@@ -397,25 +443,44 @@ def _resolve_times(file_times, problem, n_frames, times_s, dt_s, metadata, where
         raise DCEPKInputError(
             f"frame times of {where} ({source}) must increase strictly, but frame {first + 1} is at "
             f"{times[first + 1]:g} s after frame {first} at {times[first]:g} s: give increasing times in seconds")
+    if file_times is not None and source != metadata.get("timing_source"):
+        file_times = np.asarray(file_times, dtype=np.float64)
+        if not override and not np.allclose(times - times[0], file_times - file_times[0], rtol=1e-6, atol=1e-6):
+            shown = ", ".join(f"{t:g}" for t in file_times[:4]) + (", ..." if file_times.size > 4 else "")
+            raise DCEPKInputError(
+                f"{where} stores its own frame times ({metadata.get('timing_source', 'file')}: {shown} s), and "
+                f"the {source} differ from them: leave them out to use the file's timing, or add "
+                f"{setting('--override-timing', 'override_file_timing=True')} to replace it")
+        metadata["file_times_s"] = file_times
+    check_frame_times(times, f"the frame times of {where} ({source})")
     metadata["timing_source"] = source
     return times
 
 
-def _check_finite(signal: np.ndarray, where: str, replace_nonfinite, metadata) -> np.ndarray:
+def finite_voxels(signal: np.ndarray, block: int = 65536) -> np.ndarray:
+    """bool ``[k, j, i]``: voxels whose whole curve is finite (by blocks of voxels: no 4-D boolean
+    copy of the series)."""
+    flat = signal.reshape(-1, signal.shape[-1])
+    finite = np.empty(flat.shape[0], dtype=bool)
+    for start in range(0, flat.shape[0], block):
+        finite[start:start + block] = np.isfinite(flat[start:start + block]).all(axis=-1)
+    return finite.reshape(signal.shape[:-1])
+
+
+def _check_finite(signal: np.ndarray, where: str, nonfinite: str, metadata) -> None:
     if signal.dtype.kind not in "fc":
-        return signal
-    bad = ~np.isfinite(signal)
-    count = int(np.count_nonzero(bad))
-    if count == 0:
-        return signal
-    if replace_nonfinite is None:
-        voxels = int(np.count_nonzero(bad.any(axis=-1)))
+        return
+    finite = finite_voxels(signal)
+    if finite.all():
+        return
+    voxels = int(np.count_nonzero(~finite))
+    values = int(np.count_nonzero(~np.isfinite(signal[~finite])))
+    if nonfinite == "error":
         raise DCEPKInputError(
-            f"{where} has {count} NaN/inf values (in {voxels} voxels): fix or mask them in the source, or read "
-            "with replace_nonfinite=0.0 to set them to a value and exclude those voxels with a mask")
-    signal = np.where(bad, np.asarray(replace_nonfinite, dtype=signal.dtype), signal)
-    metadata["nonfinite_replaced"] = count
-    return signal
+            f"{where} has {values} NaN/inf values (in {voxels} voxels): fix them in the source, or read the series "
+            "keeping them (nonfinite='keep'), so that those voxels are reported as invalid input and not fitted")
+    metadata["nonfinite_values"] = values
+    metadata["nonfinite_voxels"] = voxels
 
 
 def _check_geometry(geometry) -> None:
@@ -443,119 +508,92 @@ def _prepare_volume_array(array, what: str) -> np.ndarray:
     raise DCEPKInputError(f"{what} has data type {array.dtype}: write numbers (float or integer)")
 
 
-def _write_suffix(target: Path) -> str:
-    name = target.name.lower()
+def volume_suffix(target: Path) -> str:
+    """The format suffix of a volume file to write; other names are refused."""
+    name = Path(target).name.lower()
     for suffix in _WRITE_SUFFIXES:
         if name.endswith(suffix):
             return suffix
-    raise DCEPKInputError(f"cannot tell the format of '{target.name}': end the name in {', '.join(_WRITE_SUFFIXES)}")
-
-
-def _temporary_name(target: Path) -> Path:
-    # The temporary name keeps the target's suffix so that writers that choose the format by
-    # extension (SimpleITK) write the right one; the leading dot hides it while it is partial.
-    name = target.name
-    lower = name.lower()
-    suffix = next((s for s in _WRITE_SUFFIXES if lower.endswith(s)), target.suffix)
-    stem = name[: len(name) - len(suffix)] if suffix else name
-    return target.with_name(f".{stem}.{uuid.uuid4().hex[:12]}.partial{name[len(stem):]}")
-
-
-def _commit_atomically(jobs: Sequence[Tuple[Path, Callable[[Path], None]]], overwrite: bool) -> None:
-    """Write every target under a temporary name, then rename them all; nothing is left half-written."""
-    for target, _ in jobs:
-        if not target.parent.is_dir():
-            raise DCEPKInputError(f"the folder {target.parent} does not exist: create it first")
-        if target.is_dir():
-            raise DCEPKInputError(f"{target} is a folder: give a file name")
-        if target.exists() and not overwrite:
-            raise DCEPKInputError(
-                f"{target} already exists: choose another name or pass overwrite=True (--overwrite) to replace it")
-    temporaries: List[Path] = []
-    published: List[Path] = []
-    try:
-        for target, write in jobs:
-            temporary = _temporary_name(target)
-            temporaries.append(temporary)
-            write(temporary)
-        for (target, _), temporary in zip(jobs, temporaries):
-            _publish(temporary, target, overwrite)
-            published.append(target)
-    except BaseException:
-        if not overwrite:
-            for target in published:  # these did not exist before: take them back so the set stays whole
-                target.unlink()
-        raise
-    finally:
-        for temporary in temporaries:
-            if temporary.exists():
-                temporary.unlink()
-
-
-def _publish(temporary: Path, target: Path, overwrite: bool) -> None:
-    if overwrite:
-        os.replace(temporary, target)
-        return
-    try:
-        # A hard link fails if the target appeared meanwhile, so nothing is ever clobbered.
-        os.link(temporary, target)
-    except FileExistsError:
-        raise DCEPKInputError(f"{target} appeared while writing: it was left as it is; choose another name") from None
-    except OSError:
-        if target.exists():
-            raise DCEPKInputError(f"{target} already exists: choose another name or pass overwrite=True") from None
-        os.replace(temporary, target)  # file systems without hard links
-        return
-    temporary.unlink()
+    raise DCEPKInputError(f"cannot tell the format of '{Path(target).name}': end the name in "
+                          f"{', '.join(_WRITE_SUFFIXES)}")
 
 
 # ---------------------------------------------------------------------------------------------
 # SimpleITK-based images (NIfTI, NRRD, MetaImage)
 # ---------------------------------------------------------------------------------------------
 
-def _sitk_read(path):
+def _sitk_read(path, information_only: bool = False):
+    """A SimpleITK image (or, with ``information_only``, a reader holding only the header)."""
     import SimpleITK as sitk
     try:
+        if information_only:
+            reader = sitk.ImageFileReader()
+            reader.SetFileName(str(path))
+            reader.ReadImageInformation()
+            return reader
         return sitk.ReadImage(str(path))
     except RuntimeError as error:
         if _lower_suffix(Path(path)) in _NIFTI_SUFFIXES:
-            _read_nifti_header(Path(path))  # names the problem (e.g. NIfTI-2) when it can
+            read_nifti_header(Path(path))  # names the problem (e.g. NIfTI-2) when it can
         first_line = str(error).strip().splitlines()[-1] if str(error).strip() else ""
         raise DCEPKInputError(
             f"cannot read {path}: the file is damaged or not a readable image ({first_line[:200]}); "
             "re-export it from the scanner or from Slicer") from None
 
 
-def _array_and_geometry(image, sitk) -> Tuple[np.ndarray, Geometry]:
-    """Array with spatial axes [k, j, i] (then components / time last) and the 3-D geometry."""
-    dimension = image.GetDimension()
-    array = sitk.GetArrayFromImage(image)
-    components = image.GetNumberOfComponentsPerPixel()
-    spacing = np.array(image.GetSpacing(), dtype=np.float64)
-    origin = np.array(image.GetOrigin(), dtype=np.float64)
-    direction = np.array(image.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
+def _geometry_of(source) -> Geometry:
+    """3-D geometry of a SimpleITK image or header reader (a 2-D image is one slice; a 4-D one its first 3 axes)."""
+    dimension = source.GetDimension()
+    spacing = np.array(source.GetSpacing(), dtype=np.float64)
+    origin = np.array(source.GetOrigin(), dtype=np.float64)
+    direction = np.array(source.GetDirection(), dtype=np.float64).reshape(dimension, dimension)
     if dimension == 2:
-        array = array[np.newaxis]  # one slice: [1, j, i] (+ components)
-        geometry = Geometry(spacing=[spacing[0], spacing[1], 1.0], origin_lps=[origin[0], origin[1], 0.0],
-                            direction_lps=[[direction[0, 0], direction[0, 1], 0.0],
-                                           [direction[1, 0], direction[1, 1], 0.0], [0.0, 0.0, 1.0]])
-    elif dimension == 3:
-        geometry = Geometry(spacing=spacing, origin_lps=origin, direction_lps=direction)
-    elif dimension == 4:
-        if components > 1:
-            raise DCEPKInputError("a 4-D image with several components per voxel is not a DCE series or volume")
-        array = np.moveaxis(array, 0, -1)  # SimpleITK gives [t, k, j, i]
-        geometry = Geometry(spacing=spacing[:3], origin_lps=origin[:3], direction_lps=direction[:3, :3])
-    else:
+        return Geometry(spacing=[spacing[0], spacing[1], 1.0], origin_lps=[origin[0], origin[1], 0.0],
+                        direction_lps=[[direction[0, 0], direction[0, 1], 0.0],
+                                       [direction[1, 0], direction[1, 1], 0.0], [0.0, 0.0, 1.0]])
+    return Geometry(spacing=spacing[:3], origin_lps=origin[:3], direction_lps=direction[:3, :3])
+
+
+def _check_dimension(dimension: int, components: int) -> None:
+    if dimension == 4 and components > 1:
+        raise DCEPKInputError("a 4-D image with several components per voxel is not a DCE series or volume")
+    if dimension not in (2, 3, 4):
         raise DCEPKInputError(f"a {dimension}-D image is neither a volume nor a DCE series: give a 3-D volume "
                               "or a 4-D series (x, y, z, time)")
+
+
+def _read_image(path) -> Tuple[np.ndarray, Geometry]:
+    """Array with spatial axes ``[k, j, i]`` (then components / time last, contiguous) and the 3-D
+    geometry. NaN and inf are kept; data shorter than the header says are refused."""
+    suffix = _lower_suffix(Path(path))
+    if suffix in _NIFTI_SUFFIXES + _NRRD_SUFFIXES:
+        # read here: straight into the final array (one copy in memory), NaN kept (see image_files)
+        information = _sitk_read(path, information_only=True)
+        dimension, components = information.GetDimension(), information.GetNumberOfComponents()
+        _check_dimension(dimension, components)
+        if suffix in _NIFTI_SUFFIXES:
+            array = read_nifti_data(path, information.GetSize()) if components == 1 else None
+        else:
+            array = read_nrrd_data(path, information.GetSize(), components)
+        if array is not None:
+            return (array[np.newaxis] if dimension == 2 else array), _geometry_of(information)
+    check_complete(path)
+    import SimpleITK as sitk
+    image = _sitk_read(path)
+    dimension = image.GetDimension()
+    _check_dimension(dimension, image.GetNumberOfComponentsPerPixel())
+    view = sitk.GetArrayViewFromImage(image)
+    if dimension == 4:
+        array = np.ascontiguousarray(np.moveaxis(view, 0, -1))  # SimpleITK gives [t, k, j, i]
+    else:
+        array = np.array(view[np.newaxis] if dimension == 2 else view)  # one copy; the image is freed below
+    geometry = _geometry_of(image)
+    del view, image
     return array, geometry
 
 
 def _read_image_series(path, timing_reader) -> _Loaded:
-    import SimpleITK as sitk
-    image = _sitk_read(path)
-    array, geometry = _array_and_geometry(image, sitk)
+    array, geometry = _read_image(path)
     if array.dtype.kind in "iu" or array.dtype == bool:
         # Fitting needs floats; float32 holds 16-bit integers exactly.
         array = array.astype(np.float32 if array.dtype.itemsize <= 2 else np.float64)
@@ -577,15 +615,35 @@ def _sitk_image(array: np.ndarray, geometry: Geometry):
     return image
 
 
-def _write_volume_file(temporary: Path, suffix: str, array: np.ndarray, geometry: Geometry) -> None:
+def _stage_volume_file(outputs: OutputSet, target: Path, suffix: str, array: np.ndarray, geometry: Geometry) -> Path:
     if suffix == ".nrrd":
-        _write_nrrd(temporary, array, geometry, {}, list_axis=False)
-        return
+        header = _nrrd_header(array.dtype, array.shape, geometry, {}, list_axis=False)
+        return outputs.add_stream(target, lambda handle: _write_nrrd(handle, header, [array]),
+                                  verify=lambda temporary: _verify_image(temporary, target, array.size))
+    return outputs.add_file(target, lambda temporary: _write_sitk_file(temporary, suffix, array, geometry),
+                            verify=lambda temporary: _verify_image(temporary, target, array.size))
+
+
+def _write_sitk_file(temporary: Path, suffix: str, array: np.ndarray, geometry: Geometry) -> None:
     import SimpleITK as sitk
     try:
         sitk.WriteImage(_sitk_image(array, geometry), str(temporary), useCompression=suffix in (".nii.gz", ".mha"))
     except RuntimeError as error:
-        raise DCEPKInputError(f"cannot write {temporary.name}: {str(error).strip().splitlines()[-1][:200]}") from None
+        raise OSError(errno.EIO, f"SimpleITK could not write it: {str(error).strip().splitlines()[-1][:200]}") \
+            from None
+
+
+def _verify_image(temporary: Path, target: Path, voxels: int) -> None:
+    """A written image file read back: the header's voxel count and data as long as it announces.
+    SimpleITK's NIfTI writer does not report a short write (a full disk), so this is where it shows."""
+    try:
+        check_complete(temporary)
+        information = _sitk_read(temporary, information_only=True)
+    except DCEPKInputError as error:
+        raise OSError(errno.ENOSPC, f"the written file is incomplete ({error})") from None
+    written = int(np.prod(information.GetSize())) * information.GetNumberOfComponents()
+    if written != voxels:
+        raise OSError(errno.EIO, f"{target.name} was written with {written} voxels instead of {voxels}")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -595,38 +653,8 @@ def _write_volume_file(temporary: Path, suffix: str, array: np.ndarray, geometry
 _NIFTI_TIME_UNITS = {8: ("s", 1.0), 16: ("ms", 1e-3), 24: ("us", 1e-6)}
 
 
-def _read_nifti_header(path: Path) -> dict:
-    opener = gzip.open if _is_gzip(path) else open
-    with opener(path, "rb") as handle:
-        raw = handle.read(540)
-    if len(raw) < 348:
-        raise DCEPKInputError(f"{path} is too short to be a NIfTI file: re-export it")
-    for endian in "<>":
-        def get(offset, code, count=1):
-            dtype = np.dtype(endian + code)
-            return np.frombuffer(raw[offset:offset + dtype.itemsize * count], dtype=dtype)
-
-        size = int(get(0, "i4")[0])
-        if size == 348:
-            # NIfTI-1 stores float32: take the shortest decimal of each value (0.1 s, not 0.100000001 s).
-            def decimal(values):
-                return np.array([float(np.format_float_positional(v, unique=True)) for v in values])
-            return {"dim": get(40, "i2", 8).astype(np.int64), "pixdim": decimal(get(76, "f4", 8)),
-                    "xyzt_units": int(raw[123]), "toffset": float(decimal(get(136, "f4"))[0])}
-        if size == 540:
-            # SimpleITK 2.5 does not read NIfTI-2 images, so there is nothing to time.
-            raise DCEPKInputError(f"{path} is NIfTI-2, which cannot be read here: save it as NIfTI-1 "
-                                  "(e.g. nibabel.Nifti1Image) or as NRRD")
-    raise DCEPKInputError(f"{path} is not a NIfTI-1 or NIfTI-2 file (bad header size): re-export it")
-
-
-def _is_gzip(path: Path) -> bool:
-    with open(path, "rb") as handle:
-        return handle.read(2) == b"\x1f\x8b"
-
-
 def _nifti_timing(path: Path, n_frames: int):
-    header = _read_nifti_header(path)
+    header = read_nifti_header(path)
     if header["dim"][0] >= 5 and header["dim"][5] > 1:
         raise DCEPKInputError(
             f"{path} stores {header['dim'][5]} values per voxel (a vector NIfTI, 5th dimension), not frames over "
@@ -650,29 +678,6 @@ def _nifti_timing(path: Path, n_frames: int):
 # ---------------------------------------------------------------------------------------------
 # NRRD: header parsing (timing keys), Slicer MultiVolume / sequence timing, and writing
 # ---------------------------------------------------------------------------------------------
-
-def _read_nrrd_header(path: Path) -> Tuple[dict, dict]:
-    """Standard fields and ``key:=value`` pairs of a NRRD header (the header is plain text)."""
-    fields, keys = {}, {}
-    with open(path, "rb") as handle:
-        magic = handle.readline()
-        if not magic.startswith(b"NRRD"):
-            raise DCEPKInputError(f"{path} is not a NRRD file (no NRRD magic): re-export it")
-        for _ in range(100000):
-            line = handle.readline()
-            if not line or line in (b"\n", b"\r\n"):
-                break
-            text = line.decode("latin-1").rstrip("\r\n")
-            if text.startswith("#"):
-                continue
-            if ":=" in text:
-                key, value = text.split(":=", 1)
-                keys[key] = value
-            elif ":" in text:
-                key, value = text.split(":", 1)
-                fields[key.strip().lower()] = value.strip()
-    return fields, keys
-
 
 def _nrrd_words(value: str) -> List[str]:
     """Split a per-axis field such as ``labels: "time" "" ""`` or ``kinds: list domain``."""
@@ -700,7 +705,7 @@ def _optional_float(text) -> Optional[float]:
 
 
 def _nrrd_timing(path: Path, n_frames: int):
-    fields, keys = _read_nrrd_header(path)
+    fields, keys, _ = read_nrrd_header(path)
     metadata = {"nrrd_keys": {k: v for k, v in keys.items() if len(v) < 200}}
     extra = {"metadata": metadata}
     fa = _optional_float(keys.get("MultiVolume.DICOM.FlipAngle"))
@@ -759,20 +764,18 @@ def _format_number(value: float) -> str:
     return repr(float(value))  # shortest text that reads back to the same double
 
 
-def _write_nrrd(path: Path, array: np.ndarray, geometry: Geometry, keys: Dict[str, str], list_axis: bool) -> None:
-    """Write a gzip NRRD in LPS; with ``list_axis`` the last array axis (frames) becomes NRRD axis 0."""
-    array = np.asarray(array)
-    type_name = _NRRD_TYPES.get(array.dtype.name)
+def _nrrd_header(dtype: np.dtype, shape: tuple, geometry: Geometry, keys: Dict[str, str], list_axis: bool) -> bytes:
+    """Header of a gzip NRRD in LPS; with ``list_axis`` the last array axis (frames) becomes NRRD axis 0."""
+    type_name = _NRRD_TYPES.get(np.dtype(dtype).name)
     if type_name is None:
-        raise DCEPKInputError(f"cannot write data type {array.dtype} to NRRD: use float32/64 or integers")
-    data = np.ascontiguousarray(array, dtype=array.dtype.newbyteorder("<"))
+        raise DCEPKInputError(f"cannot write data type {dtype} to NRRD: use float32/64 or integers")
     # C order [k, j, i(, t)]: the last array axis varies fastest, and NRRD lists the fastest axis first.
-    sizes = list(reversed(data.shape))
+    sizes = list(reversed(shape))
     vectors = [geometry.direction_lps[:, axis] * geometry.spacing[axis] for axis in range(3)]
     directions = " ".join("(" + ",".join(_format_number(v) for v in vector) + ")" for vector in vectors)
     lines = ["NRRD0005", "# Complete NRRD file format specification at:",
              "# http://teem.sourceforge.net/nrrd/format.html", f"type: {type_name}",
-             f"dimension: {data.ndim}", "space: left-posterior-superior",
+             f"dimension: {len(shape)}", "space: left-posterior-superior",
              "sizes: " + " ".join(str(s) for s in sizes)]
     if list_axis:
         lines += [f"space directions: none {directions}", "kinds: list domain domain domain",
@@ -782,13 +785,20 @@ def _write_nrrd(path: Path, array: np.ndarray, geometry: Geometry, keys: Dict[st
     lines += ["endian: little", "encoding: gzip",
               "space origin: (" + ",".join(_format_number(v) for v in geometry.origin_lps) + ")"]
     lines += [f"{key}:={value}" for key, value in keys.items()]
-    with open(path, "xb") as handle:
-        handle.write(("\n".join(lines) + "\n\n").encode("latin-1"))
-        with gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=4, mtime=0) as stream:
+    return ("\n".join(lines) + "\n\n").encode("latin-1")
+
+
+def _write_nrrd(handle, header: bytes, slabs) -> None:
+    """Write ``header`` and the gzip-compressed data of ``slabs`` (C-order arrays, in order)."""
+    import gzip
+    handle.write(header)
+    with gzip.GzipFile(fileobj=handle, mode="wb", compresslevel=4, mtime=0) as stream:
+        for slab in slabs:
+            data = np.ascontiguousarray(slab, dtype=slab.dtype.newbyteorder("<"))
             flat = data.reshape(-1).view(np.uint8)
             chunk = 64 << 20
             for start in range(0, flat.size, chunk):
-                stream.write(flat[start:start + chunk].tobytes())
+                stream.write(flat[start:start + chunk])
 
 
 def _multivolume_keys(times_s: np.ndarray, fa_deg, tr_s, kind: str) -> Dict[str, str]:

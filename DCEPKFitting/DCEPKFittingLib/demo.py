@@ -2,7 +2,8 @@
 
 phantom -> VFA T1 map -> AIF from the vessel ROI -> extended Tofts fit -> maps, per-tissue
 statistics and a PNG figure of fitted (and, when the networks are installed, inferred) maps
-beside the ground truth. Everything lands in one output folder; nothing outside it is touched.
+beside the ground truth. Everything lands in one output folder; nothing outside it is touched,
+and every file is published at the end, together (an error or Ctrl-C leaves the folder as it was).
 """
 
 import time
@@ -11,21 +12,24 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from .dce_io import write_maps, write_volume
+from .dce_io import stage_maps
 from .errors import DCEPKInputError
 from .jobs import ConsoleProgress, sub_progress
-from .phantom import make_phantom, write_phantom
+from .output_files import OutputSet, check_targets
+from .phantom import make_phantom, stage_phantom
 from .plugins import load_entry_points
 from .pipeline import FitSettings, run_fit
-from .stats import label_statistics, write_table
+from .stats import label_statistics, stage_table
 
 FIGURE_PARAMETERS = (("Ktrans", "1/min", (0.0, 0.3)), ("ve", "", (0.0, 0.6)), ("vp", "", (0.0, 0.1)))
 
 
 def _check_output_folder(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DCEPKInputError(f"{out_dir} is a file: choose another output folder (--out)")
     if out_dir.exists() and any(out_dir.iterdir()) and not overwrite:
         raise DCEPKInputError(f"{out_dir} exists and is not empty: choose another --out or pass --overwrite")
-    out_dir.mkdir(parents=True, exist_ok=True)
+    check_targets([out_dir / "statistics.tsv", out_dir / "demo_maps.png"], overwrite)  # a folder we can write in
 
 
 def _extra_analyses(phantom, t10_s, device: str, progress) -> Dict[str, dict]:
@@ -42,7 +46,7 @@ def _extra_analyses(phantom, t10_s, device: str, progress) -> Dict[str, dict]:
     return results
 
 
-def save_figure(path: Path, truth: Dict[str, np.ndarray], fitted: Dict[str, np.ndarray],
+def save_figure(outputs: OutputSet, path: Path, truth: Dict[str, np.ndarray], fitted: Dict[str, np.ndarray],
                 inferred: Dict[str, Dict[str, np.ndarray]], slice_index: int) -> Path:
     import matplotlib
     matplotlib.use("Agg")
@@ -64,9 +68,10 @@ def save_figure(path: Path, truth: Dict[str, np.ndarray], fitted: Dict[str, np.n
                 axis.set_ylabel(f"{name} ({unit})" if unit else name)
         figure.colorbar(image, ax=axes[row, :].tolist(), shrink=0.8)
     figure.suptitle("DCEPK demo: synthetic brain phantom")
-    figure.savefig(path, dpi=110)
-    plt.close(figure)
-    return path
+    try:
+        return outputs.add_stream(path, lambda handle: figure.savefig(handle, format="png", dpi=110))
+    finally:
+        plt.close(figure)
 
 
 def run_demo(out_dir, with_inference: bool = True, device: str = "auto", overwrite: bool = False,
@@ -76,41 +81,49 @@ def run_demo(out_dir, with_inference: bool = True, device: str = "auto", overwri
     progress = progress or ConsoleProgress("demo")
     start = time.perf_counter()
 
+    with OutputSet(overwrite) as outputs:
+        result = _run_and_stage(outputs, out_dir, device, with_inference, progress)
+        outputs.commit()
+    progress(1.0, "done")
+    elapsed = time.perf_counter() - start
+    phantom, rim = result["phantom"], result.pop("rim")
+    inferred = result["inferred"]
+    print(f"\nDCEPK demo finished in {elapsed:.1f} s; outputs in {out_dir}/")
+    print(f"  maps: {out_dir / 'maps_fit'}/  statistics: {out_dir / 'statistics.tsv'}  figure: {result['figure']}")
+    print(f"  {'tumour rim (median)':<22}{'truth':>10}{'NLLS fit':>10}" + "".join(f"{n:>16}" for n in inferred))
+    for name in ("Ktrans", "ve", "vp"):
+        values = [np.nanmedian(phantom.truth[name][rim]), np.nanmedian(result["fit"].maps[name][rim])]
+        values += [np.nanmedian(maps[name][rim]) for maps in inferred.values()]
+        print(f"  {name:<22}" + f"{values[0]:>10.4f}{values[1]:>10.4f}" + "".join(f"{v:>16.4f}" for v in values[2:]))
+    result["elapsed_s"] = elapsed
+    return result
+
+
+def _run_and_stage(outputs: OutputSet, out_dir: Path, device: str, with_inference: bool, progress) -> dict:
+    """The demo's computations, each output staged into ``outputs`` as it comes."""
     phantom = make_phantom(vfa_flip_angles_deg=(2.0, 5.0, 10.0, 15.0, 20.0))
-    write_phantom(phantom, out_dir / "phantom", overwrite=overwrite)
+    stage_phantom(outputs, phantom, out_dir / "phantom")
     settings = FitSettings(
         model="etofts", vfa_signals=phantom.vfa.signals, vfa_flip_angles_deg=phantom.vfa.flip_angles_deg,
         vfa_tr_s=phantom.vfa.tr_s, r1_per_mM_s=phantom.protocol.r1_per_mM_s, hct=phantom.protocol.hct,
         aif_mask=phantom.aif_mask, mask=phantom.labels > 0, device=device)
     result = run_fit(phantom.series, settings, progress=sub_progress(progress, 0.0, 0.7))
-    maps_dir = out_dir / "maps_fit"
-    write_maps(maps_dir, result.maps, phantom.series.geometry, overwrite=overwrite)
+    stage_maps(outputs, out_dir / "maps_fit", result.maps, phantom.series.geometry)
 
     inferred = (_extra_analyses(phantom, result.maps["T10_s"], device, sub_progress(progress, 0.7, 0.95))
                 if with_inference else {})
     for name, maps in inferred.items():
-        write_maps(out_dir / f"maps_{name}", maps, phantom.series.geometry, overwrite=overwrite)
+        stage_maps(outputs, out_dir / f"maps_{name}", maps, phantom.series.geometry)
 
     stat_maps = {f"fit_{k}": result.maps[k] for k in ("Ktrans", "ve", "vp")}
     stat_maps.update({f"true_{k}": phantom.truth[k] for k in ("Ktrans", "ve", "vp")})
     for name, maps in inferred.items():
         stat_maps.update({f"{name}_{k}": maps[k] for k in ("Ktrans", "ve", "vp")})
     rows = label_statistics(stat_maps, phantom.labels, phantom.label_names)
-    table = write_table(rows, out_dir / "statistics.tsv", overwrite=overwrite)
+    stage_table(outputs, rows, out_dir / "statistics.tsv")
 
     tumour = max(phantom.label_names, key=lambda v: np.sum(phantom.labels == v) if "rim" in phantom.label_names[v] else -1)
     slice_index = int(np.argmax(np.sum(phantom.labels == tumour, axis=(1, 2))))
-    figure = save_figure(out_dir / "demo_maps.png", phantom.truth, result.maps, inferred, slice_index)
-    progress(1.0, "done")
-    elapsed = time.perf_counter() - start
-
-    rim = phantom.labels == tumour
-    print(f"\nDCEPK demo finished in {elapsed:.1f} s; outputs in {out_dir}/")
-    print(f"  maps: {maps_dir}/  statistics: {table}  figure: {figure}")
-    print(f"  {'tumour rim (median)':<22}{'truth':>10}{'NLLS fit':>10}" + "".join(f"{n:>16}" for n in inferred))
-    for name in ("Ktrans", "ve", "vp"):
-        values = [np.nanmedian(phantom.truth[name][rim]), np.nanmedian(result.maps[name][rim])]
-        values += [np.nanmedian(maps[name][rim]) for maps in inferred.values()]
-        print(f"  {name:<22}" + f"{values[0]:>10.4f}{values[1]:>10.4f}" + "".join(f"{v:>16.4f}" for v in values[2:]))
-    return {"fit": result, "inferred": inferred, "statistics": rows, "figure": figure, "elapsed_s": elapsed,
-            "phantom": phantom}
+    figure = save_figure(outputs, out_dir / "demo_maps.png", phantom.truth, result.maps, inferred, slice_index)
+    return {"fit": result, "inferred": inferred, "statistics": rows, "figure": figure, "phantom": phantom,
+            "rim": phantom.labels == tumour}

@@ -541,13 +541,14 @@ def _initial_values(spec, y, t, cp, lower, upper, delay, n_starts=1):
 N_STARTS = {"2cxm": 3, "2cum": 2}
 
 
-def _delay_grid_search(spec, y, t, cp, delay_bounds_s):
+def _delay_grid_search(spec, y, t, cp, delay_bounds_s, cancel=None):
     """Per-voxel delay (n,) minimising the linear-model SSR over a grid of shared delays."""
     step = max(float((t[1:] - t[:-1]).min()), 0.5)
     grid = np.arange(delay_bounds_s[0], delay_bounds_s[1] + 1e-9, step)
     best_ssr = torch.full((y.shape[0],), float("inf"), dtype=y.dtype, device=y.device)
     best_delay = torch.zeros_like(best_ssr)
     for delay in grid:
+        jobs.raise_if_cancelled(cancel)
         _, ssr = _linear_fit(spec, y, t, cp, float(delay) if delay != 0 else 0.0)
         better = ssr < best_ssr
         best_ssr = torch.where(better, ssr, best_ssr)
@@ -560,7 +561,7 @@ def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, 
                cancel, default_bounds=True):
     n_frames = y.shape[1]
     if fit_delay:
-        delay = _delay_grid_search(spec, y, t, cp, delay_bounds_s)
+        delay = _delay_grid_search(spec, y, t, cp, delay_bounds_s, cancel)
     else:
         delay = 0.0
     if method == "linear":
@@ -694,16 +695,19 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
     hi = torch.as_tensor(upper_np, dtype=dtype, device=torch_device)
     chunk = int(chunk_voxels)
     default_bounds = lower is None and upper is None
+    # Set by the user's cancel or when this call stops (an error, Ctrl-C): the chunks still running
+    # on worker threads see it at their next iteration and stop too, instead of running to the end.
+    stop = jobs.CancelScope(cancel)
 
     def fit_one(start):
-        jobs.raise_if_cancelled(cancel)
+        jobs.raise_if_cancelled(stop)
         block = np.asarray(conc[rows[start:start + chunk]], dtype=np.float64)
         finite = np.isfinite(block).all(axis=1)  # NaN/inf curves keep status INVALID_INPUT
         index = start + np.flatnonzero(finite)
         if index.size:
             y = torch.as_tensor(block[finite], dtype=dtype, device=torch_device)
             x, se, r2_c, rmse_c, status_c = _fit_chunk(spec, y, t, cp_t, method, fit_delay, lo, hi,
-                                                       int(max_iterations), delay_bounds_s, delay_step_s, cancel,
+                                                       int(max_iterations), delay_bounds_s, delay_step_s, stop,
                                                        default_bounds=default_bounds)
             params[index] = x.double().cpu().numpy()
             stderr[index] = se.double().cpu().numpy()
@@ -732,6 +736,7 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
                         done += future.result()
                         jobs.report(progress, done / max(n_voxels, 1), f"fitted {done} of {n_voxels} voxels")
                 except BaseException:
+                    stop.set()
                     for future in futures:
                         future.cancel()
                     raise
@@ -754,6 +759,11 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
         result.delay_s = params[:, -1]
         result.delay_stderr = stderr[:, -1]
     return result
+
+
+def map_names(model: str, fit_delay: bool = False) -> list:
+    """Names of the maps ``FitResult.maps()`` gives for ``model`` (to check output files before a fit)."""
+    return list(_map_units(tk.get_model(model), fit_delay))
 
 
 def _map_units(spec, fit_delay):

@@ -28,6 +28,24 @@ def raise_if_cancelled(cancel) -> None:
         raise JobCancelledError("cancelled by the user")
 
 
+class CancelScope:
+    """A cancel flag set by its own ``set()`` or by its parent's (the user's cancel, or None).
+
+    A function running work on several threads passes one to them and sets it when it stops for
+    any reason (an error, Ctrl-C in the main thread), so the others stop at their next check
+    rather than finishing their work for nothing."""
+
+    def __init__(self, parent=None):
+        self._parent = parent
+        self._own = threading.Event()
+
+    def set(self) -> None:
+        self._own.set()
+
+    def is_set(self) -> bool:
+        return self._own.is_set() or (self._parent is not None and self._parent.is_set())
+
+
 def report(progress: Optional[ProgressCallback], fraction: float, message: str = "") -> None:
     if progress is not None:
         progress(min(max(float(fraction), 0.0), 1.0), message)

@@ -16,10 +16,9 @@ SNR is defined as the mean pre-contrast signal of white matter divided by the no
 to sigma where SNR is high and ``sigma * sqrt(2 - pi/2)`` in signal-free background).
 """
 
+import copy
 import json
 import math
-import os
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
@@ -29,9 +28,10 @@ from scipy.ndimage import gaussian_filter
 
 from . import aif as aif_lib
 from . import tk_models
-from .dce_io import DCESeries, write_dce_series, write_maps, write_volume
+from .dce_io import DCESeries, stage_dce_series, stage_maps, stage_volume
 from .errors import DCEPKInputError
 from .geometry import Geometry
+from .output_files import OutputSet, check_targets
 from .signal_models import check_flip_angle, check_tr, default_r1, spgr_signal
 
 # Label values of the tissue map.
@@ -207,6 +207,29 @@ def _anatomy(shape, spacing_kji_mm, lesions, rng):
     return labels, placed
 
 
+@dataclass
+class _Model:
+    """Everything of a phantom but its 4-D arrays, which ``_slabs`` renders a few slices at a time."""
+    protocol: Protocol
+    times: np.ndarray
+    labels: np.ndarray
+    placed: list
+    maps: Dict[str, np.ndarray]    # T10 (s), S0, Ktrans (1/min), ve, vp
+    aif_blood: np.ndarray
+    aif_plasma: np.ndarray
+    sigma: float
+    snr: Optional[float]
+    geometry: Geometry
+    rng: np.random.Generator       # positioned after the texture: the series' noise comes next
+    seed: int
+    dtype: type
+    vfa_flip_angles_deg: Optional[np.ndarray]
+
+    @property
+    def shape(self):
+        return self.labels.shape
+
+
 def make_phantom(shape: Tuple[int, int, int] = (8, 96, 96), protocol: Optional[Protocol] = None,
                  snr: Optional[float] = 30.0, seed: int = 0, texture: bool = True, lesions=1,
                  vfa_flip_angles_deg: Optional[Sequence[float]] = None,
@@ -223,13 +246,41 @@ def make_phantom(shape: Tuple[int, int, int] = (8, 96, 96), protocol: Optional[P
     T1 mapping; spacing_mm: (k, j, i) voxel size, default 5 mm slices and a 200 mm field of
     view; tissue_properties: overrides of ``TISSUE_PROPERTIES`` entries, e.g.
     {TUMOUR_RIM: {'Ktrans': 0.3}}; dtype of the signal arrays.
+
+    The series is rendered a few slices at a time into its ``dtype`` arrays (memory: the series
+    and the concentration at ``dtype``, plus one slab); ``stream_phantom`` writes the same phantom
+    to files without ever holding the series.
     """
+    model = _model(shape, protocol, snr, seed, texture, lesions, vfa_flip_angles_deg, spacing_mm,
+                   tissue_properties, texture_correlation_mm, dtype)
+    full = model.shape + (model.times.size,)
+    signal, conc = np.empty(full, dtype=dtype), np.empty(full, dtype=dtype)
+    for k0, k1, signal_slab, conc_slab in _slabs(model):
+        signal[k0:k1], conc[k0:k1] = signal_slab, conc_slab
+    protocol = model.protocol
+    series = DCESeries(signal=signal, times_s=model.times, geometry=model.geometry,
+                       flip_angle_deg=float(protocol.fa_deg), tr_s=float(protocol.tr_s), kind="signal",
+                       metadata=dict(source="DCEPK synthetic brain phantom", seed=seed, snr=snr,
+                                     noise_sigma=model.sigma, field_T=protocol.field_T, agent=protocol.agent,
+                                     r1_per_mM_s=protocol.r1_per_mM_s, hct=protocol.hct, aif=protocol.aif,
+                                     baseline_frames=protocol.baseline_frames))
+    names = {v: n for v, n in LABEL_NAMES.items() if v != BACKGROUND}
+    return Phantom(series=series, truth=_truth(model), labels=model.labels, label_names=names,
+                   aif_mask=model.labels == VESSEL, tissue_masks={names[v]: model.labels == v for v in names},
+                   protocol=protocol, aif_blood_mM=model.aif_blood, aif_plasma_mM=model.aif_plasma,
+                   concentration_mM=conc, noise_sigma=model.sigma, snr=model.snr, vfa=_vfa(model),
+                   lesions=model.placed)
+
+
+def _model(shape, protocol, snr, seed, texture, lesions, vfa_flip_angles_deg, spacing_mm, tissue_properties,
+           texture_correlation_mm, dtype) -> _Model:
     protocol = protocol or Protocol()
     shape = tuple(int(n) for n in shape)
     if len(shape) != 3 or min(shape) < 1 or shape[1] < 16 or shape[2] < 16:
         raise DCEPKInputError(f"phantom shape must be (k, j, i) with at least 16 x 16 voxels in-plane; got {shape}")
     if snr is not None and not (snr > 0):
         raise DCEPKInputError(f"snr must be positive (or None / inf for no noise); got {snr}")
+    fas = None if vfa_flip_angles_deg is None else check_flip_angle(vfa_flip_angles_deg).ravel()
     noise_free = snr is None or math.isinf(snr)
     spacing = tuple(float(s) for s in (spacing_mm or (5.0, 200.0 / shape[1], 200.0 / shape[2])))
     rng = np.random.default_rng(seed)
@@ -241,9 +292,27 @@ def make_phantom(shape: Tuple[int, int, int] = (8, 96, 96), protocol: Optional[P
 
     labels, placed = _anatomy(shape, spacing, lesions, rng)
     times = protocol.times()
-    hct = protocol.hct
+    maps = _parameter_maps(labels, props, protocol, rng, spacing, texture, texture_correlation_mm)
 
-    # Parameter maps: tissue means times (1 + cv * smooth field), clipped to physical ranges.
+    # Input function: population AIF (whole blood) arriving at the first post-baseline frame.
+    aif_blood = aif_lib.population_aif(protocol.aif, times - times[0], delay_s=protocol.arrival_s - times[0],
+                                       dose_mmol_per_kg=protocol.dose_mmol_per_kg, compartment="blood",
+                                       hct=protocol.hct)
+    geometry = Geometry(spacing=(spacing[2], spacing[1], spacing[0]),
+                        origin_lps=[-(shape[2] - 1) / 2 * spacing[2], -(shape[1] - 1) / 2 * spacing[1],
+                                    -(shape[0] - 1) / 2 * spacing[0]])
+    model = _Model(protocol=protocol, times=times, labels=labels, placed=placed, maps=maps, aif_blood=aif_blood,
+                   aif_plasma=aif_lib.blood_to_plasma(aif_blood, protocol.hct), sigma=0.0,
+                   snr=None if noise_free else float(snr), geometry=geometry, rng=rng, seed=seed, dtype=dtype,
+                   vfa_flip_angles_deg=fas)
+    if not noise_free:
+        model.sigma = _white_matter_baseline(model) / float(snr)
+    return model
+
+
+def _parameter_maps(labels, props, protocol, rng, spacing, texture, texture_correlation_mm) -> Dict[str, np.ndarray]:
+    """Tissue means times (1 + cv * smooth field), clipped to physical ranges."""
+    shape = labels.shape
     maps = {name: np.zeros(shape) for name in ("T10", "S0", "Ktrans", "ve", "vp")}
     fields = {name: (_smooth_field(rng, shape, spacing, texture_correlation_mm) if texture else np.zeros(shape))
               for name in maps}
@@ -252,7 +321,7 @@ def make_phantom(shape: Tuple[int, int, int] = (8, 96, 96), protocol: Optional[P
         if not inside.any():
             continue
         means = dict(T10=p["T10"] if np.isscalar(p["T10"]) else protocol.t10_of(lab), S0=p["S0"],
-                     Ktrans=p["Ktrans"], ve=p["ve"], vp=(1.0 - hct) if p["vp"] is None else p["vp"])
+                     Ktrans=p["Ktrans"], ve=p["ve"], vp=(1.0 - protocol.hct) if p["vp"] is None else p["vp"])
         cv = TUMOUR_TEXTURE_CV if lab in (TUMOUR_RIM, NECROTIC_CORE) else TEXTURE_CV
         for name, mean in means.items():
             # The vessel is blood: no texture on its kinetics (its curve is the AIF itself).
@@ -274,66 +343,105 @@ def make_phantom(shape: Tuple[int, int, int] = (8, 96, 96), protocol: Optional[P
     background = labels == BACKGROUND
     maps["T10"][background] = np.nan              # no tissue, no T1
     maps["S0"][background] = 0.0
+    return maps
 
-    # Input function: population AIF (whole blood) arriving at the first post-baseline frame.
-    aif_blood = aif_lib.population_aif(protocol.aif, times - times[0], delay_s=protocol.arrival_s - times[0],
-                                       dose_mmol_per_kg=protocol.dose_mmol_per_kg, compartment="blood", hct=hct)
-    aif_plasma = aif_lib.blood_to_plasma(aif_blood, hct)
 
-    conc = np.zeros(shape + (times.size,))
+def _slab_slices(model: _Model) -> int:
+    # ~32 MB per float64 slab array (a handful live at once while a slab is rendered)
+    per_slice = int(np.prod(model.shape[1:])) * model.times.size * 8
+    return max(1, min(model.shape[0], (32 << 20) // max(per_slice, 1)))
+
+
+def _concentration_slab(model: _Model, k0: int, k1: int, frames: Optional[int] = None) -> np.ndarray:
+    """Noise-free tissue concentration (mM, float64) of slices k0:k1 over the first ``frames`` frames
+    (all by default; the convolution is causal, so fewer frames give the same first values)."""
+    times = model.times if frames is None else model.times[:frames]
+    labels, maps = model.labels[k0:k1], {name: m[k0:k1] for name, m in model.maps.items()}
+    conc = np.zeros(labels.shape + (times.size,))
     kinetic = (labels != BACKGROUND) & (labels != VESSEL) & (maps["ve"] > 0)
+    plasma, blood = model.aif_plasma[:times.size], model.aif_blood[:times.size]
     if kinetic.any():
         params = np.stack([maps["Ktrans"][kinetic], maps["ve"][kinetic], maps["vp"][kinetic]], axis=-1)
-        conc[kinetic] = tk_models.concentration("etofts", params, times, aif_plasma)
+        conc[kinetic] = tk_models.concentration("etofts", params, times, plasma)
     vascular_only = (labels != BACKGROUND) & (labels != VESSEL) & ~kinetic & (maps["vp"] > 0)
-    conc[vascular_only] = maps["vp"][vascular_only][:, None] * aif_plasma
-    aif_mask = labels == VESSEL
-    conc[aif_mask] = aif_blood                    # the vessel voxel is whole blood
+    conc[vascular_only] = maps["vp"][vascular_only][:, None] * plasma
+    conc[labels == VESSEL] = blood                 # the vessel voxel is whole blood
+    return conc
 
-    r1_t = 1.0 / np.where(background, 1.0, maps["T10"])[..., None] + protocol.r1_per_mM_s * conc
-    clean = spgr_signal(maps["S0"][..., None], r1_t, protocol.fa_deg, protocol.tr_s)
+
+def _clean_signal(model: _Model, conc: np.ndarray, k0: int, k1: int) -> np.ndarray:
+    """Noise-free SPGR signal (float64) of slices k0:k1 for their concentration."""
+    background = model.labels[k0:k1] == BACKGROUND
+    t10 = np.where(background, 1.0, model.maps["T10"][k0:k1])
+    r1_t = 1.0 / t10[..., None] + model.protocol.r1_per_mM_s * conc
+    clean = spgr_signal(model.maps["S0"][k0:k1][..., None], r1_t, model.protocol.fa_deg, model.protocol.tr_s)
     clean[background] = 0.0
+    return clean
 
-    wm = labels == WHITE_MATTER
-    reference_mask = wm if wm.any() else ~background
-    wm_baseline = float(clean[reference_mask][:, : protocol.baseline_frames].mean())
-    sigma = 0.0 if noise_free else wm_baseline / float(snr)
 
-    def add_rician(signal):
-        if sigma == 0.0:
-            return signal
-        real = signal + rng.normal(0.0, sigma, signal.shape)
-        imag = rng.normal(0.0, sigma, signal.shape)
-        return np.hypot(real, imag)
+def _white_matter_baseline(model: _Model) -> float:
+    """Mean pre-contrast signal of white matter (of all tissue when there is none): the SNR's reference."""
+    wm = model.labels == WHITE_MATTER
+    reference = wm if wm.any() else model.labels != BACKGROUND
+    n_base, step, values = model.protocol.baseline_frames, _slab_slices(model), []
+    for k0 in range(0, model.shape[0], step):
+        k1 = min(k0 + step, model.shape[0])
+        clean = _clean_signal(model, _concentration_slab(model, k0, k1, frames=n_base), k0, k1)
+        values.append(clean[reference[k0:k1]])
+    return float(np.concatenate(values).mean())
 
-    signal = add_rician(clean).astype(dtype)
-    vfa = None
-    if vfa_flip_angles_deg is not None:
-        fas = check_flip_angle(vfa_flip_angles_deg).ravel()
-        vfa_clean = spgr_signal(maps["S0"][..., None], 1.0 / np.where(background, 1.0, maps["T10"])[..., None],
-                                fas, protocol.vfa_tr_s)
-        vfa_clean[background] = 0.0
-        vfa = VFASeries(signals=add_rician(vfa_clean).astype(dtype), flip_angles_deg=fas, tr_s=protocol.vfa_tr_s)
 
+def _slabs(model: _Model):
+    """(k0, k1, signal, concentration) of successive slabs of slices, in ``model.dtype``.
+
+    Rician noise as if drawn for the whole series at once (the real parts of every voxel, then the
+    imaginary parts: one generator follows each), so a seed gives the same phantom however it is
+    rendered. Afterwards ``model.rng`` stands where the whole-series draw would have left it."""
+    rng_real = rng_imag = None
+    if model.sigma > 0.0:
+        rng_real = copy.deepcopy(model.rng)
+        for k0, k1 in _slab_bounds(model):  # move the imaginary parts' generator past the real parts
+            model.rng.standard_normal((k1 - k0,) + model.shape[1:] + (model.times.size,))
+        rng_imag = model.rng
+    for k0, k1 in _slab_bounds(model):
+        conc = _concentration_slab(model, k0, k1)
+        signal = _clean_signal(model, conc, k0, k1)
+        if rng_real is not None:
+            signal = _rician(signal, model.sigma, rng_real, rng_imag)
+        yield k0, k1, signal.astype(model.dtype), conc.astype(model.dtype)
+
+
+def _slab_bounds(model: _Model):
+    step = _slab_slices(model)
+    return [(k0, min(k0 + step, model.shape[0])) for k0 in range(0, model.shape[0], step)]
+
+
+def _rician(signal: np.ndarray, sigma: float, real_rng, imaginary_rng) -> np.ndarray:
+    """Magnitude of the signal plus complex Gaussian noise (the real parts drawn first)."""
+    real = signal + real_rng.normal(0.0, sigma, signal.shape)
+    return np.hypot(real, imaginary_rng.normal(0.0, sigma, signal.shape))
+
+
+def _vfa(model: _Model) -> Optional["VFASeries"]:
+    """The VFA images (drawn after the series' noise: call once the slabs are rendered)."""
+    if model.vfa_flip_angles_deg is None:
+        return None
+    background = model.labels == BACKGROUND
+    t10 = np.where(background, 1.0, model.maps["T10"])
+    clean = spgr_signal(model.maps["S0"][..., None], 1.0 / t10[..., None], model.vfa_flip_angles_deg,
+                        model.protocol.vfa_tr_s)
+    clean[background] = 0.0
+    signals = clean if model.sigma == 0.0 else _rician(clean, model.sigma, model.rng, model.rng)
+    return VFASeries(signals=signals.astype(model.dtype), flip_angles_deg=model.vfa_flip_angles_deg,
+                     tr_s=model.protocol.vfa_tr_s)
+
+
+def _truth(model: _Model) -> Dict[str, np.ndarray]:
+    maps = model.maps
     truth = {name: maps[name] for name in ("Ktrans", "ve", "vp", "T10", "S0")}
     with np.errstate(divide="ignore", invalid="ignore"):
         truth["kep"] = np.where(maps["ve"] > 0, maps["Ktrans"] / maps["ve"], 0.0)
-
-    geometry = Geometry(spacing=(spacing[2], spacing[1], spacing[0]),
-                        origin_lps=[-(shape[2] - 1) / 2 * spacing[2], -(shape[1] - 1) / 2 * spacing[1],
-                                    -(shape[0] - 1) / 2 * spacing[0]])
-    series = DCESeries(signal=signal, times_s=times, geometry=geometry, flip_angle_deg=float(protocol.fa_deg),
-                       tr_s=float(protocol.tr_s), kind="signal",
-                       metadata=dict(source="DCEPK synthetic brain phantom", seed=seed, snr=snr,
-                                     noise_sigma=sigma, field_T=protocol.field_T, agent=protocol.agent,
-                                     r1_per_mM_s=protocol.r1_per_mM_s, hct=hct, aif=protocol.aif,
-                                     baseline_frames=protocol.baseline_frames))
-    names = {v: n for v, n in LABEL_NAMES.items() if v != BACKGROUND}
-    tissue_masks = {names[v]: labels == v for v in names}
-    return Phantom(series=series, truth=truth, labels=labels, label_names=names, aif_mask=aif_mask,
-                   tissue_masks=tissue_masks, protocol=protocol, aif_blood_mM=aif_blood,
-                   aif_plasma_mM=aif_plasma, concentration_mM=conc.astype(dtype), noise_sigma=sigma,
-                   snr=None if noise_free else float(snr), vfa=vfa, lesions=placed)
+    return truth
 
 
 # Files written by ``write_phantom``, relative to its output folder.
@@ -351,18 +459,49 @@ def _vfa_name(fa_deg: float) -> str:
     return f"fa{fa_deg:g}".replace(".", "p") + ".nii.gz"
 
 
-def _write_text_atomically(target: Path, text: str, overwrite: bool) -> Path:
-    temporary = target.with_name(f".{target.name}.{uuid.uuid4().hex[:12]}.partial")
-    try:
-        temporary.write_text(text)
-        if overwrite:
-            os.replace(temporary, target)
-        else:
-            os.link(temporary, target)   # fails if the target appeared meanwhile: nothing clobbered
-    finally:
-        if temporary.exists():
-            temporary.unlink()
-    return target
+def phantom_targets(out_dir, vfa_flip_angles_deg=None):
+    """Every file ``write_phantom`` / ``stream_phantom`` write (to check them before any work)."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise DCEPKInputError(f"{out} exists and is not a folder: choose another output folder")
+    targets = [out / SERIES_FILE, out / LABELS_FILE, out / LABEL_NAMES_FILE, out / AIF_MASK_FILE, out / AIF_FILE,
+               out / PROTOCOL_FILE]
+    targets += [out / TRUTH_DIR / f"{name}.nii.gz" for name in ("Ktrans", "ve", "vp", "kep", "T10", "S0")]
+    targets += [out / VFA_DIR / _vfa_name(float(fa)) for fa in ([] if vfa_flip_angles_deg is None else vfa_flip_angles_deg)]
+    return targets
+
+
+def _description(protocol: Protocol, times, snr, sigma, seed, label_names, lesions, vfa_angles) -> str:
+    p = protocol
+    return json.dumps(dict(
+        protocol=dict(times_s=[float(t) for t in times], fa_deg=p.fa_deg, tr_s=p.tr_s, field_T=p.field_T,
+                      agent=p.agent, r1_per_mM_s=p.r1_per_mM_s, baseline_frames=p.baseline_frames,
+                      arrival_s=p.arrival_s, hct=p.hct, aif=p.aif, dose_mmol_per_kg=p.dose_mmol_per_kg,
+                      vfa_tr_s=p.vfa_tr_s),
+        snr=snr, noise_sigma=sigma,
+        snr_definition="mean pre-contrast white-matter signal / noise SD of each quadrature channel (Rician)",
+        seed=seed, label_names={str(k): v for k, v in label_names.items()},
+        lesions=[{k: (list(v) if isinstance(v, tuple) else v) for k, v in les.items()} for les in lesions],
+        vfa_flip_angles_deg=None if vfa_angles is None else [float(f) for f in vfa_angles],
+        units=dict(Ktrans="1/min", kep="1/min", ve="fraction", vp="fraction", T10="s", S0="a.u.",
+                   time="s", concentration="mM")), indent=2)
+
+
+def _stage_files(outputs: OutputSet, out: Path, geometry: Geometry, labels, truth, aif_blood, times,
+                 description: str, vfa: Optional[VFASeries]) -> None:
+    """Every file of the phantom but the series, staged into ``outputs``."""
+    stage_volume(outputs, out / LABELS_FILE, labels.astype(np.uint8), geometry)
+    stage_volume(outputs, out / AIF_MASK_FILE, (labels == VESSEL).astype(np.uint8), geometry)
+    stage_maps(outputs, out / TRUTH_DIR, {name: truth[name] for name in ("Ktrans", "ve", "vp", "kep", "T10", "S0")},
+               geometry)
+    if vfa is not None:
+        stage_maps(outputs, out / VFA_DIR, {_vfa_name(float(fa))[: -len(".nii.gz")]: vfa.signals[..., n]
+                                            for n, fa in enumerate(vfa.flip_angles_deg)}, geometry)
+    names = {v: n for v, n in LABEL_NAMES.items() if v != BACKGROUND}
+    outputs.add_text(out / LABEL_NAMES_FILE, "".join(f"{value} {name}\n" for value, name in sorted(names.items())))
+    outputs.add_text(out / AIF_FILE, "time (s),Cb (mM)\n" + "".join(f"{t:.6f},{c:.9g}\n"
+                                                                      for t, c in zip(times, aif_blood)))
+    outputs.add_text(out / PROTOCOL_FILE, description)
 
 
 def write_phantom(phantom: Phantom, out_dir, overwrite: bool = False):
@@ -371,52 +510,51 @@ def write_phantom(phantom: Phantom, out_dir, overwrite: bool = False):
     The series as a Slicer MultiVolume NRRD (``dce.seq.nrrd``), the label map and its names,
     the AIF (vessel) mask, the blood AIF as CSV, the ground-truth maps under ``truth/``, the
     VFA volumes under ``vfa/`` when rendered, and the protocol as JSON. Every target is checked
-    first: unless ``overwrite`` is set, an existing file stops the call before anything is
-    written.
+    first (unless ``overwrite`` is set, an existing file stops the call before anything is
+    written) and all files are published together or none.
     """
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise DCEPKInputError(f"{out} exists and is not a folder: choose another output folder")
-    geometry = phantom.series.geometry
-    truth_maps = {name: phantom.truth[name] for name in ("Ktrans", "ve", "vp", "kep", "T10", "S0")}
-    vfa_maps = {}
-    if phantom.vfa is not None:
-        for n, fa in enumerate(phantom.vfa.flip_angles_deg):
-            vfa_maps[_vfa_name(float(fa))[: -len(".nii.gz")]] = phantom.vfa.signals[..., n]
-    targets = [out / SERIES_FILE, out / LABELS_FILE, out / LABEL_NAMES_FILE, out / AIF_MASK_FILE,
-               out / AIF_FILE, out / PROTOCOL_FILE]
-    targets += [out / TRUTH_DIR / f"{name}.nii.gz" for name in truth_maps]
-    targets += [out / VFA_DIR / f"{name}.nii.gz" for name in vfa_maps]
-    existing = [str(t) for t in targets if t.exists()]
-    if existing and not overwrite:
-        raise DCEPKInputError(
-            f"{len(existing)} phantom file(s) already exist in {out} ({', '.join(existing[:3])}"
-            f"{', ...' if len(existing) > 3 else ''}): choose another folder or pass overwrite=True (--overwrite)")
-    out.mkdir(parents=True, exist_ok=True)
+    with OutputSet(overwrite) as outputs:
+        stage_phantom(outputs, phantom, out_dir)
+        return outputs.commit()
 
-    written = [write_dce_series(out / SERIES_FILE, phantom.series, overwrite=overwrite),
-               write_volume(out / LABELS_FILE, phantom.labels.astype(np.uint8), geometry, overwrite=overwrite),
-               write_volume(out / AIF_MASK_FILE, phantom.aif_mask.astype(np.uint8), geometry, overwrite=overwrite)]
-    written += write_maps(out / TRUTH_DIR, truth_maps, geometry, overwrite=overwrite)
-    if vfa_maps:
-        written += write_maps(out / VFA_DIR, vfa_maps, geometry, overwrite=overwrite)
-    names = "".join(f"{value} {name}\n" for value, name in sorted(phantom.label_names.items()))
-    written.append(_write_text_atomically(out / LABEL_NAMES_FILE, names, overwrite))
-    times = phantom.series.times_s
-    aif_rows = "".join(f"{t:.6f},{c:.9g}\n" for t, c in zip(times, phantom.aif_blood_mM))
-    written.append(_write_text_atomically(out / AIF_FILE, "time (s),Cb (mM)\n" + aif_rows, overwrite))
-    p = phantom.protocol
-    description = dict(
-        protocol=dict(times_s=[float(t) for t in times], fa_deg=p.fa_deg, tr_s=p.tr_s, field_T=p.field_T,
-                      agent=p.agent, r1_per_mM_s=p.r1_per_mM_s, baseline_frames=p.baseline_frames,
-                      arrival_s=p.arrival_s, hct=p.hct, aif=p.aif, dose_mmol_per_kg=p.dose_mmol_per_kg,
-                      vfa_tr_s=p.vfa_tr_s),
-        snr=phantom.snr, noise_sigma=phantom.noise_sigma,
-        snr_definition="mean pre-contrast white-matter signal / noise SD of each quadrature channel (Rician)",
-        seed=phantom.series.metadata.get("seed"), label_names={str(k): v for k, v in phantom.label_names.items()},
-        lesions=[{k: (list(v) if isinstance(v, tuple) else v) for k, v in les.items()} for les in phantom.lesions],
-        vfa_flip_angles_deg=None if phantom.vfa is None else [float(f) for f in phantom.vfa.flip_angles_deg],
-        units=dict(Ktrans="1/min", kep="1/min", ve="fraction", vp="fraction", T10="s", S0="a.u.",
-                   time="s", concentration="mM"))
-    written.append(_write_text_atomically(out / PROTOCOL_FILE, json.dumps(description, indent=2), overwrite))
-    return written
+
+def stage_phantom(outputs: OutputSet, phantom: Phantom, out_dir) -> None:
+    """Add the files of :func:`write_phantom` to ``outputs``."""
+    out = Path(out_dir)
+    vfa_angles = None if phantom.vfa is None else phantom.vfa.flip_angles_deg
+    series = phantom.series
+    check_targets(phantom_targets(out, vfa_angles), outputs.overwrite)
+    stage_dce_series(outputs, out / SERIES_FILE, [series.signal], series.signal.shape, series.signal.dtype,
+                     series.times_s, series.geometry, series.flip_angle_deg, series.tr_s, series.kind)
+    description = _description(phantom.protocol, series.times_s, phantom.snr, phantom.noise_sigma,
+                               series.metadata.get("seed"), phantom.label_names, phantom.lesions, vfa_angles)
+    _stage_files(outputs, out, series.geometry, phantom.labels, phantom.truth, phantom.aif_blood_mM,
+                 series.times_s, description, phantom.vfa)
+
+
+def stream_phantom(out_dir, overwrite: bool = False, **make_kwargs):
+    """Make the phantom of ``make_phantom(**make_kwargs)`` and write it as ``write_phantom`` does,
+    rendering the series slab by slab straight into its file: memory stays at the size of the 3-D
+    maps and one slab, whatever the number of frames. Returns the written paths."""
+    out = Path(out_dir)
+    make_kwargs.setdefault("shape", (8, 96, 96))
+    model = _model(make_kwargs.pop("shape"), make_kwargs.pop("protocol", None), make_kwargs.pop("snr", 30.0),
+                   make_kwargs.pop("seed", 0), make_kwargs.pop("texture", True), make_kwargs.pop("lesions", 1),
+                   make_kwargs.pop("vfa_flip_angles_deg", None), make_kwargs.pop("spacing_mm", None),
+                   make_kwargs.pop("tissue_properties", None), make_kwargs.pop("texture_correlation_mm", 8.0),
+                   make_kwargs.pop("dtype", np.float32))
+    if make_kwargs:
+        raise DCEPKInputError(f"unknown phantom option(s): {', '.join(make_kwargs)}")
+    protocol = model.protocol
+    with OutputSet(overwrite) as outputs:
+        check_targets(phantom_targets(out, model.vfa_flip_angles_deg), overwrite)
+        stage_dce_series(outputs, out / SERIES_FILE, (signal for _, _, signal, _ in _slabs(model)),
+                         model.shape + (model.times.size,), np.dtype(model.dtype), model.times, model.geometry,
+                         float(protocol.fa_deg), float(protocol.tr_s), "signal")
+        names = {v: n for v, n in LABEL_NAMES.items() if v != BACKGROUND}
+        vfa = _vfa(model)
+        description = _description(protocol, model.times, model.snr, model.sigma, model.seed, names, model.placed,
+                                   model.vfa_flip_angles_deg)
+        _stage_files(outputs, out, model.geometry, model.labels, _truth(model), model.aif_blood, model.times,
+                     description, vfa)
+        return outputs.commit()

@@ -10,10 +10,11 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 
 from . import aif as aif_lib
+from . import plausibility
 from . import signal_models
-from .dce_io import DCESeries
+from .dce_io import DCESeries, finite_voxels
 from .errors import DCEPKInputError
-from .fitting import FitResult, fit_volume
+from .fitting import FitResult, FitStatus, fit_volume
 from .geometry import Geometry
 from .jobs import raise_if_cancelled, report, sub_progress
 from .tk_models import MODELS, concentration as model_concentration
@@ -89,11 +90,13 @@ def _check_settings(settings: FitSettings) -> None:
         raise DCEPKInputError(f"haematocrit must be a fraction in [0, 1), got {settings.hct}")
 
 
-def _concentration(series: DCESeries, settings: FitSettings, maps: Dict[str, np.ndarray], progress, cancel):
-    """Concentration [k, j, i, t] in mM, its validity mask and the baseline frame count used."""
+def _concentration(series: DCESeries, settings: FitSettings, maps: Dict[str, np.ndarray], progress, cancel,
+                   in_place: bool = False):
+    """Concentration [k, j, i, t] in mM (float32), its validity mask and the baseline frame count used.
+    ``in_place``: a float32 signal's own memory receives the concentration."""
     if series.kind == "concentration":
         conc = np.asarray(series.signal, dtype=np.float32)
-        return conc, np.all(np.isfinite(conc), axis=-1), settings.baseline_frames
+        return conc, finite_voxels(conc), settings.baseline_frames
     fa_deg = settings.fa_deg if settings.fa_deg is not None else series.flip_angle_deg
     tr_s = settings.tr_s if settings.tr_s is not None else series.tr_s
     if fa_deg is None or tr_s is None:
@@ -116,16 +119,26 @@ def _concentration(series: DCESeries, settings: FitSettings, maps: Dict[str, np.
     if baseline is None:
         baseline = signal_models.detect_baseline_frames(series.signal)
     report(progress, 0.5, "signal to concentration")
-    conc, valid = signal_models.signal_to_concentration(series.signal, t10, fa_deg, tr_s, r1,
-                                                         baseline_frames=baseline)
-    return np.asarray(conc, dtype=np.float32), np.asarray(valid, dtype=bool), baseline
+    signal = series.signal
+    in_place = in_place and signal.dtype == np.float32 and signal.flags.c_contiguous
+    out = signal if in_place else np.empty(signal.shape, dtype=np.float32)
+    conc, valid = signal_models.signal_to_concentration(signal, t10, fa_deg, tr_s, r1, baseline_frames=baseline,
+                                                         out=out)
+    if in_place:
+        series.kind = "concentration"  # the series' memory holds concentration (mM) from here on
+    return conc, np.asarray(valid, dtype=bool), baseline
 
 
-def _input_function(series: DCESeries, conc: np.ndarray, settings: FitSettings, baseline_frames) -> np.ndarray:
-    """Plasma input function (mM) sampled at the series' frame times."""
+def _input_function(series: DCESeries, conc: np.ndarray, settings: FitSettings, baseline_frames,
+                    warnings: list, tissue: np.ndarray) -> np.ndarray:
+    """Plasma input function (mM) sampled at the series' frame times; an ROI curve that does not
+    look like a vessel's adds to ``warnings`` (``tissue``: the voxels to be fitted)."""
     times = series.times_s
     if settings.aif_mask is not None:
         curve = aif_lib.aif_from_roi(conc, settings.aif_mask, top_fraction=settings.aif_top_fraction)
+        tissue_rows = np.flatnonzero(tissue & ~np.asarray(settings.aif_mask, dtype=bool))
+        tissue_rows = tissue_rows[::max(1, tissue_rows.size // plausibility.SAMPLE_VOXELS)]
+        warnings += plausibility.input_function_warnings(curve, conc.reshape(-1, conc.shape[-1])[tissue_rows])
     elif settings.aif_csv is not None:
         t_csv, c_csv = aif_lib.load_aif_csv(settings.aif_csv)
         curve = aif_lib.resample_aif(t_csv, c_csv, times - times[0])
@@ -139,29 +152,41 @@ def _input_function(series: DCESeries, conc: np.ndarray, settings: FitSettings, 
     return curve if settings.aif_is_plasma else aif_lib.blood_to_plasma(curve, settings.hct)
 
 
-def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None) -> FitOutput:
-    """Fit a tracer-kinetic model to every voxel of ``series``; see ``FitSettings``."""
+def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None, *,
+            reuse_series_memory: bool = False) -> FitOutput:
+    """Fit a tracer-kinetic model to every voxel of ``series``; see ``FitSettings``.
+
+    ``reuse_series_memory``: convert a float32 signal series to concentration in its own memory
+    (one copy of the series instead of two; ``series`` then holds concentration, kind
+    'concentration'), for callers that need the signal no more, such as ``dcepk fit``.
+    Warnings (an input function that does not look like a vessel's, a fit worse than a flat
+    line) are in ``FitOutput.messages``."""
     _check_settings(settings)
+    plausibility.check_frame_times(series.times_s, "the series' frame times")
+    plausibility.check_series_kind(series.signal, series.kind, settings.baseline_frames)
     maps: Dict[str, np.ndarray] = {}
-    conc, valid, baseline = _concentration(series, settings, maps, sub_progress(progress, 0.0, 0.1), cancel)
+    conc, valid, baseline = _concentration(series, settings, maps, sub_progress(progress, 0.0, 0.1), cancel,
+                                           in_place=reuse_series_memory)
     raise_if_cancelled(cancel)
-    report(progress, 0.1, "input function")
-    cp = np.asarray(_input_function(series, conc, settings, baseline), dtype=np.float64)
-    if not np.all(np.isfinite(cp)) or np.max(cp) <= 0:
-        raise DCEPKInputError("the input function has no positive finite enhancement: check the AIF ROI or source")
-    mask = valid if settings.mask is None else (np.asarray(settings.mask, dtype=bool) & valid)
     if settings.mask is not None and settings.mask.shape != conc.shape[:3]:
         raise DCEPKInputError(f"the mask has shape {settings.mask.shape} but the series has {conc.shape[:3]} voxels")
+    mask = valid if settings.mask is None else (np.asarray(settings.mask, dtype=bool) & valid)
+    report(progress, 0.1, "input function")
+    messages: list = []
+    cp = np.asarray(_input_function(series, conc, settings, baseline, messages, mask), dtype=np.float64)
+    if not np.all(np.isfinite(cp)) or np.max(cp) <= 0:
+        raise DCEPKInputError("the input function has no positive finite enhancement: check the AIF ROI or source")
     if not mask.any():
         raise DCEPKInputError("no voxel to fit: the mask is empty or no voxel has a valid concentration curve")
     fit = fit_volume(conc, series.times_s, cp, settings.model, mask=mask, method=settings.method,
                      fit_delay=settings.fit_delay, device=settings.device,
                      progress=sub_progress(progress, 0.15, 1.0), cancel=cancel)
     maps.update(fit.maps())
+    messages += plausibility.fit_warnings(fit.r2, fit.status != FitStatus.MASKED)
     units = dict(fit.units)
     if "T10_s" in maps:
         units["T10_s"] = "s"
     report(progress, 1.0, "done")
     return FitOutput(maps=maps, units=units, geometry=series.geometry, times_s=series.times_s,
                      aif_plasma_mM=cp, concentration=conc, fit=fit, settings=settings,
-                     baseline_frames=baseline)
+                     baseline_frames=baseline, messages=messages)

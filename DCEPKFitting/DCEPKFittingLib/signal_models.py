@@ -13,7 +13,8 @@ import enum
 import numpy as np
 
 from . import jobs
-from .errors import DCEPKInputError
+from .errors import DCEPKInputError, setting
+from .plausibility import check_r1
 
 __all__ = [
     "spgr_signal", "fit_vfa_t1", "T1FitStatus", "signal_to_concentration",
@@ -25,29 +26,31 @@ __all__ = [
 def check_flip_angle(fa_deg, name="fa_deg"):
     """Flip angle(s) in degrees as a float array; catches radians and nonsense early."""
     fa = np.asarray(fa_deg, dtype=np.float64)
+    shown = ", ".join(f"{v:g}" for v in fa.ravel()[:8])
     if fa.size == 0 or not np.all(np.isfinite(fa)):
-        raise DCEPKInputError(f"{name} must be finite flip angle(s) in degrees; got {fa_deg!r}")
+        raise DCEPKInputError(f"{name} must be finite flip angle(s) in degrees; got {shown or 'none'}")
     if np.any(fa <= 0) or np.any(fa >= 180):
-        raise DCEPKInputError(f"{name} must be between 0 and 180 degrees; got {fa_deg!r}")
+        raise DCEPKInputError(f"{name} must be between 0 and 180 degrees; got {shown}")
     if np.any(fa < 1.0):
         # Every DCE / VFA protocol uses >= 1 degree; values below 1 are almost surely radians.
         raise DCEPKInputError(
-            f"{name}={fa_deg!r} looks like radians: pass flip angles in degrees "
+            f"{name} = {shown} looks like radians: pass flip angles in degrees "
             "(e.g. 15, not 0.26)")
     return fa
 
 
 def check_tr(tr_s):
     """Repetition time in seconds as a float; catches milliseconds given by mistake."""
+    name = setting("--tr", "tr_s")
     try:
         tr = float(tr_s)
     except (TypeError, ValueError):
-        raise DCEPKInputError(f"tr_s must be one number (repetition time in seconds); got {tr_s!r}") from None
+        raise DCEPKInputError(f"{name} must be one number (repetition time in seconds); got {tr_s}") from None
     if not np.isfinite(tr) or tr <= 0:
-        raise DCEPKInputError(f"tr_s must be a positive repetition time in seconds; got {tr_s!r}")
+        raise DCEPKInputError(f"{name} must be a positive repetition time in seconds; got {tr:g}")
     if tr > 1.0:
         raise DCEPKInputError(
-            f"tr_s={tr_s!r} s is longer than 1 s, which no SPGR protocol uses: TR looks like "
+            f"{name} = {tr:g} s is longer than 1 s, which no SPGR protocol uses: TR looks like "
             "milliseconds; pass it in seconds (e.g. 0.005 for 5 ms)")
     return tr
 
@@ -235,22 +238,18 @@ def detect_baseline_frames(signal_or_curve, min_frames=1):
     median of the frames before it, and staying up on the next frame; the noise SD comes from
     the median absolute frame-to-frame difference, which enhancement barely affects.
     """
-    data = np.asarray(signal_or_curve, dtype=np.float64)
+    data = np.asarray(signal_or_curve)
+    if data.dtype.kind not in "fiu":
+        data = data.astype(np.float64)
     if data.ndim == 0 or data.shape[-1] < 3:
         raise DCEPKInputError(
             f"baseline detection needs a time course of at least 3 frames; got shape {data.shape}")
     if data.ndim == 1:
-        curve = data
+        curve = data.astype(np.float64)
         if not np.all(np.isfinite(curve)):
             raise DCEPKInputError("the curve contains NaN or inf values: remove or mask them first")
     else:
-        flat = data.reshape(-1, data.shape[-1])
-        flat = flat[np.all(np.isfinite(flat), axis=-1)]
-        if flat.shape[0] == 0:
-            raise DCEPKInputError("no voxel of the series has a finite time course (all NaN / inf)")
-        enh = flat.max(-1) - np.median(flat[:, : max(2, min(5, flat.shape[1] // 4))], axis=-1)
-        top = flat[enh >= np.quantile(enh, 0.9)]
-        curve = top.mean(axis=0)
+        curve = _most_enhancing_mean(data.reshape(-1, data.shape[-1]))
     n_t = curve.size
     sigma = 1.4826 * np.median(np.abs(np.diff(curve))) / np.sqrt(2.0)
     peak_rise = curve.max() - curve[0]
@@ -280,6 +279,30 @@ def detect_baseline_frames(signal_or_curve, min_frames=1):
     return max(int(arrival), int(min_frames), 1)
 
 
+def _most_enhancing_mean(flat: np.ndarray, block: int = 65536) -> np.ndarray:
+    """Mean curve (float64) of the 10 % most enhancing voxels with a finite curve, by blocks of
+    voxels (no float64 copy of a whole series in memory)."""
+    n_t = flat.shape[1]
+    head = max(2, min(5, n_t // 4))
+    enhancement = np.full(flat.shape[0], np.nan)
+    for start in range(0, flat.shape[0], block):
+        part = np.asarray(flat[start:start + block], dtype=np.float64)
+        finite = np.all(np.isfinite(part), axis=-1)
+        enhancement[start:start + block][finite] = (part[finite].max(-1)
+                                                    - np.median(part[finite, :head], axis=-1))
+    finite = np.isfinite(enhancement)
+    if not finite.any():
+        raise DCEPKInputError("no voxel of the series has a finite time course (all NaN / inf)")
+    top = finite & (enhancement >= np.quantile(enhancement[finite], 0.9))
+    total, count = np.zeros(n_t), 0
+    for start in range(0, flat.shape[0], block):
+        chosen = top[start:start + block]
+        if chosen.any():
+            total += np.asarray(flat[start:start + block][chosen], dtype=np.float64).sum(axis=0)
+            count += int(chosen.sum())
+    return total / count
+
+
 # --------------------------------------------------------------------------- concentration
 def check_t10(t10_s, spatial_shape=None) -> np.ndarray:
     """T10 (s) as float64, scalar or a map of ``spatial_shape``; an error names a wrong shape, a
@@ -294,11 +317,16 @@ def check_t10(t10_s, spatial_shape=None) -> np.ndarray:
         raise DCEPKInputError(
             f"T10 median {np.median(t10_finite):g} s is implausible: T10 looks like milliseconds; pass seconds "
             "(divide by 1000; on the command line add --t10-unit ms)")
+    if np.median(t10_finite) < 0.1:
+        # tissue and blood T1 lie at 0.2-5 s; 0.02 is 1.2 s written in minutes
+        raise DCEPKInputError(
+            f"T10 median {np.median(t10_finite):g} s is implausible (tissue T1 is 0.2-5 s): T10 looks like minutes; "
+            "pass seconds (multiply by 60)")
     return t10
 
 
 def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames=None, b1=1.0,
-                            baseline_start=0, progress=None, cancel=None, dtype=np.float64):
+                            baseline_start=0, progress=None, cancel=None, dtype=np.float64, out=None):
     """Concentration (mM) from SPGR signal by exact inversion of the SPGR equation.
 
     signal: (..., T); t10_s: pre-contrast T1 in s, scalar or (...) map; fa_deg, tr_s: sequence;
@@ -313,7 +341,8 @@ def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_f
     T10, get NaN; ``valid_mask`` (shape (...)) is True where every frame was converted.
     ``progress(fraction, message)`` and ``cancel`` (``is_set()``) follow ``jobs``. ``dtype``: the
     precision of the per-frame arithmetic and of the result; float32 (the networks' input) is ~2x
-    faster and off by < 1e-4 mM.
+    faster and off by < 1e-4 mM. ``out``: an array of the signal's shape to hold the result (any
+    float dtype; it may be the signal itself: each chunk is read before it is written).
     Returns (conc_mM (..., T), valid_mask (...)).
     """
     sig = np.asarray(signal)
@@ -326,14 +355,7 @@ def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_f
     if fa.size != 1:
         raise DCEPKInputError("signal_to_concentration takes one flip angle (the dynamic series')")
     tr = check_tr(tr_s)
-    try:
-        r1 = float(r1_per_mM_s)
-    except (TypeError, ValueError):
-        raise DCEPKInputError(f"r1_per_mM_s must be one number in 1/(mM s); got {r1_per_mM_s!r}") from None
-    if not np.isfinite(r1) or r1 <= 0 or r1 > 100:
-        raise DCEPKInputError(
-            f"relaxivity r1={r1_per_mM_s!r} 1/(mM s) is not plausible (Gd agents: about 3-7); "
-            "pass it in 1/(mM s), e.g. default_r1('gadoterate', 3.0)")
+    r1 = check_r1(r1_per_mM_s)
     if sig.ndim == 0 or sig.shape[-1] < 2:
         raise DCEPKInputError(f"signal needs a time axis (last) with at least 2 frames; got shape {sig.shape}")
     n_t = sig.shape[-1]
@@ -377,7 +399,9 @@ def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_f
     base_flat = s_base.reshape(-1)
     t10_flat = np.broadcast_to(t10, spatial).reshape(-1)
     cos_flat = np.cos(np.deg2rad(fa.item() * np.broadcast_to(b1v, spatial).reshape(-1)))
-    conc = np.empty((n_vox, n_t), dtype=work)
+    if out is not None and (np.shape(out) != sig.shape or out.dtype.kind != "f" or not out.flags.c_contiguous):
+        raise DCEPKInputError(f"out must be a contiguous float array of the signal's shape {sig.shape}")
+    conc = np.empty((n_vox, n_t), dtype=work) if out is None else out.reshape(n_vox, n_t)
     valid = np.empty(n_vox, bool)
     chunk = max(1, 262_144 // n_t)
     for lo in range(0, n_vox, chunk):

@@ -1,12 +1,18 @@
 """Per-label (tissue ROI) statistics of parameter maps, NaN-aware, as rows for a table or file."""
 
 import csv
+import io
 from pathlib import Path
 from typing import Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
 from .errors import DCEPKInputError
+from .output_files import OutputSet
+
+# Table formats by file suffix: the delimiter. Anything else (.xlsx, .ods...) is refused rather
+# than written as text under a name that promises another format.
+TABLE_DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
 
 STAT_COLUMNS = ("count", "nan_count", "mean", "sd", "median", "iqr", "p05", "p95")
 
@@ -39,12 +45,12 @@ def label_statistics(maps: Mapping[str, np.ndarray], labels: np.ndarray,
     ``labels`` is an integer array of the maps' shape; 0 is background and left out unless
     listed in ``label_values``.
     """
-    labels = np.asarray(labels)
     for name, array in maps.items():
-        if np.shape(array) != labels.shape:
+        if np.shape(array) != np.shape(labels):
             raise DCEPKInputError(
-                f"map '{name}' has shape {np.shape(array)} but the label map has shape {labels.shape}: "
+                f"map '{name}' has shape {np.shape(array)} but the label map has shape {np.shape(labels)}: "
                 "resample the label map onto the map's grid first")
+    labels = check_label_map(labels)
     if label_values is None:
         label_values = [int(v) for v in np.unique(labels) if v != 0]
     label_names = dict(label_names or {})
@@ -59,18 +65,48 @@ def label_statistics(maps: Mapping[str, np.ndarray], labels: np.ndarray,
     return rows
 
 
+def check_label_map(labels, where: str = "the label map") -> np.ndarray:
+    """Integer labels as int64; a map of non-integer values or without any label is refused
+    (rounding would silently merge or invent regions)."""
+    labels = np.asarray(labels)
+    if labels.dtype.kind == "f":
+        finite = np.isfinite(labels)
+        if not finite.all() or np.any(labels[finite] != np.round(labels[finite])):
+            odd = labels[~finite | (labels != np.round(labels))]
+            raise DCEPKInputError(
+                f"{where} has {odd.size} voxels that are not whole numbers (e.g. {odd.flat[0]:g}): it looks like a "
+                "map or a probability image, not labels; export the segmentation as a label map (integers)")
+    elif labels.dtype.kind not in "iub":
+        raise DCEPKInputError(f"{where} has data type {labels.dtype}: export the segmentation as a label map")
+    labels = labels.astype(np.int64)
+    if not np.any(labels != 0):
+        raise DCEPKInputError(f"{where} is empty (every voxel is 0, the background): draw or load the segments first")
+    return labels
+
+
+def table_suffix(path) -> str:
+    """The suffix of a table file, refused unless it is one written here (.csv, .tsv, .txt)."""
+    suffix = Path(path).suffix.lower()
+    if suffix not in TABLE_DELIMITERS:
+        raise DCEPKInputError(f"cannot write a table as '{Path(path).name}': name it .csv (comma-separated), .tsv "
+                              "or .txt (tab-separated), which spreadsheets open too")
+    return suffix
+
+
 def write_table(rows: List[dict], path, overwrite: bool = False) -> Path:
-    """Write rows as CSV (``.csv``) or tab-separated (any other suffix, e.g. ``.tsv``)."""
-    path = Path(path)
-    if path.exists() and not overwrite:
-        raise DCEPKInputError(f"{path} exists: choose another output or pass overwrite=True (--overwrite)")
+    """Write rows as CSV (``.csv``) or tab-separated (``.tsv``, ``.txt``), staged and verified."""
+    with OutputSet(overwrite) as outputs:
+        stage_table(outputs, rows, path)
+        return outputs.commit()[0]
+
+
+def stage_table(outputs: OutputSet, rows: List[dict], path) -> Path:
+    """Add a statistics table to ``outputs`` (see :func:`write_table`)."""
+    delimiter = TABLE_DELIMITERS[table_suffix(path)]
     if not rows:
         raise DCEPKInputError("no statistics to write: the label map has no labelled voxels")
-    delimiter = "," if path.suffix.lower() == ".csv" else "\t"
-    tmp = path.with_name(path.name + ".partial")
-    with open(tmp, "w", newline="") as handle:
-        writer = csv.DictWriter(handle, fieldnames=list(rows[0].keys()), delimiter=delimiter)
-        writer.writeheader()
-        writer.writerows(rows)
-    tmp.replace(path)
-    return path
+    text = io.StringIO(newline="")
+    writer = csv.DictWriter(text, fieldnames=list(rows[0].keys()), delimiter=delimiter)
+    writer.writeheader()
+    writer.writerows(rows)
+    return outputs.add_text(path, text.getvalue())

@@ -5,7 +5,8 @@ the FA, TR, T10 and r1 that the conventional fit needs too) on the canonical gri
 (``canonical_grid``). Memory stays bounded: voxel-wise networks run on chunks of
 ``batch_voxels`` voxels (on CPU in cache-sized blocks within a chunk, ``networks.in_cache_blocks``);
 2-D networks run slice by slice on the bounding box of the mask.
-Maps outside the mask are 0. kep = Ktrans / ve with ve floored at ``KEP_VE_FLOOR`` (kep is
+Maps outside the mask are 0; voxels whose curve holds NaN or inf are left out of it and get NaN
+(never a number). kep = Ktrans / ve with ve floored at ``KEP_VE_FLOOR`` (kep is
 undefined where ve -> 0), and its SD by first-order error propagation from the Ktrans and ve SDs
 (assumed independent).
 """
@@ -19,12 +20,15 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from DCEPKFittingLib.cli import add_t10_options, add_timing_options, parse_times, read_t10
+from DCEPKFittingLib.cli import (POSITIVE_INT, add_acquisition_options, add_t10_options, add_timing_options,
+                                 print_messages, read_series_option, read_t10, write_summary)
 from DCEPKFittingLib.signal_models import check_t10, default_r1
-from DCEPKFittingLib.dce_io import DCESeries, read_dce, read_mask, write_maps
+from DCEPKFittingLib.dce_io import DCESeries, finite_voxels, map_targets, read_mask, stage_maps
 from DCEPKFittingLib.errors import DCEPKInputError
 from DCEPKFittingLib.geometry import Geometry, check_same_grid
 from DCEPKFittingLib.jobs import ConsoleProgress, raise_if_cancelled, report
+from DCEPKFittingLib.output_files import OutputSet, check_targets
+from DCEPKFittingLib.plausibility import check_frame_times
 
 from . import canonical_grid as cg
 from .model_store import list_models, load_model
@@ -38,6 +42,8 @@ AUTO_MASK_FRACTION = 0.1       # auto mask: baseline signal above 10 % of its 99
 BASELINE_SAMPLE_VOXELS = 50_000  # voxels sampled for bolus-arrival detection
 SLICE_MARGIN = 8               # pixels of context around the mask's bounding box for 2-D networks
 GPU_BYTES_NEEDED = 2 << 30     # ask for 2 GiB free before choosing the GPU
+MAP_ORDER = ("Ktrans", "ve", "vp", "kep", "Ktrans_sd", "ve_sd", "vp_sd", "kep_sd")
+INFER_SUMMARY = "dcepk_infer.json"
 UNITS = {"Ktrans": "1/min", "ve": "fraction", "vp": "fraction", "kep": "1/min",
          "Ktrans_sd": "1/min", "ve_sd": "fraction", "vp_sd": "fraction", "kep_sd": "1/min"}
 
@@ -86,15 +92,19 @@ def auto_mask(signal: np.ndarray, baseline_frames: int) -> np.ndarray:
     return finite & (s0 > AUTO_MASK_FRACTION * level)
 
 
-def _check_series(series: DCESeries):
+def _check_series(series: DCESeries) -> np.ndarray:
+    """The series checked; returns its voxels with a finite curve (bool [k, j, i])."""
     if not isinstance(series, DCESeries):
         raise DCEPKInputError("run_inference takes a DCESeries (dce_io.read_dce or DCESeries(signal, times_s, ...))")
     if series.kind != "signal":
         raise DCEPKInputError("the networks take the raw signal series (they convert it to concentration "
                               "themselves); this series holds concentration: load the signal series instead")
     cg.check_times(series.times_s)
-    if not np.all(np.isfinite(series.signal)):
-        raise DCEPKInputError("the series has NaN or inf voxels: replace them (read_dce(replace_nonfinite=0)) first")
+    check_frame_times(series.times_s, "the series' frame times")
+    finite = finite_voxels(series.signal)
+    if not finite.any():
+        raise DCEPKInputError("every voxel of the series holds NaN or inf values: check the loaded series")
+    return finite
 
 
 def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int], notes: list) -> int:
@@ -164,7 +174,9 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     bolus arrival; protocol_calibration: for frame times outside the network's training ranges,
     refit its SD factors on simulated subjects with these frame times (2-30 s on 2 cores).
     """
-    _check_series(series)
+    finite = _check_series(series)
+    if isinstance(batch_voxels, bool) or int(batch_voxels) != batch_voxels or batch_voxels < 1:
+        raise DCEPKInputError(f"batch_voxels must be a whole number of voxels, at least 1; got {batch_voxels}")
     notes = []
     shape = series.spatial_shape
     n_t = series.n_frames
@@ -181,11 +193,17 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
         check_same_grid(shape, None, mask.shape, None, "DCE series", "mask")
         if not mask.any():
             raise DCEPKInputError("the mask is empty: draw the region or pass no mask")
-    n_base = _baseline(series, mask, baseline_frames, notes)
+    n_base = _baseline(series, mask if mask is not None else finite, baseline_frames, notes)
     if mask is None:
-        mask = auto_mask(series.signal, n_base)
+        mask = auto_mask(series.signal, n_base) & finite
         notes.append(f"auto mask: {int(mask.sum())} voxels with baseline signal above "
                      f"{AUTO_MASK_FRACTION:.0%} of its 99th percentile")
+    invalid = ~finite
+    if invalid.any():
+        notes.append(f"{int(invalid.sum())} voxels hold NaN or inf values: they are left out (NaN in every map)")
+        mask = mask & finite
+        if not mask.any():
+            raise DCEPKInputError("every voxel of the mask holds NaN or inf values: check the series and the mask")
     dev = choose_device(device, notes)
     model, card = load_model(model_name, dev, models_dir)
     outside = protocol_outside_training(series.times_s, card)
@@ -256,38 +274,49 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
             report(progress, (done + 1) / len(slices), f"slice {done + 1} of {len(slices)}")
     raise_if_cancelled(cancel)
     maps = {}
+    outside = np.where(invalid, np.float32(np.nan), np.float32(0.0))  # invalid input: NaN, never a number
     for i, name in enumerate(PARAM_NAMES):
-        maps[name] = np.where(mask, mean[..., i], 0.0).astype(np.float32)
-        maps[f"{name}_sd"] = np.where(mask, sd[..., i], 0.0).astype(np.float32)
+        maps[name] = np.where(mask, mean[..., i], outside).astype(np.float32)
+        maps[f"{name}_sd"] = np.where(mask, sd[..., i], outside).astype(np.float32)
     ve = np.maximum(maps["ve"], KEP_VE_FLOOR)
     kep = maps["Ktrans"] / ve
     rel = np.sqrt((maps["Ktrans_sd"] / np.maximum(maps["Ktrans"], 1e-6)) ** 2 + (maps["ve_sd"] / ve) ** 2)
-    maps["kep"] = np.where(mask, kep, 0.0).astype(np.float32)
+    maps["kep"] = np.where(mask, kep, outside).astype(np.float32)
     # where Ktrans ~ 0 the relative form is unstable: use the absolute form SD(Ktrans) / ve
     kep_sd = np.where(maps["Ktrans"] > 1e-6, kep * rel, maps["Ktrans_sd"] / ve)
-    maps["kep_sd"] = np.where(mask, kep_sd, 0.0).astype(np.float32)
-    order = ["Ktrans", "ve", "vp", "kep", "Ktrans_sd", "ve_sd", "vp_sd", "kep_sd"]
+    maps["kep_sd"] = np.where(mask, kep_sd, outside).astype(np.float32)
     report(progress, 1.0, "done")
-    return InferenceOutput({k: maps[k] for k in order}, dict(UNITS), series.geometry, card, mask, n_base,
+    return InferenceOutput({k: maps[k] for k in MAP_ORDER}, dict(UNITS), series.geometry, card, mask, n_base,
                            str(dev), notes)
 
 
 # ------------------------------------------------------------------------------------ CLI
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"'{text}' is not a device: use auto, cpu, cuda or cuda:N")
+
+
+def _model_name(text: str) -> str:
+    from .model_store import check_model_name
+    try:
+        return check_model_name(text)
+    except DCEPKInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
 def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(
         prog="dcepk infer", description="Ktrans, ve, vp, kep maps with uncertainty by a neural network (no AIF)")
     parser.add_argument("input", type=Path, nargs="?", help="DCE signal series (DICOM folder, NIfTI, NRRD)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, help="shipped network (see --list)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, type=_model_name, help="shipped network (see --list)")
     parser.add_argument("--out", type=Path, help="output folder for the maps")
-    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda")
     parser.add_argument("--mask", type=Path, help="mask / label map on the series grid (default: auto)")
-    parser.add_argument("--fa", type=float, help="flip angle in degrees (default: from the file)")
-    parser.add_argument("--tr", type=float, help="repetition time in seconds (default: from the file)")
     add_t10_options(parser, " (required)")
-    parser.add_argument("--r1", type=float, help="relaxivity r1 in 1/(mM s) (default: gadoterate at 3 T)")
-    parser.add_argument("--baseline-frames", type=int, help="pre-contrast frames (default: detected)")
+    add_acquisition_options(parser)
     add_timing_options(parser)
-    parser.add_argument("--batch-voxels", type=int, default=65536, help="voxels per chunk (memory bound)")
+    parser.add_argument("--batch-voxels", type=POSITIVE_INT, default=65536, help="voxels per chunk (memory bound)")
     parser.add_argument("--no-protocol-calibration", action="store_true",
                         help="keep the card's SD factors for frame times outside the training ranges")
     parser.add_argument("--list", action="store_true", help="list the shipped models and exit")
@@ -308,15 +337,21 @@ def infer_main(argv=None) -> int:
         return 0
     if args.input is None or args.out is None:
         raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")
-    series = read_dce(args.input, times_s=parse_times(args.times), dt_s=args.dt)
+    check_targets(map_targets(args.out, MAP_ORDER) + [args.out / INFER_SUMMARY], args.overwrite)
+    series = read_series_option(args)
     mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
     result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
                            t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
                            baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {args.model}"),
                            protocol_calibration=not args.no_protocol_calibration)
-    for note in result.notes:
-        print(f"note: {note}", file=sys.stderr)
-    written = write_maps(args.out, result.maps, result.geometry, overwrite=args.overwrite)
+    print_messages("note", result.notes)
+    summary = {"command": "infer", "input": str(args.input), "model": args.model, "device": result.device,
+               "timing_source": series.metadata.get("timing_source"), "times_s": series.times_s.tolist(),
+               "baseline_frames": result.baseline_frames, "units": result.units, "notes": result.notes}
+    with OutputSet(args.overwrite) as outputs:
+        written = stage_maps(outputs, args.out, result.maps, result.geometry)
+        write_summary(outputs, args.out / INFER_SUMMARY, summary)
+        outputs.commit()
     print(f"{len(written)} maps ({', '.join(result.maps)}) written to {args.out} "
           f"[model {args.model}, device {result.device}, {result.baseline_frames} baseline frames]", file=sys.stderr)
     return 0

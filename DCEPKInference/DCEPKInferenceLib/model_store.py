@@ -7,11 +7,12 @@ validation metrics, code version, SHA-256 of the weights file). The default fold
 points elsewhere (e.g. models retrained on a GPU).
 """
 
+import errno
 import hashlib
 import importlib.util
 import json
 import os
-import tempfile
+import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
@@ -20,6 +21,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from DCEPKFittingLib.errors import DCEPKInputError
+from DCEPKFittingLib.output_files import OutputSet
 
 from .canonical_grid import INPUT_DESCRIPTION, PROTOCOL_FEATURES
 from .networks import build_network
@@ -70,7 +72,20 @@ def list_models(directory=None) -> List[Dict]:
     return cards
 
 
+_MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,99}$")
+
+
+def check_model_name(name: str) -> str:
+    """A model is named, never pathed: letters, digits, '_', '-', '.' only, so that a name always
+    resolves inside the models folder (``../x`` or ``/tmp/x`` would load weights from elsewhere)."""
+    if not isinstance(name, str) or not _MODEL_NAME.match(name) or ".." in name:
+        raise DCEPKInputError(f"'{name}' is not a model name: give the name of a model in the models folder "
+                              "(letters, digits, '_', '-' and '.'; see dcepk infer --list), not a path")
+    return name
+
+
 def read_card(name: str, directory=None) -> Dict:
+    check_model_name(name)
     folder = models_dir(directory)
     card_path = folder / f"{name}.json"
     if not card_path.is_file():
@@ -108,6 +123,10 @@ def load_model(name: str, device="cpu", directory=None) -> Tuple[torch.nn.Module
         state = load_file(str(weights), device="cpu")
     except (SafetensorError, OSError, ValueError) as error:
         raise DCEPKInputError(f"weights file {weights} cannot be read ({error}): reinstall the model files") from None
+    broken = [key for key, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+    if broken:
+        raise DCEPKInputError(f"weights file {weights} holds NaN or inf values ({len(broken)} tensors, e.g. "
+                              f"{broken[0]}): it would give NaN maps; retrain or reinstall the model files")
     model = build_network(card["network"], card["network_config"])
     try:
         model.load_state_dict(state, strict=True)
@@ -131,29 +150,29 @@ def training_totals(card: Dict) -> Tuple[int, float]:
     return steps, wall
 
 
-def _atomic_write(target: Path, writer) -> None:
-    handle, temporary = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
-    os.close(handle)
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes 0600; shipped files must be readable by all
-    try:
-        writer(temporary)
-        os.replace(temporary, target)
-    finally:
-        if os.path.exists(temporary):
-            os.remove(temporary)
-
-
 def save_model(model: torch.nn.Module, card: Dict, directory, name: str, overwrite: bool = False) -> Dict:
     """Write ``<name>.safetensors`` and ``<name>.json`` (with the weights' SHA-256) atomically."""
+    check_model_name(name)
     folder = Path(directory)
-    folder.mkdir(parents=True, exist_ok=True)
     targets = [folder / f"{name}.safetensors", folder / f"{name}.json"]
     if not overwrite and any(t.exists() for t in targets):
         raise DCEPKInputError(f"model '{name}' already exists in {folder}: choose another --out or pass --overwrite")
     state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    _atomic_write(targets[0], lambda tmp: save_file(state, tmp))
-    card = dict(card, name=name, sha256=sha256_of(targets[0]), weights_bytes=targets[0].stat().st_size)
-    _atomic_write(targets[1], lambda tmp: Path(tmp).write_text(json.dumps(card, indent=2, sort_keys=False)))
+    written = {}
+
+    def verify_weights(temporary: Path) -> None:
+        try:
+            readable = set(load_file(str(temporary))) == set(state)
+        except (SafetensorError, ValueError):
+            readable = False
+        if not readable:
+            raise OSError(errno.EIO, "the weights written do not read back")
+        # the card's checksum is that of the staged file, which is published unchanged with it
+        written.update(sha256=sha256_of(temporary), size=temporary.stat().st_size)
+
+    with OutputSet(overwrite) as outputs:
+        outputs.add_file(targets[0], lambda temporary: save_file(state, str(temporary)), verify=verify_weights)
+        card = dict(card, name=name, sha256=written["sha256"], weights_bytes=written["size"])
+        outputs.add_text(targets[1], json.dumps(card, indent=2, sort_keys=False))
+        outputs.commit()
     return card

@@ -29,6 +29,7 @@ import torch
 from DCEPKFittingLib import tk_models
 from DCEPKFittingLib.errors import DCEPKInputError
 from DCEPKFittingLib.jobs import raise_if_cancelled
+from DCEPKFittingLib.output_files import OutputSet
 
 from . import __version__, canonical_grid, simulator
 from .metrics import Z90, summarize
@@ -453,9 +454,12 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
             if progress:
                 progress(done / total, f"step {done}/{total}")
         if done % training["checkpoint_every"] == 0 or done == total:
-            torch.save({"network": model_name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                        "schedule": schedule.state_dict(), "step": done,
-                        "wall_s": previous_wall + time.perf_counter() - started}, checkpoint_path)
+            checkpoint = {"network": model_name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
+                          "schedule": schedule.state_dict(), "step": done,
+                          "wall_s": previous_wall + time.perf_counter() - started}
+            with OutputSet(overwrite=True) as outputs:  # a kill while saving leaves the last checkpoint whole
+                outputs.add_stream(checkpoint_path, lambda handle: torch.save(checkpoint, handle))
+                outputs.commit()
     wall = time.perf_counter() - started
     model.eval()
     calibration = fit_sd_calibration(model, training, dev) if model.config.get("calibrate_sd") else None

@@ -689,16 +689,16 @@ def test_too_few_frames(tmp_path):
         read_dce(path)
 
 
-def test_nonfinite_values_counted_and_replaceable(tmp_path):
+def test_nonfinite_values_counted_and_kept_on_request(tmp_path):
     signal = np.ones((1, 2, 3, 4))
     signal[0, 0, 0, 1] = np.nan
     signal[0, 1, 2, :2] = np.inf
     path = write_dce_series(tmp_path / "nan.nrrd", DCESeries(signal=signal, times_s=[0.0, 1.0, 2.0, 3.0]))
-    with pytest.raises(DCEPKInputError, match=r"3 NaN/inf values \(in 2 voxels\).*replace_nonfinite"):
+    with pytest.raises(DCEPKInputError, match=r"3 NaN/inf values \(in 2 voxels\).*nonfinite='keep'"):
         read_dce(path)
-    series = read_dce(path, replace_nonfinite=0.0)
-    assert np.isfinite(series.signal).all() and series.signal[0, 0, 0, 1] == 0.0
-    assert series.metadata["nonfinite_replaced"] == 3
+    series = read_dce(path, nonfinite="keep")  # kept as they are: never replaced by a number
+    np.testing.assert_array_equal(np.isfinite(series.signal), np.isfinite(signal))
+    assert series.metadata["nonfinite_values"] == 3 and series.metadata["nonfinite_voxels"] == 2
 
 
 def test_unknown_missing_and_bad_timing_inputs(tmp_path):
@@ -719,9 +719,13 @@ def test_unknown_missing_and_bad_timing_inputs(tmp_path):
         read_dce(path, dt_s=0.0)
     with pytest.raises(DCEPKInputError, match="NaN or inf"):
         read_dce(path, times_s=[0.0, 1.0, np.nan, 3.0])
-    overridden = read_dce(path, dt_s=2.0)  # an explicit interval replaces the file's timing
+    # the file's own timing (0, 1, 2, 3 s) is not silently replaced by a different one
+    with pytest.raises(DCEPKInputError, match=r"stores its own frame times.*0, 1, 2, 3 s.*override_file_timing"):
+        read_dce(path, dt_s=2.0)
+    assert read_dce(path, dt_s=1.0).metadata["timing_source"] == "dt_s given (--dt)"  # the same times: fine
+    overridden = read_dce(path, dt_s=2.0, override_file_timing=True)
     np.testing.assert_array_equal(overridden.times_s, [0.0, 2.0, 4.0, 6.0])
-    assert overridden.metadata["timing_source"] == "dt_s given"
+    np.testing.assert_array_equal(overridden.metadata["file_times_s"], [0.0, 1.0, 2.0, 3.0])
 
 
 def test_colour_and_vector_images_are_not_series(tmp_path):
@@ -791,13 +795,13 @@ def test_write_volume_refuses_existing_target_and_leaves_it_unchanged(tmp_path):
 
 def test_target_appearing_while_writing_is_not_clobbered(tmp_path, monkeypatch):
     target = tmp_path / "Ktrans.nii.gz"
-    original = dce_io._write_volume_file
+    original = dce_io._write_sitk_file
 
     def racing(temporary, suffix, array, geometry):
         original(temporary, suffix, array, geometry)
         target.write_bytes(b"written by another process meanwhile")
 
-    monkeypatch.setattr(dce_io, "_write_volume_file", racing)
+    monkeypatch.setattr(dce_io, "_write_sitk_file", racing)
     with pytest.raises(DCEPKInputError, match="appeared while writing"):
         write_volume(target, np.ones((1, 2, 2)), OBLIQUE)
     assert target.read_bytes() == b"written by another process meanwhile"
@@ -821,41 +825,51 @@ def test_write_maps_all_or_nothing(tmp_path):
 
 
 def test_write_maps_failure_midway_leaves_nothing(tmp_path, monkeypatch):
+    import errno
     calls = []
-    original = dce_io._write_volume_file
+    original = dce_io._write_sitk_file
 
     def failing(temporary, suffix, array, geometry):
         calls.append(temporary)
         if len(calls) == 2:
-            raise OSError("disk full")
+            raise OSError(errno.ENOSPC, "No space left on device")
         original(temporary, suffix, array, geometry)
 
-    monkeypatch.setattr(dce_io, "_write_volume_file", failing)
+    monkeypatch.setattr(dce_io, "_write_sitk_file", failing)
     maps = {name: np.ones((1, 2, 2)) for name in ("a", "b", "c")}
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DCEPKInputError, match="no space left on the disk holding .*out.*nothing was changed"):
         write_maps(tmp_path / "out", maps, OBLIQUE)
     assert not (tmp_path / "out").exists()  # the folder it made is taken back too
     (tmp_path / "kept").mkdir()
     calls.clear()
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(DCEPKInputError, match="no space left"):
         write_maps(tmp_path / "kept", maps, OBLIQUE)
     assert list((tmp_path / "kept").iterdir()) == []
 
 
-def test_write_maps_publishing_failure_takes_back_published_files(tmp_path, monkeypatch):
-    original = dce_io._publish
+def test_write_maps_publishing_failure_puts_back_every_earlier_file(tmp_path, monkeypatch):
+    from DCEPKFittingLib.output_files import OutputSet
+    original = OutputSet._publish
 
-    def failing_last(temporary, target, overwrite):
+    def failing_last(self, temporary, target):
         if target.name.startswith("c"):
             raise OSError("rename failed")
-        original(temporary, target, overwrite)
+        return original(self, temporary, target)
 
-    monkeypatch.setattr(dce_io, "_publish", failing_last)
+    monkeypatch.setattr(OutputSet, "_publish", failing_last)
     maps = {name: np.ones((1, 2, 2)) for name in ("a", "b", "c")}
     (tmp_path / "out").mkdir()
-    with pytest.raises(OSError, match="rename failed"):
+    with pytest.raises(DCEPKInputError, match="rename failed"):
         write_maps(tmp_path / "out", maps, OBLIQUE)
     assert list((tmp_path / "out").iterdir()) == []
+    # with --overwrite, the files replaced before the failure get their earlier bytes back
+    monkeypatch.setattr(OutputSet, "_publish", original)
+    write_maps(tmp_path / "out", maps, OBLIQUE)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()}
+    monkeypatch.setattr(OutputSet, "_publish", failing_last)
+    with pytest.raises(DCEPKInputError, match="rename failed"):
+        write_maps(tmp_path / "out", {name: np.full((1, 2, 2), 7.0) for name in maps}, OBLIQUE, overwrite=True)
+    assert {p.name: p.read_bytes() for p in (tmp_path / "out").iterdir()} == before
 
 
 def test_write_maps_rejects_bad_names_and_shapes(tmp_path):
