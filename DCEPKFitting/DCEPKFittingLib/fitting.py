@@ -247,6 +247,29 @@ def _linear_fit(spec, y, t, cp, delay_s=0.0):
     return torch.stack([ktrans, ve, vp], -1), ssr
 
 
+# Curves per forward-model call in the iterative fits: between blocks the cancel flag is checked, so
+# a cancel reaches a chunk's iteration within one block's time (~0.3 s for 2CXM on a busy core).
+_EVALUATION_BLOCK = 8192
+
+
+def _in_blocks(evaluate, n, n_frames, cancel):
+    """``evaluate(rows)`` for blocks of rows (slices), the outputs (tensors or tuples) concatenated.
+
+    No block is smaller than the batch above which ``tk_models`` scans the curves step by step (its
+    method, and so its rounding, depends on the batch size), so the results are those of one call."""
+    size = max(_EVALUATION_BLOCK, tk._SCAN_BUDGET // (8 * max(n_frames - 1, 1)) + 1)
+    if n < 2 * size:
+        return evaluate(slice(0, n))
+    bounds = np.linspace(0, n, n // size + 1).astype(int)
+    parts = []
+    for start, stop in zip(bounds[:-1], bounds[1:]):
+        jobs.raise_if_cancelled(cancel)
+        parts.append(evaluate(slice(int(start), int(stop))))
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(outputs) for outputs in zip(*parts))
+    return torch.cat(parts)
+
+
 def _clip_to_bounds(x, lower, upper):
     return torch.maximum(torch.minimum(x, upper), lower)
 
@@ -267,7 +290,12 @@ def _levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterat
 
     def evaluate(xs, ys_index):
         delay = xs[:, n_model] if fit_delay else (0.0 if fixed_delay is None else fixed_delay[ys_index])
-        f, jac = tk.concentration_and_jacobian(spec.name, xs[:, :n_model], t, cp, delay, with_delay=fit_delay)
+
+        def rows(part):
+            part_delay = delay if isinstance(delay, float) else delay[part]
+            return tk.concentration_and_jacobian(spec.name, xs[part, :n_model], t, cp, part_delay,
+                                                 with_delay=fit_delay)
+        f, jac = _in_blocks(rows, xs.shape[0], t.shape[0], cancel)
         r = y[ys_index] - f
         return r, jac
 
@@ -498,7 +526,7 @@ def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
 
 # ---------------------------------------------------------------------------------------------
 # Starting values
-def _initial_values(spec, y, t, cp, lower, upper, delay, n_starts=1):
+def _initial_values(spec, y, t, cp, lower, upper, delay, n_starts=1, cancel=None):
     """Starting parameters (n, n_starts, P).
 
     Tofts / extended Tofts / Patlak: the linear fit. The two-compartment models have local
@@ -532,7 +560,10 @@ def _initial_values(spec, y, t, cp, lower, upper, delay, n_starts=1):
     candidates = _clip_to_bounds(torch.stack(candidates, 1), lower, upper)
     k = candidates.shape[1]
     delay_rep = delay if isinstance(delay, float) else delay[:, None].expand(n, k).reshape(-1)
-    f = tk.concentration(spec.name, candidates.reshape(n * k, -1), t, cp, delay_rep).reshape(n, k, -1)
+    flat = candidates.reshape(n * k, -1)
+    f = _in_blocks(lambda part: tk.concentration(spec.name, flat[part], t, cp,
+                                                 delay_rep if isinstance(delay_rep, float) else delay_rep[part]),
+                   n * k, t.shape[0], cancel).reshape(n, k, -1)
     ssr = ((y[:, None, :] - f) ** 2).sum(-1)
     best = ssr.argsort(1)[:, :n_starts]
     return torch.gather(candidates, 1, best[..., None].expand(n, best.shape[1], spec.n_params))
@@ -602,7 +633,7 @@ def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, 
             x[redo], ssr[redo], hess[redo], converged[redo] = x_r, ssr_r, hess_r, conv_r
     else:
         starts = N_STARTS.get(spec.name, 1)
-        x0 = _initial_values(spec, y, t, cp, lower, upper, delay, starts)  # (n, starts, P)
+        x0 = _initial_values(spec, y, t, cp, lower, upper, delay, starts, cancel)  # (n, starts, P)
         n = y.shape[0]
         if fit_delay:
             x0 = torch.cat([x0, delay[:, None, None].expand(n, starts, 1)], -1)

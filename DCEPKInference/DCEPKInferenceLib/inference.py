@@ -12,6 +12,7 @@ undefined where ve -> 0), and its SD by first-order error propagation from the K
 """
 
 import argparse
+import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -155,6 +156,19 @@ def protocol_outside_training(times_s, card) -> Optional[str]:
             " so its maps are less reliable")
 
 
+@contextlib.contextmanager
+def cancel_reaches_layers(model: torch.nn.Module, cancel):
+    """Within this block every layer of ``model`` checks ``cancel`` before it runs, so a cancel
+    stops a batch or a slice within one layer's time (a slice of a 2-D network takes seconds)."""
+    handles = [] if cancel is None else [module.register_forward_pre_hook(lambda *_: raise_if_cancelled(cancel))
+                                         for module in model.modules()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
 def _t10_values(t10_s, shape):
     """The whole map is checked here, so a chunk of background (no T10: NaN or 0) is not an error."""
     t10 = check_t10(t10_s, shape)
@@ -227,51 +241,52 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
                                r1_per_mM_s=r1_per_mM_s, weights=weights)
 
     torch.manual_seed(0)  # latent draws (tcn_punet) reproducible run to run
-    if model.kind == "voxel":
-        index = np.flatnonzero(mask.ravel())
-        flat = series.signal.reshape(-1, n_t)
-        t10_flat = t10.ravel() if isinstance(t10, np.ndarray) else t10
-        mean_flat, sd_flat = mean.reshape(-1, 3), sd.reshape(-1, 3)
-        for start in range(0, index.size, int(batch_voxels)):
-            raise_if_cancelled(cancel)
-            part = index[start:start + int(batch_voxels)]
-            c = canonical(flat[part], t10_flat[part] if isinstance(t10_flat, np.ndarray) else t10_flat)
-            with torch.no_grad():
-                m, s = model.predict(torch.from_numpy(c.curves).to(dev), torch.from_numpy(c.valid).to(dev),
-                                     torch.from_numpy(c.protocol).to(dev), **sample_kwargs)
-            mean_flat[part], sd_flat[part] = m.cpu().numpy(), s.cpu().numpy()
-            report(progress, min(start + part.size, index.size) / index.size,
-                   f"{min(start + part.size, index.size)} of {index.size} voxels")
-    else:
-        # pixels as the fastest axis of the image channels (channels_last): the layout of the
-        # conversion's (voxels, grid) output, and 1.2-2x faster 3x3 convolutions on CPU
-        model.to(memory_format=torch.channels_last)
-        slices = [k for k in range(shape[0]) if mask[k].any()]
-        for done, k in enumerate(slices):
-            raise_if_cancelled(cancel)
-            rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
-            j0, j1 = max(rows[0] - SLICE_MARGIN, 0), min(rows[-1] + SLICE_MARGIN + 1, shape[1])
-            i0, i1 = max(cols[0] - SLICE_MARGIN, 0), min(cols[-1] + SLICE_MARGIN + 1, shape[2])
-            tissue = mask[k, j0:j1, i0:i1]
-            h, w = tissue.shape
-            inside = tissue.ravel()
-            t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
-            c = canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], t10_part)
-            # only the tissue is converted; the margin reads as flat tissue (no contrast) at the
-            # slice's median noise level, like the non-enhancing tissue of the training patches
-            curves = np.zeros((h * w, c.curves.shape[1]), dtype=np.float32)
-            curves[inside] = c.curves
-            protocol = np.repeat(np.median(c.protocol, axis=0, keepdims=True), h * w, axis=0)
-            protocol[inside] = c.protocol
-            image = lambda a: torch.from_numpy(a).view(1, h, w, -1).permute(0, 3, 1, 2).to(dev)
-            with torch.no_grad():
-                m, s = model.predict(image(curves), torch.from_numpy(c.valid[None]).to(dev), image(protocol),
-                                     torch.from_numpy(tissue[None, None].astype(np.float32)).to(dev),
-                                     **sample_kwargs)
-            m = m[0].permute(1, 2, 0).cpu().numpy()
-            s = s[0].permute(1, 2, 0).cpu().numpy()
-            mean[k, j0:j1, i0:i1][tissue], sd[k, j0:j1, i0:i1][tissue] = m[tissue], s[tissue]
-            report(progress, (done + 1) / len(slices), f"slice {done + 1} of {len(slices)}")
+    with cancel_reaches_layers(model, cancel):
+        if model.kind == "voxel":
+            index = np.flatnonzero(mask.ravel())
+            flat = series.signal.reshape(-1, n_t)
+            t10_flat = t10.ravel() if isinstance(t10, np.ndarray) else t10
+            mean_flat, sd_flat = mean.reshape(-1, 3), sd.reshape(-1, 3)
+            for start in range(0, index.size, int(batch_voxels)):
+                raise_if_cancelled(cancel)
+                part = index[start:start + int(batch_voxels)]
+                c = canonical(flat[part], t10_flat[part] if isinstance(t10_flat, np.ndarray) else t10_flat)
+                with torch.no_grad():
+                    m, s = model.predict(torch.from_numpy(c.curves).to(dev), torch.from_numpy(c.valid).to(dev),
+                                         torch.from_numpy(c.protocol).to(dev), **sample_kwargs)
+                mean_flat[part], sd_flat[part] = m.cpu().numpy(), s.cpu().numpy()
+                report(progress, min(start + part.size, index.size) / index.size,
+                       f"{min(start + part.size, index.size)} of {index.size} voxels")
+        else:
+            # pixels as the fastest axis of the image channels (channels_last): the layout of the
+            # conversion's (voxels, grid) output, and 1.2-2x faster 3x3 convolutions on CPU
+            model.to(memory_format=torch.channels_last)
+            slices = [k for k in range(shape[0]) if mask[k].any()]
+            for done, k in enumerate(slices):
+                raise_if_cancelled(cancel)
+                rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
+                j0, j1 = max(rows[0] - SLICE_MARGIN, 0), min(rows[-1] + SLICE_MARGIN + 1, shape[1])
+                i0, i1 = max(cols[0] - SLICE_MARGIN, 0), min(cols[-1] + SLICE_MARGIN + 1, shape[2])
+                tissue = mask[k, j0:j1, i0:i1]
+                h, w = tissue.shape
+                inside = tissue.ravel()
+                t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
+                c = canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], t10_part)
+                # only the tissue is converted; the margin reads as flat tissue (no contrast) at the
+                # slice's median noise level, like the non-enhancing tissue of the training patches
+                curves = np.zeros((h * w, c.curves.shape[1]), dtype=np.float32)
+                curves[inside] = c.curves
+                protocol = np.repeat(np.median(c.protocol, axis=0, keepdims=True), h * w, axis=0)
+                protocol[inside] = c.protocol
+                image = lambda a: torch.from_numpy(a).view(1, h, w, -1).permute(0, 3, 1, 2).to(dev)
+                with torch.no_grad():
+                    m, s = model.predict(image(curves), torch.from_numpy(c.valid[None]).to(dev), image(protocol),
+                                         torch.from_numpy(tissue[None, None].astype(np.float32)).to(dev),
+                                         **sample_kwargs)
+                m = m[0].permute(1, 2, 0).cpu().numpy()
+                s = s[0].permute(1, 2, 0).cpu().numpy()
+                mean[k, j0:j1, i0:i1][tissue], sd[k, j0:j1, i0:i1][tissue] = m[tissue], s[tissue]
+                report(progress, (done + 1) / len(slices), f"slice {done + 1} of {len(slices)}")
     raise_if_cancelled(cancel)
     maps = {}
     outside = np.where(invalid, np.float32(np.nan), np.float32(0.0))  # invalid input: NaN, never a number
