@@ -178,7 +178,7 @@ def aif_from_roi(conc, roi_mask, top_fraction=None, rank_by="peak"):
     most enhancing fraction of the valid ROI voxels, ranked by ``rank_by`` = 'peak' (maximum)
     or 'area' (sum over frames), which rejects partial-volume voxels at a vessel's edge.
     """
-    c = np.asarray(conc, dtype=np.float64)
+    c = np.asarray(conc)  # only the ROI's curves are taken to float64: not a copy of the whole series
     mask = np.asarray(roi_mask)
     if c.ndim != 4:
         raise DCEPKInputError(f"concentration must be a 4-D series [k, j, i, t]; got shape {c.shape}")
@@ -189,7 +189,7 @@ def aif_from_roi(conc, roi_mask, top_fraction=None, rank_by="peak"):
     mask = mask.astype(bool) if mask.dtype != bool else mask
     if not mask.any():
         raise DCEPKInputError("the AIF ROI is empty: place it over an artery (or vein) in the series")
-    curves = c[mask]
+    curves = np.asarray(c[mask], dtype=np.float64)
     curves = curves[np.all(np.isfinite(curves), axis=-1)]
     if curves.shape[0] == 0:
         raise DCEPKInputError(

@@ -53,8 +53,9 @@ import numpy as np
 
 from .errors import DCEPKInputError, setting
 from .geometry import Geometry, check_same_grid
-from .image_files import check_complete, read_nifti_data, read_nifti_header, read_nrrd_data, read_nrrd_header
-from .output_files import OutputSet, check_targets
+from .image_files import (TruncatedFileError, check_complete, read_nifti_data, read_nifti_header, read_nrrd_data,
+                          read_nrrd_header)
+from .output_files import IncompleteWrite, OutputSet, check_targets
 from .plausibility import check_frame_times
 
 
@@ -639,11 +640,13 @@ def _verify_image(temporary: Path, target: Path, voxels: int) -> None:
     try:
         check_complete(temporary)
         information = _sitk_read(temporary, information_only=True)
-    except DCEPKInputError as error:
-        raise OSError(errno.ENOSPC, f"the written file is incomplete ({error})") from None
+    except TruncatedFileError as error:
+        raise IncompleteWrite(errno.EIO, f"{error.actual:,} of {error.expected:,} bytes of image data") from None
+    except DCEPKInputError:
+        raise IncompleteWrite(errno.EIO, "it does not read back as an image") from None
     written = int(np.prod(information.GetSize())) * information.GetNumberOfComponents()
     if written != voxels:
-        raise OSError(errno.EIO, f"{target.name} was written with {written} voxels instead of {voxels}")
+        raise IncompleteWrite(errno.EIO, f"its header holds {written} voxels instead of {voxels}")
 
 
 # ---------------------------------------------------------------------------------------------

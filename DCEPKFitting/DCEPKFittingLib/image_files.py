@@ -36,10 +36,19 @@ def _fmt_bytes(count: int) -> str:
     return f"{count:,} bytes"
 
 
-def truncated_error(path, expected: int, actual: int, what: str = "image data") -> DCEPKInputError:
-    return DCEPKInputError(
+class TruncatedFileError(DCEPKInputError):
+    """An image file whose data are shorter than its header says (``expected`` and ``actual`` bytes)."""
+
+    def __init__(self, message: str, expected: int, actual: int):
+        super().__init__(message)
+        self.expected, self.actual = expected, actual
+
+
+def truncated_error(path, expected: int, actual: int, what: str = "image data") -> TruncatedFileError:
+    return TruncatedFileError(
         f"{path} is truncated: its header announces {_fmt_bytes(expected)} of {what} but the file holds only "
-        f"{_fmt_bytes(actual)} (an interrupted copy, download or a full disk?): copy or export it again")
+        f"{_fmt_bytes(actual)} (an interrupted copy, download or a full disk?): copy or export it again",
+        expected, actual)
 
 
 def is_gzip(path) -> bool:
@@ -114,11 +123,13 @@ def _scaling(header) -> Optional[Tuple[float, float]]:
 
 
 def _read_exactly(handle, buffer: memoryview) -> int:
-    """Fill ``buffer`` from ``handle``; returns the bytes read (fewer only at the end of the data)."""
+    """Fill ``buffer`` from ``handle``; returns the bytes read (fewer only at the end of the data).
+    Reads at most ``_BLOCK`` bytes at a time: gzip's readinto reads into a temporary of the requested
+    size first, which for a whole series would double its memory."""
     done = 0
     while done < len(buffer):
         try:
-            got = handle.readinto(buffer[done:])
+            got = handle.readinto(buffer[done:done + _BLOCK])
         except EOFError:  # gzip: the compressed stream ended before its end marker
             return done
         if not got:

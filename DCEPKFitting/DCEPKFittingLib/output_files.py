@@ -35,22 +35,34 @@ _TEMP_PATTERN = re.compile(r"^\.dcepk-tmp-(\d+)-")
 _CHUNK = 1 << 22
 
 
+class IncompleteWrite(OSError):
+    """A staged file that reads back shorter or other than what was written: a writer that does not
+    report its failures (SimpleITK's NIfTI writer on a full disk) wrote only part of it."""
+
+
 def _free_space(folder: Path) -> str:
+    probe = Path(os.path.abspath(folder))
+    while not probe.exists() and probe.parent != probe:  # a folder this set created may be gone again
+        probe = probe.parent
     try:
-        return f"{shutil.disk_usage(folder).free / 2**20:,.0f} MiB free"
+        return f"{shutil.disk_usage(probe).free / 2**20:,.0f} MiB free"
     except OSError:
         return "free space unknown"
 
 
 def output_error(error: OSError, target: Path) -> DCEPKOutputError:
     """A clear message for an OSError met while writing ``target``."""
-    folder = Path(target).parent
+    folder, name = Path(target).parent, Path(target).name
     code = getattr(error, "errno", None)
-    if code in (errno.ENOSPC, errno.EDQUOT):
-        what = f"no space left on the disk holding {folder} ({_free_space(folder)})"
+    if isinstance(error, IncompleteWrite):
+        what = (f"{name} was written incomplete ({error.strerror}): the disk holding {folder} may be full "
+                f"({_free_space(folder)}) or a file size limit reached")
+        advice = "free some space or choose another output folder"
+    elif code in (errno.ENOSPC, errno.EDQUOT):
+        what = f"no space left on the disk holding {folder} ({_free_space(folder)}) while writing {name}"
         advice = "free some space or choose another output folder"
     elif code == errno.EFBIG:
-        what = f"{Path(target).name} would exceed the file size limit of {folder}"
+        what = f"{name} would exceed the file size limit of {folder}"
         advice = "choose another output folder (another file system)"
     elif code == errno.EROFS:
         what = f"{folder} is on a read-only file system"
@@ -62,12 +74,12 @@ def output_error(error: OSError, target: Path) -> DCEPKOutputError:
         what = f"the folder {folder} does not exist"
         advice = "create it or choose another output folder"
     elif code == errno.ENAMETOOLONG:
-        what = f"the file name {Path(target).name} is too long for {folder}"
+        what = f"the file name {name} is too long for {folder}"
         advice = "choose a shorter name or folder"
     else:
         what = f"cannot write {target} ({error.strerror or error})"
         advice = "check the disk and the output folder"
-    return DCEPKOutputError(f"{what} while writing {Path(target).name}: {advice}; nothing was changed")
+    return DCEPKOutputError(f"{what}: {advice}; nothing was changed")
 
 
 def _pid_alive(pid: int) -> bool:
@@ -250,7 +262,7 @@ class OutputSet:
                 _fsync(raw)
             size = temporary.stat().st_size
             if size != staged.bytes_written:
-                raise OSError(errno.ENOSPC, f"{size} of {staged.bytes_written} bytes reached the disk")
+                raise IncompleteWrite(errno.EIO, f"{size:,} of {staged.bytes_written:,} bytes reached the disk")
             if _sha256_of(temporary) != staged.digest():
                 raise DCEPKOutputError(f"{target.name} read back differently from what was written: the disk "
                                        f"holding {target.parent} may be failing; nothing was changed")
@@ -277,7 +289,7 @@ class OutputSet:
             with open(temporary, "rb+") as raw:
                 os.fsync(raw.fileno())
             if temporary.stat().st_size == 0:
-                raise OSError(errno.ENOSPC, "the file is empty")
+                raise IncompleteWrite(errno.EIO, "the file is empty")
             verify(temporary)
         except OSError as error:
             self.discard()
