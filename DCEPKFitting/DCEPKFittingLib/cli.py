@@ -190,6 +190,13 @@ def add_timing_options(parser: argparse.ArgumentParser) -> None:
                        help="use --dt / --times even where the file stores different frame times")
 
 
+def add_series_options(parser: argparse.ArgumentParser) -> None:
+    """How the DCE series is read: its timing and, in a DICOM folder of several series, which one."""
+    add_timing_options(parser)
+    parser.add_argument("--series-uid", help="SeriesInstanceUID of the dynamic series in a DICOM folder holding "
+                                             "several ('all': each time point is its own series)")
+
+
 def add_acquisition_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--fa", type=FLIP_ANGLE, help="flip angle in degrees (default: from the header)")
     parser.add_argument("--tr", type=REPETITION_TIME, help="repetition time in seconds (default: from the header)")
@@ -202,7 +209,7 @@ def read_series_option(args, kind: Optional[str] = None):
     """The DCE series of a fit or infer command; NaN/inf voxels are kept (and reported as invalid)."""
     from .dce_io import read_dce
     return read_dce(args.input, times_s=args.times, dt_s=args.dt, kind=kind, nonfinite="keep",
-                    override_file_timing=args.override_timing)
+                    override_file_timing=args.override_timing, series_uid=args.series_uid)
 
 
 def nonfinite_note(series) -> List[str]:
@@ -267,7 +274,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path, help="output folder for the maps")
     p.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd"])
     p.add_argument("--overwrite", action="store_true")
-    add_timing_options(p)
+    add_series_options(p)
 
     p = sub.add_parser("stats", help="per-label statistics of one or more maps")
     p.add_argument("maps", nargs="+", type=Path, help="map files on the label map's grid")

@@ -1070,10 +1070,11 @@ def _choose_series(images: List[_DicomImage], series_uid: Optional[str], where: 
         summary = "\n".join(_series_summary(u, i) for u, i in sorted(by_series.items(), key=lambda item: -len(item[1])))
         shapes = {(len(i), i[0].rows, i[0].columns) for i in by_series.values()}
         hint = ("\nAll have the same number and size of images: if the scanner stored each time point as its own "
-                "series, read them together with series_uid='all'." if len(shapes) == 1 else "")
+                f"series, read them together with {setting('--series-uid all', 'series_uid=all')}." if len(shapes) == 1
+                else "")
         raise DCEPKInputError(
             f"{where} mixes {len(by_series)} DICOM series; give the folder of the dynamic series alone, or choose "
-            f"one with series_uid=...:\n{summary}{hint}")
+            f"one with {setting('--series-uid UID', 'series_uid=UID')}:\n{summary}{hint}")
     return next(iter(by_series.values()))
 
 

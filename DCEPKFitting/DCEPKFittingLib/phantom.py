@@ -94,9 +94,10 @@ class Protocol:
         times = self.times()
         if not 1 <= self.baseline_frames < times.size:
             raise DCEPKInputError(
-                f"baseline_frames={self.baseline_frames} must be at least 1 and below the {times.size} frames")
+                f"the protocol's {self.baseline_frames} pre-contrast (baseline) frames need at least one frame after "
+                f"them, and at least 1 of them, in a series of {times.size} frames: give more frames")
         if not 0 <= self.hct < 1:
-            raise DCEPKInputError(f"hct={self.hct} must be a fraction in [0, 1)")
+            raise DCEPKInputError(f"the haematocrit {self.hct:g} must be a fraction in [0, 1)")
 
     def times(self) -> np.ndarray:
         if self.times_s is not None:

@@ -21,11 +21,11 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from DCEPKFittingLib.cli import (POSITIVE_INT, add_acquisition_options, add_t10_options, add_timing_options,
+from DCEPKFittingLib.cli import (POSITIVE_INT, add_acquisition_options, add_series_options, add_t10_options,
                                  print_messages, read_series_option, read_t10, write_summary)
 from DCEPKFittingLib.signal_models import check_t10, default_r1
 from DCEPKFittingLib.dce_io import DCESeries, finite_voxels, map_targets, read_mask, stage_maps
-from DCEPKFittingLib.errors import DCEPKInputError
+from DCEPKFittingLib.errors import DCEPKInputError, setting
 from DCEPKFittingLib.geometry import Geometry, check_same_grid
 from DCEPKFittingLib.jobs import ConsoleProgress, raise_if_cancelled, report
 from DCEPKFittingLib.output_files import OutputSet, check_targets
@@ -112,7 +112,8 @@ def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int
     if baseline_frames is not None:
         n = int(baseline_frames)
         if not 1 <= n < series.n_frames:
-            raise DCEPKInputError(f"baseline_frames={baseline_frames} must be between 1 and {series.n_frames - 1}")
+            raise DCEPKInputError(f"{setting('--baseline-frames', 'baseline_frames')} {baseline_frames} must be "
+                                  f"between 1 and {series.n_frames - 1} (the series has {series.n_frames} frames)")
         return n
     # detection needs the most enhancing voxels, not all of them: an evenly spaced sample of the mask
     index = np.flatnonzero(mask) if mask is not None else np.arange(int(np.prod(series.spatial_shape)))
@@ -330,7 +331,7 @@ def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("--mask", type=Path, help="mask / label map on the series grid (default: auto)")
     add_t10_options(parser, " (required)")
     add_acquisition_options(parser)
-    add_timing_options(parser)
+    add_series_options(parser)
     parser.add_argument("--batch-voxels", type=POSITIVE_INT, default=65536, help="voxels per chunk (memory bound)")
     parser.add_argument("--no-protocol-calibration", action="store_true",
                         help="keep the card's SD factors for frame times outside the training ranges")

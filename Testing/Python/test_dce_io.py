@@ -391,7 +391,7 @@ def test_dicom_one_series_per_time_point_read_with_all(tmp_path):
         single.stored = truth.stored[..., t:t + 1]
         single.times_s = truth.times_s[t:t + 1]
         single.write(folder, series_uid=f"1.2.3.{t + 1}", series_number=10 + t, name_prefix=f"s{t}_")
-    with pytest.raises(DCEPKInputError, match="series_uid='all'"):
+    with pytest.raises(DCEPKInputError, match="series_uid=all"):
         read_dce(folder)
     series = read_dce(folder, series_uid="all")
     np.testing.assert_array_equal(series.signal, truth.stored.astype(np.float32))

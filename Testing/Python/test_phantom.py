@@ -9,8 +9,9 @@ import pytest
 from DCEPKFittingLib.aif import aif_from_roi, parker_aif
 from DCEPKFittingLib.dce_io import read_dce, read_volume
 from DCEPKFittingLib.errors import DCEPKInputError
+from DCEPKFittingLib import phantom as phantom_module
 from DCEPKFittingLib.phantom import (
-    LABEL_NAMES, NECROTIC_CORE, TUMOUR_RIM, VESSEL, WHITE_MATTER, Protocol, make_phantom, write_phantom)
+    LABEL_NAMES, NECROTIC_CORE, TUMOUR_RIM, VESSEL, WHITE_MATTER, Protocol, make_phantom, stream_phantom, write_phantom)
 from DCEPKFittingLib.signal_models import detect_baseline_frames, fit_vfa_t1, signal_to_concentration
 
 SMALL = (4, 48, 48)
@@ -159,7 +160,7 @@ def test_protocol_options():
 @pytest.mark.parametrize("call, match", [
     (lambda: make_phantom((4, 8, 8)), "16 x 16"),
     (lambda: make_phantom(SMALL, snr=-3), "snr"),
-    (lambda: Protocol(n_frames=5, baseline_frames=5), "baseline_frames"),
+    (lambda: Protocol(n_frames=5, baseline_frames=5), "5 pre-contrast"),
     (lambda: Protocol(tr_s=5.0), "milliseconds"),
     (lambda: Protocol(aif="unknown"), "unknown AIF"),
     (lambda: make_phantom(SMALL, lesions=[dict(radius_mm=5)]), "center_mm"),
@@ -194,3 +195,22 @@ def test_write_phantom_round_trip(tmp_path):
         write_phantom(ph, out)
     assert (out / "labels.txt").read_text() == before
     assert len(write_phantom(ph, out, overwrite=True)) == len(written)
+
+
+def test_streamed_phantom_writes_the_same_files_as_the_phantom_in_memory(tmp_path, monkeypatch):
+    """``dcepk phantom`` renders the series slab by slab straight into its file; one slice per slab
+    here, so the slab seams and the noise generators' hand-over are exercised."""
+    kwargs = dict(shape=(3, 32, 24), seed=9, snr=20.0, vfa_flip_angles_deg=(3.0, 12.0),
+                  protocol=Protocol(n_frames=12, frame_time_s=3.0, baseline_frames=3))
+    write_phantom(make_phantom(**kwargs), tmp_path / "whole")
+    monkeypatch.setattr(phantom_module, "_slab_slices", lambda model: 1)
+    streamed = make_phantom(**kwargs)
+    stream_phantom(tmp_path / "streamed", **kwargs)
+    whole = {p.relative_to(tmp_path / "whole"): p.read_bytes() for p in (tmp_path / "whole").rglob("*") if p.is_file()}
+    files = {p.relative_to(tmp_path / "streamed"): p.read_bytes() for p in (tmp_path / "streamed").rglob("*")
+             if p.is_file()}
+    assert files == whole and len(files) == 14  # series, labels, names, AIF mask and CSV, protocol, 6 truths, 2 VFA
+    np.testing.assert_array_equal(streamed.series.signal, read_dce(tmp_path / "whole" / "dce.seq.nrrd").signal)
+    # the noise: Rician, with the sigma of the white matter's pre-contrast signal and the SNR
+    assert streamed.noise_sigma > 0 and not np.array_equal(streamed.series.signal,
+                                                             make_phantom(**dict(kwargs, snr=None)).series.signal)
