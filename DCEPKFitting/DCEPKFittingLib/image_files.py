@@ -337,14 +337,16 @@ def read_nrrd_data(path, itk_size: Tuple[int, ...], components: int) -> Optional
     spatial = tuple(int(n) for n in itk_size[:3])
     if components > 1 and len(itk_size) == 3 and sizes == [components, *spatial]:
         shape, frames = tuple(reversed(spatial)) + (components,), 1      # C order [k, j, i, c]
+    elif components > 1 and len(itk_size) == 3 and sizes == [*spatial, components]:
+        shape, frames = tuple(reversed(spatial)), components             # list axis slowest: frame by frame
     elif components == 1 and len(itk_size) == 4 and sizes == list(itk_size):
-        shape, frames = tuple(reversed(spatial)), int(itk_size[3])       # frames slowest: one at a time
+        shape, frames = tuple(reversed(spatial)), int(itk_size[3])       # frames slowest: frame by frame
     elif components == 1 and len(itk_size) in (2, 3) and sizes == list(itk_size):
         shape, frames = tuple(reversed(spatial)), 1
     else:
         return None
     native = dtype.newbyteorder("=")
-    out = np.empty(shape + ((frames,) if len(itk_size) == 4 else ()), dtype=native)
+    out = np.empty(shape + ((frames,) if frames > 1 or len(itk_size) == 4 else ()), dtype=native)
     per_frame = int(np.prod(shape))
     frame = np.empty(per_frame, dtype=dtype) if (frames > 1 or dtype != native) else None
     with _open_nrrd_data(source, start, gzip_skip, encoding) as handle:
@@ -355,7 +357,7 @@ def read_nrrd_data(path, itk_size: Tuple[int, ...], components: int) -> Optional
                 raise truncated_error(source, per_frame * frames * dtype.itemsize, t * per_frame * dtype.itemsize + got)
             if frame is None:
                 continue
-            if len(itk_size) == 4:
+            if out.ndim > len(shape):
                 out[..., t] = frame.reshape(shape)
             else:
                 out[...] = frame.reshape(shape)

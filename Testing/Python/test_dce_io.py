@@ -5,6 +5,7 @@ Truths: arrays and geometry we generate ourselves and write with independent wri
 pydicom) on reference data and on our own output; the documented timing of the phantoms.
 """
 
+import os
 import random
 from pathlib import Path
 
@@ -882,3 +883,77 @@ def test_write_maps_rejects_bad_names_and_shapes(tmp_path):
     with pytest.raises(DCEPKInputError, match="cannot tell the format"):
         write_volume(tmp_path / "x.png", np.ones((2, 2, 2)), OBLIQUE)
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------------------------------------
+# Non-finite values kept, truncated files refused, writes verified (issue 17)
+# ---------------------------------------------------------------------------------------------
+
+def test_nan_and_inf_survive_every_reader(tmp_path):
+    """SimpleITK's NIfTI reader (ITK 5.4) turns NaN and inf into 0; DCEPK reads the voxels itself."""
+    import nibabel as nib
+    values = np.arange(60, dtype=np.float32).reshape(3, 4, 5)
+    values[0, 1, 2], values[2, 3, 4], values[1, 0, 0] = np.nan, np.inf, -np.inf
+    for name in ("v.nii", "v.nii.gz", "v.nrrd", "v.mha"):
+        back, _ = read_volume(write_volume(tmp_path / name, values, OBLIQUE))
+        np.testing.assert_array_equal(back, values, err_msg=name)
+    nib.save(nib.Nifti1Image(np.transpose(values, (2, 1, 0)), np.eye(4)), str(tmp_path / "nib.nii.gz"))
+    np.testing.assert_array_equal(read_volume(tmp_path / "nib.nii.gz")[0], values)
+    scaled = nib.Nifti1Image(np.transpose(np.arange(60, dtype=np.int16).reshape(3, 4, 5), (2, 1, 0)), np.eye(4))
+    scaled.header.set_slope_inter(0.5, 10.0)  # scl_slope / scl_inter applied, as ITK does
+    nib.save(scaled, str(tmp_path / "scaled.nii"))
+    np.testing.assert_allclose(read_volume(tmp_path / "scaled.nii")[0], np.arange(60).reshape(3, 4, 5) * 0.5 + 10)
+
+
+@pytest.mark.parametrize("name", ["s.nii", "s.nii.gz", "s.nrrd", "s.mha"])
+def test_truncated_volumes_are_refused_with_expected_and_actual_sizes(tmp_path, name):
+    import re
+    path = write_volume(tmp_path / name, np.random.default_rng(1).normal(size=(6, 20, 30)), OBLIQUE)
+    size = path.stat().st_size
+    with open(path, "r+b") as handle:
+        handle.truncate(size - size // 3)
+    with pytest.raises(DCEPKInputError, match="is truncated") as error:
+        read_volume(path)
+    expected, actual = (int(n.replace(",", "")) for n in re.findall(r"([\d,]+) bytes", str(error.value)))
+    assert expected == 6 * 20 * 30 * 4 and 0 <= actual < expected
+
+
+def test_a_series_in_the_nrrd_layout_slicer_writes_reads_frame_by_frame(tmp_path):
+    """Time as the slowest NRRD axis ([t, k, j, i] on disk) comes back as [k, j, i, t]."""
+    import nrrd
+    data = np.random.default_rng(3).normal(size=(4, 2, 3, 5)).astype(np.float32)  # [t, k, j, i]
+    header = {"kinds": ["domain", "domain", "domain", "list"], "space": "left-posterior-superior",
+              "space directions": np.array([[1, 0, 0], [0, 1, 0], [0, 0, 1], [np.nan] * 3]), "space origin": [0, 0, 0],
+              "encoding": "gzip"}
+    nrrd.write(str(tmp_path / "t_last.nrrd"), np.transpose(data, (3, 2, 1, 0)), header)
+    series = read_dce(tmp_path / "t_last.nrrd", dt_s=2.0)
+    np.testing.assert_array_equal(series.signal, np.moveaxis(data, 0, -1))
+
+
+def test_a_staged_file_that_reads_back_short_is_never_published(tmp_path, monkeypatch):
+    target = tmp_path / "Ktrans.nii.gz"
+    target.write_bytes(b"earlier")
+    original = dce_io._write_sitk_file
+
+    def short(temporary, suffix, array, geometry):
+        original(temporary, suffix, array, geometry)
+        with open(temporary, "r+b") as handle:
+            handle.truncate(temporary.stat().st_size - 10)
+
+    monkeypatch.setattr(dce_io, "_write_sitk_file", short)
+    with pytest.raises(DCEPKInputError, match="written incomplete"):
+        write_volume(target, np.ones((4, 5, 6)), OBLIQUE, overwrite=True)
+    assert target.read_bytes() == b"earlier" and [p.name for p in tmp_path.iterdir()] == ["Ktrans.nii.gz"]
+
+
+def test_temporaries_of_a_killed_process_are_swept_by_the_next_write(tmp_path):
+    import subprocess
+    import sys
+    from DCEPKFittingLib.output_files import TEMP_PREFIX
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f"{TEMP_PREFIX}{int(dead.stdout)}-abcd1234-Ktrans.nii.gz"
+    stale.write_bytes(b"half a map")
+    live = tmp_path / f"{TEMP_PREFIX}{os.getpid()}-abcd1234-ve.nii.gz"  # ours (or a live process's): kept
+    live.write_bytes(b"being written")
+    write_volume(tmp_path / "T10.nii.gz", np.ones((2, 2, 2)), OBLIQUE)
+    assert not stale.exists() and live.exists()

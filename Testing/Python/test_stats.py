@@ -49,3 +49,24 @@ def test_write_table_refuses_to_overwrite(tmp_path):
     assert path.read_text() == text
     header, values = (line.split("\t") for line in write_table(rows, tmp_path / "s.tsv").read_text().splitlines())
     assert float(values[header.index("mean")]) == pytest.approx(3.5)
+
+
+def test_label_maps_are_never_rounded_and_never_empty():
+    from DCEPKFittingLib.stats import check_label_map
+    ve = np.arange(8.0).reshape(2, 2, 2)
+    with pytest.raises(DCEPKInputError, match="not whole numbers.*e.g. 0.5"):
+        label_statistics({"ve": ve}, np.full((2, 2, 2), 0.5))  # np.rint made this all background
+    with pytest.raises(DCEPKInputError, match="empty"):
+        label_statistics({"ve": ve}, np.zeros((2, 2, 2), np.uint8))
+    labels = check_label_map(np.array([[[0.0, 2.0], [3.0, 0.0]]] * 2))  # whole floats (NIfTI) are labels
+    assert labels.dtype == np.int64 and sorted(np.unique(labels)) == [0, 2, 3]
+
+
+def test_tables_are_written_only_in_the_formats_their_names_promise(tmp_path):
+    rows = label_statistics({"ve": np.arange(8.0).reshape(2, 2, 2)}, np.ones((2, 2, 2), int))
+    for name in ("stats.xlsx", "stats.ods", "stats"):
+        with pytest.raises(DCEPKInputError, match=r"\.csv.*\.tsv"):
+            write_table(rows, tmp_path / name)
+    assert list(tmp_path.iterdir()) == []
+    header = write_table(rows, tmp_path / "s.txt").read_text().splitlines()[0]
+    assert header.split("\t")[:3] == ["label", "segment", "map"]
