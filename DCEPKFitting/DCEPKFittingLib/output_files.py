@@ -19,6 +19,7 @@ Temporary files are hidden and named ``.dcepk-tmp-<pid>-...``; those of a proces
 that cannot be written into are refused before the user waits for a fit.
 """
 
+import contextlib
 import errno
 import hashlib
 import os
@@ -50,35 +51,32 @@ def _free_space(folder: Path) -> str:
         return "free space unknown"
 
 
+_FREE_SPACE = "free some space or choose another output folder"
+_ELSEWHERE = "choose another output folder"
+# errno: (what went wrong, what to do); {folder}, {name} and {free} are filled in
+_OS_ERRORS = {
+    errno.ENOSPC: ("no space left on the disk holding {folder} ({free}) while writing {name}", _FREE_SPACE),
+    errno.EDQUOT: ("the disk quota of {folder} is used up ({free}) while writing {name}", _FREE_SPACE),
+    errno.EFBIG: ("{name} would exceed the file size limit of {folder}", _ELSEWHERE + " (another file system)"),
+    errno.EROFS: ("{folder} is on a read-only file system", _ELSEWHERE),
+    errno.EACCES: ("no permission to write in {folder}", _ELSEWHERE + " or change its permissions"),
+    errno.EPERM: ("no permission to write in {folder}", _ELSEWHERE + " or change its permissions"),
+    errno.ENOENT: ("the folder {folder} does not exist", "create it or " + _ELSEWHERE),
+    errno.ENAMETOOLONG: ("the file name {name} is too long for {folder}", "choose a shorter name or folder"),
+}
+
+
 def output_error(error: OSError, target: Path) -> DCEPKOutputError:
     """A clear message for an OSError met while writing ``target``."""
     folder, name = Path(target).parent, Path(target).name
-    code = getattr(error, "errno", None)
     if isinstance(error, IncompleteWrite):
-        what = (f"{name} was written incomplete ({error.strerror}): the disk holding {folder} may be full "
-                f"({_free_space(folder)}) or a file size limit reached")
-        advice = "free some space or choose another output folder"
-    elif code in (errno.ENOSPC, errno.EDQUOT):
-        what = f"no space left on the disk holding {folder} ({_free_space(folder)}) while writing {name}"
-        advice = "free some space or choose another output folder"
-    elif code == errno.EFBIG:
-        what = f"{name} would exceed the file size limit of {folder}"
-        advice = "choose another output folder (another file system)"
-    elif code == errno.EROFS:
-        what = f"{folder} is on a read-only file system"
-        advice = "choose another output folder"
-    elif code in (errno.EACCES, errno.EPERM):
-        what = f"no permission to write in {folder}"
-        advice = "choose another output folder or change its permissions"
-    elif code == errno.ENOENT:
-        what = f"the folder {folder} does not exist"
-        advice = "create it or choose another output folder"
-    elif code == errno.ENAMETOOLONG:
-        what = f"the file name {name} is too long for {folder}"
-        advice = "choose a shorter name or folder"
+        what, advice = ("{name} was written incomplete ({detail}): the disk holding {folder} may be full ({free}) or "
+                        "a file size limit reached", _FREE_SPACE)
     else:
-        what = f"cannot write {target} ({error.strerror or error})"
-        advice = "check the disk and the output folder"
+        what, advice = _OS_ERRORS.get(getattr(error, "errno", None),
+                                      ("cannot write {target} ({detail})", "check the disk and the output folder"))
+    free = _free_space(folder) if "{free}" in what else ""
+    what = what.format(folder=folder, name=name, free=free, target=target, detail=error.strerror or error)
     return DCEPKOutputError(f"{what}: {advice}; nothing was changed")
 
 
@@ -255,7 +253,7 @@ class OutputSet:
         checksum, then by ``verify(temporary_path)`` if given."""
         target = Path(target)
         handle, temporary = self._temporary(target)
-        try:
+        with self._all_or_none(target):
             with open(handle, "wb") as raw:
                 staged = StagedFile(raw, temporary)
                 write(staged)
@@ -268,12 +266,6 @@ class OutputSet:
                                        f"holding {target.parent} may be failing; nothing was changed")
             if verify is not None:
                 verify(temporary)
-        except OSError as error:
-            self.discard()
-            raise output_error(error, target) from None
-        except BaseException:
-            self.discard()
-            raise
         return target
 
     def add_file(self, target, write: Callable[[Path], None], verify: Callable[[Path], None]) -> Path:
@@ -284,20 +276,26 @@ class OutputSet:
         target = Path(target)
         handle, temporary = self._temporary(target)
         os.close(handle)
-        try:
+        with self._all_or_none(target):
             write(temporary)
             with open(temporary, "rb+") as raw:
                 os.fsync(raw.fileno())
             if temporary.stat().st_size == 0:
                 raise IncompleteWrite(errno.EIO, "the file is empty")
             verify(temporary)
+        return target
+
+    @contextlib.contextmanager
+    def _all_or_none(self, target: Path):
+        """Any failure while staging ``target`` discards the whole set; an OSError is named."""
+        try:
+            yield
         except OSError as error:
             self.discard()
             raise output_error(error, target) from None
         except BaseException:
             self.discard()
             raise
-        return target
 
     def add_text(self, target, text: str) -> Path:
         data = text.encode("utf-8")

@@ -16,7 +16,7 @@ import contextlib
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
@@ -188,13 +188,13 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     default, ``signal_models.default_r1()``, said in the notes); baseline_frames: None detects
     bolus arrival; protocol_calibration: for frame times outside the network's training ranges,
     refit its SD factors on simulated subjects with these frame times (2-30 s on 2 cores).
+    Voxels whose curve holds NaN or inf are left out of the mask and get NaN in every map.
     """
     finite = _check_series(series)
     if isinstance(batch_voxels, bool) or int(batch_voxels) != batch_voxels or batch_voxels < 1:
         raise DCEPKInputError(f"batch_voxels must be a whole number of voxels, at least 1; got {batch_voxels}")
     notes = []
     shape = series.spatial_shape
-    n_t = series.n_frames
     report(progress, 0.0, "preparing")
     fa_deg = series.flip_angle_deg if fa_deg is None else fa_deg
     tr_s = series.tr_s if tr_s is None else tr_s
@@ -203,22 +203,7 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
         notes.append(f"relaxivity r1 = {r1_per_mM_s} 1/(mM s) (default agent and field; give r1 if yours differs)")
     cg.require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s)
     t10 = _t10_values(t10_s, shape)
-    if mask is not None:
-        mask = np.asarray(mask).astype(bool)
-        check_same_grid(shape, None, mask.shape, None, "DCE series", "mask")
-        if not mask.any():
-            raise DCEPKInputError("the mask is empty: draw the region or pass no mask")
-    n_base = _baseline(series, mask if mask is not None else finite, baseline_frames, notes)
-    if mask is None:
-        mask = auto_mask(series.signal, n_base) & finite
-        notes.append(f"auto mask: {int(mask.sum())} voxels with baseline signal above "
-                     f"{AUTO_MASK_FRACTION:.0%} of its 99th percentile")
-    invalid = ~finite
-    if invalid.any():
-        notes.append(f"{int(invalid.sum())} voxels hold NaN or inf values: they are left out (NaN in every map)")
-        mask = mask & finite
-        if not mask.any():
-            raise DCEPKInputError("every voxel of the mask holds NaN or inf values: check the series and the mask")
+    mask, n_base = _voxels_to_infer(series, mask, finite, baseline_frames, notes)
     dev = choose_device(device, notes)
     model, card = load_model(model_name, dev, models_dir)
     outside = protocol_outside_training(series.times_s, card)
@@ -233,62 +218,110 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     weights = cg.resampling_matrix(series.times_s)
     if series.times_s[-1] - series.times_s[0] > cg.GRID_STEP_S * cg.GRID_POINTS:
         notes.append(f"frames after {cg.GRID_STEP_S * cg.GRID_POINTS:.0f} s are not used by the networks")
-    mean = np.zeros(shape + (3,), dtype=np.float32)
-    sd = np.zeros(shape + (3,), dtype=np.float32)
-    sample_kwargs = {"n_samples": n_samples} if n_samples else {}
 
     def canonical(signal_2d, t10_part):
         return cg.to_canonical(signal_2d, series.times_s, n_base, fa_deg=fa_deg, tr_s=tr_s, t10_s=t10_part,
                                r1_per_mM_s=r1_per_mM_s, weights=weights)
 
+    run = _Run(model=model, device=dev, canonical=canonical, sample_kwargs={"n_samples": n_samples} if n_samples
+               else {}, mean=np.zeros(shape + (3,), dtype=np.float32), sd=np.zeros(shape + (3,), dtype=np.float32))
     torch.manual_seed(0)  # latent draws (tcn_punet) reproducible run to run
     with cancel_reaches_layers(model, cancel):
         if model.kind == "voxel":
-            index = np.flatnonzero(mask.ravel())
-            flat = series.signal.reshape(-1, n_t)
-            t10_flat = t10.ravel() if isinstance(t10, np.ndarray) else t10
-            mean_flat, sd_flat = mean.reshape(-1, 3), sd.reshape(-1, 3)
-            for start in range(0, index.size, int(batch_voxels)):
-                raise_if_cancelled(cancel)
-                part = index[start:start + int(batch_voxels)]
-                c = canonical(flat[part], t10_flat[part] if isinstance(t10_flat, np.ndarray) else t10_flat)
-                with torch.no_grad():
-                    m, s = model.predict(torch.from_numpy(c.curves).to(dev), torch.from_numpy(c.valid).to(dev),
-                                         torch.from_numpy(c.protocol).to(dev), **sample_kwargs)
-                mean_flat[part], sd_flat[part] = m.cpu().numpy(), s.cpu().numpy()
-                report(progress, min(start + part.size, index.size) / index.size,
-                       f"{min(start + part.size, index.size)} of {index.size} voxels")
+            _predict_voxels(run, series, mask, t10, int(batch_voxels), progress, cancel)
         else:
-            # pixels as the fastest axis of the image channels (channels_last): the layout of the
-            # conversion's (voxels, grid) output, and 1.2-2x faster 3x3 convolutions on CPU
-            model.to(memory_format=torch.channels_last)
-            slices = [k for k in range(shape[0]) if mask[k].any()]
-            for done, k in enumerate(slices):
-                raise_if_cancelled(cancel)
-                rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
-                j0, j1 = max(rows[0] - SLICE_MARGIN, 0), min(rows[-1] + SLICE_MARGIN + 1, shape[1])
-                i0, i1 = max(cols[0] - SLICE_MARGIN, 0), min(cols[-1] + SLICE_MARGIN + 1, shape[2])
-                tissue = mask[k, j0:j1, i0:i1]
-                h, w = tissue.shape
-                inside = tissue.ravel()
-                t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
-                c = canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], t10_part)
-                # only the tissue is converted; the margin reads as flat tissue (no contrast) at the
-                # slice's median noise level, like the non-enhancing tissue of the training patches
-                curves = np.zeros((h * w, c.curves.shape[1]), dtype=np.float32)
-                curves[inside] = c.curves
-                protocol = np.repeat(np.median(c.protocol, axis=0, keepdims=True), h * w, axis=0)
-                protocol[inside] = c.protocol
-                image = lambda a: torch.from_numpy(a).view(1, h, w, -1).permute(0, 3, 1, 2).to(dev)
-                with torch.no_grad():
-                    m, s = model.predict(image(curves), torch.from_numpy(c.valid[None]).to(dev), image(protocol),
-                                         torch.from_numpy(tissue[None, None].astype(np.float32)).to(dev),
-                                         **sample_kwargs)
-                m = m[0].permute(1, 2, 0).cpu().numpy()
-                s = s[0].permute(1, 2, 0).cpu().numpy()
-                mean[k, j0:j1, i0:i1][tissue], sd[k, j0:j1, i0:i1][tissue] = m[tissue], s[tissue]
-                report(progress, (done + 1) / len(slices), f"slice {done + 1} of {len(slices)}")
+            _predict_slices(run, series, mask, t10, progress, cancel)
     raise_if_cancelled(cancel)
+    report(progress, 1.0, "done")
+    return InferenceOutput(_maps(run.mean, run.sd, mask, ~finite), dict(UNITS), series.geometry, card, mask, n_base,
+                           str(dev), notes)
+
+
+def _voxels_to_infer(series: DCESeries, mask, finite: np.ndarray, baseline_frames, notes: list):
+    """(mask of the voxels to infer, baseline frame count): the given or automatic mask, less the
+    voxels whose curve holds NaN or inf."""
+    if mask is not None:
+        mask = np.asarray(mask).astype(bool)
+        check_same_grid(series.spatial_shape, None, mask.shape, None, "DCE series", "mask")
+        if not mask.any():
+            raise DCEPKInputError("the mask is empty: draw the region or pass no mask")
+    n_base = _baseline(series, mask if mask is not None else finite, baseline_frames, notes)
+    if mask is None:
+        mask = auto_mask(series.signal, n_base) & finite
+        notes.append(f"auto mask: {int(mask.sum())} voxels with baseline signal above "
+                     f"{AUTO_MASK_FRACTION:.0%} of its 99th percentile")
+    if not finite.all():
+        notes.append(f"{int((~finite).sum())} voxels hold NaN or inf values: they are left out (NaN in every map)")
+        mask = mask & finite
+        if not mask.any():
+            raise DCEPKInputError("every voxel of the mask holds NaN or inf values: check the series and the mask")
+    return mask, n_base
+
+
+@dataclass
+class _Run:
+    """A network and where its predictions go (mean and SD, [k, j, i, 3])."""
+    model: torch.nn.Module
+    device: torch.device
+    canonical: Callable
+    sample_kwargs: dict
+    mean: np.ndarray
+    sd: np.ndarray
+
+
+def _predict_voxels(run: _Run, series: DCESeries, mask, t10, batch_voxels: int, progress, cancel) -> None:
+    n_t, dev = series.n_frames, run.device
+    index = np.flatnonzero(mask.ravel())
+    flat = series.signal.reshape(-1, n_t)
+    t10_flat = t10.ravel() if isinstance(t10, np.ndarray) else t10
+    mean_flat, sd_flat = run.mean.reshape(-1, 3), run.sd.reshape(-1, 3)
+    for start in range(0, index.size, batch_voxels):
+        raise_if_cancelled(cancel)
+        part = index[start:start + batch_voxels]
+        c = run.canonical(flat[part], t10_flat[part] if isinstance(t10_flat, np.ndarray) else t10_flat)
+        with torch.no_grad():
+            m, s = run.model.predict(torch.from_numpy(c.curves).to(dev), torch.from_numpy(c.valid).to(dev),
+                                     torch.from_numpy(c.protocol).to(dev), **run.sample_kwargs)
+        mean_flat[part], sd_flat[part] = m.cpu().numpy(), s.cpu().numpy()
+        report(progress, min(start + part.size, index.size) / index.size,
+               f"{min(start + part.size, index.size)} of {index.size} voxels")
+
+
+def _predict_slices(run: _Run, series: DCESeries, mask, t10, progress, cancel) -> None:
+    shape, n_t, dev = series.spatial_shape, series.n_frames, run.device
+    # pixels as the fastest axis of the image channels (channels_last): the layout of the
+    # conversion's (voxels, grid) output, and 1.2-2x faster 3x3 convolutions on CPU
+    run.model.to(memory_format=torch.channels_last)
+    slices = [k for k in range(shape[0]) if mask[k].any()]
+    for done, k in enumerate(slices):
+        raise_if_cancelled(cancel)
+        rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
+        j0, j1 = max(rows[0] - SLICE_MARGIN, 0), min(rows[-1] + SLICE_MARGIN + 1, shape[1])
+        i0, i1 = max(cols[0] - SLICE_MARGIN, 0), min(cols[-1] + SLICE_MARGIN + 1, shape[2])
+        tissue = mask[k, j0:j1, i0:i1]
+        h, w = tissue.shape
+        inside = tissue.ravel()
+        t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
+        c = run.canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], t10_part)
+        # only the tissue is converted; the margin reads as flat tissue (no contrast) at the
+        # slice's median noise level, like the non-enhancing tissue of the training patches
+        curves = np.zeros((h * w, c.curves.shape[1]), dtype=np.float32)
+        curves[inside] = c.curves
+        protocol = np.repeat(np.median(c.protocol, axis=0, keepdims=True), h * w, axis=0)
+        protocol[inside] = c.protocol
+        image = lambda a: torch.from_numpy(a).view(1, h, w, -1).permute(0, 3, 1, 2).to(dev)  # noqa: E731
+        with torch.no_grad():
+            m, s = run.model.predict(image(curves), torch.from_numpy(c.valid[None]).to(dev), image(protocol),
+                                     torch.from_numpy(tissue[None, None].astype(np.float32)).to(dev),
+                                     **run.sample_kwargs)
+        m = m[0].permute(1, 2, 0).cpu().numpy()
+        s = s[0].permute(1, 2, 0).cpu().numpy()
+        run.mean[k, j0:j1, i0:i1][tissue], run.sd[k, j0:j1, i0:i1][tissue] = m[tissue], s[tissue]
+        report(progress, (done + 1) / len(slices), f"slice {done + 1} of {len(slices)}")
+
+
+def _maps(mean: np.ndarray, sd: np.ndarray, mask: np.ndarray, invalid: np.ndarray) -> Dict[str, np.ndarray]:
+    """The output maps (float32, ``MAP_ORDER``): 0 outside the mask, NaN for invalid input."""
     maps = {}
     outside = np.where(invalid, np.float32(np.nan), np.float32(0.0))  # invalid input: NaN, never a number
     for i, name in enumerate(PARAM_NAMES):
@@ -301,9 +334,7 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     # where Ktrans ~ 0 the relative form is unstable: use the absolute form SD(Ktrans) / ve
     kep_sd = np.where(maps["Ktrans"] > 1e-6, kep * rel, maps["Ktrans_sd"] / ve)
     maps["kep_sd"] = np.where(mask, kep_sd, outside).astype(np.float32)
-    report(progress, 1.0, "done")
-    return InferenceOutput({k: maps[k] for k in MAP_ORDER}, dict(UNITS), series.geometry, card, mask, n_base,
-                           str(dev), notes)
+    return {k: maps[k] for k in MAP_ORDER}
 
 
 # ------------------------------------------------------------------------------------ CLI
