@@ -8,7 +8,7 @@ and every file is published at the end, together (an error or Ctrl-C leaves the 
 
 import time
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict
 
 import numpy as np
 
