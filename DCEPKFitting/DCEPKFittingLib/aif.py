@@ -13,11 +13,12 @@ from pathlib import Path
 import numpy as np
 from scipy.special import gammaln
 
+from . import signal_models
 from .errors import DCEPKInputError
 
 __all__ = [
     "parker_aif", "georgiou_aif", "weinmann_aif", "population_aif", "POPULATION_AIFS",
-    "blood_to_plasma", "plasma_to_blood", "aif_from_roi", "load_aif_csv", "resample_aif",
+    "blood_to_plasma", "plasma_to_blood", "aif_from_roi", "aif_from_roi_signal", "load_aif_csv", "resample_aif",
 ]
 
 POPULATION_AIFS = ("parker", "georgiou", "weinmann")
@@ -179,16 +180,7 @@ def aif_from_roi(conc, roi_mask, top_fraction=None, rank_by="peak"):
     or 'area' (sum over frames), which rejects partial-volume voxels at a vessel's edge.
     """
     c = np.asarray(conc)  # only the ROI's curves are taken to float64: not a copy of the whole series
-    mask = np.asarray(roi_mask)
-    if c.ndim != 4:
-        raise DCEPKInputError(f"concentration must be a 4-D series [k, j, i, t]; got shape {c.shape}")
-    if mask.shape != c.shape[:3]:
-        raise DCEPKInputError(
-            f"the AIF ROI has shape {mask.shape} but the series grid is {c.shape[:3]}: draw or "
-            "resample the ROI on the DCE series' grid")
-    mask = mask.astype(bool) if mask.dtype != bool else mask
-    if not mask.any():
-        raise DCEPKInputError("the AIF ROI is empty: place it over an artery (or vein) in the series")
+    mask = _check_roi(c, roi_mask, "concentration")
     curves = np.asarray(c[mask], dtype=np.float64)
     curves = curves[np.all(np.isfinite(curves), axis=-1)]
     if curves.shape[0] == 0:
@@ -196,21 +188,82 @@ def aif_from_roi(conc, roi_mask, top_fraction=None, rank_by="peak"):
             f"none of the {int(mask.sum())} AIF ROI voxels has a valid concentration curve (all "
             "have NaN frames, e.g. signal outside the invertible range): move the ROI or check T10 / flip angle")
     if top_fraction is not None:
-        try:
-            frac = float(top_fraction)
-        except (TypeError, ValueError):
-            raise DCEPKInputError(f"top_fraction must be a number in (0, 1]; got {top_fraction!r}") from None
-        if not 0 < frac <= 1:
-            raise DCEPKInputError(f"top_fraction must be in (0, 1] (e.g. 0.1 for the top 10 %); got {top_fraction!r}")
         if rank_by == "peak":
             score = curves.max(axis=-1)
         elif rank_by == "area":
             score = curves.sum(axis=-1)
         else:
             raise DCEPKInputError(f"rank_by must be 'peak' or 'area'; got {rank_by!r}")
-        n_keep = max(1, int(math.ceil(frac * curves.shape[0])))
-        curves = curves[np.argsort(score)[::-1][:n_keep]]
+        curves = curves[_top_fraction(score, top_fraction)]
     return curves.mean(axis=0)
+
+
+def _check_roi(series, roi_mask, what):
+    """The ROI as a bool [k, j, i] mask on the grid of a 4-D ``series``; an error names what is wrong."""
+    mask = np.asarray(roi_mask)
+    if series.ndim != 4:
+        raise DCEPKInputError(f"the {what} must be a 4-D series [k, j, i, t]; got shape {series.shape}")
+    if mask.shape != series.shape[:3]:
+        raise DCEPKInputError(
+            f"the AIF ROI has shape {mask.shape} but the series grid is {series.shape[:3]}: draw or "
+            "resample the ROI on the DCE series' grid")
+    mask = mask.astype(bool) if mask.dtype != bool else mask
+    if not mask.any():
+        raise DCEPKInputError("the AIF ROI is empty: place it over an artery (or vein) in the series")
+    return mask
+
+
+def _top_fraction(score, top_fraction):
+    """Indices of the highest-scoring ``top_fraction`` (in (0, 1]) of the voxels."""
+    try:
+        frac = float(top_fraction)
+    except (TypeError, ValueError):
+        raise DCEPKInputError(f"top_fraction must be a number in (0, 1]; got {top_fraction!r}") from None
+    if not 0 < frac <= 1:
+        raise DCEPKInputError(f"top_fraction must be in (0, 1] (e.g. 0.1 for the top 10 %); got {top_fraction!r}")
+    n_keep = max(1, int(math.ceil(frac * score.shape[0])))
+    return np.argsort(score)[::-1][:n_keep]
+
+
+def aif_from_roi_signal(signal, roi_mask, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames, noise_sigma=None,
+                        top_fraction=None):
+    """Blood concentration (T,) of an ROI from its mean signal: the ROI's voxels are averaged
+    first, then converted once (``signal_models.signal_to_concentration``) with the ROI's median T10.
+
+    Why average the signal: a dark blood baseline can sit near the noise (SNR ~ 1-2), where one
+    voxel's baseline is too noisy to convert and a mean of per-voxel concentrations is biased. With
+    ``noise_sigma`` the mean is of the power (S^2), whose Rician excess 2 sigma^2 is then taken
+    off exactly (``rician``); without, the plain mean. ``top_fraction`` keeps the most enhancing
+    fraction of the ROI's voxels (peak over baseline signal), as ``aif_from_roi``.
+    """
+    s = np.asarray(signal)
+    mask = _check_roi(s, roi_mask, "signal series")
+    curves = np.asarray(s[mask], dtype=np.float64)
+    t10 = np.broadcast_to(np.asarray(t10_s, dtype=np.float64), mask.shape)[mask]
+    usable = np.all(np.isfinite(curves), axis=-1) & np.isfinite(t10) & (t10 > 0)
+    curves, t10 = curves[usable], t10[usable]
+    if curves.shape[0] == 0:
+        raise DCEPKInputError(
+            f"none of the {int(mask.sum())} AIF ROI voxels has a finite signal and a positive T10: move the ROI "
+            "or check the T10 map")
+    n_base = int(baseline_frames)
+    if top_fraction is not None:
+        baseline = np.maximum(curves[:, :n_base].mean(-1), 1e-12)
+        keep = _top_fraction(curves.max(-1) / baseline, top_fraction)
+        curves, t10 = curves[keep], t10[keep]
+    sigma = float(noise_sigma or 0.0)
+    if sigma > 0:   # E[S^2] = A^2 + 2 sigma^2 for every voxel and frame
+        mean_signal = np.sqrt(np.maximum(np.mean(curves * curves, axis=0) - 2.0 * sigma * sigma, 0.0))
+    else:
+        mean_signal = curves.mean(axis=0)
+    conc, valid = signal_models.signal_to_concentration(mean_signal[None], float(np.median(t10)), fa_deg, tr_s,
+                                                        r1_per_mM_s, baseline_frames=n_base)
+    if not valid[0]:
+        raise DCEPKInputError(
+            "the AIF ROI's mean signal cannot be converted to concentration (its baseline is at the noise "
+            "floor, or a frame exceeds the SPGR range for this T10 and flip angle): move the ROI onto the "
+            "artery's lumen, or check T10, flip angle and TR")
+    return conc[0]
 
 
 # --------------------------------------------------------------------------- files

@@ -242,9 +242,12 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true")
 
     p = sub.add_parser("t1map", help="T1 map (s) from a variable-flip-angle series")
-    p.add_argument("inputs", nargs="+", type=Path, help="one 4-D file (flip angles last) or one 3-D file per flip angle")
-    p.add_argument("--fa", type=FLIP_ANGLE, nargs="+", required=True, help="flip angles in degrees, in input order")
-    p.add_argument("--tr", type=REPETITION_TIME, required=True, help="repetition time in seconds (e.g. 0.005)")
+    p.add_argument("inputs", nargs="+", type=Path, help="a DICOM folder of the VFA images, one 4-D file (flip "
+                   "angles last) or one 3-D file per flip angle")
+    p.add_argument("--fa", type=FLIP_ANGLE, nargs="+", help="flip angles in degrees, in input order (default for a "
+                   "DICOM folder: from the headers)")
+    p.add_argument("--tr", type=REPETITION_TIME, help="repetition time in seconds, e.g. 0.005 (default for a DICOM "
+                   "folder: from the headers)")
     p.add_argument("--b1", type=Path, help="B1 map (actual / nominal flip angle)")
     p.add_argument("--method", choices=["nonlinear", "linear"], default="nonlinear")
     p.add_argument("--out", required=True, type=_wrap_core_errors(_volume_target),
@@ -270,6 +273,8 @@ def _build_parser() -> argparse.ArgumentParser:
     add_acquisition_options(p)
     p.add_argument("--mask", type=Path, help="mask of the voxels to fit")
     p.add_argument("--fit-delay", action="store_true", help="also fit the arterial delay per voxel")
+    p.add_argument("--no-model-choice", action="store_true", help="fit the model to every voxel as asked, without "
+                   "choosing no enhancement / plasma only / a simpler leakage model where the data support no more")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--out", required=True, type=Path, help="output folder for the maps")
     p.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd"])
@@ -346,12 +351,24 @@ def _cmd_phantom(args) -> int:
     return 0
 
 
-def _cmd_t1map(args) -> int:
-    from .dce_io import read_volume, write_volume
+def _vfa_inputs(args):
+    """(signals [k, j, i, n], flip angles (deg), TR (s), geometry): a DICOM folder's from its headers
+    unless --fa / --tr are given, files' from --fa / --tr. Says which values it used."""
+    from .dce_io import read_vfa_dicom, read_volume
     from .geometry import check_same_grid
-    from .output_files import check_targets
-    from .signal_models import fit_vfa_t1
-    check_targets([args.out], args.overwrite)
+    if len(args.inputs) == 1 and args.inputs[0].is_dir() and (args.fa is None or args.tr is None):
+        vfa = read_vfa_dicom(args.inputs[0])
+        fa = vfa.flip_angles_deg if args.fa is None else np.asarray(args.fa)
+        tr = vfa.tr_s if args.tr is None else args.tr
+        if fa.size != vfa.signals.shape[-1]:
+            raise DCEPKInputError(f"{vfa.signals.shape[-1]} flip angles in the DICOM folder but {fa.size} given (--fa)")
+        origin = {True: "given", False: "from the DICOM headers"}
+        print(f"flip angles {', '.join(f'{a:g}' for a in fa)} deg ({origin[args.fa is not None]}), "
+              f"TR {tr * 1000:g} ms ({origin[args.tr is not None]})")
+        return vfa.signals, fa, tr, vfa.geometry
+    if args.fa is None or args.tr is None:
+        raise DCEPKInputError("give the flip angles (--fa, degrees) and TR (--tr, seconds) of the VFA images: only a "
+                              "DICOM folder carries them in its headers")
     volumes = [read_volume(path) for path in args.inputs]
     first_shape, geometry = volumes[0][0].shape, volumes[0][1]
     for path, (array, other) in zip(args.inputs[1:], volumes[1:]):
@@ -369,11 +386,21 @@ def _cmd_t1map(args) -> int:
         signals = np.stack([array for array, _ in volumes], axis=-1)
     if signals.shape[-1] != len(args.fa):
         raise DCEPKInputError(f"{signals.shape[-1]} VFA images but {len(args.fa)} flip angles (--fa): give one per image")
+    return signals, np.asarray(args.fa), args.tr, geometry
+
+
+def _cmd_t1map(args) -> int:
+    from .dce_io import read_volume, write_volume
+    from .geometry import check_same_grid
+    from .output_files import check_targets
+    from .signal_models import fit_vfa_t1
+    check_targets([args.out], args.overwrite)
+    signals, flip_angles, tr_s, geometry = _vfa_inputs(args)
     b1 = None
     if args.b1:
         b1, b1_geometry = read_volume(args.b1)
         check_same_grid(signals.shape, geometry, b1.shape, b1_geometry, "VFA images", "B1 map")
-    t1_s, _, _ = fit_vfa_t1(signals, np.asarray(args.fa), args.tr, method=args.method, b1=b1)
+    t1_s, _, _ = fit_vfa_t1(signals, flip_angles, tr_s, method=args.method, b1=b1)
     write_volume(args.out, np.asarray(t1_s, dtype=np.float32), geometry, overwrite=args.overwrite)
     print(f"T1 map (s) written to {args.out}")
     return 0
@@ -411,21 +438,45 @@ def _cmd_fit(args) -> int:
         aif_csv=str(args.aif_csv) if args.aif_csv else None, aif_is_plasma=args.aif_is_plasma,
         hct=args.hct, aif_delay_s=args.aif_delay,
         mask=read_mask(args.mask, *grid) if args.mask else None,
-        fit_delay=args.fit_delay, device=args.device)
+        fit_delay=args.fit_delay, device=args.device, model_selection=not args.no_model_choice)
     result = run_fit(series, settings, progress=ConsoleProgress(f"fit {args.model}"), reuse_series_memory=True)
     notes = nonfinite_note(series)
     print_messages("note", notes)
     print_messages("warning", result.messages)
     summary = {"command": "fit", "input": str(args.input), "model": args.model, "method": args.method,
                "timing_source": series.metadata.get("timing_source"), "times_s": series.times_s.tolist(),
-               "baseline_frames": result.baseline_frames, "units": result.units,
+               "baseline_frames": result.baseline_frames,
+               "baseline_frames_given": args.baseline_frames is not None,
+               "noise_sd_signal_units": result.noise_sigma, "voxels_per_status": _status_counts(result),
+               "model_choice": not args.no_model_choice, "units": result.units,
                "warnings": list(result.messages), "notes": notes}
     with OutputSet(args.overwrite) as outputs:
         stage_maps(outputs, args.out, result.maps, series.geometry, suffix=args.format)
         write_summary(outputs, args.out / FIT_SUMMARY, summary)
         outputs.commit()
     print(f"{len(result.maps)} maps written to {args.out}: {', '.join(sorted(result.maps))}")
+    print(_fit_summary(result, given_baseline=args.baseline_frames is not None))
     return 0
+
+
+def _fit_summary(result, given_baseline: bool) -> str:
+    """Baseline frames, noise level and what the fit chose, in one line for the user."""
+    parts = []
+    if result.baseline_frames is not None:
+        origin = "given" if given_baseline else "detected"
+        parts.append(f"baseline: {result.baseline_frames} pre-contrast frames ({origin})")
+    if result.noise_sigma is not None:
+        parts.append(f"noise SD {result.noise_sigma:.4g} (signal units)")
+    parts.append("voxels: " + ", ".join(f"{count} {name}" for name, count in _status_counts(result).items()))
+    return "; ".join(parts)
+
+
+def _status_counts(result) -> dict:
+    """Voxels per fit status (those that occur, masked left out), by the status' name."""
+    from .fitting import FitStatus
+    status = result.maps["status"]
+    return {member.name.lower().replace("_", " "): int(np.sum(status == member)) for member in FitStatus
+            if member != FitStatus.MASKED and np.any(status == member)}
 
 
 def _cmd_stats(args) -> int:
@@ -444,7 +495,9 @@ def _cmd_stats(args) -> int:
         array, geometry = read_volume(path)
         check_same_grid(labels.shape, label_geometry, array.shape, geometry, "label map", f"map {path.name}")
         maps[path.name.split(".")[0]] = array
-    rows = label_statistics(maps, labels, args.label_names)
+    # a fit's status map among the maps: counts per status, statistics over the fitted voxels only
+    status = maps.pop("status", None)
+    rows = label_statistics(maps, labels, args.label_names, status=status)
     if args.out:
         write_table(rows, args.out, overwrite=args.overwrite)
         print(f"statistics of {len(maps)} map(s) over {len({r['label'] for r in rows})} label(s) written to {args.out}")

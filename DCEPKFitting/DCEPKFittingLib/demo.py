@@ -119,7 +119,9 @@ def _run_and_stage(outputs: OutputSet, out_dir: Path, device: str, with_inferenc
     stat_maps.update({f"true_{k}": phantom.truth[k] for k in ("Ktrans", "ve", "vp")})
     for name, maps in inferred.items():
         stat_maps.update({f"{name}_{k}": maps[k] for k in ("Ktrans", "ve", "vp")})
-    rows = label_statistics(stat_maps, phantom.labels, phantom.label_names)
+    # the fit's statistics over its fitted voxels (counts per status in every row)
+    rows = label_statistics(stat_maps, phantom.labels, phantom.label_names, status=result.maps["status"],
+                            status_of=[name for name in stat_maps if name.startswith("fit_")])
     stage_table(outputs, rows, out_dir / "statistics.tsv")
 
     tumour = max(phantom.label_names, key=lambda v: np.sum(phantom.labels == v) if "rim" in phantom.label_names[v] else -1)

@@ -25,16 +25,28 @@ import numpy as np
 import torch
 
 from . import jobs
+from . import nested_models
 from . import tk_models as tk
 from .errors import DCEPKInputError
+from .nested_models import ChunkFit, SelectedModel
 
 
 class FitStatus(enum.IntEnum):
-    MASKED = 0
+    """Per-voxel fit status, the ``status`` map (uint8). Values 0-4 are those of earlier releases."""
+    MASKED = 0          # outside the mask: not fitted
+    FITTED = 1          # the selected model fitted inside its bounds (Ktrans = 0 of a plasma-only voxel included)
+    AT_BOUND = 2        # fitted, but a parameter sits at a bound: a limit, not an estimate
+    NOT_CONVERGED = 3   # the optimiser stopped at its iteration limit
+    INVALID_INPUT = 4   # NaN / inf in the curve, or its signal could not be converted (baseline, T10)
+    NOT_ENHANCING = 5   # no enhancement: Ktrans = vp = 0, ve and kep undefined
+    # earlier names of the same values
     CONVERGED = 1
     HIT_BOUND = 2
     FAILED = 3
-    INVALID_INPUT = 4  # NaN or inf in the voxel's curve
+
+
+# statuses whose parameters are estimates (statistics are computed over these only)
+FITTED_STATUSES = (FitStatus.FITTED,)
 
 
 DEFAULT_DELAY_BOUNDS_S = (-10.0, 30.0)
@@ -57,6 +69,7 @@ class FitResult:
     delay_stderr: Optional[np.ndarray] = None
     method: str = "nlls"
     shape: tuple = field(default=())
+    selected_model: Optional[np.ndarray] = None   # nested_models.SelectedModel code per voxel (uint8)
 
     def maps(self) -> Dict[str, np.ndarray]:
         """Flat dict of maps named after ARCHITECTURE.md: parameters, derived kep / Ktrans,
@@ -80,6 +93,8 @@ class FitResult:
         out["R2"] = self.r2
         out["rmse"] = self.rmse
         out["status"] = self.status
+        if self.selected_model is not None:
+            out["selected_model"] = self.selected_model
         return out
 
     def parameter_array(self) -> np.ndarray:
@@ -94,9 +109,22 @@ class FitResult:
         if params.ndim != 1:
             raise DCEPKInputError(f"index {index!r} does not name a single voxel of a {self.status.shape} result: "
                                   "give a flat voxel index or (k, j, i)")
-        if not np.all(np.isfinite(params)):
-            return np.full(self.t_s.shape, np.nan)
-        return tk.concentration(self.model, params, self.t_s, self.cp, delay_s=delay)
+        return model_curve(self.model, params, self.t_s, self.cp, delay_s=delay)
+
+
+def model_curve(model, params, t_s, cp, delay_s=0.0) -> np.ndarray:
+    """Concentration (mM) of one voxel's reported parameters (P,); NaN if it was not fitted.
+
+    Where the model choice found no leakage (Ktrans = 0) ve is undefined (NaN) and has no effect:
+    the curve is vp cp (0 without vp). A plasma-only voxel of a Tofts fit reads as 0 (Tofts has no vp).
+    """
+    spec = tk.get_model(model)
+    params = np.array(params, dtype=np.float64)
+    if spec.has_ve and params[0] == 0 and np.isnan(params[spec.index("ve")]):
+        params[spec.index("ve")] = 1.0
+    if not np.all(np.isfinite(params)):
+        return np.full(np.shape(t_s), np.nan)
+    return tk.concentration(spec.name, params, t_s, cp, delay_s=delay_s)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +408,8 @@ def _convolution_moments(t, cp, k, y_time_major):
 
     Same exact recursion as ``tk_models.exp_convolution`` (shared AIF, per-voxel k (n,)), run
     time-major with running sums: variable projection needs only these sums, and not writing the
-    (n, T) curves saves most of the memory traffic. Returns ee, ed, dd, ec, dc, ye, yd (each (n,)).
+    (n, T) curves saves most of the memory traffic. Returns ee, ed, dd, ec, dc, ye, yd and the sum
+    of E over time (each (n,)).
     """
     dt = t[1:] - t[:-1]
     steps, which = tk._distinct_steps(tk._TorchOps, dt)
@@ -400,6 +429,7 @@ def _convolution_moments(t, cp, k, y_time_major):
     outer = torch.zeros(2, 2, n, dtype=k.dtype, device=k.device)  # sums of [E; D] [E; D]^T
     with_y = torch.zeros(2, n, dtype=k.dtype, device=k.device)    # sums of y [E; D]
     with_cp = torch.zeros(2, n, dtype=k.dtype, device=k.device)   # sums of cp [E; D]
+    e_sum = torch.zeros(n, dtype=k.dtype, device=k.device)        # sum of E (residual sums for the model choice)
     for step in range(len(dt_list)):
         u, h = which[step], dt_list[step]
         c0, c1 = cp_list[step] * h, cp_list[step + 1] * h
@@ -415,14 +445,15 @@ def _convolution_moments(t, cp, k, y_time_major):
         outer.addcmul_(state[:, None, :], state[None, :, :])
         with_y.addcmul_(state, y_time_major[step + 1])
         with_cp.add_(state, alpha=cp_list[step + 1])
+        e_sum.add_(state[0])
     ee, ed, dd = outer[0, 0], outer[0, 1], outer[1, 1]
     ec, dc = with_cp[0], with_cp[1]
     ye, yd = with_y[0], with_y[1]
-    return ee, ed, dd, ec, dc, ye, yd
+    return ee, ed, dd, ec, dc, ye, yd, e_sum
 
 
 def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
-    """Returns x (n, P) in OSIPI units, SSR, J^T J (n, P, P), converged."""
+    """Returns x (n, P) in OSIPI units, SSR, J^T J (n, P, P), converged, sum of the residuals over time."""
     with_vp = spec.name == "etofts"
     n = y.shape[0]
     dtype, device = y.dtype, y.device
@@ -453,6 +484,8 @@ def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
     x = torch.zeros(n, spec.n_params, dtype=dtype, device=device)
     hess = torch.zeros(n, spec.n_params, spec.n_params, dtype=dtype, device=device)
     ssr_out = torch.zeros_like(yy)
+    residual_sum = torch.zeros_like(yy)
+    y_sum, cp_sum = y.sum(-1), cp.sum()
     converged = torch.zeros(n, dtype=torch.bool, device=device)
     active = torch.arange(n, device=device)
     y_time_major = y.T.contiguous()
@@ -464,7 +497,7 @@ def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
             break
         jobs.raise_if_cancelled(cancel)
         ka = torch.exp(log_k[active])
-        ee, ed, dd, ec, dc, y_e, y_d = _convolution_moments(t, cp, ka, y_time_major[:, active])
+        ee, ed, dd, ec, dc, y_e, y_d, e_sum = _convolution_moments(t, cp, ka, y_time_major[:, active])
         a, b, ssr = _bounded_ab(yy[active], y_e, y_c[active], ee, ec, cc, with_vp)
         improved = ssr <= best_ssr[active] * (1 + 1e-12)
         # residual . D and the curvature of the reduced problem in k (D projected off E and cp)
@@ -502,6 +535,7 @@ def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
         columns = [ktrans, ve, b_i] if with_vp else [ktrans, ve]
         x[idx] = torch.stack(columns, -1)
         ssr_out[idx] = ssr[improved]
+        residual_sum[idx] = y_sum[idx] - a_i * e_sum[improved] - b_i * cp_sum
         # J = [E/60 + a D/(60 ve), -a k D / ve, cp]: J^T J from the dot products already at hand
         alpha = 1.0 / 60.0
         beta = a_i / (60.0 * ve)
@@ -521,7 +555,7 @@ def _varpro_tofts(spec, y, t, cp, max_iterations, cancel=None):
         converged[active[done]] = True
         log_k[active] = new_log_k
         active = active[~done]
-    return x, ssr_out, hess, converged
+    return x, ssr_out, hess, converged, residual_sum
 
 
 # ---------------------------------------------------------------------------------------------
@@ -588,95 +622,171 @@ def _delay_grid_search(spec, y, t, cp, delay_bounds_s, cancel=None):
 
 
 # ---------------------------------------------------------------------------------------------
-def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, delay_bounds_s, delay_step_s,
-               cancel, default_bounds=True):
-    n_frames = y.shape[1]
+def _patlak_fit(y, t, cp, lower, upper):
+    """Patlak by bounded linear least squares: the model is linear in (Ktrans, vp) and the trapezoid
+    integral of a piecewise-linear AIF is exact, so this is its nonlinear least-squares solution.
+    Everything comes from two dot products per voxel (no (n, T) model curves)."""
+    design = torch.stack([_cumtrapz(cp, t) / 60.0, cp], -1)          # (T, 2); Ktrans in 1/min
+    n = y.shape[0]
+    gram = (design.T @ design).expand(n, 2, 2)
+    x, ssr = _bounded_normal_solve(gram, y @ design, (y * y).sum(-1), lower, upper)
+    residual_sum = y.sum(-1) - x @ design.sum(0)
+    return ChunkFit(x, ssr.clamp_min(0.0), gram.clone(), torch.ones(n, dtype=torch.bool, device=y.device),
+                    residual_sum)
+
+
+def _exact_model_fit(spec, y, t, cp, x):
+    """SSR, J^T J and residual sum of the exact model at x (for estimates from a linear solve)."""
+    f, jac = tk.concentration_and_jacobian(spec.name, x, t, cp)
+    residual = y - f
+    converged = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+    return ChunkFit(x, (residual * residual).sum(-1), jac.transpose(-1, -2) @ jac, converged, residual.sum(-1))
+
+
+def _outside_varpro(x, converged, lower, upper):
+    """Voxels whose variable-projection optimum needs the bounded LM: outside the model's bounds
+    (e.g. ve > 1), not converged, or pinned at the edge of the searched kep range."""
+    outside = ((x < lower) | (x > upper)).any(-1) | ~converged | ~torch.isfinite(x).all(-1)
+    kep_per_min = x[:, 0] / x[:, 1]
+    kep_low, kep_high = _KEP_RANGE_PER_MIN
+    return outside | (kep_per_min >= kep_high * (1 - 1e-9)) | (kep_per_min <= kep_low * (1 + 1e-9))
+
+
+def _refit_bounded(spec, y, t, cp, index, fit, lower, upper, max_iterations, cancel):
+    """The bounded LM from where ``fit`` left the voxels ``index``; a ``ChunkFit`` of those voxels."""
+    x0 = fit.x[index]
+    x0 = torch.where(torch.isfinite(x0), x0, torch.tensor(spec.initial, dtype=y.dtype, device=y.device))
+    x, ssr, hess, converged = _levenberg_marquardt(spec, y[index], t, cp, x0, lower, upper, False, max_iterations,
+                                                   cancel)
+    return ChunkFit(x, ssr, hess, converged, nested_models.residual_sums(spec, y[index], t, cp, x))
+
+
+def _fit_model(spec, y, t, cp, method, lower, upper, max_iterations, cancel, default_bounds, defer_refit=False):
+    """The model fitted to every curve (no delay) as a ``ChunkFit``. With ``defer_refit`` the
+    variable-projection voxels that need the bounded LM are only marked (``refit``), not refitted."""
+    if spec.name == "patlak":
+        return _patlak_fit(y, t, cp, lower, upper)
+    if method == "linear":   # the exact model at the linear estimate gives SSR and errors
+        x, _ = _linear_fit(spec, y, t, cp)
+        return _exact_model_fit(spec, y, t, cp, _clip_to_bounds(x, lower, upper))
+    if spec.name in ("tofts", "etofts") and default_bounds:
+        fit = ChunkFit(*_varpro_tofts(spec, y, t, cp, max_iterations, cancel))
+        outside = _outside_varpro(fit.x, fit.converged, lower, upper)
+        if defer_refit:
+            fit.refit = outside
+        elif bool(outside.any()):
+            redo = torch.nonzero(outside)[:, 0]
+            fit.assign(redo, _refit_bounded(spec, y, t, cp, redo, fit, lower, upper, max_iterations, cancel))
+        return fit
+    return ChunkFit(*_fit_multistart(spec, y, t, cp, lower, upper, False, 0.0, max_iterations, cancel))
+
+
+def _fit_multistart(spec, y, t, cp, lower, upper, fit_delay, delay, max_iterations, cancel):
+    """Bounded LM from ``N_STARTS`` starting points per curve; the lowest SSR wins."""
+    starts = N_STARTS.get(spec.name, 1)
+    n, n_frames = y.shape
+    x0 = _initial_values(spec, y, t, cp, lower, upper, delay, starts, cancel)  # (n, starts, P)
     if fit_delay:
-        delay = _delay_grid_search(spec, y, t, cp, delay_bounds_s, cancel)
-    else:
-        delay = 0.0
+        x0 = torch.cat([x0, delay[:, None, None].expand(n, starts, 1)], -1)
+    # every start is fitted as its own curve
+    y_rep = y[:, None, :].expand(n, starts, n_frames).reshape(n * starts, n_frames)
+    x, ssr, hess, converged = _levenberg_marquardt(spec, y_rep, t, cp, x0.reshape(n * starts, -1), lower,
+                                                   upper, fit_delay, max_iterations, cancel)
+    if starts > 1:
+        best = ssr.reshape(n, starts).argmin(1) + torch.arange(n, device=y.device) * starts
+        x, ssr, hess, converged = x[best], ssr[best], hess[best], converged[best]
+    return x, ssr, hess, converged
+
+
+def _fit_with_delay(spec, y, t, cp, method, lower, upper, max_iterations, delay_bounds_s, delay_step_s, cancel):
+    """The model and the arterial delay (last parameter), as a ``ChunkFit``."""
+    delay = _delay_grid_search(spec, y, t, cp, delay_bounds_s, cancel)
     if method == "linear":
         x, _ = _linear_fit(spec, y, t, cp, delay)
-        x = _clip_to_bounds(x, lower[: spec.n_params], upper[: spec.n_params])
-        if fit_delay:
-            x = torch.cat([x, delay[:, None]], -1)
-        converged = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
+        x = torch.cat([_clip_to_bounds(x, lower[: spec.n_params], upper[: spec.n_params]), delay[:, None]], -1)
         # residuals and Jacobian of the exact model at the linear estimate give SSR and errors
-        model_delay = x[:, spec.n_params] if fit_delay else 0.0
-        f, jac = tk.concentration_and_jacobian(spec.name, x[:, : spec.n_params], t, cp, model_delay,
-                                               with_delay=fit_delay)
-        ssr = ((y - f) ** 2).sum(-1)
-        hess = jac.transpose(-1, -2) @ jac
-    elif spec.name == "patlak" and not fit_delay and default_bounds:
-        # Patlak is linear in its parameters and the trapezoid integral of a piecewise-linear AIF
-        # is exact: the bounded linear solution is the nonlinear least-squares solution
-        x, _ = _linear_fit(spec, y, t, cp)
-        f, jac = tk.concentration_and_jacobian(spec.name, x, t, cp)
-        ssr = ((y - f) ** 2).sum(-1)
-        hess = jac.transpose(-1, -2) @ jac
+        f, jac = tk.concentration_and_jacobian(spec.name, x[:, : spec.n_params], t, cp, x[:, spec.n_params],
+                                               with_delay=True)
         converged = torch.ones(y.shape[0], dtype=torch.bool, device=y.device)
-    elif spec.name in ("tofts", "etofts") and not fit_delay and default_bounds:
-        x, ssr, hess, converged = _varpro_tofts(spec, y, t, cp, max_iterations, cancel)
-        # voxels whose optimum lies outside the model's bounds (e.g. ve > 1) or that did not
-        # converge are refitted by the bounded LM from where variable projection left them
-        outside = ((x < lower) | (x > upper)).any(-1) | ~converged | ~torch.isfinite(x).all(-1)
-        # an optimum pinned at the edge of the searched kep range is not the model's: refit it too
-        kep_per_min = x[:, 0] / x[:, 1]
-        kep_low, kep_high = _KEP_RANGE_PER_MIN
-        outside |= (kep_per_min >= kep_high * (1 - 1e-9)) | (kep_per_min <= kep_low * (1 + 1e-9))
-        if bool(outside.any()):
-            redo = torch.nonzero(outside)[:, 0]
-            x0 = torch.where(torch.isfinite(x[redo]), x[redo], torch.tensor(spec.initial, dtype=y.dtype,
-                                                                          device=y.device))
-            x_r, ssr_r, hess_r, conv_r = _levenberg_marquardt(spec, y[redo], t, cp, x0, lower, upper, False,
-                                                              max_iterations, cancel)
-            x[redo], ssr[redo], hess[redo], converged[redo] = x_r, ssr_r, hess_r, conv_r
+        return ChunkFit(x, ((y - f) ** 2).sum(-1), jac.transpose(-1, -2) @ jac, converged)
+    x, ssr, hess, converged = _fit_multistart(spec, y, t, cp, lower, upper, True, delay, max_iterations, cancel)
+    if delay_step_s:
+        # Resolve the delay to a grid step: below ~0.5 s the delay trades off against vp / PS
+        # within the noise, and a snapped delay with the other parameters refitted is steadier.
+        delay = torch.round(x[:, -1] / delay_step_s) * delay_step_s
+        delay = delay.clamp(float(lower[-1]), float(upper[-1]))
+        x_fixed, ssr, hess_fixed, converged = _levenberg_marquardt(
+            spec, y, t, cp, x[:, :-1].contiguous(), lower[:-1], upper[:-1], False, max_iterations, cancel,
+            fixed_delay=delay)
+        x = torch.cat([x_fixed, delay[:, None]], -1)
+        # the delay keeps the curvature from the free fit so its standard error stays defined
+        hess[:, :-1, :-1] = hess_fixed
+    return ChunkFit(x, ssr, hess, converged)
+
+
+def _fit_chunk(spec, y, t, cp, method, fit_delay, lower, upper, max_iterations, delay_bounds_s, delay_step_s,
+               cancel, default_bounds=True, model_selection=False, baseline_aware=False):
+    """Fit one chunk; returns x, standard errors, R2, rmse, status and the selected model per voxel.
+
+    ``model_selection`` chooses each voxel's model among the nested ones (``nested_models``);
+    ``baseline_aware``: the curves were converted from signal with a baseline of their own.
+    """
+    if fit_delay:
+        fit = _fit_with_delay(spec, y, t, cp, method, lower, upper, max_iterations, delay_bounds_s, delay_step_s,
+                              cancel)
     else:
-        starts = N_STARTS.get(spec.name, 1)
-        x0 = _initial_values(spec, y, t, cp, lower, upper, delay, starts, cancel)  # (n, starts, P)
-        n = y.shape[0]
-        if fit_delay:
-            x0 = torch.cat([x0, delay[:, None, None].expand(n, starts, 1)], -1)
-        # every start is fitted as its own curve; the lowest SSR wins
-        y_rep = y[:, None, :].expand(n, starts, n_frames).reshape(n * starts, n_frames)
-        x, ssr, hess, converged = _levenberg_marquardt(spec, y_rep, t, cp, x0.reshape(n * starts, -1), lower,
-                                                       upper, fit_delay, max_iterations, cancel)
-        if starts > 1:
-            best = ssr.reshape(n, starts).argmin(1) + torch.arange(n, device=y.device) * starts
-            x, ssr, hess, converged = x[best], ssr[best], hess[best], converged[best]
-        if fit_delay and delay_step_s:
-            # Resolve the delay to a grid step: below ~0.5 s the delay trades off against vp / PS
-            # within the noise, and a snapped delay with the other parameters refitted is steadier.
-            delay = torch.round(x[:, -1] / delay_step_s) * delay_step_s
-            delay = delay.clamp(float(lower[-1]), float(upper[-1]))
-            x_fixed, ssr_fixed, hess_fixed, conv_fixed = _levenberg_marquardt(
-                spec, y, t, cp, x[:, :-1].contiguous(), lower[:-1], upper[:-1], False, max_iterations, cancel,
-                fixed_delay=delay)
-            x = torch.cat([x_fixed, delay[:, None]], -1)
-            # the delay keeps the curvature from the free fit so its standard error stays defined
-            hess[:, :-1, :-1] = hess_fixed
-            ssr, converged = ssr_fixed, conv_fixed
-    p = x.shape[1]
-    sigma2 = ssr / max(n_frames - p, 1)
-    cov, info = torch.linalg.inv_ex(hess)
+        fit = _fit_model(spec, y, t, cp, method, lower, upper, max_iterations, cancel, default_bounds,
+                         defer_refit=model_selection)
+    if model_selection:
+        def refit(index, subset_fit):
+            return _refit_bounded(spec, y, t, cp, index, subset_fit, lower, upper, max_iterations, cancel)
+
+        def fit_submodel(name, curves):
+            sub = tk.get_model(name)
+            where = [spec.parameters.index(p) for p in sub.parameters]
+            sub_fit = _fit_model(sub, curves, t, cp, method, lower[where], upper[where], max_iterations, cancel,
+                                 default_bounds)
+            if sub_fit.residual_sum is None:
+                sub_fit.residual_sum = nested_models.residual_sums(sub, curves, t, cp, sub_fit.x)
+            return sub_fit
+
+        fit = nested_models.choose(spec, y, t, cp, fit, baseline_aware, refit, fit_submodel, lower, upper)
+    else:
+        fit.free = torch.ones_like(fit.x, dtype=torch.bool)
+        fit.selected = torch.full_like(fit.ssr, int(nested_models.MODEL_CODES[spec.name]), dtype=torch.uint8)
+    return _summarise(y, fit, lower, upper)
+
+
+def _summarise(y, fit, lower, upper):
+    """Standard errors sigma^2 (J^T J)^-1 over the free parameters, R2, rmse and status."""
+    n_frames = y.shape[1]
+    free = fit.free
+    n_free = free.sum(-1)
+    sigma2 = fit.ssr / (n_frames - n_free).clamp_min(1)
+    eye = torch.eye(free.shape[1], dtype=fit.hess.dtype, device=fit.hess.device)
+    cov, info = torch.linalg.inv_ex(torch.where(free[:, :, None] & free[:, None, :], fit.hess, eye))
     variance = cov.diagonal(dim1=-2, dim2=-1)
     stderr = torch.sqrt(sigma2[:, None] * variance.clamp_min(0))
-    stderr = torch.where((info == 0)[:, None] & (variance >= 0), stderr, torch.full_like(stderr, float("nan")))
+    stderr = torch.where((info == 0)[:, None] & (variance >= 0) & free, stderr, torch.full_like(stderr, float("nan")))
     sst = ((y - y.mean(-1, keepdim=True)) ** 2).sum(-1)
-    # R2 of a flat curve is undefined
-    r2 = torch.where(sst > 0, 1.0 - ssr / sst.clamp_min(1e-300), torch.full_like(sst, float("nan")))
-    rmse = torch.sqrt(ssr / n_frames)
+    # R2 of a flat curve, or of the flat (zero) model of no enhancement, is undefined
+    explained = (sst > 0) & (fit.selected != int(SelectedModel.NO_ENHANCEMENT))
+    r2 = torch.where(explained, 1.0 - fit.ssr / sst.clamp_min(1e-300), torch.full_like(sst, float("nan")))
+    rmse = torch.sqrt(fit.ssr / n_frames)
     tolerance = 1e-9 * (upper - lower).abs().clamp(max=1e3)
-    on_bound = ((x <= lower + tolerance) | (x >= upper - tolerance)).any(-1)
-    ok = converged & torch.isfinite(x).all(-1) & torch.isfinite(ssr)
-    status = torch.where(ok, torch.where(on_bound, int(FitStatus.HIT_BOUND), int(FitStatus.CONVERGED)),
-                         int(FitStatus.FAILED))
-    return x, stderr, r2, rmse, status
+    on_bound = (free & ((fit.x <= lower + tolerance) | (fit.x >= upper - tolerance))).any(-1)
+    ok = fit.converged & torch.where(free, torch.isfinite(fit.x), True).all(-1) & torch.isfinite(fit.ssr)
+    status = torch.where(ok, torch.where(on_bound, int(FitStatus.AT_BOUND), int(FitStatus.FITTED)),
+                         int(FitStatus.NOT_CONVERGED))
+    status = torch.where(fit.selected == int(nested_models.SelectedModel.NO_ENHANCEMENT),
+                         int(FitStatus.NOT_ENHANCING), status)
+    return fit.x, stderr, r2, rmse, status, fit.selected
 
 
 def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="auto", dtype=torch.float64,
                chunk_voxels=20000, max_iterations=100, delay_bounds_s=DEFAULT_DELAY_BOUNDS_S, delay_step_s=0.5,
-               lower=None, upper=None, progress=None, cancel=None, rows=None) -> FitResult:
+               lower=None, upper=None, progress=None, cancel=None, rows=None, model_selection=True,
+               signal_baseline=False) -> FitResult:
     """Fit a tracer-kinetic model to each of N concentration curves.
 
     ``conc`` (N, T) mM; ``t_s`` (T,) s, strictly increasing (any spacing); ``cp`` (T,) plasma
@@ -690,6 +800,12 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
     chunks are fitted in parallel, one per torch thread. Curves with NaN/inf get status
     INVALID_INPUT and NaN maps. ``rows`` (index array) fits only those rows of ``conc``, read chunk
     by chunk without copying the input.
+
+    ``model_selection`` (Tofts, extended Tofts, Patlak without a fitted delay): each voxel gets the
+    simplest of the nested models its data support (``nested_models``): no enhancement, plasma
+    only, or a leakage model; where there is no leakage Ktrans is 0 and ve, kep are NaN. The
+    choice is in ``selected_model``. ``signal_baseline``: the curves were converted from signal
+    with each voxel's own pre-contrast baseline, whose noise the choice then allows for.
     """
     spec = tk.get_model(model)
     if method not in ("nlls", "linear"):
@@ -719,6 +835,8 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
     r2 = np.full(n_voxels, np.nan)
     rmse = np.full(n_voxels, np.nan)
     status = np.full(n_voxels, int(FitStatus.INVALID_INPUT), dtype=np.uint8)
+    selected = np.full(n_voxels, int(SelectedModel.NOT_FITTED), dtype=np.uint8)
+    choose = bool(model_selection) and spec.name in nested_models.NESTED_MODELS and not fit_delay
 
     t = torch.as_tensor(t_np, dtype=dtype, device=torch_device)
     cp_t = torch.as_tensor(cp_np, dtype=dtype, device=torch_device)
@@ -737,14 +855,15 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
         index = start + np.flatnonzero(finite)
         if index.size:
             y = torch.as_tensor(block[finite], dtype=dtype, device=torch_device)
-            x, se, r2_c, rmse_c, status_c = _fit_chunk(spec, y, t, cp_t, method, fit_delay, lo, hi,
-                                                       int(max_iterations), delay_bounds_s, delay_step_s, stop,
-                                                       default_bounds=default_bounds)
+            x, se, r2_c, rmse_c, status_c, selected_c = _fit_chunk(
+                spec, y, t, cp_t, method, fit_delay, lo, hi, int(max_iterations), delay_bounds_s, delay_step_s,
+                stop, default_bounds=default_bounds, model_selection=choose, baseline_aware=bool(signal_baseline))
             params[index] = x.double().cpu().numpy()
             stderr[index] = se.double().cpu().numpy()
             r2[index] = r2_c.double().cpu().numpy()
             rmse[index] = rmse_c.double().cpu().numpy()
             status[index] = status_c.cpu().numpy().astype(np.uint8)
+            selected[index] = selected_c.cpu().numpy().astype(np.uint8)
         return min(start + chunk, n_voxels) - start
 
     jobs.report(progress, 0.0, f"fitting {spec.name} to {n_voxels} voxels")
@@ -785,7 +904,7 @@ def fit_curves(conc, t_s, cp, model, *, method="nlls", fit_delay=False, device="
         stderr={name: stderr[:, i] for i, name in enumerate(names)},
         r2=r2, rmse=rmse, status=status,
         units=_map_units(spec, fit_delay),
-        t_s=t_np, cp=cp_np, method=method, shape=(n_voxels,))
+        t_s=t_np, cp=cp_np, method=method, shape=(n_voxels,), selected_model=selected)
     if fit_delay:
         result.delay_s = params[:, -1]
         result.delay_stderr = stderr[:, -1]
@@ -807,7 +926,7 @@ def _map_units(spec, fit_delay):
         units["kep"] = "1/min"
     if fit_delay:
         units.update(delay_s="s", delay_s_se="s")
-    units.update(R2="", rmse="mM", status="")
+    units.update(R2="", rmse="mM", status="", selected_model="")
     return units
 
 
@@ -843,6 +962,7 @@ def fit_volume(conc, t_s, cp, model, mask=None, **kwargs) -> FitResult:
     result.r2 = expand(result.r2, np.nan)
     result.rmse = expand(result.rmse, np.nan)
     result.status = expand(result.status, int(FitStatus.MASKED), np.uint8)
+    result.selected_model = expand(result.selected_model, int(SelectedModel.NOT_FITTED), np.uint8)
     if result.delay_s is not None:
         result.delay_s = expand(result.delay_s, np.nan)
         result.delay_stderr = expand(result.delay_stderr, np.nan)

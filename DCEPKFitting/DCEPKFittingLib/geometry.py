@@ -51,12 +51,60 @@ class Geometry:
 
 def check_same_grid(shape_a, geometry_a: Geometry, shape_b, geometry_b: Geometry,
                     what_a: str = "image", what_b: str = "mask") -> None:
-    """Raise a clear error when two volumes are not on the same voxel grid."""
+    """Raise a clear error when two volumes are not on the same voxel grid.
+
+    Same grid: the same shape and every voxel centre at the same place. A single-slice axis
+    (size 1 in both) has no extent, so its spacing and direction do not matter: a one-slice mask
+    whose slice spacing came from SliceThickness, or a 2-D mask read as one slice, is accepted on
+    a one-slice series when its voxels sit on the series' voxels.
+    """
     if tuple(shape_a)[:3] != tuple(shape_b)[:3]:
         raise DCEPKInputError(
             f"the {what_b} has {tuple(shape_b)[:3]} voxels (k, j, i) but the {what_a} has {tuple(shape_a)[:3]}: "
             f"resample the {what_b} onto the {what_a}'s grid first")
-    if geometry_a is not None and geometry_b is not None and not geometry_a.is_close(geometry_b):
+    if geometry_a is not None and geometry_b is not None:   # same shape: any offset would push b off a
+        _slice_offset(tuple(shape_a)[:3], geometry_a, tuple(shape_b)[:3], geometry_b, what_a, what_b)
+
+
+def align_to_grid(array_b, geometry_b: Geometry, shape_a, geometry_a: Geometry, what_a: str = "image",
+                  what_b: str = "mask", fill=0) -> np.ndarray:
+    """``array_b`` on grid a: as it is when the grids are the same (``check_same_grid``), or, when
+    it is a single slice of grid a (size 1 on k, its voxels on one slice of a's), placed at that
+    slice with ``fill`` elsewhere. Any other difference raises a clear error."""
+    array_b = np.asarray(array_b)
+    shape_a, shape_b = tuple(shape_a)[:3], array_b.shape[:3]
+    if shape_b == shape_a:
+        check_same_grid(shape_a, geometry_a, shape_b, geometry_b, what_a, what_b)
+        return array_b
+    if not (shape_b[0] == 1 and shape_b[1:] == shape_a[1:] and geometry_a is not None and geometry_b is not None):
         raise DCEPKInputError(
-            f"the {what_b} does not lie on the {what_a}'s voxel grid (origin, spacing or orientation differ): "
+            f"the {what_b} has {shape_b} voxels (k, j, i) but the {what_a} has {shape_a}: "
             f"resample the {what_b} onto the {what_a}'s grid first")
+    k = _slice_offset(shape_a, geometry_a, shape_b, geometry_b, what_a, what_b)[0]
+    out = np.full(shape_a + array_b.shape[3:], fill, dtype=array_b.dtype)
+    out[k] = array_b[0]
+    return out
+
+
+def _slice_offset(shape_a, geometry_a, shape_b, geometry_b, what_a, what_b, tolerance_mm: float = 1e-3):
+    """Voxel offset (k, j, i) of grid b's voxels on grid a's, where b's voxel centres all are a's;
+    else a clear error. Axes of size 1 in b take any spacing and direction."""
+    axes_a = geometry_a.direction_lps * geometry_a.spacing[None, :]   # columns: i, j, k steps (mm)
+    axes_b = geometry_b.direction_lps * geometry_b.spacing[None, :]
+    sizes_a, sizes_b = shape_a[::-1], shape_b[::-1]                   # (i, j, k)
+    for axis, name in enumerate("ijk"):
+        if sizes_b[axis] > 1 and np.max(np.abs(axes_a[:, axis] - axes_b[:, axis])) * (sizes_b[axis] - 1) > tolerance_mm:
+            raise DCEPKInputError(
+                f"the {what_b} does not lie on the {what_a}'s voxel grid (spacing or orientation along {name} differ: "
+                f"{np.round(axes_b[:, axis], 4).tolist()} vs {np.round(axes_a[:, axis], 4).tolist()} mm per voxel): "
+                f"resample the {what_b} onto the {what_a}'s grid first")
+    index = np.linalg.solve(axes_a, geometry_b.origin_lps - geometry_a.origin_lps)
+    whole = np.round(index)
+    miss = np.linalg.norm(axes_a @ (index - whole))
+    if miss > tolerance_mm or np.any(whole < 0) or np.any(whole + np.array(sizes_b) > np.array(sizes_a)):
+        raise DCEPKInputError(
+            f"the {what_b} does not lie on the {what_a}'s voxel grid: its voxel centres are not the {what_a}'s "
+            f"(its first voxel, at {np.round(geometry_b.origin_lps, 3).tolist()} mm LPS, falls at voxel index "
+            f"{np.round(index, 2).tolist()} (i, j, k) of the {what_a}, {miss:.3g} mm off a voxel centre"
+            f"{'' if miss > tolerance_mm else ', outside it'}): resample the {what_b} onto the {what_a}'s grid first")
+    return tuple(int(v) for v in whole[::-1])

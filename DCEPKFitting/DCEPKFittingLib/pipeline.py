@@ -10,16 +10,16 @@ from typing import Dict, Optional, Sequence, Union
 import numpy as np
 
 from . import aif as aif_lib
-from . import plausibility
-from . import signal_models
+from . import plausibility, rician, signal_models
 from .dce_io import DCESeries, finite_voxels
 from .errors import DCEPKInputError
-from .fitting import FitResult, FitStatus, fit_volume
+from .fitting import FitResult, FitStatus, fit_volume, model_curve
 from .geometry import Geometry
 from .jobs import raise_if_cancelled, report, sub_progress
-from .tk_models import MODELS, concentration as model_concentration
+from .tk_models import MODELS
 
 ArrayOrValue = Union[float, np.ndarray, None]
+RICIAN_CORRECTIONS = ("none", "aif", "all")
 
 
 @dataclass
@@ -46,9 +46,16 @@ class FitSettings:
     hct: float = 0.45
     aif_delay_s: float = 0.0
     # Fit.
-    mask: Optional[np.ndarray] = None  # bool [k, j, i]; None -> every voxel with a valid curve
+    mask: Optional[np.ndarray] = None  # bool [k, j, i]; None -> every voxel with a signal above the noise
     fit_delay: bool = False
     device: str = "auto"
+    # per voxel: no enhancement / plasma only / leakage model (fitting.fit_curves, nested_models)
+    model_selection: bool = True
+    # Rician floor of magnitude signals (noise SD from the baseline frames, ``rician``): taken off
+    # the arterial ROI's mean signal ("aif"), also off every voxel's curve ("all"), or not ("none").
+    # Per voxel it removes a bias that is small at tissue SNR >= 5 and adds variance (see
+    # Testing/Benchmarks/RESULTS.md, "Fitting trust"), so the default corrects the input function only.
+    rician_correction: str = "aif"
 
 
 @dataclass
@@ -61,18 +68,16 @@ class FitOutput:
     concentration: np.ndarray
     fit: FitResult
     settings: FitSettings
-    baseline_frames: Optional[int] = None
-    messages: list = field(default_factory=list)
+    baseline_frames: Optional[int] = None      # pre-contrast frames used (given or detected)
+    messages: list = field(default_factory=list)   # warnings: implausible AIF or fit, invalid voxels
+    noise_sigma: Optional[float] = None         # noise SD per quadrature channel (signal units) if estimated
 
     def model_curve(self, k: int, j: int, i: int) -> np.ndarray:
         """Fitted concentration (mM) of one voxel on ``times_s``; NaN where the voxel was not fitted."""
         names = MODELS[self.fit.model].parameters
         params = np.array([self.fit.params[name][k, j, i] for name in names], dtype=np.float64)
-        if not np.all(np.isfinite(params)):
-            return np.full(self.times_s.shape, np.nan)
         delay = float(self.fit.delay_s[k, j, i]) if getattr(self.fit, "delay_s", None) is not None else 0.0
-        return np.asarray(model_concentration(self.fit.model, params, self.times_s, self.aif_plasma_mM,
-                                              delay_s=delay))
+        return np.asarray(model_curve(self.fit.model, params, self.times_s, self.aif_plasma_mM, delay_s=delay))
 
 
 def _check_settings(settings: FitSettings) -> None:
@@ -88,15 +93,31 @@ def _check_settings(settings: FitSettings) -> None:
             f"AIF (--population-aif parker|georgiou|weinmann) or a CSV file (--aif-csv); got {sources or 'none'}")
     if not 0.0 <= settings.hct < 1.0:
         raise DCEPKInputError(f"haematocrit must be a fraction in [0, 1), got {settings.hct}")
+    if settings.rician_correction not in RICIAN_CORRECTIONS:
+        raise DCEPKInputError(f"unknown Rician correction {settings.rician_correction!r}: use one of "
+                              f"{', '.join(RICIAN_CORRECTIONS)}")
+
+
+@dataclass
+class _Conversion:
+    """Concentration [k, j, i, t] (mM, float32) with what made it, and what had to be read from
+    the signal before it (the signal's memory may hold the concentration afterwards)."""
+    concentration: np.ndarray
+    valid: np.ndarray                      # [k, j, i]: every frame converted
+    baseline_frames: Optional[int]
+    noise_sigma: Optional[float] = None    # signal units; None: not estimated
+    t10_s: ArrayOrValue = None
+    roi_blood_mM: Optional[np.ndarray] = None   # the AIF ROI's curve, from its mean signal
+    above_noise: Optional[np.ndarray] = None    # [k, j, i]: baseline signal above the noise
 
 
 def _concentration(series: DCESeries, settings: FitSettings, maps: Dict[str, np.ndarray], progress, cancel,
-                   in_place: bool = False):
-    """Concentration [k, j, i, t] in mM (float32), its validity mask and the baseline frame count used.
+                   in_place: bool = False) -> _Conversion:
+    """Concentration from the series (signal: T10, baseline, noise level, SPGR inversion).
     ``in_place``: a float32 signal's own memory receives the concentration."""
     if series.kind == "concentration":
         conc = np.asarray(series.signal, dtype=np.float32)
-        return conc, finite_voxels(conc), settings.baseline_frames
+        return _Conversion(conc, finite_voxels(conc), settings.baseline_frames)
     fa_deg = settings.fa_deg if settings.fa_deg is not None else series.flip_angle_deg
     tr_s = settings.tr_s if settings.tr_s is not None else series.tr_s
     if fa_deg is None or tr_s is None:
@@ -117,25 +138,36 @@ def _concentration(series: DCESeries, settings: FitSettings, maps: Dict[str, np.
     r1 = settings.r1_per_mM_s if settings.r1_per_mM_s is not None else signal_models.default_r1()
     baseline = settings.baseline_frames
     if baseline is None:
-        baseline = signal_models.detect_baseline_frames(series.signal)
-    report(progress, 0.5, "signal to concentration")
+        baseline = signal_models.detect_baseline_frames(series.signal, times_s=series.times_s)
     signal = series.signal
+    sigma = rician.estimate_noise_sigma(signal, baseline) if settings.rician_correction != "none" else None
+    roi_blood = None
+    if settings.aif_mask is not None:   # from the signal, before its memory may hold concentration
+        roi_blood = aif_lib.aif_from_roi_signal(signal, settings.aif_mask, t10, fa_deg, tr_s, r1, baseline,
+                                                noise_sigma=sigma, top_fraction=settings.aif_top_fraction)
+    with np.errstate(invalid="ignore"):
+        above_noise = np.mean(signal[..., :baseline], axis=-1) > 2.0 * (sigma or 0.0)  # air: ~1.25 sigma
+    report(progress, 0.5, "signal to concentration")
     in_place = in_place and signal.dtype == np.float32 and signal.flags.c_contiguous
     out = signal if in_place else np.empty(signal.shape, dtype=np.float32)
-    conc, valid = signal_models.signal_to_concentration(signal, t10, fa_deg, tr_s, r1, baseline_frames=baseline,
-                                                         out=out)
+    conc, valid = signal_models.signal_to_concentration(
+        signal, t10, fa_deg, tr_s, r1, baseline_frames=baseline, out=out,
+        noise_sigma=sigma if settings.rician_correction == "all" else None)
     if in_place:
         series.kind = "concentration"  # the series' memory holds concentration (mM) from here on
-    return conc, np.asarray(valid, dtype=bool), baseline
+    return _Conversion(conc, np.asarray(valid, dtype=bool), baseline, sigma, t10, roi_blood, above_noise)
 
 
-def _input_function(series: DCESeries, conc: np.ndarray, settings: FitSettings, baseline_frames,
-                    warnings: list, tissue: np.ndarray) -> np.ndarray:
+def _input_function(series: DCESeries, converted: _Conversion, settings: FitSettings, warnings: list,
+                    tissue: np.ndarray) -> np.ndarray:
     """Plasma input function (mM) sampled at the series' frame times; an ROI curve that does not
     look like a vessel's adds to ``warnings`` (``tissue``: the voxels to be fitted)."""
     times = series.times_s
+    conc = converted.concentration
     if settings.aif_mask is not None:
-        curve = aif_lib.aif_from_roi(conc, settings.aif_mask, top_fraction=settings.aif_top_fraction)
+        curve = converted.roi_blood_mM
+        if curve is None:
+            curve = aif_lib.aif_from_roi(conc, settings.aif_mask, top_fraction=settings.aif_top_fraction)
         tissue_rows = np.flatnonzero(tissue & ~np.asarray(settings.aif_mask, dtype=bool))
         tissue_rows = tissue_rows[::max(1, tissue_rows.size // plausibility.SAMPLE_VOXELS)]
         warnings += plausibility.input_function_warnings(curve, conc.reshape(-1, conc.shape[-1])[tissue_rows])
@@ -143,13 +175,50 @@ def _input_function(series: DCESeries, conc: np.ndarray, settings: FitSettings, 
         t_csv, c_csv = aif_lib.load_aif_csv(settings.aif_csv)
         curve = aif_lib.resample_aif(t_csv, c_csv, times - times[0])
     else:
-        if baseline_frames is None:
-            baseline_frames = signal_models.detect_baseline_frames(conc)
-        return aif_lib.population_aif_at_arrival(settings.population_aif, times, baseline_frames, settings.hct,
-                                                 settings.aif_delay_s)
+        return aif_lib.population_aif_at_arrival(settings.population_aif, times, converted.baseline_frames,
+                                                 settings.hct, settings.aif_delay_s)
     if settings.aif_delay_s:
         curve = np.interp(times - settings.aif_delay_s, times, curve, left=0.0)
     return curve if settings.aif_is_plasma else aif_lib.blood_to_plasma(curve, settings.hct)
+
+
+def _fit_region(series: DCESeries, settings: FitSettings, converted: _Conversion, messages: list) -> np.ndarray:
+    """The voxels to fit: the mask, or every voxel whose baseline signal stands above the noise
+    (background air, a Rician floor of ~1.25 noise SD, is left out). Voxels in it that could not
+    be converted are fitted as invalid input (status INVALID_INPUT), and a message says how many."""
+    grid = converted.concentration.shape[:3]
+    if settings.mask is not None:
+        region = np.asarray(settings.mask, dtype=bool)
+        if region.shape != grid:
+            raise DCEPKInputError(f"the mask has shape {region.shape} but the series has {grid} voxels")
+    elif converted.above_noise is not None:
+        region = converted.above_noise
+    else:
+        region = np.ones(grid, dtype=bool)
+    if not (region & converted.valid).any():
+        raise DCEPKInputError("no voxel to fit: the mask is empty or no voxel has a valid concentration curve")
+    invalid = region & ~converted.valid
+    if invalid.any():
+        messages.append(f"{int(invalid.sum())} of the {int(region.sum())} voxels to fit have no valid concentration "
+                        f"curve ({_invalid_reasons(series, converted, invalid)}): their status is invalid input and "
+                        "their maps are NaN")
+    return region
+
+
+def _invalid_reasons(series: DCESeries, converted: _Conversion, invalid: np.ndarray) -> str:
+    if converted.above_noise is None:   # concentration input
+        return "NaN or inf values"
+    reasons = []
+    if converted.t10_s is not None and np.ndim(converted.t10_s) == 3:
+        t10 = np.asarray(converted.t10_s)
+        bad_t10 = invalid & ~(np.isfinite(t10) & (t10 > 0))
+        if bad_t10.any():
+            reasons.append(f"{int(bad_t10.sum())} with a T10 that is not a positive number")
+        invalid = invalid & ~bad_t10
+    if invalid.any():
+        reasons.append(f"{int(invalid.sum())} with NaN or a non-positive baseline, or a frame beyond the SPGR "
+                       "signal range for this T10 and flip angle")
+    return "; ".join(reasons)
 
 
 def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None, *,
@@ -160,26 +229,30 @@ def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None
     (one copy of the series instead of two; ``series`` then holds concentration, kind
     'concentration'), for callers that need the signal no more, such as ``dcepk fit``.
     Warnings (an input function that does not look like a vessel's, a fit worse than a flat
-    line) are in ``FitOutput.messages``."""
+    line, voxels that could not be converted) are in ``FitOutput.messages``; the baseline frames
+    used (given or detected) in ``FitOutput.baseline_frames``."""
     _check_settings(settings)
     plausibility.check_frame_times(series.times_s, "the series' frame times")
     plausibility.check_series_kind(series.signal, series.kind, settings.baseline_frames)
     maps: Dict[str, np.ndarray] = {}
-    conc, valid, baseline = _concentration(series, settings, maps, sub_progress(progress, 0.0, 0.1), cancel,
-                                           in_place=reuse_series_memory)
-    raise_if_cancelled(cancel)
-    if settings.mask is not None and settings.mask.shape != conc.shape[:3]:
-        raise DCEPKInputError(f"the mask has shape {settings.mask.shape} but the series has {conc.shape[:3]} voxels")
-    mask = valid if settings.mask is None else (np.asarray(settings.mask, dtype=bool) & valid)
-    report(progress, 0.1, "input function")
     messages: list = []
-    cp = np.asarray(_input_function(series, conc, settings, baseline, messages, mask), dtype=np.float64)
+    signal_input = series.kind == "signal"
+    converted = _concentration(series, settings, maps, sub_progress(progress, 0.0, 0.1), cancel,
+                               in_place=reuse_series_memory)
+    conc = converted.concentration
+    if converted.baseline_frames is None and settings.population_aif is not None:
+        # a population AIF starts at bolus arrival: the one thing it needs from the data
+        converted.baseline_frames = signal_models.detect_baseline_frames(conc, times_s=series.times_s)
+    raise_if_cancelled(cancel)
+    mask = _fit_region(series, settings, converted, messages)
+    report(progress, 0.1, "input function")
+    cp = np.asarray(_input_function(series, converted, settings, messages, mask & converted.valid),
+                    dtype=np.float64)
     if not np.all(np.isfinite(cp)) or np.max(cp) <= 0:
         raise DCEPKInputError("the input function has no positive finite enhancement: check the AIF ROI or source")
-    if not mask.any():
-        raise DCEPKInputError("no voxel to fit: the mask is empty or no voxel has a valid concentration curve")
     fit = fit_volume(conc, series.times_s, cp, settings.model, mask=mask, method=settings.method,
                      fit_delay=settings.fit_delay, device=settings.device,
+                     model_selection=settings.model_selection, signal_baseline=signal_input,
                      progress=sub_progress(progress, 0.15, 1.0), cancel=cancel)
     maps.update(fit.maps())
     messages += plausibility.fit_warnings(fit.r2, fit.status != FitStatus.MASKED)
@@ -189,4 +262,5 @@ def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None
     report(progress, 1.0, "done")
     return FitOutput(maps=maps, units=units, geometry=series.geometry, times_s=series.times_s,
                      aif_plasma_mM=cp, concentration=conc, fit=fit, settings=settings,
-                     baseline_frames=baseline, messages=messages)
+                     baseline_frames=converted.baseline_frames, noise_sigma=converted.noise_sigma,
+                     messages=messages)

@@ -12,7 +12,7 @@ import enum
 
 import numpy as np
 
-from . import jobs
+from . import jobs, rician
 from .errors import DCEPKInputError, setting
 from .plausibility import check_r1
 
@@ -228,16 +228,67 @@ def fit_vfa_t1(signals, fa_deg, tr_s, method="linear", b1=None, progress=None, c
 
 
 # --------------------------------------------------------------------------- baseline
-def detect_baseline_frames(signal_or_curve, min_frames=1):
-    """Number of frames before bolus arrival (at least ``min_frames``, at least 1); raises
-    ``DCEPKInputError`` when no arrival can be seen.
+def detect_baseline_frames(signal_or_curve, min_frames=1, times_s=None, no_arrival_s=None):
+    """Number of pre-contrast (baseline) frames: those before the bolus reaches the most enhancing
+    voxels. The project's one detector (fitting, inference, the modules and the command line).
 
-    Accepts one curve (T,) or a series (..., T). For a series the curve is the mean of the
-    most enhancing 10 % of voxels, so background noise does not hide the arrival. Arrival is
-    the first frame rising more than max(5 noise SD, 10 % of the peak enhancement) above the
-    median of the frames before it, and staying up on the next frame; the noise SD comes from
-    the median absolute frame-to-frame difference, which enhancement barely affects.
+    Accepts one curve (T,) or a series (..., T) of signal or concentration; ``times_s`` (T,) the
+    frame times (default: evenly spaced). For a series the curve is the mean of the most
+    enhancing 10 % of the voxels (arteries and enhancing tissue), whose noise is small even when
+    each voxel's is large or its values are small integers. Then:
+
+    1. the onset is the breakpoint of a constant baseline followed by a quadratic rise, fitted by
+       least squares to the frames up to half the peak rise (piecewise-continuous regression,
+       Cheong et al., Phys Med Biol 2003;48:N83-N88): it follows the foot of the upslope instead
+       of a threshold crossing, which lags by a frame or two where the signal is low or noisy;
+    2. stepping back, no baseline frame may stand out: while the last one rises above the mean of
+       those before it by more than 2.5 noise SD (the noise SD from the median absolute
+       frame-to-frame difference, which the enhancement barely affects) and 0.5 % of the peak
+       rise, it is given up.
+
+    Returns at least ``min_frames`` (and at least 1). With no clear arrival (the rise is under 5
+    noise SD) raises ``DCEPKInputError``, or, given ``no_arrival_s``, returns the frames of the
+    first ``no_arrival_s`` seconds (at least 2 where the series allows).
     """
+    curve = _enhancing_population_curve(signal_or_curve)
+    n_t = curve.size
+    t = np.arange(n_t, dtype=np.float64) if times_s is None else np.asarray(times_s, dtype=np.float64).ravel()
+    if t.size != n_t:
+        raise DCEPKInputError(f"{t.size} frame times for a series of {n_t} frames: give one time (s) per frame")
+    floor = max(1e-9 * float(np.max(np.abs(curve))), 1e-300)
+    sigma = max(_noise_sd(curve), floor)
+    level = float(np.median(curve[: max(2, min(5, n_t // 4))]))
+    peak = int(np.argmax(curve))
+    rise = curve[peak] - level
+    if peak == 0 or rise <= 5.0 * sigma:
+        if no_arrival_s is None:
+            raise DCEPKInputError(
+                "no contrast arrival found in the time course (no frame rises clearly above the noise): "
+                "give the number of pre-contrast frames (baseline_frames, --baseline-frames) yourself")
+        count = int(np.searchsorted(t - t[0], float(no_arrival_s)))
+        return int(min(max(count, min(2, n_t - 1), int(min_frames), 1), n_t - 1))
+    end = max(int(np.argmax(curve - level >= 0.5 * rise)), 1)
+    count = _onset_frames(t[: end + 1], curve[: end + 1])
+    if count >= 6:   # the frames before the onset are (nearly) all noise: a closer measure of it
+        sigma = max(_noise_sd(curve[:count]), floor)
+    # risen: above 2.5 noise SD, and above 0.5 % of the peak rise (systematic effects of the voxel
+    # choice are far above the population curve's own tiny noise)
+    threshold = max(2.5 * sigma, 0.005 * rise)
+    while count > 1 and curve[count - 1] - curve[: count - 1].mean() > threshold * np.sqrt(1 + 1 / (count - 1)):
+        count -= 1
+    return max(int(count), int(min_frames), 1)
+
+
+_FLICKER_RATIO = 8.0   # rise / mean absolute frame-to-frame change below which a voxel flickers
+
+
+def _noise_sd(curve):
+    """Noise SD of a curve from the median absolute frame-to-frame difference."""
+    return 1.4826 * float(np.median(np.abs(np.diff(curve)))) / np.sqrt(2.0)
+
+
+def _enhancing_population_curve(signal_or_curve):
+    """The curve (T,) itself, or the mean of the most enhancing 10 % of a series' voxels."""
     data = np.asarray(signal_or_curve)
     if data.dtype.kind not in "fiu":
         data = data.astype(np.float64)
@@ -248,52 +299,50 @@ def detect_baseline_frames(signal_or_curve, min_frames=1):
         curve = data.astype(np.float64)
         if not np.all(np.isfinite(curve)):
             raise DCEPKInputError("the curve contains NaN or inf values: remove or mask them first")
-    else:
-        curve = _most_enhancing_mean(data.reshape(-1, data.shape[-1]))
-    n_t = curve.size
-    sigma = 1.4826 * np.median(np.abs(np.diff(curve))) / np.sqrt(2.0)
-    peak_rise = curve.max() - curve[0]
-    threshold = max(5.0 * sigma, 0.1 * abs(peak_rise), 1e-12 * max(abs(curve).max(), 1e-300))
-    arrival = None
-    for i in range(1, n_t):
-        base = np.median(curve[:i])
-        up_now = curve[i] - base > threshold
-        up_next = i + 1 >= n_t or curve[i + 1] - base > threshold
-        if up_now and up_next:
-            arrival = i
-            break
-    if arrival is None:
-        raise DCEPKInputError(
-            "no contrast arrival found in the time course (no frame rises clearly above the noise): "
-            "give the number of pre-contrast frames (baseline_frames) yourself")
-    # Step back over frames already lifted by early uptake (above 2 SD) but under the threshold.
-    step_threshold = max(2.0 * sigma, 0.02 * abs(peak_rise))
-    while arrival > 1 and curve[arrival - 1] - np.median(curve[:arrival - 1]) > step_threshold:
-        arrival -= 1
-    # One frame of margin: a frame already slightly lifted by the bolus but counted in S0 makes
-    # the exact inversion underestimate the blood peak badly (blood signal is near saturation:
-    # 1 % of the peak in one of 7 baseline frames cut a phantom AIF peak by 20 %). Losing one
-    # of several baseline frames costs little noise.
-    if arrival >= 4:
-        arrival -= 1
-    return max(int(arrival), int(min_frames), 1)
+        return curve
+    return _most_enhancing_mean(data.reshape(-1, data.shape[-1]))
+
+
+def _onset_frames(t, curve, steps_per_frame=20):
+    """Frames before the breakpoint b of y = c0 for t < b, c0 + c1 (t - b)^2 after (c1 >= 0),
+    the least-squares fit over b on a grid inside each frame interval (ties: the earliest b)."""
+    offsets = (np.arange(steps_per_frame) + 0.5) / steps_per_frame
+    b = (t[:-1, None] + offsets[None, :] * np.diff(t)[:, None]).ravel()          # (G,)
+    x = np.clip(t[None, :] - b[:, None], 0.0, None) ** 2                          # (G, T)
+    xm = x.mean(-1, keepdims=True)
+    ym = curve.mean()
+    sxx = ((x - xm) ** 2).sum(-1)
+    sxy = ((x - xm) * (curve - ym)).sum(-1)
+    slope = np.where(sxx > 0, np.maximum(sxy, 0.0) / np.maximum(sxx, 1e-300), 0.0)
+    ssr = ((curve - ym) ** 2).sum() - 2 * slope * sxy + slope * slope * sxx
+    best = float(b[int(np.argmin(ssr))])
+    return int(np.searchsorted(t, best, side="left"))
 
 
 def _most_enhancing_mean(flat: np.ndarray, block: int = 65536) -> np.ndarray:
     """Mean curve (float64) of the 10 % most enhancing voxels with a finite curve, by blocks of
-    voxels (no float64 copy of a whole series in memory)."""
+    voxels (no float64 copy of a whole series in memory).
+
+    The reference level spans several frames: choosing voxels by their rise above it favours
+    those whose noise happened to be low there, and a short reference made the next frame look
+    risen. A bolus rises once, so its mean absolute frame-to-frame change is a small fraction of
+    its rise; flicker (burnt-in text such as a frame counter) jumps by its full range every few
+    frames, and is left out unless nearly every voxel looks so (a very noisy series)."""
     n_t = flat.shape[1]
-    head = max(2, min(5, n_t // 4))
+    head = max(2, min(10, n_t // 4))
     enhancement = np.full(flat.shape[0], np.nan)
+    roughness = np.full(flat.shape[0], np.nan)
     for start in range(0, flat.shape[0], block):
         part = np.asarray(flat[start:start + block], dtype=np.float64)
         finite = np.all(np.isfinite(part), axis=-1)
-        enhancement[start:start + block][finite] = (part[finite].max(-1)
-                                                    - np.median(part[finite, :head], axis=-1))
+        enhancement[start:start + block][finite] = part[finite].max(-1) - np.median(part[finite, :head], axis=-1)
+        roughness[start:start + block][finite] = np.abs(np.diff(part[finite], axis=-1)).mean(-1)
     finite = np.isfinite(enhancement)
     if not finite.any():
         raise DCEPKInputError("no voxel of the series has a finite time course (all NaN / inf)")
-    top = finite & (enhancement >= np.quantile(enhancement[finite], 0.9))
+    steady = finite & (enhancement > _FLICKER_RATIO * roughness)
+    usable = steady if steady.sum() >= 0.1 * finite.sum() else finite
+    top = usable & (enhancement >= np.quantile(enhancement[usable], 0.9))
     total, count = np.zeros(n_t), 0
     for start in range(0, flat.shape[0], block):
         chosen = top[start:start + block]
@@ -326,7 +375,8 @@ def check_t10(t10_s, spatial_shape=None) -> np.ndarray:
 
 
 def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames=None, b1=1.0,
-                            baseline_start=0, progress=None, cancel=None, dtype=np.float64, out=None):
+                            baseline_start=0, progress=None, cancel=None, dtype=np.float64, out=None,
+                            noise_sigma=None):
     """Concentration (mM) from SPGR signal by exact inversion of the SPGR equation.
 
     signal: (..., T); t10_s: pre-contrast T1 in s, scalar or (...) map; fa_deg, tr_s: sequence;
@@ -343,6 +393,9 @@ def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_f
     precision of the per-frame arithmetic and of the result; float32 (the networks' input) is ~2x
     faster and off by < 1e-4 mM. ``out``: an array of the signal's shape to hold the result (any
     float dtype; it may be the signal itself: each chunk is read before it is written).
+    ``noise_sigma`` (signal units, per quadrature channel; ``rician.estimate_noise_sigma``): the
+    magnitude's Rician floor is taken off first, the baseline by its second moment and each frame
+    by sqrt(|S^2 - sigma^2|) (see ``rician``); None or 0: no correction.
     Returns (conc_mM (..., T), valid_mask (...)).
     """
     sig = np.asarray(signal)
@@ -384,8 +437,14 @@ def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_f
             f"baseline_start={baseline_start!r} must be a frame index below baseline_frames={n_base}")
     start = int(baseline_start)
 
+    sigma = float(noise_sigma) if noise_sigma is not None else 0.0
+    if not (np.isfinite(sigma) and sigma >= 0):
+        raise DCEPKInputError(f"noise_sigma must be a noise SD >= 0 in signal units; got {noise_sigma!r}")
     with np.errstate(invalid="ignore"):
-        s_base = sig[..., start:n_base].mean(axis=-1, dtype=np.float64)
+        if sigma > 0:
+            s_base = rician.corrected_baseline(sig[..., start:n_base], sigma)
+        else:
+            s_base = sig[..., start:n_base].mean(axis=-1, dtype=np.float64)
     finite_base = np.isfinite(s_base)
     if finite_base.any() and not np.any(s_base[finite_base] > 0):
         raise DCEPKInputError(
@@ -412,7 +471,11 @@ def signal_to_concentration(signal, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_f
             # per-voxel terms in float64, per-frame arithmetic in ``work`` and in place (memory-bound)
             e10 = np.exp(-tr / t1b)
             m = s_b * (1.0 - cos_a * e10) / (1.0 - e10)       # M = S0 sin(a) from the baseline
-            q = np.multiply(flat[lo:hi], (1.0 / m).astype(work)[:, None], dtype=work)
+            if sigma > 0:
+                q = rician.corrected_frames(flat[lo:hi], sigma, out=np.empty((hi - lo, n_t), dtype=work))
+                np.multiply(q, (1.0 / m).astype(work)[:, None], out=q)
+            else:
+                q = np.multiply(flat[lo:hi], (1.0 / m).astype(work)[:, None], dtype=work)
             # E1 = (1 - q) / (1 - q cos a); in float32 its rounding (~1e-7) moves the
             # concentration by ~1e-7 / (TR r1), i.e. < 1e-4 mM for TR >= 0.5 ms
             denom = np.multiply(q, cos_a.astype(work)[:, None])

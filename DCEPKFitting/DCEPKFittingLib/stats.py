@@ -39,11 +39,17 @@ def summarize(values: np.ndarray) -> Dict[str, float]:
 
 def label_statistics(maps: Mapping[str, np.ndarray], labels: np.ndarray,
                      label_names: Optional[Mapping[int, str]] = None,
-                     label_values: Optional[Iterable[int]] = None) -> List[dict]:
+                     label_values: Optional[Iterable[int]] = None,
+                     status: Optional[np.ndarray] = None,
+                     status_of: Optional[Iterable[str]] = None) -> List[dict]:
     """One row per (label, map): label value and name, map name, then ``STAT_COLUMNS``.
 
     ``labels`` is an integer array of the maps' shape; 0 is background and left out unless
-    listed in ``label_values``.
+    listed in ``label_values``. With ``status`` (a fit's status map, ``fitting.FitStatus``) every
+    row also counts the label's voxels per status (``n_fitted``, ``n_not_enhancing``, ...), and
+    the statistics of the maps in ``status_of`` (default: all) are over the fitted voxels only,
+    as the row's ``voxels`` column says ("fitted"; "all" for the other maps): a voxel at a bound,
+    not converged, not enhancing or with invalid input has no estimate to average.
     """
     for name, array in maps.items():
         if np.shape(array) != np.shape(labels):
@@ -51,16 +57,32 @@ def label_statistics(maps: Mapping[str, np.ndarray], labels: np.ndarray,
                 f"map '{name}' has shape {np.shape(array)} but the label map has shape {np.shape(labels)}: "
                 "resample the label map onto the map's grid first")
     labels = check_label_map(labels)
+    fitted, names_by_status = None, {}
+    if status is not None:
+        from .fitting import FITTED_STATUSES, FitStatus
+        status = np.asarray(status)
+        if status.shape != labels.shape:
+            raise DCEPKInputError(f"the status map has shape {status.shape} but the label map has shape "
+                                  f"{labels.shape}: give the status map of the same fit")
+        fitted = np.isin(status, [int(s) for s in FITTED_STATUSES])
+        names_by_status = {int(member): "n_" + member.name.lower() for member in FitStatus}
+    filtered = set(maps) if status_of is None else set(status_of)
     if label_values is None:
         label_values = [int(v) for v in np.unique(labels) if v != 0]
     label_names = dict(label_names or {})
     rows = []
     for value in label_values:
         inside = labels == value
+        counts = {column: int(np.sum(status[inside] == code)) for code, column in names_by_status.items()}
         for map_name, array in maps.items():
             row = {"label": int(value), "segment": label_names.get(int(value), f"label {value}"),
                    "map": map_name}
-            row.update(summarize(np.asarray(array)[inside]))
+            only_fitted = fitted is not None and map_name in filtered
+            use = inside & fitted if only_fitted else inside
+            if status is not None:
+                row["voxels"] = "fitted" if only_fitted else "all"
+            row.update(summarize(np.asarray(array)[use]))
+            row.update(counts)
             rows.append(row)
     return rows
 

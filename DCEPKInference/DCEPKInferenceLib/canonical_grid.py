@@ -154,21 +154,16 @@ NO_ARRIVAL_BASELINE_S = 20.0
 
 
 def estimate_baseline_frames(signal, times_s=None) -> int:
-    """Frames before bolus arrival from the most enhancing voxels (core detector), >= 2 when possible.
-
-    Where nothing enhances (e.g. a patch of non-enhancing tissue) the core finds no arrival; the
-    baseline is then the frames of the first 20 s (any choice gives a concentration ~ 0 for a flat curve).
+    """Frames before bolus arrival by the project's one detector (``signal_models.detect_baseline_frames``),
+    with what the networks need: at least 2 frames (for the baseline noise SD) and, where nothing
+    enhances (e.g. a patch of non-enhancing tissue) and ``times_s`` is given, the frames of the
+    first 20 s (any choice gives a concentration ~ 0 for a flat curve); without ``times_s`` that
+    case raises ``DCEPKInputError``.
     """
-    sig = np.asarray(signal, dtype=np.float64)
-    n_t = sig.shape[-1]
-    try:
-        n_base = detect_baseline_frames(sig)
-    except DCEPKInputError:
-        if times_s is None:
-            raise
-        t = np.asarray(times_s, dtype=np.float64)
-        n_base = int(np.searchsorted(t - t[0], NO_ARRIVAL_BASELINE_S))
-    return int(min(max(n_base, min(2, n_t - 1)), n_t - 1))
+    n_t = np.shape(signal)[-1]
+    no_arrival_s = None if times_s is None else NO_ARRIVAL_BASELINE_S
+    n_base = detect_baseline_frames(signal, min_frames=min(2, n_t - 1), times_s=times_s, no_arrival_s=no_arrival_s)
+    return int(min(n_base, n_t - 1))
 
 
 def to_canonical(signal, times_s, baseline_frames: Optional[int] = None, *, fa_deg, tr_s, t10_s, r1_per_mM_s,

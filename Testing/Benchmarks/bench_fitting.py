@@ -29,7 +29,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "DCEPKFitting"))
 
-from DCEPKFittingLib import fitting  # noqa: E402
+from DCEPKFittingLib import fitting, nested_models  # noqa: E402
 from DCEPKFittingLib import tk_models as tk  # noqa: E402
 
 N_FRAMES = 60
@@ -66,17 +66,21 @@ def synthetic(model, n, seed=0):
 
 
 def median_errors(estimate, truth):
+    """Median absolute error per parameter, over the voxels where it is defined (the model choice
+    leaves ve NaN where it finds no backflux or no leakage)."""
     return np.nanmedian(np.abs(estimate - truth), axis=0)
 
 
-def time_ours(model, method, t, cp, curves, device):
+def time_ours(model, method, t, cp, curves, device, model_selection=True):
+    """Voxels per second (wall clock), the parameters, and the CPU seconds used (all threads): on a
+    shared machine the CPU time compares two fits more fairly than the wall clock."""
     fitting.fit_curves(curves[:200], t, cp, model, method=method, device=device)  # warm-up
-    start = time.perf_counter()
-    result = fitting.fit_curves(curves, t, cp, model, method=method, device=device)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    result = fitting.fit_curves(curves, t, cp, model, method=method, device=device, model_selection=model_selection)
     if device == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
-    return curves.shape[0] / elapsed, result.parameter_array()
+    return curves.shape[0] / elapsed, result.parameter_array(), time.process_time() - cpu_start
 
 
 def time_curve_fit(model, t, cp, curves):
@@ -186,12 +190,7 @@ def main(argv=None):
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    lines = []
-
-    def emit(text=""):
-        print(text, flush=True)
-        lines.append(text)
-
+    emit, lines = report_lines()
     emit(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
          f"{os.cpu_count()} CPU cores, torch {torch.__version__} ({torch.get_num_threads()} threads), "
          f"device {args.device}" + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
@@ -211,14 +210,21 @@ def main(argv=None):
         dc_rate = None
         if model == "etofts" and args.dcmri_voxels > 0:
             dc_rate, dc_est = time_dcmri(truth[: args.dcmri_voxels], t, cp)
-        methods = (["nlls", "linear"] if model in fitting.LINEAR_MODELS else ["nlls"])
+        # nested models: the fit with the per-voxel model choice (the default) and without it, so
+        # that the choice's cost shows; errors over the voxels where the parameter is defined
+        runs = [("nlls", True), ("nlls", False), ("linear", True)] if model in nested_models.NESTED_MODELS \
+            else [("nlls", True)]
         ours_on_subset = None
-        for method in methods:
-            rate, est = time_ours(model, method, t, cp, curves, args.device)
-            if method == "nlls":
+        for method, choice in runs:
+            rate, est, cpu_s = time_ours(model, method, t, cp, curves, args.device, model_selection=choice)
+            if method == "nlls" and choice:
                 ours_on_subset = median_errors(est[:cf_n], truth[:cf_n])
+                choice_cpu_s = cpu_s
             ratio_dc = f"{rate / dc_rate:,.0f}x" if dc_rate else "-"
-            emit(f"| {model} | ours {method} | {n} | {rate:,.0f} | {rate / cf_rate:,.0f}x | {ratio_dc} | "
+            label = f"ours {method}" + ("" if choice or model not in nested_models.NESTED_MODELS else
+                                        f", no model choice (the choice's cost: {choice_cpu_s / cpu_s - 1:+.0%} "
+                                        "CPU time)")
+            emit(f"| {model} | {label} | {n} | {rate:,.0f} | {rate / cf_rate:,.0f}x | {ratio_dc} | "
                  f"{names}: {np.array2string(median_errors(est, truth), precision=4)} |")
         emit(f"| {model} | scipy curve_fit loop | {cf_n} | {cf_rate:,.1f} | 1x | - | "
              f"{names}: {np.array2string(median_errors(cf_est, truth[:cf_n]), precision=4)} "
@@ -242,11 +248,23 @@ def main(argv=None):
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
 
 
-def write_results(lines):
+def report_lines():
+    """``emit(text)`` prints a line and keeps it; the kept ``lines`` go to RESULTS.md."""
+    lines = []
+
+    def emit(text=""):
+        print(text, flush=True)
+        lines.append(text)
+
+    return emit, lines
+
+
+def write_results(lines, title="Fitting"):
+    """Replace the '## <title>' section of RESULTS.md with ``lines`` (appended if there is none)."""
     path = Path(__file__).parent / "RESULTS.md"
     text = path.read_text() if path.exists() else "# Benchmark results\n"
-    section = "## Fitting\n\n" + "\n".join(lines) + "\n"
-    start = text.find("## Fitting")
+    section = f"## {title}\n\n" + "\n".join(lines) + "\n"
+    start = text.find(f"## {title}\n")
     if start < 0:
         text = text.rstrip("\n") + "\n\n" + section
     else:

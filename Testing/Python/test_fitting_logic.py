@@ -17,6 +17,7 @@ import slicer  # noqa: E402  (slicer_scene already required it)
 
 from DCEPKFittingLib import mrml_bridge as bridge  # noqa: E402
 from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError  # noqa: E402
+from DCEPKFittingLib.fitting import FITTED_STATUSES  # noqa: E402
 from DCEPKFittingLib.geometry import Geometry  # noqa: E402
 from DCEPKFittingLib.jobs import BackgroundJob, JobState  # noqa: E402
 
@@ -100,10 +101,14 @@ def test_logic_maps_equal_the_cli_path_and_are_near_ground_truth(slicer_scene, p
     rows = bridge.table_rows(nodes["statistics"])
     names = {v: n for v, n in phantom.label_names.items() if np.any(phantom.labels == v)}
     assert len(rows) == len(names) * len([m for m in cli.maps if m != "status"])
+    fitted = np.isin(cli.maps["status"], [int(s) for s in FITTED_STATUSES])
     for row in rows:
         value = next(v for v, n in names.items() if n == row["segment"])
-        values = cli.maps[row["map"]][phantom.labels == value]
+        # the statistics are over the fit's fitted voxels (the row says so), with counts per status
+        assert row["voxels"] == "fitted"
+        values = cli.maps[row["map"]][(phantom.labels == value) & fitted]
         assert row["count"] == np.isfinite(values).sum()
+        assert row["n_fitted"] == np.sum((phantom.labels == value) & fitted)
         if row["count"]:
             assert row["mean"] == pytest.approx(np.nanmean(values), rel=1e-5, abs=1e-9)
             assert row["median"] == pytest.approx(np.nanmedian(values), rel=1e-5, abs=1e-9)

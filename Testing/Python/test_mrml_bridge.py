@@ -253,12 +253,12 @@ def test_the_fit_status_is_a_label_map_whose_table_is_the_status_enum(slicer_sce
         colours.add(tuple(rgba))
     assert len(colours) == len(FitStatus)
 
-    # A status the core adds (another engineer's NOT_ENHANCING) appears without a change in the bridge.
-    extended = enum.IntEnum("FitStatus", {**{m.name: int(m) for m in FitStatus}, "NOT_ENHANCING": 5})
+    # A status the core adds later appears without a change in the bridge.
+    extended = enum.IntEnum("FitStatus", {**{m.name: int(m) for m in FitStatus}, "SOMETHING_NEW": 6})
     monkeypatch.setattr("DCEPKFittingLib.fitting.FitStatus", extended)
     table = bridge.status_colour_table(slicer_scene.scene)
-    assert table.GetNumberOfColors() == 6 and table.GetColorName(5) == "not enhancing"
-    table.GetColor(5, rgba)
+    assert table.GetNumberOfColors() == 7 and table.GetColorName(6) == "something new"
+    table.GetColor(6, rgba)
     assert rgba[3] == 1.0 and tuple(rgba) not in colours
 
 

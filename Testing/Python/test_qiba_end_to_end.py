@@ -12,25 +12,8 @@ from DCEPKFittingLib.dce_io import read_dce
 from DCEPKFittingLib.pipeline import FitSettings, run_fit
 
 from conftest import require_reference
-
-KTRANS_BANDS = (0.01, 0.02, 0.05, 0.1, 0.2, 0.35)  # 1/min, 10 rows each from row 10
-VE_BANDS = (0.01, 0.05, 0.1, 0.2, 0.5)  # 10 columns each
-
-
-def concordance_correlation(x, y):
-    x, y = np.asarray(x, float), np.asarray(y, float)
-    covariance = np.mean((x - x.mean()) * (y - y.mean()))
-    return 2 * covariance / (x.var() + y.var() + (x.mean() - y.mean()) ** 2)
-
-
-def patch_medians(parameter_map):
-    """Median of each 10x10 patch, trimming a 2-voxel border against partial-patch effects."""
-    rows = []
-    for band in range(len(KTRANS_BANDS)):
-        for column_band in range(len(VE_BANDS)):
-            patch = parameter_map[0, 10 + 10 * band + 2: 10 + 10 * band + 8, 10 * column_band + 2: 10 * column_band + 8]
-            rows.append(np.nanmedian(patch))
-    return np.array(rows)
+# the DRO's layout and per-patch measures: those of the noisy reference built in its image
+from noisy_tofts_reference import KTRANS_BANDS, VE_BANDS, concordance_correlation, patch_medians
 
 
 @pytest.fixture(scope="module")

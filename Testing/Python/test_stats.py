@@ -70,3 +70,44 @@ def test_tables_are_written_only_in_the_formats_their_names_promise(tmp_path):
     assert list(tmp_path.iterdir()) == []
     header = write_table(rows, tmp_path / "s.txt").read_text().splitlines()[0]
     assert header.split("\t")[:3] == ["label", "segment", "map"]
+
+
+def test_statistics_over_fitted_voxels_with_counts_per_status():
+    """With a fit's status map: the statistics of the fit's maps are over its fitted voxels only
+    (a voxel at a bound holds a limit, not an estimate), every row counts the label's voxels per
+    status, and maps that are not the fit's (a ground truth) keep all their voxels."""
+    from DCEPKFittingLib.fitting import FitStatus
+    labels = np.array([[[1, 1, 1, 1, 1, 2, 2, 2]]])
+    status = np.array([[[FitStatus.FITTED, FitStatus.FITTED, FitStatus.AT_BOUND, FitStatus.NOT_ENHANCING,
+                         FitStatus.INVALID_INPUT, FitStatus.FITTED, FitStatus.NOT_CONVERGED, FitStatus.MASKED]]])
+    ktrans = np.array([[[0.1, 0.3, 5.0, 0.0, np.nan, 0.2, 3.0, np.nan]]])
+    rows = label_statistics({"Ktrans": ktrans, "truth": np.ones(ktrans.shape)}, labels, status=status,
+                            status_of=["Ktrans"])
+    tumour = next(r for r in rows if r["label"] == 1 and r["map"] == "Ktrans")
+    assert tumour["voxels"] == "fitted" and tumour["count"] == 2 and tumour["mean"] == pytest.approx(0.2)
+    assert (tumour["n_fitted"], tumour["n_at_bound"], tumour["n_not_enhancing"], tumour["n_invalid_input"],
+            tumour["n_not_converged"], tumour["n_masked"]) == (2, 1, 1, 1, 0, 0)
+    other = next(r for r in rows if r["label"] == 2 and r["map"] == "Ktrans")
+    assert other["count"] == 1 and other["mean"] == pytest.approx(0.2) and other["n_not_converged"] == 1
+    truth = next(r for r in rows if r["label"] == 1 and r["map"] == "truth")
+    assert truth["voxels"] == "all" and truth["count"] == 5
+    with pytest.raises(DCEPKInputError, match="status map"):
+        label_statistics({"Ktrans": ktrans}, labels, status=status[..., :4])
+
+
+def test_dcepk_stats_uses_a_status_map_among_the_maps(tmp_path, capsys):
+    from DCEPKFittingLib.cli import main as dcepk
+    from DCEPKFittingLib.dce_io import write_volume
+    from DCEPKFittingLib.fitting import FitStatus
+    from DCEPKFittingLib.geometry import Geometry
+    labels = np.ones((1, 2, 2), np.uint8)
+    write_volume(tmp_path / "labels.nii.gz", labels, Geometry())
+    write_volume(tmp_path / "Ktrans.nii.gz", np.array([[[0.1, 0.3], [5.0, 0.0]]], np.float32), Geometry())
+    status = np.array([[[FitStatus.FITTED, FitStatus.FITTED], [FitStatus.AT_BOUND, FitStatus.NOT_ENHANCING]]])
+    write_volume(tmp_path / "status.nii.gz", status.astype(np.uint8), Geometry())
+    assert dcepk(["stats", str(tmp_path / "Ktrans.nii.gz"), str(tmp_path / "status.nii.gz"),
+                  "--labels", str(tmp_path / "labels.nii.gz")]) == 0
+    header, row = capsys.readouterr().out.splitlines()[:2]
+    values = dict(zip(header.split("\t"), row.split("\t")))
+    assert values["voxels"] == "fitted" and float(values["mean"]) == pytest.approx(0.2)
+    assert values["n_at_bound"] == "1" and values["n_not_enhancing"] == "1"
