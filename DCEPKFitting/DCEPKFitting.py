@@ -1,7 +1,7 @@
 """DCEPK Fitting: pharmacokinetic maps from a DCE-MRI volume sequence by tracer-kinetic model fitting.
 
 Qt shell only (see docs/ARCHITECTURE.md): the science is in ``DCEPKFittingLib`` (pure core) and
-``DCEPKFittingLib.mrml_bridge`` (scene <-> arrays). The Logic is usable from the Python console:
+``DCEPKFittingLib.mrml.bridge`` (scene <-> arrays). The Logic is usable from the Python console:
 
     import DCEPKFitting
     logic = DCEPKFitting.DCEPKFittingLogic()
@@ -39,7 +39,7 @@ from slicer.util import VTKObservationMixin
 # Only dependency-free helpers are imported at load time; the numerical Lib modules are imported
 # inside functions, after the widget has checked (and, if the user agrees, installed) the Python
 # requirements, so the module always loads.
-from DCEPKFittingLib import panel_state, slicer_dependencies
+from DCEPKFittingLib.panels import panel_state, slicer_dependencies
 
 MODELS = ["etofts", "tofts", "patlak", "2cxm", "2cum"]
 POPULATION_AIFS = ["parker", "georgiou", "weinmann"]
@@ -197,7 +197,7 @@ class DCEPKBackgroundJobWidgetMixin:
         self._jobTimer.connect("timeout()", self.onJobTimer)
 
     def startBackgroundJob(self, request, jobName: str, statusText: str) -> None:
-        from DCEPKFittingLib.jobs import BackgroundJob
+        from DCEPKFittingLib.core.jobs import BackgroundJob
 
         self._jobRequest = request
         self._job = BackgroundJob(self.logic.compute, request, name=jobName).start()
@@ -236,7 +236,7 @@ class DCEPKBackgroundJobWidgetMixin:
             return False
 
     def onJobTimer(self) -> None:
-        from DCEPKFittingLib.jobs import JobState
+        from DCEPKFittingLib.core.jobs import JobState
 
         job = self._job
         if job is None:
@@ -311,7 +311,7 @@ class DCEPKBackgroundJobWidgetMixin:
         path = qt.QFileDialog.getSaveFileName(None, _("Export statistics"), table.GetName() + ".csv", "CSV (*.csv)")
         if not path:
             return
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         # The file dialog already asked before replacing an existing file.
         if self.runShowingErrors(_("The table could not be saved."), mrml_bridge.save_table_csv,
@@ -492,7 +492,7 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
         self._aifTimer.start()  # restart: redraw once the ROI has stopped moving for a moment
 
     def _currentSeries(self):
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         sequence = self._parameterNode.inputSequence if self._parameterNode else None
         if sequence is None:
@@ -507,7 +507,7 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
         p = self._parameterNode
         if p is None or p.aifSource != "roi" or p.aifRoi is None or p.inputSequence is None:
             return
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         try:
             series = self._currentSeries()
@@ -556,7 +556,7 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
             self.updateVoxelPlot(ras)
 
     def updateVoxelPlot(self, ras) -> None:
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         curves = self.logic.voxelCurves(ras)
         if curves is None:
@@ -662,7 +662,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
                 flipAngle_deg=None, tr_s=None, r1_per_mM_s=None, mask=None, fitDelay=False, device="auto",
                 statisticsSegmentation=None, outputPrefix="DCEPK", updateExisting=True):
         """Read the inputs from the scene (main thread); raises ``DCEPKInputError`` naming any problem."""
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         return mrml_bridge.prepare_scene_fit(
             sequenceNode, model=model, method=method, aif_roi=aifRoi, aif_segmentation=aifSegmentation,
@@ -676,13 +676,13 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def compute(request, progress=None, cancel=None):
         """The fit itself (``pipeline.run_fit``): touches no node, so it may run in a worker thread."""
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         return mrml_bridge.compute_scene_fit(request, progress=progress, cancel=cancel)
 
     def publish(self, request, output):
         """Write the maps and statistics into the scene (main thread); returns ``{map name: node}``."""
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         nodes = mrml_bridge.publish_scene_fit(self.scene, request, output)
         self.lastOutput, self.lastNodes = output, nodes
@@ -690,7 +690,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
 
     def panelState(self, p, running=False):
         """What the panel shows and allows for parameter node ``p`` (``panel_state.PanelView``)."""
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         header = panel_state.SeriesHeader()
         if p is not None:
@@ -706,7 +706,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
         Flip angle and TRs are passed only when the user ticked them; otherwise None, and the run
         takes the series headers' values (an error names the box to tick when there are none).
         """
-        from DCEPKFittingLib.errors import DCEPKInputError
+        from DCEPKFittingLib.core.errors import DCEPKInputError
 
         flipAngle_deg, tr_s, vfaTr_s = panel_state.typed_acquisition(p, vfa=True)
         options = dict(model=p.model, method=p.method, hematocrit=p.hematocrit, aifDelay_s=p.aifDelay,
@@ -736,13 +736,13 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def placeAifRoi(roiNode, sequenceNode, centreRas=None):
         """Size a new (empty) ROI as a small box on the series' grid, at ``centreRas`` when it lies in the series."""
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         return mrml_bridge.place_roi_on_series(roiNode, sequenceNode, centreRas)
 
     def voxelCurves(self, ras):
         """(title, times in s, {curve name: mM}) of the voxel at RAS point ``ras`` after the last fit, or None."""
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         output = self.lastOutput
         index = mrml_bridge.voxel_index_at_ras(output.geometry, output.concentration.shape, ras) if output else None
@@ -776,7 +776,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeDevice(device="auto"):
         """Where the fit will run, in words, for the status line; refuses 'cuda' without a GPU."""
-        from DCEPKFittingLib.errors import DCEPKInputError
+        from DCEPKFittingLib.core.errors import DCEPKInputError
 
         try:
             import torch
@@ -803,7 +803,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     @classmethod
     def writePhantomSample(cls, phantom=None):
         """The default phantom's files (those ``dcepk phantom`` writes) in DCEPK's cache; returns the series URI."""
-        from DCEPKFittingLib.phantom import make_phantom, write_phantom
+        from DCEPKFittingLib.sims.phantom import make_phantom, write_phantom
 
         if not os.path.exists(os.path.join(cls.phantomFolder(), "dce.seq.nrrd")):
             # Regenerated whole when the series file is missing: the folder is DCEPK's own cache.
@@ -816,8 +816,8 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
 
         ``shape`` (k, j, i) makes a smaller phantom (the self-tests); it is not cached.
         """
-        from DCEPKFittingLib import mrml_bridge
-        from DCEPKFittingLib.phantom import make_phantom
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib.sims.phantom import make_phantom
 
         options = dict(shape=tuple(shape)) if shape is not None else {}
         phantom = make_phantom(vfa_flip_angles_deg=PHANTOM_VFA_FLIP_ANGLES_DEG, **options)
@@ -902,7 +902,7 @@ class DCEPKFittingTest(ScriptedLoadableModuleTest):
     def test_CancelLeavesSceneUnchanged(self):
         import threading
 
-        from DCEPKFittingLib.errors import JobCancelledError
+        from DCEPKFittingLib.core.errors import JobCancelledError
 
         logic = DCEPKFittingLogic()
         phantom, nodes = logic.loadPhantomSample(returnPhantom=True, shape=SELF_TEST_PHANTOM_SHAPE)

@@ -29,8 +29,8 @@ import torch
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "DCEPKFitting"))
 
-from DCEPKFittingLib import fitting, nested_models  # noqa: E402
-from DCEPKFittingLib import tk_models as tk  # noqa: E402
+from DCEPKFittingLib.kinetics import fitting, nested_models  # noqa: E402
+from DCEPKFittingLib.kinetics import tk_models as tk  # noqa: E402
 
 N_FRAMES = 60
 FRAME_S = 5.0
@@ -130,7 +130,7 @@ def time_dcmri(truth, t, cp, seed=0):
 MEMORY_CHILD = """
 import resource, sys, time, numpy as np
 sys.path.insert(0, {lib!r})
-from DCEPKFittingLib import fitting, tk_models as tk
+from DCEPKFittingLib.kinetics import fitting, tk_models as tk
 sys.path.insert(0, {bench!r})
 import bench_fitting as b
 shape = {shape!r}

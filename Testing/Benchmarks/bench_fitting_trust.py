@@ -42,10 +42,11 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "DCEPKFitting"))
 sys.path.insert(0, str(Path(__file__).parent))
 
-from DCEPKFittingLib import aif, signal_models, tk_models  # noqa: E402
-from DCEPKFittingLib.dce_io import DCESeries  # noqa: E402
-from DCEPKFittingLib.fitting import FitStatus  # noqa: E402
-from DCEPKFittingLib.pipeline import FitSettings, run_fit  # noqa: E402
+from DCEPKFittingLib.kinetics import aif, tk_models  # noqa: E402
+from DCEPKFittingLib.signal import signal_models
+from DCEPKFittingLib.io.dce_io import DCESeries  # noqa: E402
+from DCEPKFittingLib.kinetics.fitting import FitStatus  # noqa: E402
+from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit  # noqa: E402
 from bench_fitting import report_lines, write_results  # noqa: E402
 
 TITLE = "Fitting trust (non-enhancing tissue, low SNR, Rician noise)"
@@ -151,7 +152,7 @@ def main(argv=None):
 def reference_tables(emit):
     sys.path.insert(0, str(ROOT / "Testing" / "Python"))
     import noisy_tofts_reference as reference
-    from DCEPKFittingLib.phantom import GREY_MATTER, WHITE_MATTER, make_phantom
+    from DCEPKFittingLib.sims.phantom import GREY_MATTER, WHITE_MATTER, make_phantom
     before = dict(model_selection=False, rician_correction="none")
     emit("Noisy Tofts reference (Testing/Python/noisy_tofts_reference.py). The release before the Rician "
          "correction (main at 40566f0, whose ROI input function averaged per-voxel concentrations) gave Ktrans CCC "

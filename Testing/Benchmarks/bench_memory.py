@@ -32,9 +32,9 @@ rc = 0
 try:
     if sys.argv[1] == "--baseline":
         import numpy, scipy.ndimage, SimpleITK, torch
-        import DCEPKFittingLib.pipeline, DCEPKFittingLib.cli, DCEPKInferenceLib.inference
+        import DCEPKFittingLib.pipeline.fit, DCEPKFittingLib.workflows.cli, DCEPKInferenceLib.pipeline.inference
     else:
-        from DCEPKFittingLib.cli import main
+        from DCEPKFittingLib.workflows.cli import main
         rc = main(sys.argv[1:])
 finally:
     print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)

@@ -11,7 +11,7 @@ for lib in ("DCEPKFitting", "DCEPKInference"):
     if str(ROOT / lib) not in sys.path:
         sys.path.insert(0, str(ROOT / lib))
 
-from DCEPKFittingLib.reference_data import missing_reason, reference_data_required, reference_path  # noqa: E402
+from DCEPKFittingLib.core.reference_data import missing_reason, reference_data_required, reference_path  # noqa: E402
 
 
 def require_reference(*parts: str) -> Path:

@@ -38,7 +38,7 @@ import qt_standins
 
 import slicer  # noqa: E402  (slicer_scene already required it)
 
-from DCEPKFittingLib.reference_data import reference_data_required  # noqa: E402
+from DCEPKFittingLib.core.reference_data import reference_data_required  # noqa: E402
 
 SLICER_SOURCE_ENV = "DCEPK_SLICER_SOURCE"
 _GRAFTED = {}
@@ -144,7 +144,7 @@ class IOManager:
     def loadNodes(self, file_type, properties, loaded):
         if file_type != "SequenceFile":
             return False
-        from DCEPKFittingLib import mrml_bridge
+        from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
         node = mrml_bridge.load_sequence(self.scene, properties["fileName"], properties.get("name"))
         loaded.AddItem(node)

@@ -12,11 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from DCEPKFittingLib import dce_io
-from DCEPKFittingLib.dce_io import (DCESeries, read_dce, read_mask, read_volume, write_dce_series, write_maps,
-                                    write_volume)
-from DCEPKFittingLib.errors import DCEPKInputError
-from DCEPKFittingLib.geometry import Geometry
+from DCEPKFittingLib.io import dce_io
+from DCEPKFittingLib.io.dce_io import (DCESeries, read_dce, read_mask, read_volume, write_dce_series, write_maps,
+                                       write_volume)
+from DCEPKFittingLib.core.errors import DCEPKInputError
+from DCEPKFittingLib.core.geometry import Geometry
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -849,7 +849,7 @@ def test_write_maps_failure_midway_leaves_nothing(tmp_path, monkeypatch):
 
 
 def test_write_maps_publishing_failure_puts_back_every_earlier_file(tmp_path, monkeypatch):
-    from DCEPKFittingLib.output_files import OutputSet
+    from DCEPKFittingLib.core.output_files import OutputSet
     original = OutputSet._publish
 
     def failing_last(self, temporary, target):
@@ -949,7 +949,7 @@ def test_a_staged_file_that_reads_back_short_is_never_published(tmp_path, monkey
 def test_temporaries_of_a_killed_process_are_swept_by_the_next_write(tmp_path):
     import subprocess
     import sys
-    from DCEPKFittingLib.output_files import TEMP_PREFIX
+    from DCEPKFittingLib.core.output_files import TEMP_PREFIX
     dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
     stale = tmp_path / f"{TEMP_PREFIX}{int(dead.stdout)}-abcd1234-Ktrans.nii.gz"
     stale.write_bytes(b"half a map")

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from DCEPKFittingLib.cli import EXIT_INPUT_ERROR
-from DCEPKFittingLib.cli import main as dcepk_main
-from DCEPKFittingLib.demo import run_demo
+from DCEPKFittingLib.workflows.cli import EXIT_INPUT_ERROR
+from DCEPKFittingLib.workflows.cli import main as dcepk_main
+from DCEPKFittingLib.workflows.demo import run_demo
 
 torch.set_num_threads(1)
 
@@ -52,8 +52,8 @@ def test_demo_fit_has_no_speckles_in_normal_brain_and_no_ve_without_leakage(demo
     """Against the phantom's truth (normal brain: Ktrans 0.001-0.003 /min): the fitted map has no
     speckles there (4.6 % of its voxels were above 0.05 /min, many at the 5 /min bound, before the
     per-voxel model choice), and ve is undefined wherever Ktrans is 0, as the figure shows."""
-    from DCEPKFittingLib.fitting import FitStatus
-    from DCEPKFittingLib.phantom import GREY_MATTER, WHITE_MATTER
+    from DCEPKFittingLib.kinetics.fitting import FitStatus
+    from DCEPKFittingLib.sims.phantom import GREY_MATTER, WHITE_MATTER
     _, result = demo
     phantom, maps = result["phantom"], result["fit"].maps
     normal = np.isin(phantom.labels, [WHITE_MATTER, GREY_MATTER])

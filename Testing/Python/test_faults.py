@@ -20,10 +20,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from DCEPKFittingLib import cli, dce_io, output_files
-from DCEPKFittingLib.dce_io import read_volume, write_volume
-from DCEPKFittingLib.output_files import TEMP_PREFIX, StagedFile
-from DCEPKFittingLib.phantom import Protocol
+from DCEPKFittingLib.workflows import cli
+from DCEPKFittingLib.io import dce_io
+from DCEPKFittingLib.core import output_files
+from DCEPKFittingLib.io.dce_io import read_volume, write_volume
+from DCEPKFittingLib.core.output_files import TEMP_PREFIX, StagedFile
+from DCEPKFittingLib.sims.phantom import Protocol
 
 ROOT = Path(__file__).resolve().parents[2]
 R1 = str(Protocol().r1_per_mM_s)
@@ -118,7 +120,7 @@ def _limited_child(argv, limit_bytes):
     fails the write: EFBIG for Python, a silent short file for SimpleITK's NIfTI writer)."""
     def limit():
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit_bytes, limit_bytes))
-    code = "import sys; from DCEPKFittingLib.cli import main; sys.exit(main(sys.argv[1:]))"
+    code = "import sys; from DCEPKFittingLib.workflows.cli import main; sys.exit(main(sys.argv[1:]))"
     env = dict(os.environ, PYTHONPATH=f"{ROOT / 'DCEPKFitting'}:{ROOT / 'DCEPKInference'}",
                PYTHONDONTWRITEBYTECODE="1")
     return subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True, preexec_fn=limit,
@@ -262,7 +264,7 @@ def test_bad_options_are_refused_as_they_are_parsed(capsys, argv, words):
 def test_model_weights_with_nan_and_a_matching_checksum_are_refused(phantom, tmp_path, monkeypatch, capsys):
     import shutil
     from safetensors.torch import load_file, save_file
-    from DCEPKInferenceLib.model_store import DEFAULT_MODELS_DIR, sha256_of
+    from DCEPKInferenceLib.nn.model_store import DEFAULT_MODELS_DIR, sha256_of
     models = tmp_path / "models"
     models.mkdir()
     state = load_file(str(DEFAULT_MODELS_DIR / "hetero_encoder_fast.safetensors"))
@@ -284,8 +286,12 @@ def test_model_weights_with_nan_and_a_matching_checksum_are_refused(phantom, tmp
 # ------------------------------------------------------------------------------- 7. outputs checked first
 @pytest.mark.parametrize("command", ["fit", "infer", "t1map", "stats", "phantom", "demo"])
 def test_existing_outputs_are_refused_before_any_work(phantom, earlier, tmp_path, monkeypatch, capsys, command):
-    from DCEPKFittingLib import demo, pipeline, phantom as phantom_module, signal_models, stats
-    from DCEPKInferenceLib import inference
+    from DCEPKFittingLib.workflows import demo
+    from DCEPKFittingLib.pipeline import fit as pipeline
+    from DCEPKFittingLib.sims import phantom as phantom_module
+    from DCEPKFittingLib.signal import signal_models
+    from DCEPKFittingLib.analysis import stats
+    from DCEPKInferenceLib.pipeline import inference
 
     def no_work(*args, **kwargs):
         raise AssertionError("the computation ran although an output exists")
@@ -328,7 +334,7 @@ def test_implausible_units_name_the_likely_mistake(phantom, tmp_path, capsys):
 
 
 def test_concentration_read_as_signal_and_signal_as_concentration_are_named(phantom, tmp_path, capsys):
-    from DCEPKFittingLib.dce_io import DCESeries, read_dce, write_dce_series
+    from DCEPKFittingLib.io.dce_io import DCESeries, read_dce, write_dce_series
     series = read_dce(phantom / "dce.seq.nrrd")
     unlabelled = tmp_path / "unlabelled.nrrd"   # no DCEPK.Kind: the values must tell
     write_dce_series(unlabelled, series)
@@ -344,8 +350,8 @@ def test_concentration_read_as_signal_and_signal_as_concentration_are_named(phan
 
 
 def test_an_aif_roi_on_tissue_warns_in_the_cli_the_sidecar_and_the_fit_output(phantom, tmp_path, capsys):
-    from DCEPKFittingLib.dce_io import read_dce, read_mask
-    from DCEPKFittingLib.pipeline import FitSettings, run_fit
+    from DCEPKFittingLib.io.dce_io import read_dce, read_mask
+    from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit
     labels, geometry = read_volume(phantom / "labels.nii.gz")
     white_matter = write_volume(tmp_path / "wm_roi.nii.gz", (labels == 1).astype(np.uint8), geometry)
     out = tmp_path / "maps"
@@ -404,8 +410,8 @@ def test_stats_refuses_bad_label_maps_and_label_names(phantom, tmp_path, capsys)
 # ------------------------------------------------------------------------------- 10. a kill while writing
 KILLED_WRITER = textwrap.dedent("""
     import os, sys, time
-    from DCEPKFittingLib import output_files
-    from DCEPKFittingLib.cli import main
+    from DCEPKFittingLib.core import output_files
+    from DCEPKFittingLib.workflows.cli import main
     original = output_files.StagedFile.write
     files = []
     def write(self, data):

@@ -8,12 +8,12 @@ import pytest
 import torch
 from scipy.optimize import least_squares
 
-from DCEPKFittingLib import fitting
-from DCEPKFittingLib import tk_models as tk
-from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError
-from DCEPKFittingLib import nested_models
-from DCEPKFittingLib.fitting import FitStatus
-from DCEPKFittingLib.nested_models import SelectedModel
+from DCEPKFittingLib.kinetics import fitting
+from DCEPKFittingLib.kinetics import tk_models as tk
+from DCEPKFittingLib.core.errors import DCEPKInputError, JobCancelledError
+from DCEPKFittingLib.kinetics import nested_models
+from DCEPKFittingLib.kinetics.fitting import FitStatus
+from DCEPKFittingLib.kinetics.nested_models import SelectedModel
 
 
 def _aif(t):

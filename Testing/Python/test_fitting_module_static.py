@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 from slicer_module_source import cmake_list, find_class, parameter_fields, read_ui_widgets, ui_names_used
 
-from DCEPKFittingLib import slicer_dependencies
+from DCEPKFittingLib.panels import slicer_dependencies
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "DCEPKFitting"
@@ -106,7 +106,7 @@ def test_ui_connects_the_scene_to_every_mrml_widget(ui_widgets):
 
 
 def test_logic_passes_every_option_through_to_the_bridge(tree):
-    from DCEPKFittingLib import mrml_bridge
+    from DCEPKFittingLib.mrml import bridge as mrml_bridge
 
     logic = find_class(tree, "DCEPKFittingLogic")
     methods = {n.name: n for n in logic.body if isinstance(n, ast.FunctionDef)}
@@ -141,9 +141,9 @@ def test_logic_and_module_load_use_no_qt_and_no_heavy_import_at_load_time(tree):
     top_level = [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     lib_imports = [s for s in top_level if "DCEPKFittingLib" in s]
     # Only the dependency-free helpers (no numpy, no torch): the module loads before packages are installed.
-    assert lib_imports == ["from DCEPKFittingLib import panel_state, slicer_dependencies"], lib_imports
+    assert lib_imports == ["from DCEPKFittingLib.panels import panel_state, slicer_dependencies"], lib_imports
     for helper in ("panel_state.py", "slicer_dependencies.py"):
-        nodes = list(ast.walk(ast.parse((LIB_DIR / helper).read_text())))
+        nodes = list(ast.walk(ast.parse((LIB_DIR / "panels" / helper).read_text())))
         imported = [n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module] + \
             [alias.name for n in nodes if isinstance(n, ast.Import) for alias in n.names]
         assert not {m.split(".")[0] for m in imported} & {"numpy", "scipy", "torch", "SimpleITK", "slicer"}, helper
@@ -157,7 +157,7 @@ def test_logic_and_module_load_use_no_qt_and_no_heavy_import_at_load_time(tree):
 def test_cmake_lists_every_lib_file_and_resource():
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS", "DCEPKFitting")
-    on_disk = {f"DCEPKFittingLib/{p.name}" for p in LIB_DIR.glob("*.py")}
+    on_disk = {str(p.relative_to(MODULE_DIR)) for p in LIB_DIR.rglob("*.py")}
     assert "DCEPKFitting.py" in scripts
     assert not on_disk - set(scripts), f"Lib files missing from MODULE_PYTHON_SCRIPTS: {sorted(on_disk - set(scripts))}"
     assert all((MODULE_DIR / s).is_file() for s in scripts), [s for s in scripts if not (MODULE_DIR / s).is_file()]

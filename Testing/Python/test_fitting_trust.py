@@ -7,13 +7,14 @@ import numpy as np
 import pytest
 
 import noisy_tofts_reference as reference
-from DCEPKFittingLib import aif, fitting, signal_models, tk_models as tk
-from DCEPKFittingLib.cli import main as dcepk
-from DCEPKFittingLib.dce_io import DCESeries, write_dce_series, write_volume
-from DCEPKFittingLib.fitting import FitStatus
-from DCEPKFittingLib.nested_models import SelectedModel
-from DCEPKFittingLib.phantom import TUMOUR_RIM, Protocol, make_phantom
-from DCEPKFittingLib.pipeline import FitSettings, run_fit
+from DCEPKFittingLib.kinetics import aif, fitting, tk_models as tk
+from DCEPKFittingLib.signal import signal_models
+from DCEPKFittingLib.workflows.cli import main as dcepk
+from DCEPKFittingLib.io.dce_io import DCESeries, write_dce_series, write_volume
+from DCEPKFittingLib.kinetics.fitting import FitStatus
+from DCEPKFittingLib.kinetics.nested_models import SelectedModel
+from DCEPKFittingLib.sims.phantom import TUMOUR_RIM, Protocol, make_phantom
+from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit
 
 FRAMES, FRAME_S, BASELINE = 60, 5.0, 6
 

@@ -1,7 +1,7 @@
 """The DCEPKInference Logic's scene path (prepare -> compute -> publish) on the phantom, headless.
 
 ``DCEPKInferenceLogic`` (Qt shell, needs a real Slicer) delegates each step to these
-``DCEPKInferenceLib.mrml_bridge`` functions one to one (checked in test_inference_module_static.py);
+``DCEPKInferenceLib.mrml.bridge`` functions one to one (checked in test_inference_module_static.py);
 here they run against the real Slicer core libraries. Truths: ``run_inference`` called directly on
 the same arrays (the ``dcepk infer`` path), ``pipeline.run_fit`` for the comparison fit, and numpy
 for thresholding and statistics.
@@ -19,22 +19,22 @@ from slicer_scene import slicer_scene  # noqa: F401  (fixture)
 slicer = import_or_skip("slicer", "slicer-core (pip install slicer-core) is needed for MRML bridge tests")
 import torch  # noqa: E402
 
-from DCEPKFittingLib import mrml_bridge as fit_bridge  # noqa: E402
-from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError  # noqa: E402
-from DCEPKFittingLib.geometry import Geometry  # noqa: E402
-from DCEPKFittingLib.jobs import BackgroundJob, JobState  # noqa: E402
-from DCEPKFittingLib.phantom import make_phantom  # noqa: E402
-from DCEPKFittingLib.pipeline import FitSettings, run_fit  # noqa: E402
-from DCEPKInferenceLib import mrml_bridge as bridge  # noqa: E402
-from DCEPKInferenceLib.inference import run_inference  # noqa: E402
-from DCEPKInferenceLib.model_store import list_models  # noqa: E402
+from DCEPKFittingLib.mrml import bridge as fit_bridge  # noqa: E402
+from DCEPKFittingLib.core.errors import DCEPKInputError, JobCancelledError  # noqa: E402
+from DCEPKFittingLib.core.geometry import Geometry  # noqa: E402
+from DCEPKFittingLib.core.jobs import BackgroundJob, JobState  # noqa: E402
+from DCEPKFittingLib.sims.phantom import make_phantom  # noqa: E402
+from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit  # noqa: E402
+from DCEPKInferenceLib.mrml import bridge as bridge  # noqa: E402
+from DCEPKInferenceLib.pipeline.inference import run_inference  # noqa: E402
+from DCEPKInferenceLib.nn.model_store import list_models  # noqa: E402
 
 torch.set_num_threads(1)
 T10_S = 1.2  # one T10 for the scene and the direct calls alike (the networks need one to get concentration)
 MODELS = [card["name"] for card in list_models()]  # whatever weights are shipped when the tests run
 DEFAULT_MODEL = "hetero_encoder" if "hetero_encoder" in MODELS else (MODELS[0] if MODELS else None)
 if not MODELS:  # nothing to test without weights: skip on a user's checkout, fail in CI
-    from DCEPKFittingLib.reference_data import reference_data_required
+    from DCEPKFittingLib.core.reference_data import reference_data_required
 
     if reference_data_required():
         pytest.fail("no network weights in DCEPKInference/Resources/Models", pytrace=False)
@@ -440,7 +440,7 @@ def test_module_logic_console_call_and_gui_options(slicer_scene, phantom, loaded
 def test_self_test_ground_truth_checks_pass_on_the_sample_phantom(slicer_scene, module):
     """The Slicer self-test's ground-truth checks, on the phantom the 'DCEPK phantom' sample data makes
     (DCEPKFittingLogic.loadPhantomSample: default size, these VFA angles), with the shipped weights."""
-    from DCEPKInferenceLib.model_store import read_card
+    from DCEPKInferenceLib.nn.model_store import read_card
 
     phantom = make_phantom(vfa_flip_angles_deg=(2.0, 5.0, 10.0, 15.0, 20.0))
     nodes_in = fit_bridge.phantom_to_scene(slicer_scene.scene, phantom, "DCEPK phantom", slicer_scene.sequences_logic)

@@ -9,14 +9,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from DCEPKFittingLib.dce_io import read_volume, write_dce_series, write_maps
-from DCEPKFittingLib.errors import DCEPKInputError, JobCancelledError
-from DCEPKFittingLib.phantom import TUMOUR_RIM, WHITE_MATTER, Protocol, make_phantom
-from DCEPKInferenceLib import simulator, training
-from DCEPKInferenceLib.inference import infer_main, protocol_outside_training, run_inference
-from DCEPKInferenceLib.model_store import (DEFAULT_MODELS_DIR, list_models, load_model, read_card, sha256_of,
-                                           training_totals)
-from DCEPKInferenceLib.networks import NETWORKS
+from DCEPKFittingLib.io.dce_io import read_volume, write_dce_series, write_maps
+from DCEPKFittingLib.core.errors import DCEPKInputError, JobCancelledError
+from DCEPKFittingLib.sims.phantom import TUMOUR_RIM, WHITE_MATTER, Protocol, make_phantom
+from DCEPKInferenceLib.data import simulator
+from DCEPKInferenceLib.training import trainer as training
+from DCEPKInferenceLib.pipeline.inference import infer_main, protocol_outside_training, run_inference
+from DCEPKInferenceLib.nn.model_store import (DEFAULT_MODELS_DIR, list_models, load_model, read_card, sha256_of,
+                                              training_totals)
+from DCEPKInferenceLib.nn.networks import NETWORKS
 
 torch.set_num_threads(1)
 SHIPPED = sorted(card["name"] for card in list_models())    # every network's own model, and any variants
@@ -239,7 +240,7 @@ def test_list_command(capsys):
 
 def test_concentration_series_is_refused(phantom):
     series = phantom.series
-    from DCEPKFittingLib.dce_io import DCESeries
+    from DCEPKFittingLib.io.dce_io import DCESeries
     conc = DCESeries(signal=series.signal, times_s=series.times_s, kind="concentration")
     with pytest.raises(DCEPKInputError, match="signal"):
         run_inference(conc, "hetero_encoder", t10_s=phantom.truth["T10"])

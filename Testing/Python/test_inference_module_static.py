@@ -105,9 +105,9 @@ def test_every_parameter_binding_matches_a_field_of_the_right_kind_and_range(tre
 
 
 def test_choices_defaults_and_lists_agree_with_the_core(tree):
-    from DCEPKFittingLib.aif import POPULATION_AIFS
-    from DCEPKInferenceLib import mrml_bridge
-    from DCEPKInferenceLib.inference import DEFAULT_MODEL
+    from DCEPKFittingLib.kinetics.aif import POPULATION_AIFS
+    from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+    from DCEPKInferenceLib.pipeline.inference import DEFAULT_MODEL
 
     constants = _module_constants(tree)
     assert constants["DEFAULT_MODEL"] == DEFAULT_MODEL
@@ -138,7 +138,7 @@ def test_ui_connects_the_scene_to_every_mrml_widget(ui_widgets):
 
 
 def test_logic_passes_every_option_through_to_the_bridge(tree):
-    from DCEPKInferenceLib import mrml_bridge
+    from DCEPKInferenceLib.mrml import bridge as mrml_bridge
 
     methods = _methods(tree, "DCEPKInferenceLogic")
     bridge_call = next(n for n in ast.walk(methods["prepare"]) if isinstance(n, ast.Call)
@@ -209,11 +209,11 @@ def _cmake_globbed(text):
 
 
 def test_cmake_lists_every_lib_file_and_resource():
-    from DCEPKInferenceLib.model_store import DEFAULT_MODELS_DIR, list_models
+    from DCEPKInferenceLib.nn.model_store import DEFAULT_MODELS_DIR, list_models
 
     text = (MODULE_DIR / "CMakeLists.txt").read_text()
     scripts = cmake_list(text, "MODULE_PYTHON_SCRIPTS", "DCEPKInference")
-    on_disk = {f"DCEPKInferenceLib/{p.name}" for p in LIB_DIR.glob("*.py")}
+    on_disk = {str(p.relative_to(MODULE_DIR)) for p in LIB_DIR.rglob("*.py")}
     assert "DCEPKInference.py" in scripts
     assert not on_disk - set(scripts), f"Lib files missing from MODULE_PYTHON_SCRIPTS: {sorted(on_disk - set(scripts))}"
     assert all((MODULE_DIR / s).is_file() for s in scripts), [s for s in scripts if not (MODULE_DIR / s).is_file()]

@@ -4,12 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from DCEPKFittingLib import signal_models, tk_models
-from DCEPKFittingLib.errors import DCEPKInputError
-from DCEPKInferenceLib import canonical_grid as cg
-from DCEPKInferenceLib import simulator
-from DCEPKInferenceLib.networks import NETWORKS, PARAM_UPPER, build_network, compress, count_parameters, nll
-from DCEPKInferenceLib.training import compute_loss, temporal_shift, tracer_kinetic_loss
+from DCEPKFittingLib.signal import signal_models
+from DCEPKFittingLib.kinetics import tk_models
+from DCEPKFittingLib.core.errors import DCEPKInputError
+from DCEPKInferenceLib.data import canonical_grid as cg
+from DCEPKInferenceLib.data import simulator
+from DCEPKInferenceLib.nn.networks import NETWORKS, PARAM_UPPER, build_network, compress, count_parameters, nll
+from DCEPKInferenceLib.training.trainer import compute_loss, temporal_shift, tracer_kinetic_loss
 
 torch.set_num_threads(1)
 
@@ -319,7 +320,7 @@ def test_beta_nll_gives_the_mean_a_squared_error_gradient_and_keeps_the_variance
 
 
 def test_group_bootstrap_interval_of_a_mean_is_the_analytic_interval():
-    from DCEPKInferenceLib.metrics import Z90, group_bootstrap_interval
+    from DCEPKInferenceLib.analysis.metrics import Z90, group_bootstrap_interval
     rng = np.random.default_rng(5)
     # 400 subjects of 50 voxels that share a subject offset (SD 1) plus voxel noise (SD 0.5):
     # the subject mean has SD sqrt(1 + 0.25/50); the interval must follow the subjects, not the 20,000 voxels

@@ -6,8 +6,8 @@ import time
 import numpy as np
 import pytest
 
-from DCEPKFittingLib.errors import JobCancelledError
-from DCEPKFittingLib.jobs import BackgroundJob, JobState, raise_if_cancelled, sub_progress
+from DCEPKFittingLib.core.errors import JobCancelledError
+from DCEPKFittingLib.core.jobs import BackgroundJob, JobState, raise_if_cancelled, sub_progress
 
 
 def _sum_in_chunks(values, progress=None, cancel=None, gate=None):
@@ -85,8 +85,8 @@ class _CancelAfter:
 
 def test_a_cancel_reaches_the_layers_of_a_network_within_one_batch():
     """One batch of all voxels: the cancel is seen inside it (each layer checks), not after it."""
-    from DCEPKFittingLib.phantom import make_phantom
-    from DCEPKInferenceLib.inference import run_inference
+    from DCEPKFittingLib.sims.phantom import make_phantom
+    from DCEPKInferenceLib.pipeline.inference import run_inference
     phantom = make_phantom((1, 32, 32), snr=None, seed=2)
     cancel = _CancelAfter(6)
     with pytest.raises(JobCancelledError):
@@ -103,8 +103,8 @@ def test_a_cancel_reaches_the_layers_of_a_network_within_one_batch():
 def test_a_cancel_reaches_a_running_fit_chunk_within_a_second():
     """A 2CXM chunk takes several seconds; the cancel arrives while it runs and is seen at the next
     block of the iterations (the machine is shared: 2 s allowed for the 1 s target)."""
-    from DCEPKFittingLib import fitting
-    from DCEPKFittingLib.phantom import make_phantom
+    from DCEPKFittingLib.kinetics import fitting
+    from DCEPKFittingLib.sims.phantom import make_phantom
     phantom = make_phantom((1, 96, 96), snr=30.0, seed=1)
     curves = phantom.concentration_mM.reshape(-1, phantom.series.n_frames)[(phantom.labels > 0).ravel()]
     curves = np.tile(curves, (4, 1))  # ~10,000 curves x 3 starts: one chunk, seconds per stage
@@ -121,7 +121,7 @@ def test_a_cancel_reaches_a_running_fit_chunk_within_a_second():
 
 CTRL_C_CHILD = """
 import sys
-from DCEPKFittingLib.cli import main
+from DCEPKFittingLib.workflows.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -134,7 +134,7 @@ def test_ctrl_c_stops_dcepk_fit_and_its_worker_chunks_within_a_second(tmp_path):
     import sys
     from pathlib import Path
 
-    from DCEPKFittingLib.cli import main
+    from DCEPKFittingLib.workflows.cli import main
     root = Path(__file__).resolve().parents[2]
     assert main(["phantom", "--out", str(tmp_path / "p"), "--shape", "2", "96", "96", "--frames", "40",
                  "--vfa-flip-angles"]) == 0

@@ -19,10 +19,10 @@ from slicer_application import graft_sample_data, slicer_app  # noqa: F401  (fix
 
 import slicer  # noqa: E402
 
-from DCEPKFittingLib import mrml_bridge as bridge  # noqa: E402
-from DCEPKFittingLib.fitting import FitStatus  # noqa: E402
-from DCEPKFittingLib.jobs import raise_if_cancelled  # noqa: E402
-from DCEPKFittingLib.phantom import Protocol, make_phantom  # noqa: E402
+from DCEPKFittingLib.mrml import bridge as bridge  # noqa: E402
+from DCEPKFittingLib.kinetics.fitting import FitStatus  # noqa: E402
+from DCEPKFittingLib.core.jobs import raise_if_cancelled  # noqa: E402
+from DCEPKFittingLib.sims.phantom import Protocol, make_phantom  # noqa: E402
 
 VFA_ANGLES = (2.0, 5.0, 10.0, 15.0, 20.0)
 # Not the panels' spin-box defaults (15 deg, 5 ms): a value taken from the spin box instead of the header shows.

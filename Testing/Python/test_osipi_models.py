@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from conftest import require_reference
-from DCEPKFittingLib import fitting
+from DCEPKFittingLib.kinetics import fitting
 
 DATA = ("osipi", "DCEmodels", "data")
 

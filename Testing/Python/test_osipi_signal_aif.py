@@ -13,8 +13,8 @@ from collections import OrderedDict
 import numpy as np
 import pytest
 
-from DCEPKFittingLib.aif import georgiou_aif, parker_aif
-from DCEPKFittingLib.signal_models import T1FitStatus, fit_vfa_t1, signal_to_concentration
+from DCEPKFittingLib.kinetics.aif import georgiou_aif, parker_aif
+from DCEPKFittingLib.signal.signal_models import T1FitStatus, fit_vfa_t1, signal_to_concentration
 
 
 def _rows(path):

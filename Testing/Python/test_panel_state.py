@@ -13,8 +13,8 @@ from types import SimpleNamespace
 import pytest
 from slicer_module_source import read_ui_widgets
 
-from DCEPKFittingLib.panel_state import (SeriesHeader, acquisition_values, fitting_panel, inference_panel,
-                                         parse_flip_angles)
+from DCEPKFittingLib.panels.panel_state import (SeriesHeader, acquisition_values, fitting_panel, inference_panel,
+                                                parse_flip_angles)
 
 ROOT = Path(__file__).resolve().parents[2]
 

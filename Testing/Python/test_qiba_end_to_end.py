@@ -8,8 +8,8 @@ at least 0.9999 for Ktrans and ve against the known grid.
 import numpy as np
 import pytest
 
-from DCEPKFittingLib.dce_io import read_dce
-from DCEPKFittingLib.pipeline import FitSettings, run_fit
+from DCEPKFittingLib.io.dce_io import read_dce
+from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit
 
 from conftest import require_reference
 # the DRO's layout and per-patch measures: those of the noisy reference built in its image

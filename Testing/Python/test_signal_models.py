@@ -6,10 +6,9 @@ import numpy as np
 import pytest
 from scipy.optimize import least_squares
 
-from DCEPKFittingLib.errors import DCEPKInputError
-from DCEPKFittingLib.signal_models import (
-    RELAXIVITY_R1, T1FitStatus, default_r1, detect_baseline_frames, fit_vfa_t1,
-    signal_to_concentration, spgr_signal)
+from DCEPKFittingLib.core.errors import DCEPKInputError
+from DCEPKFittingLib.signal.signal_models import (RELAXIVITY_R1, T1FitStatus, default_r1, detect_baseline_frames,
+                                                  fit_vfa_t1, signal_to_concentration, spgr_signal)
 
 TR = 0.005
 
@@ -175,7 +174,7 @@ def test_inversion_input_errors(kwargs, match):
 
 
 def _enhancing_curve(n_t, arrival, rng, sigma_rel):
-    from DCEPKFittingLib.aif import parker_aif
+    from DCEPKFittingLib.kinetics.aif import parker_aif
     t = np.arange(n_t) * 4.0
     conc = 0.5 * parker_aif(t, delay_s=arrival * 4.0)
     clean = _render(conc, 1.4, 20.0, 4.0)
@@ -230,7 +229,7 @@ def test_relaxivity_table():
 
 def test_progress_and_cancel():
     import threading
-    from DCEPKFittingLib.errors import JobCancelledError
+    from DCEPKFittingLib.core.errors import JobCancelledError
     sig = _render(np.zeros((3, 4, 10)), 1.0, 15.0, 4.0)
     seen = []
     signal_to_concentration(sig, 1.0, 15.0, TR, 4.0, baseline_frames=2, progress=lambda f, m: seen.append(f))
@@ -305,7 +304,7 @@ def test_noise_level_from_the_baseline_frames_at_known_snr():
     """sigma (per quadrature channel) from the baseline frames of a magnitude image holding air,
     a dark vessel (SNR 1.5) and tissue (SNR 20): within 5 %; the vessel's second-moment baseline
     is unbiased where its mean is 25 % high."""
-    from DCEPKFittingLib import rician
+    from DCEPKFittingLib.signal import rician
     rng = np.random.default_rng(8)
     sigma, frames = 3.0, 10
     level = np.concatenate([np.zeros(3000), np.full(1000, 1.5 * sigma), np.full(4000, 20 * sigma)])
@@ -320,7 +319,7 @@ def test_noise_level_from_the_baseline_frames_at_known_snr():
 
 
 def test_canonical_grid_uses_the_one_detector():
-    from DCEPKInferenceLib import canonical_grid
+    from DCEPKInferenceLib.data import canonical_grid
     rng = np.random.default_rng(3)
     _, noisy = _enhancing_curve(60, 9, rng, 0.02)
     series = noisy * rng.uniform(0.8, 1.2, (50, 1))

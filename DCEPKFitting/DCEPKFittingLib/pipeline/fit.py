@@ -1,0 +1,267 @@
+"""One call from a DCE series to parameter maps: T1 -> concentration -> input function -> fit.
+
+The ``dcepk fit`` command, the Slicer module's Logic and the demo all call ``run_fit``, so the
+three give the same maps for the same input. Pure core: no slicer/qt/vtk.
+"""
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Sequence, Union
+
+import numpy as np
+
+from ..kinetics import aif as aif_lib
+from ..core import plausibility
+from ..signal import rician, signal_models
+from ..io.dce_io import DCESeries, finite_voxels
+from ..core.errors import DCEPKInputError
+from ..kinetics.fitting import FitResult, FitStatus, fit_volume, model_curve
+from ..core.geometry import Geometry
+from ..core.jobs import raise_if_cancelled, report, sub_progress
+from ..kinetics.tk_models import MODELS
+
+ArrayOrValue = Union[float, np.ndarray, None]
+RICIAN_CORRECTIONS = ("none", "aif", "all")
+
+
+@dataclass
+class FitSettings:
+    """Everything a fit needs beyond the series itself; units in each field's name or comment."""
+
+    model: str = "etofts"
+    method: str = "nlls"  # nlls | linear
+    # Signal to concentration (ignored when the series already holds concentration).
+    t10_s: ArrayOrValue = None  # fixed T10 (s) or a map [k, j, i]; None -> a VFA series is required
+    vfa_signals: Optional[np.ndarray] = None  # [k, j, i, n_flip_angles]
+    vfa_flip_angles_deg: Optional[Sequence[float]] = None
+    vfa_tr_s: Optional[float] = None
+    fa_deg: Optional[float] = None  # None -> from the series header
+    tr_s: Optional[float] = None  # None -> from the series header
+    r1_per_mM_s: Optional[float] = None  # None -> signal_models.default_r1()
+    baseline_frames: Optional[int] = None  # None -> detected from the data
+    # Input function: exactly one of aif_mask, population_aif, aif_csv.
+    aif_mask: Optional[np.ndarray] = None  # bool [k, j, i] on an artery (or a vein: VIF)
+    aif_top_fraction: Optional[float] = None
+    population_aif: Optional[str] = None  # parker | georgiou | weinmann
+    aif_csv: Optional[str] = None  # columns: time (s), concentration (mM)
+    aif_is_plasma: bool = False  # ROI/CSV curve already plasma (no haematocrit correction)
+    hct: float = 0.45
+    aif_delay_s: float = 0.0
+    # Fit.
+    mask: Optional[np.ndarray] = None  # bool [k, j, i]; None -> every voxel with a signal above the noise
+    fit_delay: bool = False
+    device: str = "auto"
+    # per voxel: no enhancement / plasma only / leakage model (fitting.fit_curves, nested_models)
+    model_selection: bool = True
+    # Rician floor of magnitude signals (noise SD from the baseline frames, ``rician``): taken off
+    # the arterial ROI's mean signal ("aif"), also off every voxel's curve ("all"), or not ("none").
+    # Per voxel it removes a bias that is small at tissue SNR >= 5 and adds variance (see
+    # Testing/Benchmarks/RESULTS.md, "Fitting trust"), so the default corrects the input function only.
+    rician_correction: str = "aif"
+
+
+@dataclass
+class FitOutput:
+    maps: Dict[str, np.ndarray]
+    units: Dict[str, str]
+    geometry: Geometry
+    times_s: np.ndarray
+    aif_plasma_mM: np.ndarray
+    concentration: np.ndarray
+    fit: FitResult
+    settings: FitSettings
+    baseline_frames: Optional[int] = None      # pre-contrast frames used (given or detected)
+    messages: list = field(default_factory=list)   # warnings: implausible AIF or fit, invalid voxels
+    noise_sigma: Optional[float] = None         # noise SD per quadrature channel (signal units) if estimated
+
+    def model_curve(self, k: int, j: int, i: int) -> np.ndarray:
+        """Fitted concentration (mM) of one voxel on ``times_s``; NaN where the voxel was not fitted."""
+        names = MODELS[self.fit.model].parameters
+        params = np.array([self.fit.params[name][k, j, i] for name in names], dtype=np.float64)
+        delay = float(self.fit.delay_s[k, j, i]) if getattr(self.fit, "delay_s", None) is not None else 0.0
+        return np.asarray(model_curve(self.fit.model, params, self.times_s, self.aif_plasma_mM, delay_s=delay))
+
+
+def _check_settings(settings: FitSettings) -> None:
+    if settings.model not in MODELS:
+        raise DCEPKInputError(f"unknown model '{settings.model}': choose one of {', '.join(MODELS)}")
+    if settings.method not in ("nlls", "linear"):
+        raise DCEPKInputError(f"unknown fit method '{settings.method}': use 'nlls' or 'linear'")
+    sources = [name for name, value in (("an AIF ROI", settings.aif_mask), ("a population AIF", settings.population_aif),
+                                        ("an AIF CSV file", settings.aif_csv)) if value is not None]
+    if len(sources) != 1:
+        raise DCEPKInputError(
+            "give exactly one input function: an ROI mask on an artery or vein (--aif-roi), a population "
+            f"AIF (--population-aif parker|georgiou|weinmann) or a CSV file (--aif-csv); got {sources or 'none'}")
+    if not 0.0 <= settings.hct < 1.0:
+        raise DCEPKInputError(f"haematocrit must be a fraction in [0, 1), got {settings.hct}")
+    if settings.rician_correction not in RICIAN_CORRECTIONS:
+        raise DCEPKInputError(f"unknown Rician correction {settings.rician_correction!r}: use one of "
+                              f"{', '.join(RICIAN_CORRECTIONS)}")
+
+
+@dataclass
+class _Conversion:
+    """Concentration [k, j, i, t] (mM, float32) with what made it, and what had to be read from
+    the signal before it (the signal's memory may hold the concentration afterwards)."""
+    concentration: np.ndarray
+    valid: np.ndarray                      # [k, j, i]: every frame converted
+    baseline_frames: Optional[int]
+    noise_sigma: Optional[float] = None    # signal units; None: not estimated
+    t10_s: ArrayOrValue = None
+    roi_blood_mM: Optional[np.ndarray] = None   # the AIF ROI's curve, from its mean signal
+    above_noise: Optional[np.ndarray] = None    # [k, j, i]: baseline signal above the noise
+
+
+def _concentration(series: DCESeries, settings: FitSettings, maps: Dict[str, np.ndarray], progress, cancel,
+                   in_place: bool = False) -> _Conversion:
+    """Concentration from the series (signal: T10, baseline, noise level, SPGR inversion).
+    ``in_place``: a float32 signal's own memory receives the concentration."""
+    if series.kind == "concentration":
+        conc = np.asarray(series.signal, dtype=np.float32)
+        return _Conversion(conc, finite_voxels(conc), settings.baseline_frames)
+    fa_deg = settings.fa_deg if settings.fa_deg is not None else series.flip_angle_deg
+    tr_s = settings.tr_s if settings.tr_s is not None else series.tr_s
+    if fa_deg is None or tr_s is None:
+        raise DCEPKInputError(
+            "the flip angle and TR of the DCE series are unknown (not in the file header): "
+            "give them (--fa in degrees, --tr in seconds)")
+    t10 = settings.t10_s
+    if settings.vfa_signals is not None:
+        if settings.vfa_flip_angles_deg is None or settings.vfa_tr_s is None:
+            raise DCEPKInputError("a VFA series needs its flip angles (degrees) and TR (seconds)")
+        report(progress, 0.0, "T1 map from variable flip angles")
+        t10, _, _ = signal_models.fit_vfa_t1(settings.vfa_signals, settings.vfa_flip_angles_deg,
+                                             settings.vfa_tr_s, method="nonlinear")
+        maps["T10_s"] = np.asarray(t10, dtype=np.float32)
+    if t10 is None:
+        raise DCEPKInputError("signal input needs T10: give a value or map in seconds (--t10) or a VFA series")
+    raise_if_cancelled(cancel)
+    r1 = settings.r1_per_mM_s if settings.r1_per_mM_s is not None else signal_models.default_r1()
+    baseline = settings.baseline_frames
+    if baseline is None:
+        baseline = signal_models.detect_baseline_frames(series.signal, times_s=series.times_s)
+    signal = series.signal
+    sigma = rician.estimate_noise_sigma(signal, baseline) if settings.rician_correction != "none" else None
+    roi_blood = None
+    if settings.aif_mask is not None:   # from the signal, before its memory may hold concentration
+        roi_blood = aif_lib.aif_from_roi_signal(signal, settings.aif_mask, t10, fa_deg, tr_s, r1, baseline,
+                                                noise_sigma=sigma, top_fraction=settings.aif_top_fraction)
+    with np.errstate(invalid="ignore"):
+        above_noise = np.mean(signal[..., :baseline], axis=-1) > 2.0 * (sigma or 0.0)  # air: ~1.25 sigma
+    report(progress, 0.5, "signal to concentration")
+    in_place = in_place and signal.dtype == np.float32 and signal.flags.c_contiguous
+    out = signal if in_place else np.empty(signal.shape, dtype=np.float32)
+    conc, valid = signal_models.signal_to_concentration(
+        signal, t10, fa_deg, tr_s, r1, baseline_frames=baseline, out=out,
+        noise_sigma=sigma if settings.rician_correction == "all" else None)
+    if in_place:
+        series.kind = "concentration"  # the series' memory holds concentration (mM) from here on
+    return _Conversion(conc, np.asarray(valid, dtype=bool), baseline, sigma, t10, roi_blood, above_noise)
+
+
+def _input_function(series: DCESeries, converted: _Conversion, settings: FitSettings, warnings: list,
+                    tissue: np.ndarray) -> np.ndarray:
+    """Plasma input function (mM) sampled at the series' frame times; an ROI curve that does not
+    look like a vessel's adds to ``warnings`` (``tissue``: the voxels to be fitted)."""
+    times = series.times_s
+    conc = converted.concentration
+    if settings.aif_mask is not None:
+        curve = converted.roi_blood_mM
+        if curve is None:
+            curve = aif_lib.aif_from_roi(conc, settings.aif_mask, top_fraction=settings.aif_top_fraction)
+        tissue_rows = np.flatnonzero(tissue & ~np.asarray(settings.aif_mask, dtype=bool))
+        tissue_rows = tissue_rows[::max(1, tissue_rows.size // plausibility.SAMPLE_VOXELS)]
+        warnings += plausibility.input_function_warnings(curve, conc.reshape(-1, conc.shape[-1])[tissue_rows])
+    elif settings.aif_csv is not None:
+        t_csv, c_csv = aif_lib.load_aif_csv(settings.aif_csv)
+        curve = aif_lib.resample_aif(t_csv, c_csv, times - times[0])
+    else:
+        return aif_lib.population_aif_at_arrival(settings.population_aif, times, converted.baseline_frames,
+                                                 settings.hct, settings.aif_delay_s)
+    if settings.aif_delay_s:
+        curve = np.interp(times - settings.aif_delay_s, times, curve, left=0.0)
+    return curve if settings.aif_is_plasma else aif_lib.blood_to_plasma(curve, settings.hct)
+
+
+def _fit_region(series: DCESeries, settings: FitSettings, converted: _Conversion, messages: list) -> np.ndarray:
+    """The voxels to fit: the mask, or every voxel whose baseline signal stands above the noise
+    (background air, a Rician floor of ~1.25 noise SD, is left out). Voxels in it that could not
+    be converted are fitted as invalid input (status INVALID_INPUT), and a message says how many."""
+    grid = converted.concentration.shape[:3]
+    if settings.mask is not None:
+        region = np.asarray(settings.mask, dtype=bool)
+        if region.shape != grid:
+            raise DCEPKInputError(f"the mask has shape {region.shape} but the series has {grid} voxels")
+    elif converted.above_noise is not None:
+        region = converted.above_noise
+    else:
+        region = np.ones(grid, dtype=bool)
+    if not (region & converted.valid).any():
+        raise DCEPKInputError("no voxel to fit: the mask is empty or no voxel has a valid concentration curve")
+    invalid = region & ~converted.valid
+    if invalid.any():
+        messages.append(f"{int(invalid.sum())} of the {int(region.sum())} voxels to fit have no valid concentration "
+                        f"curve ({_invalid_reasons(series, converted, invalid)}): their status is invalid input and "
+                        "their maps are NaN")
+    return region
+
+
+def _invalid_reasons(series: DCESeries, converted: _Conversion, invalid: np.ndarray) -> str:
+    if converted.above_noise is None:   # concentration input
+        return "NaN or inf values"
+    reasons = []
+    if converted.t10_s is not None and np.ndim(converted.t10_s) == 3:
+        t10 = np.asarray(converted.t10_s)
+        bad_t10 = invalid & ~(np.isfinite(t10) & (t10 > 0))
+        if bad_t10.any():
+            reasons.append(f"{int(bad_t10.sum())} with a T10 that is not a positive number")
+        invalid = invalid & ~bad_t10
+    if invalid.any():
+        reasons.append(f"{int(invalid.sum())} with NaN or a non-positive baseline, or a frame beyond the SPGR "
+                       "signal range for this T10 and flip angle")
+    return "; ".join(reasons)
+
+
+def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None, *,
+            reuse_series_memory: bool = False) -> FitOutput:
+    """Fit a tracer-kinetic model to every voxel of ``series``; see ``FitSettings``.
+
+    ``reuse_series_memory``: convert a float32 signal series to concentration in its own memory
+    (one copy of the series instead of two; ``series`` then holds concentration, kind
+    'concentration'), for callers that need the signal no more, such as ``dcepk fit``.
+    Warnings (an input function that does not look like a vessel's, a fit worse than a flat
+    line, voxels that could not be converted) are in ``FitOutput.messages``; the baseline frames
+    used (given or detected) in ``FitOutput.baseline_frames``."""
+    _check_settings(settings)
+    plausibility.check_frame_times(series.times_s, "the series' frame times")
+    plausibility.check_series_kind(series.signal, series.kind, settings.baseline_frames)
+    maps: Dict[str, np.ndarray] = {}
+    messages: list = []
+    signal_input = series.kind == "signal"
+    converted = _concentration(series, settings, maps, sub_progress(progress, 0.0, 0.1), cancel,
+                               in_place=reuse_series_memory)
+    conc = converted.concentration
+    if converted.baseline_frames is None and settings.population_aif is not None:
+        # a population AIF starts at bolus arrival: the one thing it needs from the data
+        converted.baseline_frames = signal_models.detect_baseline_frames(conc, times_s=series.times_s)
+    raise_if_cancelled(cancel)
+    mask = _fit_region(series, settings, converted, messages)
+    report(progress, 0.1, "input function")
+    cp = np.asarray(_input_function(series, converted, settings, messages, mask & converted.valid),
+                    dtype=np.float64)
+    if not np.all(np.isfinite(cp)) or np.max(cp) <= 0:
+        raise DCEPKInputError("the input function has no positive finite enhancement: check the AIF ROI or source")
+    fit = fit_volume(conc, series.times_s, cp, settings.model, mask=mask, method=settings.method,
+                     fit_delay=settings.fit_delay, device=settings.device,
+                     model_selection=settings.model_selection, signal_baseline=signal_input,
+                     progress=sub_progress(progress, 0.15, 1.0), cancel=cancel)
+    maps.update(fit.maps())
+    messages += plausibility.fit_warnings(fit.r2, fit.status != FitStatus.MASKED)
+    units = dict(fit.units)
+    if "T10_s" in maps:
+        units["T10_s"] = "s"
+    report(progress, 1.0, "done")
+    return FitOutput(maps=maps, units=units, geometry=series.geometry, times_s=series.times_s,
+                     aif_plasma_mM=cp, concentration=conc, fit=fit, settings=settings,
+                     baseline_frames=converted.baseline_frames, noise_sigma=converted.noise_sigma,
+                     messages=messages)

@@ -1,0 +1,408 @@
+"""Run a shipped network on a DCE series: ``run_inference`` and ``dcepk infer`` (``infer_main``).
+
+No AIF is needed: the series is converted to tissue concentration (exact SPGR inversion with
+the FA, TR, T10 and r1 that the conventional fit needs too) on the canonical grid
+(``canonical_grid``). Memory stays bounded: voxel-wise networks run on chunks of
+``batch_voxels`` voxels (on CPU in cache-sized blocks within a chunk, ``networks.in_cache_blocks``);
+2-D networks run slice by slice on the bounding box of the mask.
+Maps outside the mask are 0; voxels whose curve holds NaN or inf are left out of it and get NaN
+(never a number). kep = Ktrans / ve with ve floored at ``KEP_VE_FLOOR`` (kep is
+undefined where ve -> 0), and its SD by first-order error propagation from the Ktrans and ve SDs
+(assumed independent).
+"""
+
+import argparse
+import contextlib
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Optional
+
+import numpy as np
+import torch
+
+from DCEPKFittingLib.workflows.cli import (POSITIVE_INT, add_acquisition_options, add_series_options, add_t10_options,
+                                           print_messages, read_series_option, read_t10, write_summary)
+from DCEPKFittingLib.signal.signal_models import check_t10, default_r1
+from DCEPKFittingLib.io.dce_io import DCESeries, finite_voxels, map_targets, read_mask, stage_maps
+from DCEPKFittingLib.core.errors import DCEPKInputError, setting
+from DCEPKFittingLib.core.geometry import Geometry, check_same_grid
+from DCEPKFittingLib.core.jobs import ConsoleProgress, raise_if_cancelled, report
+from DCEPKFittingLib.core.output_files import OutputSet, check_targets
+from DCEPKFittingLib.core.plausibility import check_frame_times
+
+from ..data import canonical_grid as cg
+from ..nn.model_store import list_models, load_model
+from ..nn.networks import PARAM_NAMES
+from ..data.simulator import TWO_RATE_SWITCH_FRACTION
+from ..training.trainer import PROTOCOL_CALIBRATION, calibrate_to_protocol
+
+DEFAULT_MODEL = "hetero_encoder"
+KEP_VE_FLOOR = 0.01
+AUTO_MASK_FRACTION = 0.1       # auto mask: baseline signal above 10 % of its 99th percentile
+BASELINE_SAMPLE_VOXELS = 50_000  # voxels sampled for bolus-arrival detection
+SLICE_MARGIN = 8               # pixels of context around the mask's bounding box for 2-D networks
+GPU_BYTES_NEEDED = 2 << 30     # ask for 2 GiB free before choosing the GPU
+MAP_ORDER = ("Ktrans", "ve", "vp", "kep", "Ktrans_sd", "ve_sd", "vp_sd", "kep_sd")
+INFER_SUMMARY = "dcepk_infer.json"
+UNITS = {"Ktrans": "1/min", "ve": "fraction", "vp": "fraction", "kep": "1/min",
+         "Ktrans_sd": "1/min", "ve_sd": "fraction", "vp_sd": "fraction", "kep_sd": "1/min"}
+
+
+@dataclass
+class InferenceOutput:
+    maps: Dict[str, np.ndarray]       # Ktrans, ve, vp, kep and <name>_sd, float32 [k, j, i]
+    units: Dict[str, str]
+    geometry: Geometry
+    model_card: Dict
+    mask: np.ndarray                  # bool [k, j, i]: voxels that were inferred
+    baseline_frames: int
+    device: str
+    notes: list = field(default_factory=list)
+
+
+def choose_device(device: str = "auto", notes: Optional[list] = None) -> torch.device:
+    """cuda when asked (or auto and a GPU has >= 2 GiB free), else CPU; says why it fell back."""
+    notes = notes if notes is not None else []
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            try:
+                free, _ = torch.cuda.mem_get_info()
+            except RuntimeError:
+                free = 0
+            if free >= GPU_BYTES_NEEDED:
+                return torch.device("cuda")
+            notes.append(f"GPU has only {free / 2**30:.1f} GiB free: running on the CPU instead")
+        return torch.device("cpu")
+    if str(device).startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise DCEPKInputError("device 'cuda' was asked for but no CUDA GPU is available: use 'cpu' or 'auto'")
+        return torch.device(device)
+    if device != "cpu":
+        raise DCEPKInputError(f"unknown device {device!r}: use auto, cpu or cuda")
+    return torch.device("cpu")
+
+
+def auto_mask(signal: np.ndarray, baseline_frames: int) -> np.ndarray:
+    s0 = signal[..., :baseline_frames].mean(axis=-1)
+    finite = np.isfinite(s0)
+    if not finite.any() or np.nanmax(s0) <= 0:
+        raise DCEPKInputError("the baseline signal is zero or negative everywhere: is the input a magnitude "
+                              "signal series (not concentration or subtracted images)?")
+    level = np.percentile(s0[finite], 99)
+    return finite & (s0 > AUTO_MASK_FRACTION * level)
+
+
+def _check_series(series: DCESeries) -> np.ndarray:
+    """The series checked; returns its voxels with a finite curve (bool [k, j, i])."""
+    if not isinstance(series, DCESeries):
+        raise DCEPKInputError("run_inference takes a DCESeries (dce_io.read_dce or DCESeries(signal, times_s, ...))")
+    if series.kind != "signal":
+        raise DCEPKInputError("the networks take the raw signal series (they convert it to concentration "
+                              "themselves); this series holds concentration: load the signal series instead")
+    cg.check_times(series.times_s)
+    check_frame_times(series.times_s, "the series' frame times")
+    finite = finite_voxels(series.signal)
+    if not finite.any():
+        raise DCEPKInputError("every voxel of the series holds NaN or inf values: check the loaded series")
+    return finite
+
+
+def _baseline(series: DCESeries, mask: np.ndarray, baseline_frames: Optional[int], notes: list) -> int:
+    if baseline_frames is not None:
+        n = int(baseline_frames)
+        if not 1 <= n < series.n_frames:
+            raise DCEPKInputError(f"{setting('--baseline-frames', 'baseline_frames')} {baseline_frames} must be "
+                                  f"between 1 and {series.n_frames - 1} (the series has {series.n_frames} frames)")
+        return n
+    # detection needs the most enhancing voxels, not all of them: an evenly spaced sample of the mask
+    index = np.flatnonzero(mask) if mask is not None else np.arange(int(np.prod(series.spatial_shape)))
+    index = index[::max(1, index.size // BASELINE_SAMPLE_VOXELS)]
+    voxels = series.signal.reshape(-1, series.n_frames)[index]
+    try:
+        return cg.estimate_baseline_frames(voxels)
+    except DCEPKInputError:
+        notes.append(f"no contrast arrival detected: baseline = frames of the first {cg.NO_ARRIVAL_BASELINE_S:g} s "
+                     "(give baseline_frames if that is wrong)")
+        return cg.estimate_baseline_frames(voxels, series.times_s)
+
+
+def training_protocol_ranges(card):
+    """([min, max] frame count, [min, max] base frame interval in s) of a card's training data; None
+    for what an older card does not record."""
+    ranges = card.get("simulator_ranges", {})
+    return ranges.get("n_frames"), ranges.get("frame_interval_s", {}).get("range")
+
+
+def protocol_outside_training(times_s, card) -> Optional[str]:
+    """A note when the frame count or the starting frame interval lies outside the ranges the network
+    was trained on (its card's ``simulator_ranges``): its maps are then less sure, and its SD too
+    small unless recalibrated for the protocol (``training.calibrate_to_protocol``).
+
+    The interval range is that of the base interval; two-rate training series doubled it after the
+    first ``TWO_RATE_SWITCH_FRACTION`` of the frames, so the median is taken over those frames only."""
+    t = np.asarray(times_s, dtype=np.float64)
+    found = []
+    frames, interval = training_protocol_ranges(card)
+    if frames and not frames[0] <= t.size <= frames[1]:
+        found.append(f"{t.size} frames (trained on {frames[0]}-{frames[1]})")
+    steps = np.diff(t)
+    starting = float(np.median(steps[:max(1, int(TWO_RATE_SWITCH_FRACTION * steps.size))]))
+    if interval and not interval[0] <= starting <= interval[1]:
+        found.append(f"a frame interval of {starting:.3g} s over the first {TWO_RATE_SWITCH_FRACTION:.0%} of the "
+                     f"frames (trained on {interval[0]:g}-{interval[1]:g} s)")
+    if not found:
+        return None
+    return (f"the series has {' and '.join(found)}: outside the training ranges of {card.get('name', 'this network')},"
+            " so its maps are less reliable")
+
+
+@contextlib.contextmanager
+def cancel_reaches_layers(model: torch.nn.Module, cancel):
+    """Within this block every layer of ``model`` checks ``cancel`` before it runs, so a cancel
+    stops a batch or a slice within one layer's time (a slice of a 2-D network takes seconds)."""
+    handles = [] if cancel is None else [module.register_forward_pre_hook(lambda *_: raise_if_cancelled(cancel))
+                                         for module in model.modules()]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _t10_values(t10_s, shape):
+    """The whole map is checked here, so a chunk of background (no T10: NaN or 0) is not an error."""
+    t10 = check_t10(t10_s, shape)
+    return float(t10) if t10.ndim == 0 else t10
+
+
+def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None, device="auto", fa_deg=None,
+                  tr_s=None, t10_s=None, r1_per_mM_s=None, batch_voxels: int = 65536, progress=None, cancel=None,
+                  baseline_frames: Optional[int] = None, n_samples: Optional[int] = None,
+                  models_dir=None, protocol_calibration: bool = True) -> InferenceOutput:
+    """Ktrans, ve, vp, kep maps and their 1-SD uncertainty from a DCE signal series, no AIF needed.
+
+    mask: bool [k, j, i] (None: voxels whose baseline signal exceeds 10 % of its 99th percentile);
+    fa_deg (degrees) / tr_s (s): default to the series header; t10_s (required): T10 in s, one
+    value or a map [k, j, i]; r1_per_mM_s: the agent's relaxivity in 1/(mM s) (None: the core's
+    default, ``signal_models.default_r1()``, said in the notes); baseline_frames: None detects
+    bolus arrival; protocol_calibration: for frame times outside the network's training ranges,
+    refit its SD factors on simulated subjects with these frame times (2-30 s on 2 cores).
+    Voxels whose curve holds NaN or inf are left out of the mask and get NaN in every map.
+    """
+    finite = _check_series(series)
+    if isinstance(batch_voxels, bool) or int(batch_voxels) != batch_voxels or batch_voxels < 1:
+        raise DCEPKInputError(f"batch_voxels must be a whole number of voxels, at least 1; got {batch_voxels}")
+    notes = []
+    shape = series.spatial_shape
+    report(progress, 0.0, "preparing")
+    fa_deg = series.flip_angle_deg if fa_deg is None else fa_deg
+    tr_s = series.tr_s if tr_s is None else tr_s
+    if r1_per_mM_s is None:
+        r1_per_mM_s = default_r1()
+        notes.append(f"relaxivity r1 = {r1_per_mM_s} 1/(mM s) (default agent and field; give r1 if yours differs)")
+    cg.require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s)
+    t10 = _t10_values(t10_s, shape)
+    mask, n_base = _voxels_to_infer(series, mask, finite, baseline_frames, notes)
+    dev = choose_device(device, notes)
+    model, card = load_model(model_name, dev, models_dir)
+    outside = protocol_outside_training(series.times_s, card)
+    if outside and protocol_calibration:
+        report(progress, 0.0, "calibrating the uncertainty for this protocol")
+        factors = calibrate_to_protocol(model, series.times_s, dev, cancel)
+        notes.append(f"{outside}; its SD was recalibrated for these frame times on "
+                     f"{PROTOCOL_CALIBRATION['subjects']} simulated subjects (x "
+                     + ", ".join(f"{name} {f:.2f}" for name, f in zip(PARAM_NAMES, factors)) + ")")
+    elif outside:
+        notes.append(f"{outside}, and its uncertainty may be too small (protocol calibration is off)")
+    weights = cg.resampling_matrix(series.times_s)
+    if series.times_s[-1] - series.times_s[0] > cg.GRID_STEP_S * cg.GRID_POINTS:
+        notes.append(f"frames after {cg.GRID_STEP_S * cg.GRID_POINTS:.0f} s are not used by the networks")
+
+    def canonical(signal_2d, t10_part):
+        return cg.to_canonical(signal_2d, series.times_s, n_base, fa_deg=fa_deg, tr_s=tr_s, t10_s=t10_part,
+                               r1_per_mM_s=r1_per_mM_s, weights=weights)
+
+    run = _Run(model=model, device=dev, canonical=canonical, sample_kwargs={"n_samples": n_samples} if n_samples
+               else {}, mean=np.zeros(shape + (3,), dtype=np.float32), sd=np.zeros(shape + (3,), dtype=np.float32))
+    torch.manual_seed(0)  # latent draws (tcn_punet) reproducible run to run
+    with cancel_reaches_layers(model, cancel):
+        if model.kind == "voxel":
+            _predict_voxels(run, series, mask, t10, int(batch_voxels), progress, cancel)
+        else:
+            _predict_slices(run, series, mask, t10, progress, cancel)
+    raise_if_cancelled(cancel)
+    report(progress, 1.0, "done")
+    return InferenceOutput(_maps(run.mean, run.sd, mask, ~finite), dict(UNITS), series.geometry, card, mask, n_base,
+                           str(dev), notes)
+
+
+def _voxels_to_infer(series: DCESeries, mask, finite: np.ndarray, baseline_frames, notes: list):
+    """(mask of the voxels to infer, baseline frame count): the given or automatic mask, less the
+    voxels whose curve holds NaN or inf."""
+    if mask is not None:
+        mask = np.asarray(mask).astype(bool)
+        check_same_grid(series.spatial_shape, None, mask.shape, None, "DCE series", "mask")
+        if not mask.any():
+            raise DCEPKInputError("the mask is empty: draw the region or pass no mask")
+    n_base = _baseline(series, mask if mask is not None else finite, baseline_frames, notes)
+    if mask is None:
+        mask = auto_mask(series.signal, n_base) & finite
+        notes.append(f"auto mask: {int(mask.sum())} voxels with baseline signal above "
+                     f"{AUTO_MASK_FRACTION:.0%} of its 99th percentile")
+    if not finite.all():
+        notes.append(f"{int((~finite).sum())} voxels hold NaN or inf values: they are left out (NaN in every map)")
+        mask = mask & finite
+        if not mask.any():
+            raise DCEPKInputError("every voxel of the mask holds NaN or inf values: check the series and the mask")
+    return mask, n_base
+
+
+@dataclass
+class _Run:
+    """A network and where its predictions go (mean and SD, [k, j, i, 3])."""
+    model: torch.nn.Module
+    device: torch.device
+    canonical: Callable
+    sample_kwargs: dict
+    mean: np.ndarray
+    sd: np.ndarray
+
+
+def _predict_voxels(run: _Run, series: DCESeries, mask, t10, batch_voxels: int, progress, cancel) -> None:
+    n_t, dev = series.n_frames, run.device
+    index = np.flatnonzero(mask.ravel())
+    flat = series.signal.reshape(-1, n_t)
+    t10_flat = t10.ravel() if isinstance(t10, np.ndarray) else t10
+    mean_flat, sd_flat = run.mean.reshape(-1, 3), run.sd.reshape(-1, 3)
+    for start in range(0, index.size, batch_voxels):
+        raise_if_cancelled(cancel)
+        part = index[start:start + batch_voxels]
+        c = run.canonical(flat[part], t10_flat[part] if isinstance(t10_flat, np.ndarray) else t10_flat)
+        with torch.no_grad():
+            m, s = run.model.predict(torch.from_numpy(c.curves).to(dev), torch.from_numpy(c.valid).to(dev),
+                                     torch.from_numpy(c.protocol).to(dev), **run.sample_kwargs)
+        mean_flat[part], sd_flat[part] = m.cpu().numpy(), s.cpu().numpy()
+        report(progress, min(start + part.size, index.size) / index.size,
+               f"{min(start + part.size, index.size)} of {index.size} voxels")
+
+
+def _predict_slices(run: _Run, series: DCESeries, mask, t10, progress, cancel) -> None:
+    shape, n_t, dev = series.spatial_shape, series.n_frames, run.device
+    # pixels as the fastest axis of the image channels (channels_last): the layout of the
+    # conversion's (voxels, grid) output, and 1.2-2x faster 3x3 convolutions on CPU
+    run.model.to(memory_format=torch.channels_last)
+    slices = [k for k in range(shape[0]) if mask[k].any()]
+    for done, k in enumerate(slices):
+        raise_if_cancelled(cancel)
+        rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
+        j0, j1 = max(rows[0] - SLICE_MARGIN, 0), min(rows[-1] + SLICE_MARGIN + 1, shape[1])
+        i0, i1 = max(cols[0] - SLICE_MARGIN, 0), min(cols[-1] + SLICE_MARGIN + 1, shape[2])
+        tissue = mask[k, j0:j1, i0:i1]
+        h, w = tissue.shape
+        inside = tissue.ravel()
+        t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
+        c = run.canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], t10_part)
+        # only the tissue is converted; the margin reads as flat tissue (no contrast) at the
+        # slice's median noise level, like the non-enhancing tissue of the training patches
+        curves = np.zeros((h * w, c.curves.shape[1]), dtype=np.float32)
+        curves[inside] = c.curves
+        protocol = np.repeat(np.median(c.protocol, axis=0, keepdims=True), h * w, axis=0)
+        protocol[inside] = c.protocol
+        image = lambda a: torch.from_numpy(a).view(1, h, w, -1).permute(0, 3, 1, 2).to(dev)  # noqa: E731
+        with torch.no_grad():
+            m, s = run.model.predict(image(curves), torch.from_numpy(c.valid[None]).to(dev), image(protocol),
+                                     torch.from_numpy(tissue[None, None].astype(np.float32)).to(dev),
+                                     **run.sample_kwargs)
+        m = m[0].permute(1, 2, 0).cpu().numpy()
+        s = s[0].permute(1, 2, 0).cpu().numpy()
+        run.mean[k, j0:j1, i0:i1][tissue], run.sd[k, j0:j1, i0:i1][tissue] = m[tissue], s[tissue]
+        report(progress, (done + 1) / len(slices), f"slice {done + 1} of {len(slices)}")
+
+
+def _maps(mean: np.ndarray, sd: np.ndarray, mask: np.ndarray, invalid: np.ndarray) -> Dict[str, np.ndarray]:
+    """The output maps (float32, ``MAP_ORDER``): 0 outside the mask, NaN for invalid input."""
+    maps = {}
+    outside = np.where(invalid, np.float32(np.nan), np.float32(0.0))  # invalid input: NaN, never a number
+    for i, name in enumerate(PARAM_NAMES):
+        maps[name] = np.where(mask, mean[..., i], outside).astype(np.float32)
+        maps[f"{name}_sd"] = np.where(mask, sd[..., i], outside).astype(np.float32)
+    ve = np.maximum(maps["ve"], KEP_VE_FLOOR)
+    kep = maps["Ktrans"] / ve
+    rel = np.sqrt((maps["Ktrans_sd"] / np.maximum(maps["Ktrans"], 1e-6)) ** 2 + (maps["ve_sd"] / ve) ** 2)
+    maps["kep"] = np.where(mask, kep, outside).astype(np.float32)
+    # where Ktrans ~ 0 the relative form is unstable: use the absolute form SD(Ktrans) / ve
+    kep_sd = np.where(maps["Ktrans"] > 1e-6, kep * rel, maps["Ktrans_sd"] / ve)
+    maps["kep_sd"] = np.where(mask, kep_sd, outside).astype(np.float32)
+    return {k: maps[k] for k in MAP_ORDER}
+
+
+# ------------------------------------------------------------------------------------ CLI
+def _device(text: str) -> str:
+    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
+        return text
+    raise argparse.ArgumentTypeError(f"'{text}' is not a device: use auto, cpu, cuda or cuda:N")
+
+
+def _model_name(text: str) -> str:
+    from ..nn.model_store import check_model_name
+    try:
+        return check_model_name(text)
+    except DCEPKInputError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+
+
+def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
+    parser = parser or argparse.ArgumentParser(
+        prog="dcepk infer", description="Ktrans, ve, vp, kep maps with uncertainty by a neural network (no AIF)")
+    parser.add_argument("input", type=Path, nargs="?", help="DCE signal series (DICOM folder, NIfTI, NRRD)")
+    parser.add_argument("--model", default=DEFAULT_MODEL, type=_model_name, help="shipped network (see --list)")
+    parser.add_argument("--out", type=Path, help="output folder for the maps")
+    parser.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda")
+    parser.add_argument("--mask", type=Path, help="mask / label map on the series grid (default: auto)")
+    add_t10_options(parser, " (required)")
+    add_acquisition_options(parser)
+    add_series_options(parser)
+    parser.add_argument("--batch-voxels", type=POSITIVE_INT, default=65536, help="voxels per chunk (memory bound)")
+    parser.add_argument("--no-protocol-calibration", action="store_true",
+                        help="keep the card's SD factors for frame times outside the training ranges")
+    parser.add_argument("--list", action="store_true", help="list the shipped models and exit")
+    parser.add_argument("--overwrite", action="store_true")
+    return parser
+
+
+def infer_main(argv=None) -> int:
+    args = build_infer_parser().parse_args(argv)
+    if args.list:
+        for card in list_models():
+            val = card.get("validation", {}).get("metrics", {}).get("Ktrans", {})
+            frames, interval = training_protocol_ranges(card)
+            trained = (f"\ttrained on {frames[0]}-{frames[1]} frames, {interval[0]:g}-{interval[1]:g} s apart"
+                       if frames and interval else "")
+            print(f"{card['name']}\t{card.get('description', '')}\tvalidation Ktrans RMSE "
+                  f"{val.get('rmse', float('nan')):.4f} 1/min{trained}")
+        return 0
+    if args.input is None or args.out is None:
+        raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")
+    check_targets(map_targets(args.out, MAP_ORDER) + [args.out / INFER_SUMMARY], args.overwrite)
+    series = read_series_option(args)
+    mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
+    result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
+                           t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
+                           baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {args.model}"),
+                           protocol_calibration=not args.no_protocol_calibration)
+    print_messages("note", result.notes)
+    summary = {"command": "infer", "input": str(args.input), "model": args.model, "device": result.device,
+               "timing_source": series.metadata.get("timing_source"), "times_s": series.times_s.tolist(),
+               "baseline_frames": result.baseline_frames, "units": result.units, "notes": result.notes}
+    with OutputSet(args.overwrite) as outputs:
+        written = stage_maps(outputs, args.out, result.maps, result.geometry)
+        write_summary(outputs, args.out / INFER_SUMMARY, summary)
+        outputs.commit()
+    print(f"{len(written)} maps ({', '.join(result.maps)}) written to {args.out} "
+          f"[model {args.model}, device {result.device}, {result.baseline_frames} baseline frames]", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(infer_main())

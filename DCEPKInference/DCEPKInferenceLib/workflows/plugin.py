@@ -1,0 +1,37 @@
+"""Entry points the fitting core finds through ``DCEPKFittingLib.workflows.plugins`` (it never imports us).
+
+pyproject.toml registers (lead's file)::
+
+    [project.entry-points."dcepk.commands"]
+    inference = "DCEPKInferenceLib.workflows.plugin:commands"
+    [project.entry-points."dcepk.demo_analyses"]
+    inference = "DCEPKInferenceLib.workflows.plugin:demo_analyses"
+"""
+
+from typing import Dict
+
+DEMO_MODEL = "hetero_encoder"
+
+
+def _infer_main(argv):
+    from ..pipeline.inference import infer_main
+    return infer_main(argv)
+
+
+def _train_main(argv):
+    from ..training.trainer import train_main
+    return train_main(argv)
+
+
+def commands() -> Dict[str, tuple]:
+    # torch is imported only when one of these runs, so `dcepk --help` and the other commands start fast.
+    return {"infer": ("PK maps with uncertainty by a shipped neural network (no AIF)", _infer_main),
+            "train": ("train an inference network on simulated DCE data", _train_main)}
+
+
+def demo_analyses(series, mask, device, progress, t10_s, r1_per_mM_s) -> Dict[str, dict]:
+    """The demo's network maps: {method name: maps} with the default voxel-wise network."""
+    from ..pipeline.inference import run_inference
+    result = run_inference(series, DEMO_MODEL, mask=mask, device=device, progress=progress, t10_s=t10_s,
+                           r1_per_mM_s=r1_per_mM_s)
+    return {DEMO_MODEL: result.maps}
