@@ -1,14 +1,13 @@
 """DCEPK Fitting: pharmacokinetic maps from a DCE-MRI volume sequence by tracer-kinetic model fitting.
 
 Qt shell only (see docs/ARCHITECTURE.md): the science is in ``DCEPKFittingLib`` (pure core) and
-``DCEPKFittingLib.mrml.bridge`` (scene <-> arrays). The Logic is usable from the Python console:
+``DCEPKFittingLib.mrml`` (scene <-> arrays). The Logic is usable from the Python console:
 
     import DCEPKFitting
     logic = DCEPKFitting.DCEPKFittingLogic()
     nodes = logic.run(sequenceNode, model="etofts", aifRoi=roiNode, t10_s=1.4)  # {"Ktrans": volume node, ...}
 """
 
-import importlib
 import logging
 import os
 import pathlib
@@ -39,29 +38,18 @@ from slicer.util import VTKObservationMixin
 # Only dependency-free helpers are imported at load time; the numerical Lib modules are imported
 # inside functions, after the widget has checked (and, if the user agrees, installed) the Python
 # requirements, so the module always loads.
-from DCEPKFittingLib.panels import panel_state, slicer_dependencies
+from DCEPKFittingLib.panels import panel_state
+from DCEPKFittingLib.widgets.module_widget import CONTRIBUTORS, DCEPKBackgroundJobWidgetMixin, missingComputePackages
 
 MODELS = ["etofts", "tofts", "patlak", "2cxm", "2cum"]
 POPULATION_AIFS = ["parker", "georgiou", "weinmann"]
 PHANTOM_VFA_FLIP_ANGLES_DEG = (2.0, 5.0, 10.0, 15.0, 20.0)
 PHANTOM_SAMPLE_NAME = "DCEPK phantom"
 SELF_TEST_PHANTOM_SHAPE = (2, 48, 48)  # small enough for a self-test in seconds, every tissue included
-CONTRIBUTORS = ["DCEPK developers (DCEPK project)"]
 # Slicer 5.8 is the oldest release with every API used here (volume sequences, parameterNodeWrapper with
 # node unions, colour legends, table column titles as headers); slicer.packaging (5.12) and SampleData URL
 # rewrite rules (5.10) are used where present.
 MINIMUM_SLICER_VERSION = (5, 8)
-
-
-def missingComputePackages(names=("torch",)):
-    """The packages of ``names`` this Python cannot import (the extension build server has no PyTorch)."""
-    missing = []
-    for name in names:
-        try:
-            importlib.import_module(name)
-        except ImportError:
-            missing.append(name)
-    return missing
 
 
 #
@@ -176,165 +164,6 @@ class DCEPKFittingParameterNode:
 #
 # Widget
 #
-class DCEPKBackgroundJobWidgetMixin:
-    """Widget behaviour shared by the DCEPK modules (DCEPKInference imports it from here).
-
-    The Logic's ``compute(request)`` runs in a ``BackgroundJob``; a QTimer drains its queue on the
-    GUI thread (progress bar, status line), and only a finished job is published into the scene
-    through the module's ``publishJobResult(request, result)``. Cancel, failure and a scene closed
-    meanwhile publish nothing; ``cleanup`` stops the job and waits for its thread. Needs ``self.logic``,
-    ``self.ui.progressBar``, ``self.ui.statusLabel`` and ``self._updateGuiState``; call
-    ``setupBackgroundJob()`` in ``setup``.
-    """
-
-    JOB_STOP_TIMEOUT_S = 30.0  # the fit and the networks check cancel between chunks of seconds
-
-    def setupBackgroundJob(self) -> None:
-        self._job = None
-        self._jobRequest = None
-        self._jobTimer = qt.QTimer()
-        self._jobTimer.setInterval(200)
-        self._jobTimer.connect("timeout()", self.onJobTimer)
-
-    def startBackgroundJob(self, request, jobName: str, statusText: str) -> None:
-        from DCEPKFittingLib.core.jobs import BackgroundJob
-
-        self._jobRequest = request
-        self._job = BackgroundJob(self.logic.compute, request, name=jobName).start()
-        self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = statusText
-        self._jobTimer.start()
-
-    def onCancelButton(self) -> None:
-        if self._job is not None:
-            self._job.cancel()
-            self.ui.statusLabel.text = _("Cancelling...")
-
-    def discardBackgroundJob(self) -> None:
-        """Cancel a running job; a result arriving later belongs to a closed scene and is never published."""
-        if self._job is not None:
-            self._job.cancel()
-        self._jobRequest = None
-
-    def stopBackgroundJob(self) -> None:
-        """Cancel the job and wait for its thread (module unloaded, application closing)."""
-        job, self._job, self._jobRequest = self._job, None, None
-        self._jobTimer.stop()
-        if job is not None:
-            job.cancel()
-            job.wait(self.JOB_STOP_TIMEOUT_S)
-            if not job.done:
-                logging.warning("DCEPK: the background job did not stop within %.0f s", self.JOB_STOP_TIMEOUT_S)
-
-    def runShowingErrors(self, message, function, *args) -> bool:
-        """``function(*args)`` inside Slicer's error display: an error is shown, never raised out of a Qt slot."""
-        try:
-            with slicer.util.tryWithErrorDisplay(message, waitCursor=True):
-                function(*args)
-            return True
-        except Exception:  # noqa: BLE001  (shown to the user by tryWithErrorDisplay)
-            return False
-
-    def onJobTimer(self) -> None:
-        from DCEPKFittingLib.core.jobs import JobState
-
-        job = self._job
-        if job is None:
-            self._jobTimer.stop()
-            return
-        updates = job.poll()
-        if updates:
-            fraction, message = updates[-1]
-            self.ui.progressBar.value = int(round(100 * fraction))
-            if message:
-                self.ui.statusLabel.text = message
-        if not job.done:
-            return
-        self._jobTimer.stop()
-        self._job = None
-        request, self._jobRequest = self._jobRequest, None
-        self._updateGuiState()
-        if job.state == JobState.FINISHED and request is None:
-            self.ui.statusLabel.text = _("The scene was closed while the job ran: its result was discarded.")
-        elif job.state == JobState.FINISHED:
-            if self.runShowingErrors(_("The job finished but its maps could not be shown."),
-                                     self.publishJobResult, request, job.result):
-                self.ui.progressBar.value = 100
-            else:
-                self.ui.statusLabel.text = _("Finished, but the maps could not be shown (see the error message).")
-        elif job.state == JobState.CANCELLED:
-            self.ui.progressBar.value = 0
-            self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
-        else:
-            self.ui.statusLabel.text = _("Failed: the scene is unchanged.")
-            slicer.util.errorDisplay(str(job.error), detailedText=job.error_traceback)
-
-    def ensureDependencies(self, requester: str) -> bool:
-        """True when DCEPK's Python packages are installed, asking before installing any (never at import).
-
-        The packages of both modules are listed in one file, DCEPK Fitting's Resources/requirements.txt
-        (the modules share one Resources folder once installed); torch comes from the PyTorch extension.
-        An installation error is shown, not raised, and the status line says that nothing was run.
-        """
-        outcome = {"installed": False}
-
-        def install():
-            requirements = slicer_dependencies.read_requirements(requirementsFile())
-            outcome["installed"] = slicer_dependencies.ensure_requirements(
-                requirements, confirm=slicer.util.confirmOkCancelDisplay,
-                install=slicer_dependencies.installer_for_slicer(slicer, requester),
-                requester=requester) and self._ensureTorch()
-
-        if not self.runShowingErrors(_("The Python packages DCEPK needs could not be installed."), install):
-            self.ui.statusLabel.text = _("Installing Python packages failed: nothing was run (see the error message).")
-            return False
-        if not outcome["installed"]:
-            self.ui.statusLabel.text = _("Python packages missing: nothing was run.")
-        return outcome["installed"]
-
-    @staticmethod
-    def _ensureTorch() -> bool:
-        if not missingComputePackages():
-            return True
-        # torch comes from the PyTorch extension, which picks the CPU or CUDA build for this computer.
-        try:
-            import PyTorchUtils
-        except ImportError:
-            slicer.util.errorDisplay(_("DCEPK needs PyTorch: install the 'PyTorch' extension from the "
-                                       "Extensions Manager, restart Slicer and try again."))
-            return False
-        return PyTorchUtils.PyTorchUtilsLogic().installTorch(askConfirmation=True) is not None
-
-    def exportStatisticsTable(self, table) -> None:
-        if table is None or table.GetScene() is None:
-            return
-        path = qt.QFileDialog.getSaveFileName(None, _("Export statistics"), table.GetName() + ".csv", "CSV (*.csv)")
-        if not path:
-            return
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
-
-        # The file dialog already asked before replacing an existing file.
-        if self.runShowingErrors(_("The table could not be saved."), mrml_bridge.save_table_csv,
-                                 slicer.mrmlScene, table, path, True):
-            self.ui.statusLabel.text = _("Statistics saved to {path}").format(path=path)
-
-    def mirrorPanelView(self, view) -> None:
-        """Show the Logic's ``panel_state.PanelView``: the widget decides nothing itself."""
-        self.ui.applyButton.enabled = view.apply_enabled
-        self.ui.applyButton.toolTip = view.apply_tooltip
-        self.ui.cancelButton.enabled = view.cancel_enabled
-        for name, enabled in view.enabled.items():
-            getattr(self.ui, name).enabled = enabled
-        self.ui.acquisitionLabel.text = view.acquisition
-        if not view.apply_enabled and not view.cancel_enabled:
-            self.ui.statusLabel.text = view.apply_tooltip
-
-
-def requirementsFile() -> str:
-    """DCEPK's requirements.txt (DCEPK Fitting's resource; both modules read it)."""
-    return os.path.join(os.path.dirname(slicer.util.modulePath("DCEPKFitting")), "Resources", "requirements.txt")
-
-
 class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Wires the GUI to the Logic; holds no science and decides no panel state (``logic.panelState``)."""
 
@@ -492,7 +321,7 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
         self._aifTimer.start()  # restart: redraw once the ROI has stopped moving for a moment
 
     def _currentSeries(self):
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         sequence = self._parameterNode.inputSequence if self._parameterNode else None
         if sequence is None:
@@ -507,7 +336,7 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
         p = self._parameterNode
         if p is None or p.aifSource != "roi" or p.aifRoi is None or p.inputSequence is None:
             return
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         try:
             series = self._currentSeries()
@@ -556,7 +385,7 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
             self.updateVoxelPlot(ras)
 
     def updateVoxelPlot(self, ras) -> None:
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         curves = self.logic.voxelCurves(ras)
         if curves is None:
@@ -662,7 +491,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
                 flipAngle_deg=None, tr_s=None, r1_per_mM_s=None, mask=None, fitDelay=False, device="auto",
                 statisticsSegmentation=None, outputPrefix="DCEPK", updateExisting=True):
         """Read the inputs from the scene (main thread); raises ``DCEPKInputError`` naming any problem."""
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         return mrml_bridge.prepare_scene_fit(
             sequenceNode, model=model, method=method, aif_roi=aifRoi, aif_segmentation=aifSegmentation,
@@ -676,13 +505,13 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def compute(request, progress=None, cancel=None):
         """The fit itself (``pipeline.run_fit``): touches no node, so it may run in a worker thread."""
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         return mrml_bridge.compute_scene_fit(request, progress=progress, cancel=cancel)
 
     def publish(self, request, output):
         """Write the maps and statistics into the scene (main thread); returns ``{map name: node}``."""
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         nodes = mrml_bridge.publish_scene_fit(self.scene, request, output)
         self.lastOutput, self.lastNodes = output, nodes
@@ -690,7 +519,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
 
     def panelState(self, p, running=False):
         """What the panel shows and allows for parameter node ``p`` (``panel_state.PanelView``)."""
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         header = panel_state.SeriesHeader()
         if p is not None:
@@ -736,13 +565,13 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def placeAifRoi(roiNode, sequenceNode, centreRas=None):
         """Size a new (empty) ROI as a small box on the series' grid, at ``centreRas`` when it lies in the series."""
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         return mrml_bridge.place_roi_on_series(roiNode, sequenceNode, centreRas)
 
     def voxelCurves(self, ras):
         """(title, times in s, {curve name: mM}) of the voxel at RAS point ``ras`` after the last fit, or None."""
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         output = self.lastOutput
         index = mrml_bridge.voxel_index_at_ras(output.geometry, output.concentration.shape, ras) if output else None
@@ -776,20 +605,9 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeDevice(device="auto"):
         """Where the fit will run, in words, for the status line; refuses 'cuda' without a GPU."""
-        from DCEPKFittingLib.core.errors import DCEPKInputError
+        from DCEPKFittingLib.core.device import describe_fit_device
 
-        try:
-            import torch
-        except ImportError:
-            return _("CPU (PyTorch not installed)")
-        hasGpu = torch.cuda.is_available()
-        if device == "cuda" and not hasGpu:
-            raise DCEPKInputError(_("No CUDA GPU is available: choose device 'auto' or 'cpu'."))
-        if device == "cpu":
-            return _("CPU")
-        if hasGpu:
-            return _("GPU ({name})").format(name=torch.cuda.get_device_name(0))
-        return _("CPU (no GPU found)")
+        return describe_fit_device(device)
 
     @staticmethod
     def phantomFolder():
@@ -816,7 +634,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
 
         ``shape`` (k, j, i) makes a smaller phantom (the self-tests); it is not cached.
         """
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
         from DCEPKFittingLib.sims.phantom import make_phantom
 
         options = dict(shape=tuple(shape)) if shape is not None else {}

@@ -1,7 +1,7 @@
 """DCEPK Inference: pharmacokinetic maps with uncertainty from a DCE-MRI volume sequence by neural networks.
 
 Qt shell only (see docs/ARCHITECTURE.md): the science is in ``DCEPKInferenceLib`` (pure core:
-``inference.run_inference``) and ``DCEPKInferenceLib.mrml.bridge`` (scene <-> arrays). The Logic is
+``inference.run_inference``) and ``DCEPKInferenceLib.mrml`` (scene <-> arrays). The Logic is
 usable from the Python console:
 
     logic = slicer.util.getModuleLogic("DCEPKInference")
@@ -32,8 +32,8 @@ from slicer.ScriptedLoadableModule import (
 )
 from slicer.util import VTKObservationMixin
 
-from DCEPKFitting import CONTRIBUTORS, DCEPKBackgroundJobWidgetMixin, missingComputePackages
 from DCEPKFittingLib.panels import panel_state
+from DCEPKFittingLib.widgets.module_widget import CONTRIBUTORS, DCEPKBackgroundJobWidgetMixin, missingComputePackages
 
 # No DCEPKInferenceLib import at load time: it needs torch and safetensors, which the widget checks
 # (and, if the user agrees, installs) at the first Apply, so the module always loads.
@@ -375,7 +375,7 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
                 fitModel="etofts", populationAif="parker", hematocrit=0.45, r1_per_mM_s=None, segmentationNode=None,
                 outputPrefix="DCEPK-NN", updateExisting=True):
         """Read the inputs from the scene (main thread); raises ``DCEPKInputError`` naming any problem."""
-        from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+        from DCEPKInferenceLib import mrml as mrml_bridge
 
         return mrml_bridge.prepare_scene_inference(
             sequenceNode, model_name=modelName, mask=maskNode, device=device, fa_deg=flipAngle_deg, tr_s=tr_s,
@@ -387,13 +387,13 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def compute(request, progress=None, cancel=None):
         """The inference itself: touches no node, so it may run in a worker thread."""
-        from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+        from DCEPKInferenceLib import mrml as mrml_bridge
 
         return mrml_bridge.compute_scene_inference(request, progress=progress, cancel=cancel)
 
     def publish(self, request, result, existingNodes=None):
         """Write maps, uncertainty maps and statistics into the scene (main thread); returns ``{name: node}``."""
-        from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+        from DCEPKInferenceLib import mrml as mrml_bridge
 
         nodes = mrml_bridge.publish_scene_inference(self.scene, request, result, existing_nodes=existingNodes)
         self.lastRequest, self.lastResult, self.lastNodes = request, result, nodes
@@ -405,7 +405,7 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
     def applyUncertaintyThreshold(self, uncertaintyThreshold):
         """Re-threshold the last result into the same nodes (no new inference); returns ``{name: node}``."""
         from DCEPKFittingLib.core.errors import DCEPKInputError
-        from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+        from DCEPKInferenceLib import mrml as mrml_bridge
 
         if self.lastResult is None:
             raise DCEPKInputError("no inference result to threshold: press Apply (or call run) first")
@@ -414,7 +414,7 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
 
     def showMapWithUncertainty(self, mapName="Ktrans", backgroundNode=None) -> None:
         """``mapName`` (Ktrans, ve, vp, kep) and its uncertainty side by side in the Red and Yellow views."""
-        from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+        from DCEPKInferenceLib import mrml as mrml_bridge
 
         mrml_bridge.show_map_with_uncertainty(self.scene, self.lastNodes.get(mapName),
                                               self.lastNodes.get(f"{mapName}_sd"), backgroundNode)
@@ -430,7 +430,7 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
 
     def panelState(self, p, modelNames, running=False):
         """What the panel shows and allows for parameter node ``p`` (``panel_state.PanelView``)."""
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         header = mrml_bridge.series_header(p.inputSequence) if p is not None else panel_state.SeriesHeader()
         return panel_state.inference_panel(p, header, modelNames, running, has_result=self.lastResult is not None,
@@ -455,19 +455,19 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeDevice(device="auto"):
         """Where the network will run, with free GPU memory, or why it falls back to the CPU."""
-        from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib.core.device import describe_inference_device
 
-        return mrml_bridge.describe_device(device)
+        return describe_inference_device(device)
 
     @staticmethod
     def modelCards():
-        from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+        from DCEPKInferenceLib import mrml as mrml_bridge
 
         return mrml_bridge.model_cards()
 
     @staticmethod
     def describeModelCard(card):
-        from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+        from DCEPKInferenceLib import mrml as mrml_bridge
 
         return mrml_bridge.describe_model_card(card)
 
@@ -507,9 +507,9 @@ class DCEPKInferenceTest(ScriptedLoadableModuleTest):
     def test_PhantomWorkflow(self):
         import numpy as np
 
-        from DCEPKFittingLib.mrml import bridge as fitBridge
-        from DCEPKInferenceLib.pipeline.inference import run_inference
+        from DCEPKFittingLib import mrml as fitBridge
         from DCEPKInferenceLib.nn.model_store import read_card
+        from DCEPKInferenceLib.pipeline.inference import run_inference
 
         self.delayDisplay("Generating the DCEPK phantom")
         phantom, nodes = self._loadPhantom()
@@ -569,7 +569,7 @@ class DCEPKInferenceTest(ScriptedLoadableModuleTest):
     @staticmethod
     def addPhantomT10Map(scene, phantom):
         """The phantom's T10 map (s) as a volume node, as a user's T1 map would be."""
-        from DCEPKFittingLib.mrml import bridge as fitBridge
+        from DCEPKFittingLib import mrml as fitBridge
 
         return fitBridge.update_volume_from_array(scene, phantom.truth["T10"], phantom.series.geometry,
                                                   "DCEPK phantom T10", units="s", map_name="T10")

@@ -1,13 +1,29 @@
 """DCEPK inference: pharmacokinetic maps (Ktrans, ve, vp, kep) with uncertainty, directly from
 a DCE signal series by neural networks trained on physics-based synthetic data.
 
-Pure core: numpy / scipy / torch / safetensors only, never ``slicer``, ``qt`` or ``vtk``.
-Physics (tracer-kinetic and SPGR signal models, population AIFs) comes from ``DCEPKFittingLib``;
-this package never re-implements it.
+Pure core: numpy / scipy / torch / safetensors, never ``qt``; ``mrml`` is the one folder that imports
+``slicer``. Physics (tracer-kinetic and SPGR signal models, population AIFs) comes from
+``DCEPKFittingLib``; this package never re-implements it, and the fitting package never imports it.
 
-Modules: ``canonical_grid`` (any protocol -> fixed network input), ``simulator`` (training data),
-``networks`` (the four architectures), ``training`` (``dcepk train``), ``model_store`` (shipped
-weights + model cards, checksum-verified), ``inference`` (``run_inference``, ``dcepk infer``).
+Folders, lowest layer first: ``data`` (canonical grid, simulator), ``analysis`` (metrics), ``nn``
+(networks, model store), ``training`` (``dcepk train``'s engine, SD calibration), ``pipeline``
+(``run_inference``), ``mrml`` (Slicer scene), ``workflows`` (``dcepk infer`` / ``train``, entry points).
+The names below are loaded on first use.
 """
 
+import importlib
+
 __version__ = "0.1.0"
+
+_PUBLIC = {"run_inference": "pipeline.inference", "InferenceOutput": "pipeline.inference",
+           "list_models": "nn.model_store", "load_model": "nn.model_store", "train": "training.trainer"}
+
+
+def __getattr__(name):
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + list(_PUBLIC))

@@ -42,10 +42,10 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "DCEPKFitting"))
 sys.path.insert(0, str(Path(__file__).parent))
 
+from DCEPKFittingLib import signal as signal_models
+from DCEPKFittingLib.io import DCESeries  # noqa: E402
 from DCEPKFittingLib.kinetics import aif, tk_models  # noqa: E402
-from DCEPKFittingLib.signal import signal_models
-from DCEPKFittingLib.io.dce_io import DCESeries  # noqa: E402
-from DCEPKFittingLib.kinetics.fitting import FitStatus  # noqa: E402
+from DCEPKFittingLib.kinetics.fit_result import FitStatus  # noqa: E402
 from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit  # noqa: E402
 from bench_fitting import report_lines, write_results  # noqa: E402
 

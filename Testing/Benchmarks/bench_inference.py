@@ -39,19 +39,19 @@ ROOT = Path(__file__).resolve().parents[2]
 for lib in ("DCEPKFitting", "DCEPKInference"):
     sys.path.insert(0, str(ROOT / lib))
 
+from DCEPKFittingLib import signal as signal_models
+from DCEPKFittingLib.core.reference_data import missing_reason, reference_path  # noqa: E402
+from DCEPKFittingLib.io import read_dce  # noqa: E402
 from DCEPKFittingLib.kinetics import aif as aif_lib  # noqa: E402
 from DCEPKFittingLib.kinetics import fitting  # noqa: E402
-from DCEPKFittingLib.signal import signal_models
-from DCEPKFittingLib.io.dce_io import read_dce  # noqa: E402
 from DCEPKFittingLib.sims.phantom import Protocol, make_phantom  # noqa: E402
-from DCEPKFittingLib.core.reference_data import missing_reason, reference_path  # noqa: E402
-from DCEPKInferenceLib.data import canonical_grid as cg  # noqa: E402
 from DCEPKInferenceLib.analysis import metrics  # noqa: E402
+from DCEPKInferenceLib.data import canonical_grid as cg  # noqa: E402
 from DCEPKInferenceLib.data import simulator
-from DCEPKInferenceLib.pipeline.inference import protocol_outside_training, run_inference  # noqa: E402
 from DCEPKInferenceLib.nn.model_store import list_models, load_model, training_totals  # noqa: E402
 from DCEPKInferenceLib.nn.networks import PARAM_NAMES  # noqa: E402
-from DCEPKInferenceLib.training.trainer import PROTOCOL_CALIBRATION, calibrate_to_protocol  # noqa: E402
+from DCEPKInferenceLib.pipeline.inference import protocol_outside_training, run_inference  # noqa: E402
+from DCEPKInferenceLib.training import PROTOCOL_CALIBRATION, calibrate_to_protocol  # noqa: E402
 from bench_fitting import time_curve_fit  # noqa: E402  (same folder: one curve_fit loop for both benchmarks)
 
 # training draws [seed, step] with seeds 1-4, 11-21; validation 900001, calibration 900002,

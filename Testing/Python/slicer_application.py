@@ -144,7 +144,7 @@ class IOManager:
     def loadNodes(self, file_type, properties, loaded):
         if file_type != "SequenceFile":
             return False
-        from DCEPKFittingLib.mrml import bridge as mrml_bridge
+        from DCEPKFittingLib import mrml as mrml_bridge
 
         node = mrml_bridge.load_sequence(self.scene, properties["fileName"], properties.get("name"))
         loaded.AddItem(node)

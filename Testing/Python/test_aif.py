@@ -10,9 +10,9 @@ import pytest
 from scipy.integrate import quad
 from scipy.special import gammaln
 
+from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.kinetics.aif import (POPULATION_AIFS, aif_from_roi, blood_to_plasma, georgiou_aif, load_aif_csv,
                                           parker_aif, plasma_to_blood, population_aif, resample_aif, weinmann_aif)
-from DCEPKFittingLib.core.errors import DCEPKInputError
 
 
 @pytest.mark.parametrize("name", POPULATION_AIFS)

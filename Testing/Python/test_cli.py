@@ -3,11 +3,11 @@
 import numpy as np
 import pytest
 
-from DCEPKFittingLib.workflows import cli
-from DCEPKFittingLib.io.dce_io import DCESeries, read_volume, write_dce_series, write_volume
 from DCEPKFittingLib.core.errors import DCEPKInputError
-from DCEPKFittingLib.sims.phantom import Protocol, make_phantom, write_phantom
+from DCEPKFittingLib.io import DCESeries, read_volume, write_dce_series, write_volume
 from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit
+from DCEPKFittingLib.sims.phantom import Protocol, make_phantom, write_phantom
+from DCEPKFittingLib.workflows import cli
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from DCEPKFittingLib.io import dce_io
-from DCEPKFittingLib.io.dce_io import (DCESeries, read_dce, read_mask, read_volume, write_dce_series, write_maps,
-                                       write_volume)
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.geometry import Geometry
+from DCEPKFittingLib.io import DCESeries, read_dce, read_mask, read_volume, write_dce_series, write_maps, write_volume
+from DCEPKFittingLib.io import sitk_images
 
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0])
 
@@ -796,13 +795,13 @@ def test_write_volume_refuses_existing_target_and_leaves_it_unchanged(tmp_path):
 
 def test_target_appearing_while_writing_is_not_clobbered(tmp_path, monkeypatch):
     target = tmp_path / "Ktrans.nii.gz"
-    original = dce_io._write_sitk_file
+    original = sitk_images._write_sitk_file
 
     def racing(temporary, suffix, array, geometry):
         original(temporary, suffix, array, geometry)
         target.write_bytes(b"written by another process meanwhile")
 
-    monkeypatch.setattr(dce_io, "_write_sitk_file", racing)
+    monkeypatch.setattr(sitk_images, "_write_sitk_file", racing)
     with pytest.raises(DCEPKInputError, match="appeared while writing"):
         write_volume(target, np.ones((1, 2, 2)), OBLIQUE)
     assert target.read_bytes() == b"written by another process meanwhile"
@@ -828,7 +827,7 @@ def test_write_maps_all_or_nothing(tmp_path):
 def test_write_maps_failure_midway_leaves_nothing(tmp_path, monkeypatch):
     import errno
     calls = []
-    original = dce_io._write_sitk_file
+    original = sitk_images._write_sitk_file
 
     def failing(temporary, suffix, array, geometry):
         calls.append(temporary)
@@ -836,7 +835,7 @@ def test_write_maps_failure_midway_leaves_nothing(tmp_path, monkeypatch):
             raise OSError(errno.ENOSPC, "No space left on device")
         original(temporary, suffix, array, geometry)
 
-    monkeypatch.setattr(dce_io, "_write_sitk_file", failing)
+    monkeypatch.setattr(sitk_images, "_write_sitk_file", failing)
     maps = {name: np.ones((1, 2, 2)) for name in ("a", "b", "c")}
     with pytest.raises(DCEPKInputError, match="no space left on the disk holding .*out.*nothing was changed"):
         write_maps(tmp_path / "out", maps, OBLIQUE)
@@ -933,14 +932,14 @@ def test_a_series_in_the_nrrd_layout_slicer_writes_reads_frame_by_frame(tmp_path
 def test_a_staged_file_that_reads_back_short_is_never_published(tmp_path, monkeypatch):
     target = tmp_path / "Ktrans.nii.gz"
     target.write_bytes(b"earlier")
-    original = dce_io._write_sitk_file
+    original = sitk_images._write_sitk_file
 
     def short(temporary, suffix, array, geometry):
         original(temporary, suffix, array, geometry)
         with open(temporary, "r+b") as handle:
             handle.truncate(temporary.stat().st_size - 10)
 
-    monkeypatch.setattr(dce_io, "_write_sitk_file", short)
+    monkeypatch.setattr(sitk_images, "_write_sitk_file", short)
     with pytest.raises(DCEPKInputError, match="written incomplete"):
         write_volume(target, np.ones((4, 5, 6)), OBLIQUE, overwrite=True)
     assert target.read_bytes() == b"earlier" and [p.name for p in tmp_path.iterdir()] == ["Ktrans.nii.gz"]

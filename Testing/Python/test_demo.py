@@ -52,7 +52,7 @@ def test_demo_fit_has_no_speckles_in_normal_brain_and_no_ve_without_leakage(demo
     """Against the phantom's truth (normal brain: Ktrans 0.001-0.003 /min): the fitted map has no
     speckles there (4.6 % of its voxels were above 0.05 /min, many at the 5 /min bound, before the
     per-voxel model choice), and ve is undefined wherever Ktrans is 0, as the figure shows."""
-    from DCEPKFittingLib.kinetics.fitting import FitStatus
+    from DCEPKFittingLib.kinetics.fit_result import FitStatus
     from DCEPKFittingLib.sims.phantom import GREY_MATTER, WHITE_MATTER
     _, result = demo
     phantom, maps = result["phantom"], result["fit"].maps

@@ -20,12 +20,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from DCEPKFittingLib.workflows import cli
-from DCEPKFittingLib.io import dce_io
+from DCEPKFittingLib import io as dce_io
 from DCEPKFittingLib.core import output_files
-from DCEPKFittingLib.io.dce_io import read_volume, write_volume
 from DCEPKFittingLib.core.output_files import TEMP_PREFIX, StagedFile
+from DCEPKFittingLib.io import read_volume, write_volume
+from DCEPKFittingLib.io import sitk_images
 from DCEPKFittingLib.sims.phantom import Protocol
+from DCEPKFittingLib.workflows import cli
 
 ROOT = Path(__file__).resolve().parents[2]
 R1 = str(Protocol().r1_per_mM_s)
@@ -102,14 +103,14 @@ def test_silent_short_write_of_simpleitk_is_caught_by_the_read_back(phantom, ear
     (as on a full disk, where the maps were '8 maps written' with exit 0); the header-against-data
     check of the staged file catches it before anything is published."""
     before = snapshot(earlier)
-    original = dce_io._write_sitk_file
+    original = sitk_images._write_sitk_file
 
     def short_write(temporary, suffix, array, geometry):
         original(temporary, suffix, array, geometry)
         with open(temporary, "r+b") as handle:
             handle.truncate(200)
 
-    monkeypatch.setattr(dce_io, "_write_sitk_file", short_write)
+    monkeypatch.setattr(sitk_images, "_write_sitk_file", short_write)
     refused(capsys, fit_args(phantom, earlier, "--overwrite"), "written incomplete", "bytes of image data",
             "may be full", "nothing was changed")
     assert_unchanged(earlier, before)
@@ -286,11 +287,11 @@ def test_model_weights_with_nan_and_a_matching_checksum_are_refused(phantom, tmp
 # ------------------------------------------------------------------------------- 7. outputs checked first
 @pytest.mark.parametrize("command", ["fit", "infer", "t1map", "stats", "phantom", "demo"])
 def test_existing_outputs_are_refused_before_any_work(phantom, earlier, tmp_path, monkeypatch, capsys, command):
-    from DCEPKFittingLib.workflows import demo
+    from DCEPKFittingLib import signal as signal_models
+    from DCEPKFittingLib.analysis import stats
     from DCEPKFittingLib.pipeline import fit as pipeline
     from DCEPKFittingLib.sims import phantom as phantom_module
-    from DCEPKFittingLib.signal import signal_models
-    from DCEPKFittingLib.analysis import stats
+    from DCEPKFittingLib.workflows import demo
     from DCEPKInferenceLib.pipeline import inference
 
     def no_work(*args, **kwargs):
@@ -334,7 +335,7 @@ def test_implausible_units_name_the_likely_mistake(phantom, tmp_path, capsys):
 
 
 def test_concentration_read_as_signal_and_signal_as_concentration_are_named(phantom, tmp_path, capsys):
-    from DCEPKFittingLib.io.dce_io import DCESeries, read_dce, write_dce_series
+    from DCEPKFittingLib.io import DCESeries, read_dce, write_dce_series
     series = read_dce(phantom / "dce.seq.nrrd")
     unlabelled = tmp_path / "unlabelled.nrrd"   # no DCEPK.Kind: the values must tell
     write_dce_series(unlabelled, series)
@@ -350,7 +351,7 @@ def test_concentration_read_as_signal_and_signal_as_concentration_are_named(phan
 
 
 def test_an_aif_roi_on_tissue_warns_in_the_cli_the_sidecar_and_the_fit_output(phantom, tmp_path, capsys):
-    from DCEPKFittingLib.io.dce_io import read_dce, read_mask
+    from DCEPKFittingLib.io import read_dce, read_mask
     from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit
     labels, geometry = read_volume(phantom / "labels.nii.gz")
     white_matter = write_volume(tmp_path / "wm_roi.nii.gz", (labels == 1).astype(np.uint8), geometry)

@@ -15,14 +15,14 @@ from slicer_scene import slicer_scene  # noqa: F401  (fixture)
 import slicer  # noqa: E402  (slicer_scene already required it)
 
 
-from DCEPKFittingLib.mrml import bridge as bridge  # noqa: E402
+from DCEPKFittingLib import mrml as bridge  # noqa: E402
 from DCEPKFittingLib.core.errors import DCEPKInputError, JobCancelledError  # noqa: E402
-from DCEPKFittingLib.kinetics.fitting import FITTED_STATUSES  # noqa: E402
 from DCEPKFittingLib.core.geometry import Geometry  # noqa: E402
 from DCEPKFittingLib.core.jobs import BackgroundJob, JobState  # noqa: E402
+from DCEPKFittingLib.kinetics.fit_result import FITTED_STATUSES  # noqa: E402
 
-from DCEPKFittingLib.sims import phantom as phantom_lib  # noqa: E402
 from DCEPKFittingLib.pipeline import fit as pipeline  # noqa: E402
+from DCEPKFittingLib.sims import phantom as phantom_lib  # noqa: E402
 
 VFA_ANGLES = (2.0, 5.0, 10.0, 15.0, 20.0)
 

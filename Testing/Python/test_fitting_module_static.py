@@ -106,7 +106,7 @@ def test_ui_connects_the_scene_to_every_mrml_widget(ui_widgets):
 
 
 def test_logic_passes_every_option_through_to_the_bridge(tree):
-    from DCEPKFittingLib.mrml import bridge as mrml_bridge
+    from DCEPKFittingLib import mrml as mrml_bridge
 
     logic = find_class(tree, "DCEPKFittingLogic")
     methods = {n.name: n for n in logic.body if isinstance(n, ast.FunctionDef)}
@@ -141,12 +141,15 @@ def test_logic_and_module_load_use_no_qt_and_no_heavy_import_at_load_time(tree):
     top_level = [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     lib_imports = [s for s in top_level if "DCEPKFittingLib" in s]
     # Only the dependency-free helpers (no numpy, no torch): the module loads before packages are installed.
-    assert lib_imports == ["from DCEPKFittingLib.panels import panel_state, slicer_dependencies"], lib_imports
-    for helper in ("panel_state.py", "slicer_dependencies.py"):
-        nodes = list(ast.walk(ast.parse((LIB_DIR / "panels" / helper).read_text())))
+    assert lib_imports == ["from DCEPKFittingLib.panels import panel_state",
+                           "from DCEPKFittingLib.widgets.module_widget import CONTRIBUTORS, DCEPKBackgroundJobWidgetMixin, "
+                           "missingComputePackages"], lib_imports
+    for helper in ("panels/panel_state.py", "panels/slicer_dependencies.py", "widgets/module_widget.py"):
+        nodes = list(ast.walk(ast.parse((LIB_DIR / helper).read_text())))
         imported = [n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module] + \
             [alias.name for n in nodes if isinstance(n, ast.Import) for alias in n.names]
-        assert not {m.split(".")[0] for m in imported} & {"numpy", "scipy", "torch", "SimpleITK", "slicer"}, helper
+        heavy = {"numpy", "scipy", "torch", "SimpleITK"} | ({"slicer"} if helper.startswith("panels") else set())
+        assert not {m.split(".")[0] for m in imported} & heavy, helper
     assert not any(re.search(r"\b(numpy|scipy|torch|SimpleITK)\b", s) for s in top_level)
     test_class = find_class(tree, "DCEPKFittingTest")
     assert {"runTest", "test_PhantomWorkflow"} <= {n.name for n in test_class.body if isinstance(n, ast.FunctionDef)}

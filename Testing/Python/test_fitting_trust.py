@@ -7,14 +7,15 @@ import numpy as np
 import pytest
 
 import noisy_tofts_reference as reference
-from DCEPKFittingLib.kinetics import aif, fitting, tk_models as tk
-from DCEPKFittingLib.signal import signal_models
-from DCEPKFittingLib.workflows.cli import main as dcepk
-from DCEPKFittingLib.io.dce_io import DCESeries, write_dce_series, write_volume
-from DCEPKFittingLib.kinetics.fitting import FitStatus
+
+from DCEPKFittingLib import signal as signal_models
+from DCEPKFittingLib.io import DCESeries, write_dce_series, write_volume
+from DCEPKFittingLib.kinetics import aif, fit_result, fitting, tk_models as tk
+from DCEPKFittingLib.kinetics.fit_result import FitStatus
 from DCEPKFittingLib.kinetics.nested_models import SelectedModel
-from DCEPKFittingLib.sims.phantom import TUMOUR_RIM, Protocol, make_phantom
 from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit
+from DCEPKFittingLib.sims.phantom import TUMOUR_RIM, Protocol, make_phantom
+from DCEPKFittingLib.workflows.cli import main as dcepk
 
 FRAMES, FRAME_S, BASELINE = 60, 5.0, 6
 
@@ -94,7 +95,7 @@ def test_each_nested_model_is_recognised_on_its_own_curve(model, truth, expected
     t = np.arange(FRAMES) * FRAME_S
     cp = aif.population_aif("parker", t, delay_s=t[BASELINE], compartment="plasma", hct=0.45)
     params = np.nan_to_num(np.array(truth, dtype=float), nan=1.0)
-    curve = fitting.model_curve(model, params, t, cp) + np.random.default_rng(0).normal(0, 1e-4, t.size)
+    curve = fit_result.model_curve(model, params, t, cp) + np.random.default_rng(0).normal(0, 1e-4, t.size)
     result = fitting.fit_curves(curve[None], t, cp, model, device="cpu")
     assert result.selected_model[0] == expected
     np.testing.assert_allclose(result.parameter_array()[0], truth, rtol=0.02, atol=2e-3, equal_nan=True)

@@ -1,7 +1,7 @@
 """The DCEPKInference Logic's scene path (prepare -> compute -> publish) on the phantom, headless.
 
 ``DCEPKInferenceLogic`` (Qt shell, needs a real Slicer) delegates each step to these
-``DCEPKInferenceLib.mrml.bridge`` functions one to one (checked in test_inference_module_static.py);
+``DCEPKInferenceLib.mrml`` functions one to one (checked in test_inference_module_static.py);
 here they run against the real Slicer core libraries. Truths: ``run_inference`` called directly on
 the same arrays (the ``dcepk infer`` path), ``pipeline.run_fit`` for the comparison fit, and numpy
 for thresholding and statistics.
@@ -19,15 +19,16 @@ from slicer_scene import slicer_scene  # noqa: F401  (fixture)
 slicer = import_or_skip("slicer", "slicer-core (pip install slicer-core) is needed for MRML bridge tests")
 import torch  # noqa: E402
 
-from DCEPKFittingLib.mrml import bridge as fit_bridge  # noqa: E402
+from DCEPKFittingLib import mrml as fit_bridge  # noqa: E402
+from DCEPKFittingLib.core.device import describe_inference_device  # noqa: E402
 from DCEPKFittingLib.core.errors import DCEPKInputError, JobCancelledError  # noqa: E402
 from DCEPKFittingLib.core.geometry import Geometry  # noqa: E402
 from DCEPKFittingLib.core.jobs import BackgroundJob, JobState  # noqa: E402
-from DCEPKFittingLib.sims.phantom import make_phantom  # noqa: E402
 from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit  # noqa: E402
-from DCEPKInferenceLib.mrml import bridge as bridge  # noqa: E402
-from DCEPKInferenceLib.pipeline.inference import run_inference  # noqa: E402
+from DCEPKFittingLib.sims.phantom import make_phantom  # noqa: E402
+from DCEPKInferenceLib import mrml as bridge  # noqa: E402
 from DCEPKInferenceLib.nn.model_store import list_models  # noqa: E402
+from DCEPKInferenceLib.pipeline.inference import run_inference  # noqa: E402
 
 torch.set_num_threads(1)
 T10_S = 1.2  # one T10 for the scene and the direct calls alike (the networks need one to get concentration)
@@ -341,13 +342,13 @@ def test_model_card_text_and_device_description():
     for metrics in card.get("validation", {}).get("metrics", {}).values():
         assert f"{float(metrics['rmse']):.3g}" in text
     assert [c["name"] for c in bridge.model_cards()] == MODELS
-    assert bridge.describe_device("cpu") == "CPU"
+    assert describe_inference_device("cpu") == "CPU"
     if not torch.cuda.is_available():
-        assert bridge.describe_device("auto").startswith("CPU")
+        assert describe_inference_device("auto").startswith("CPU")
         with pytest.raises(DCEPKInputError, match="no CUDA GPU"):
-            bridge.describe_device("cuda")
+            describe_inference_device("cuda")
     else:
-        assert bridge.describe_device("cuda").startswith("GPU")
+        assert describe_inference_device("cuda").startswith("GPU")
 
 
 # --------------------------------------------------------------------------- the module's Logic class itself

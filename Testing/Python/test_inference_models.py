@@ -9,15 +9,16 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from DCEPKFittingLib.io.dce_io import read_volume, write_dce_series, write_maps
 from DCEPKFittingLib.core.errors import DCEPKInputError, JobCancelledError
+from DCEPKFittingLib.io import read_volume, write_dce_series, write_maps
 from DCEPKFittingLib.sims.phantom import TUMOUR_RIM, WHITE_MATTER, Protocol, make_phantom
+from DCEPKInferenceLib import training
 from DCEPKInferenceLib.data import simulator
-from DCEPKInferenceLib.training import trainer as training
-from DCEPKInferenceLib.pipeline.inference import infer_main, protocol_outside_training, run_inference
 from DCEPKInferenceLib.nn.model_store import (DEFAULT_MODELS_DIR, list_models, load_model, read_card, sha256_of,
                                               training_totals)
 from DCEPKInferenceLib.nn.networks import NETWORKS
+from DCEPKInferenceLib.pipeline.inference import protocol_outside_training, run_inference
+from DCEPKInferenceLib.workflows.infer_command import infer_main
 
 torch.set_num_threads(1)
 SHIPPED = sorted(card["name"] for card in list_models())    # every network's own model, and any variants
@@ -146,7 +147,7 @@ def test_frame_times_outside_the_training_ranges_get_the_sd_recalibrated_to_them
         training.calibrate_to_protocol(model, times, cancel=cancelled)
     assert model.config["sd_scale"] == before
     independent = simulator.sample_voxels(np.random.default_rng(31337), 48, 64, times_s=times)
-    mean, sd, truth, _ = training.predict_batch(model, training._to_torch(independent, "cpu"))
+    mean, sd, truth, _ = training.predict_batch(model, training.to_torch(independent, "cpu"))
     coverage = np.mean(np.abs(mean - truth) <= 1.6448536 * sd, axis=0)
     np.testing.assert_allclose(coverage, 0.9, atol=0.03)     # with the card's factors: 0.85-0.86
 
@@ -240,7 +241,7 @@ def test_list_command(capsys):
 
 def test_concentration_series_is_refused(phantom):
     series = phantom.series
-    from DCEPKFittingLib.io.dce_io import DCESeries
+    from DCEPKFittingLib.io import DCESeries
     conc = DCESeries(signal=series.signal, times_s=series.times_s, kind="concentration")
     with pytest.raises(DCEPKInputError, match="signal"):
         run_inference(conc, "hetero_encoder", t10_s=phantom.truth["T10"])
@@ -299,7 +300,7 @@ def test_recalibration_makes_the_90_percent_interval_cover_90_percent_of_the_cal
     assert loaded["network_config"]["sd_scale"] == card["sd_calibration"]["factors"]
     # coverage is measured independently of calibrate_sd: |error| <= 1.645 SD on the calibration set itself
     sized = {**training.DEFAULT_TRAINING, **card["training"], "val_subjects": card["sd_calibration"]["subjects"]}
-    batch = training._to_torch(training.make_batch("voxel", np.random.default_rng(card["sd_calibration"]["seed"]),
+    batch = training.to_torch(training.make_batch("voxel", np.random.default_rng(card["sd_calibration"]["seed"]),
                                                    sized, True), "cpu")
     mean, sd, truth, _ = training.predict_batch(model, batch)
     coverage = np.mean(np.abs(mean - truth) <= 1.6448536 * sd, axis=0)

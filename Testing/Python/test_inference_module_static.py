@@ -106,7 +106,7 @@ def test_every_parameter_binding_matches_a_field_of_the_right_kind_and_range(tre
 
 def test_choices_defaults_and_lists_agree_with_the_core(tree):
     from DCEPKFittingLib.kinetics.aif import POPULATION_AIFS
-    from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+    from DCEPKInferenceLib import mrml as mrml_bridge
     from DCEPKInferenceLib.pipeline.inference import DEFAULT_MODEL
 
     constants = _module_constants(tree)
@@ -138,7 +138,7 @@ def test_ui_connects_the_scene_to_every_mrml_widget(ui_widgets):
 
 
 def test_logic_passes_every_option_through_to_the_bridge(tree):
-    from DCEPKInferenceLib.mrml import bridge as mrml_bridge
+    from DCEPKInferenceLib import mrml as mrml_bridge
 
     methods = _methods(tree, "DCEPKInferenceLogic")
     bridge_call = next(n for n in ast.walk(methods["prepare"]) if isinstance(n, ast.Call)
@@ -168,9 +168,9 @@ def test_logic_passes_every_option_through_to_the_bridge(tree):
     assert "mrml_bridge.publish_scene_inference" in calls["publish"]
     assert "mrml_bridge.rethreshold" in calls["applyUncertaintyThreshold"]
     assert "mrml_bridge.show_map_with_uncertainty" in calls["showMapWithUncertainty"]
-    assert "mrml_bridge.describe_device" in calls["describeDevice"]
+    assert "describe_inference_device" in calls["describeDevice"]
     for function in ("compute_scene_inference", "publish_scene_inference", "rethreshold",
-                     "show_map_with_uncertainty", "describe_device", "model_cards", "describe_model_card"):
+                     "show_map_with_uncertainty", "model_cards", "describe_model_card"):
         assert callable(getattr(mrml_bridge, function))
 
 
@@ -193,8 +193,8 @@ def test_dependency_check_is_dcepk_fittings_own(tree):
     assert "ensureDependencies" not in _methods(tree, "DCEPKInferenceWidget")
     calls = {ast.unparse(n) for n in ast.walk(find_class(tree, "DCEPKInferenceWidget")) if isinstance(n, ast.Call)}
     assert "self.ensureDependencies('DCEPK Inference')" in calls
-    fitting = ast.parse((ROOT / "DCEPKFitting" / "DCEPKFitting.py").read_text())
-    function = next(n for n in fitting.body if isinstance(n, ast.FunctionDef) and n.name == "requirementsFile")
+    widgets = ast.parse((ROOT / "DCEPKFitting" / "DCEPKFittingLib" / "widgets" / "module_widget.py").read_text())
+    function = next(n for n in widgets.body if isinstance(n, ast.FunctionDef) and n.name == "requirementsFile")
     assert "slicer.util.modulePath('DCEPKFitting')" in ast.unparse(function)
 
 

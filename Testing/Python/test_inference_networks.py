@@ -4,13 +4,13 @@ import numpy as np
 import pytest
 import torch
 
-from DCEPKFittingLib.signal import signal_models
-from DCEPKFittingLib.kinetics import tk_models
+from DCEPKFittingLib import signal as signal_models
 from DCEPKFittingLib.core.errors import DCEPKInputError
+from DCEPKFittingLib.kinetics import tk_models
 from DCEPKInferenceLib.data import canonical_grid as cg
 from DCEPKInferenceLib.data import simulator
 from DCEPKInferenceLib.nn.networks import NETWORKS, PARAM_UPPER, build_network, compress, count_parameters, nll
-from DCEPKInferenceLib.training.trainer import compute_loss, temporal_shift, tracer_kinetic_loss
+from DCEPKInferenceLib.training import compute_loss, temporal_shift, tracer_kinetic_loss
 
 torch.set_num_threads(1)
 

@@ -19,9 +19,10 @@ from slicer_application import graft_sample_data, slicer_app  # noqa: F401  (fix
 
 import slicer  # noqa: E402
 
-from DCEPKFittingLib.mrml import bridge as bridge  # noqa: E402
-from DCEPKFittingLib.kinetics.fitting import FitStatus  # noqa: E402
+from DCEPKFittingLib import mrml as bridge  # noqa: E402
+from DCEPKFittingLib.core.errors import DCEPKInputError  # noqa: E402
 from DCEPKFittingLib.core.jobs import raise_if_cancelled  # noqa: E402
+from DCEPKFittingLib.kinetics.fit_result import FitStatus  # noqa: E402
 from DCEPKFittingLib.sims.phantom import Protocol, make_phantom  # noqa: E402
 
 VFA_ANGLES = (2.0, 5.0, 10.0, 15.0, 20.0)
@@ -83,7 +84,7 @@ def test_a_series_without_flip_angle_is_never_fitted_with_a_default(slicer_app, 
     assert not widget.ui.applyButton.enabled
     assert "'Flip angle'" in widget.ui.applyButton.toolTip
     assert widget.ui.statusLabel.text == widget.ui.applyButton.toolTip
-    with pytest.raises(bridge.DCEPKInputError, match="no flip angle in its header: give flipAngle_deg"):
+    with pytest.raises(DCEPKInputError, match="no flip angle in its header: give flipAngle_deg"):
         widget.logic.prepare(p.inputSequence, **widget.logic.optionsFromParameterNode(p))
     widget.ui.flipAngleCheckBox.click()
     assert widget.ui.applyButton.enabled and widget.ui.flipAngleSpinBox.enabled
@@ -165,9 +166,11 @@ def test_inference_runs_with_a_t1_map_instead_of_one_t10(slicer_app, phantom, lo
 # --------------------------------------------------------------------------- item 6: installing packages
 def test_an_installation_error_is_shown_and_nothing_runs(slicer_app, loaded, tmp_path, monkeypatch):
     module = slicer_app.import_module("DCEPKFitting")
+    from DCEPKFittingLib.widgets import module_widget
+
     requirements = tmp_path / "requirements.txt"
     requirements.write_text("dcepk-package-that-does-not-exist>=1\n")
-    monkeypatch.setattr(module, "requirementsFile", lambda: str(requirements))
+    monkeypatch.setattr(module_widget, "requirementsFile", lambda: str(requirements))
     installs = []
 
     def failing_pip_install(requirements, *args, **kwargs):

@@ -16,10 +16,10 @@ from slicer_scene import slicer_scene  # noqa: F401  (fixture)
 import slicer  # noqa: E402  (slicer_scene already required it)
 import vtk  # noqa: E402
 
-from DCEPKFittingLib.mrml import bridge as bridge  # noqa: E402
-from DCEPKFittingLib.io.dce_io import DCESeries  # noqa: E402
+from DCEPKFittingLib import mrml as bridge  # noqa: E402
 from DCEPKFittingLib.core.errors import DCEPKInputError  # noqa: E402
 from DCEPKFittingLib.core.geometry import Geometry  # noqa: E402
+from DCEPKFittingLib.io import DCESeries  # noqa: E402
 
 DRO = ("pkmodeling_dro", "DRO3min5secinf.nrrd")
 
@@ -158,7 +158,7 @@ def test_pkmodeling_multivolume_nrrd_through_the_storage_node(slicer_scene, refe
 
 
 def test_pkmodeling_sequence_matches_the_core_file_reader(slicer_scene, reference):
-    from DCEPKFittingLib.io import dce_io
+    from DCEPKFittingLib import io as dce_io
 
     path = reference(*DRO)
     from_scene = bridge.series_from_sequence(bridge.load_sequence(slicer_scene.scene, str(path)))
@@ -234,7 +234,7 @@ def test_masked_and_failed_voxels_are_not_drawn_over_the_anatomy(slicer_scene):
 def test_the_fit_status_is_a_label_map_whose_table_is_the_status_enum(slicer_scene, monkeypatch):
     import enum
 
-    from DCEPKFittingLib.kinetics.fitting import FitStatus
+    from DCEPKFittingLib.kinetics.fit_result import FitStatus
 
     codes = np.array([int(s) for s in FitStatus], dtype=np.uint8)
     status = np.resize(codes, (2, 3, 4))
@@ -255,7 +255,7 @@ def test_the_fit_status_is_a_label_map_whose_table_is_the_status_enum(slicer_sce
 
     # A status the core adds later appears without a change in the bridge.
     extended = enum.IntEnum("FitStatus", {**{m.name: int(m) for m in FitStatus}, "SOMETHING_NEW": 6})
-    monkeypatch.setattr("DCEPKFittingLib.kinetics.fitting.FitStatus", extended)
+    monkeypatch.setattr("DCEPKFittingLib.kinetics.fit_result.FitStatus", extended)
     table = bridge.status_colour_table(slicer_scene.scene)
     assert table.GetNumberOfColors() == 7 and table.GetColorName(6) == "something new"
     table.GetColor(6, rgba)
@@ -279,7 +279,7 @@ def test_the_statistics_table_passes_through_every_column_the_core_returns(slice
                              "n_failed": int((status[inside] == 3).sum())})
         return rows
 
-    monkeypatch.setattr(bridge, "label_statistics", core_with_status_counts)
+    monkeypatch.setattr(bridge.tables, "label_statistics", core_with_status_counts)
     status = np.zeros((2, 3, 4), np.uint8)
     status[0] = 1
     status[1, 0] = 3
@@ -343,7 +343,7 @@ def test_roi_under_a_linear_transform_moves_with_it(slicer_scene):
 
 def _segmentation_from_labels(scene, labels, geometry):
     labelmap = scene.AddNewNodeByClass("vtkMRMLLabelMapVolumeNode", "labels")
-    bridge._set_image(labelmap, labels.astype(np.int16), geometry)
+    bridge.volumes.set_image(labelmap, labels.astype(np.int16), geometry)
     segmentation = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "tissues")
     assert slicer.vtkSlicerSegmentationsModuleLogic.ImportLabelmapToSegmentationNode(labelmap, segmentation)
     return segmentation, labelmap

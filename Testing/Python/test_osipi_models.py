@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from conftest import require_reference
-from DCEPKFittingLib.kinetics import fitting
+
+from DCEPKFittingLib.kinetics import fit_result, fitting
 
 DATA = ("osipi", "DCEmodels", "data")
 
@@ -83,7 +84,7 @@ def _fit_case_file(name):
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_every_case_within_osipi_tolerance(name):
     rows, pairs, status = _fit_case_file(name)
-    assert np.all(np.isin(status, [fitting.FitStatus.CONVERGED, fitting.FitStatus.HIT_BOUND])), status
+    assert np.all(np.isin(status, [fit_result.FitStatus.CONVERGED, fit_result.FitStatus.HIT_BOUND])), status
     failures = []
     for parameter, (measured, reference) in pairs.items():
         a_tol, r_tol = TOLERANCE[parameter]

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from DCEPKFittingLib.kinetics.aif import georgiou_aif, parker_aif
-from DCEPKFittingLib.signal.signal_models import T1FitStatus, fit_vfa_t1, signal_to_concentration
+from DCEPKFittingLib.signal import T1FitStatus, fit_vfa_t1, signal_to_concentration
 
 
 def _rows(path):

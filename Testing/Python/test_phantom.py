@@ -6,13 +6,13 @@ import json
 import numpy as np
 import pytest
 
-from DCEPKFittingLib.kinetics.aif import aif_from_roi, parker_aif
-from DCEPKFittingLib.io.dce_io import read_dce, read_volume
 from DCEPKFittingLib.core.errors import DCEPKInputError
+from DCEPKFittingLib.io import read_dce, read_volume
+from DCEPKFittingLib.kinetics.aif import aif_from_roi, parker_aif
+from DCEPKFittingLib.signal import detect_baseline_frames, fit_vfa_t1, signal_to_concentration
 from DCEPKFittingLib.sims import phantom as phantom_module
 from DCEPKFittingLib.sims.phantom import (LABEL_NAMES, NECROTIC_CORE, TUMOUR_RIM, VESSEL, WHITE_MATTER, Protocol,
                                           make_phantom, stream_phantom, write_phantom)
-from DCEPKFittingLib.signal.signal_models import detect_baseline_frames, fit_vfa_t1, signal_to_concentration
 
 SMALL = (4, 48, 48)
 

@@ -8,7 +8,7 @@ at least 0.9999 for Ktrans and ve against the known grid.
 import numpy as np
 import pytest
 
-from DCEPKFittingLib.io.dce_io import read_dce
+from DCEPKFittingLib.io import read_dce
 from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit
 
 from conftest import require_reference

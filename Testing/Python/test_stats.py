@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.analysis.stats import label_statistics, summarize, write_table
+from DCEPKFittingLib.core.errors import DCEPKInputError
 
 
 def test_label_statistics_match_numpy_and_ignore_nan():
@@ -76,7 +76,7 @@ def test_statistics_over_fitted_voxels_with_counts_per_status():
     """With a fit's status map: the statistics of the fit's maps are over its fitted voxels only
     (a voxel at a bound holds a limit, not an estimate), every row counts the label's voxels per
     status, and maps that are not the fit's (a ground truth) keep all their voxels."""
-    from DCEPKFittingLib.kinetics.fitting import FitStatus
+    from DCEPKFittingLib.kinetics.fit_result import FitStatus
     labels = np.array([[[1, 1, 1, 1, 1, 2, 2, 2]]])
     status = np.array([[[FitStatus.FITTED, FitStatus.FITTED, FitStatus.AT_BOUND, FitStatus.NOT_ENHANCING,
                          FitStatus.INVALID_INPUT, FitStatus.FITTED, FitStatus.NOT_CONVERGED, FitStatus.MASKED]]])
@@ -96,10 +96,10 @@ def test_statistics_over_fitted_voxels_with_counts_per_status():
 
 
 def test_dcepk_stats_uses_a_status_map_among_the_maps(tmp_path, capsys):
-    from DCEPKFittingLib.workflows.cli import main as dcepk
-    from DCEPKFittingLib.io.dce_io import write_volume
-    from DCEPKFittingLib.kinetics.fitting import FitStatus
     from DCEPKFittingLib.core.geometry import Geometry
+    from DCEPKFittingLib.io import write_volume
+    from DCEPKFittingLib.kinetics.fit_result import FitStatus
+    from DCEPKFittingLib.workflows.cli import main as dcepk
     labels = np.ones((1, 2, 2), np.uint8)
     write_volume(tmp_path / "labels.nii.gz", labels, Geometry())
     write_volume(tmp_path / "Ktrans.nii.gz", np.array([[[0.1, 0.3], [5.0, 0.0]]], np.float32), Geometry())

@@ -5,8 +5,8 @@ import pytest
 import torch
 from scipy.integrate import solve_ivp
 
-from DCEPKFittingLib.kinetics import tk_models as tk
 from DCEPKFittingLib.core.errors import DCEPKInputError
+from DCEPKFittingLib.kinetics import tk_models as tk
 
 
 def _nonuniform_times(n=80, end=300.0, seed=0):

@@ -4,10 +4,10 @@ known T1), and grids that differ only in a single-slice axis (issue 18)."""
 import numpy as np
 import pytest
 
-from DCEPKFittingLib.workflows.cli import EXIT_INPUT_ERROR, main as dcepk
-from DCEPKFittingLib.io.dce_io import read_mask, read_vfa_dicom, read_volume, write_volume
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.geometry import Geometry, align_to_grid, check_same_grid
+from DCEPKFittingLib.io import read_mask, read_vfa_dicom, read_volume, write_volume
+from DCEPKFittingLib.workflows.cli import EXIT_INPUT_ERROR, main as dcepk
 from test_dce_io import _write_dicom
 
 FLIP_ANGLES, TR_MS = (2.0, 10.0, 20.0), 5.0

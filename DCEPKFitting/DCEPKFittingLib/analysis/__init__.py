@@ -1,0 +1,1 @@
+"""Statistics of maps: ``stats`` (summaries, per-label statistics with the fit status, tables written safely)."""

@@ -45,7 +45,7 @@ def label_statistics(maps: Mapping[str, np.ndarray], labels: np.ndarray,
     """One row per (label, map): label value and name, map name, then ``STAT_COLUMNS``.
 
     ``labels`` is an integer array of the maps' shape; 0 is background and left out unless
-    listed in ``label_values``. With ``status`` (a fit's status map, ``fitting.FitStatus``) every
+    listed in ``label_values``. With ``status`` (a fit's status map, ``fit_result.FitStatus``) every
     row also counts the label's voxels per status (``n_fitted``, ``n_not_enhancing``, ...), and
     the statistics of the maps in ``status_of`` (default: all) are over the fitted voxels only,
     as the row's ``voxels`` column says ("fitted"; "all" for the other maps): a voxel at a bound,
@@ -59,7 +59,7 @@ def label_statistics(maps: Mapping[str, np.ndarray], labels: np.ndarray,
     labels = check_label_map(labels)
     fitted, names_by_status = None, {}
     if status is not None:
-        from ..kinetics.fitting import FITTED_STATUSES, FitStatus
+        from ..kinetics.fit_result import FITTED_STATUSES, FitStatus
         status = np.asarray(status)
         if status.shape != labels.shape:
             raise DCEPKInputError(f"the status map has shape {status.shape} but the label map has shape "

@@ -1,6 +1,6 @@
 """Plausibility of unit-bearing inputs: each check names the likely unit mistake.
 
-Flip angle, TR and T10 are checked where they are used (``signal_models.check_flip_angle``,
+Flip angle, TR and T10 are checked where they are used (``signal.check_flip_angle``,
 ``check_tr``, ``check_t10``); this module holds the rest:
 
 - relaxivity r1 in 1/(mM s): gadolinium agents lie at about 3-7 (Rohrer et al. 2005), iron oxides

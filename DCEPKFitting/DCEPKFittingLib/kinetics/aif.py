@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 from scipy.special import gammaln
 
-from ..signal import signal_models
 from ..core.errors import DCEPKInputError
+from ..signal import signal_to_concentration
 
 __all__ = [
     "parker_aif", "georgiou_aif", "weinmann_aif", "population_aif", "POPULATION_AIFS",
@@ -228,7 +228,7 @@ def _top_fraction(score, top_fraction):
 def aif_from_roi_signal(signal, roi_mask, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames, noise_sigma=None,
                         top_fraction=None):
     """Blood concentration (T,) of an ROI from its mean signal: the ROI's voxels are averaged
-    first, then converted once (``signal_models.signal_to_concentration``) with the ROI's median T10.
+    first, then converted once (``signal.signal_to_concentration``) with the ROI's median T10.
 
     Why average the signal: a dark blood baseline can sit near the noise (SNR ~ 1-2), where one
     voxel's baseline is too noisy to convert and a mean of per-voxel concentrations is biased. With
@@ -256,8 +256,8 @@ def aif_from_roi_signal(signal, roi_mask, t10_s, fa_deg, tr_s, r1_per_mM_s, base
         mean_signal = np.sqrt(np.maximum(np.mean(curves * curves, axis=0) - 2.0 * sigma * sigma, 0.0))
     else:
         mean_signal = curves.mean(axis=0)
-    conc, valid = signal_models.signal_to_concentration(mean_signal[None], float(np.median(t10)), fa_deg, tr_s,
-                                                        r1_per_mM_s, baseline_frames=n_base)
+    conc, valid = signal_to_concentration(mean_signal[None], float(np.median(t10)), fa_deg, tr_s,
+                                          r1_per_mM_s, baseline_frames=n_base)
     if not valid[0]:
         raise DCEPKInputError(
             "the AIF ROI's mean signal cannot be converted to concentration (its baseline is at the noise "

@@ -17,6 +17,7 @@ ve / vp fractions, concentration in mM. Internally rates are converted to 1/s.
 Parameters are given as an array ``(..., P)`` in the order of ``MODELS[name].parameters``.
 """
 
+import sys
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
@@ -24,10 +25,24 @@ import numpy as np
 
 from ..core.errors import DCEPKInputError
 
-try:  # torch is optional for the numpy path
-    import torch
-except ImportError:  # pragma: no cover - torch is a declared dependency
-    torch = None
+
+class _TorchOnFirstUse:
+    """Stands for the torch module until a torch path first uses it, then puts the module in its place: the
+    numpy path (phantom, simulator, plots, reading a fit) never imports torch (1.4 s of a short command)."""
+
+    def __getattr__(self, name):
+        import torch as module
+        globals()["torch"] = module
+        return getattr(module, name)
+
+
+torch = _TorchOnFirstUse()
+
+
+def _is_tensor(x) -> bool:
+    """Whether ``x`` is a torch tensor, without importing torch: a tensor exists only once torch is loaded."""
+    module = sys.modules.get("torch")
+    return module is not None and isinstance(x, module.Tensor)
 
 PER_MIN = 1.0 / 60.0          # 1/min -> 1/s
 FP_TO_PER_S = 1.0 / 6000.0    # ml/100ml/min -> 1/s (ml per ml of tissue per second)
@@ -211,7 +226,7 @@ class _TorchOps:
 
 def array_ops(x):
     """The ops namespace for an array: torch for tensors, numpy otherwise."""
-    if torch is not None and isinstance(x, torch.Tensor):
+    if _is_tensor(x):
         return _TorchOps
     return _NumpyOps
 
@@ -221,8 +236,7 @@ def array_ops(x):
 def _series_threshold(x):
     # Below this x = k*dt the closed forms lose digits to cancellation (relative error ~eps/x^2 for
     # chi) and a 4-term Taylor series is exact to rounding; float32 needs a larger switch point.
-    double = (x.dtype == np.float64) if not (torch is not None and isinstance(x, torch.Tensor)) \
-        else (x.dtype == torch.float64)
+    double = (x.dtype == torch.float64) if _is_tensor(x) else (x.dtype == np.float64)
     return 1e-3 if double else 0.05
 
 
@@ -461,9 +475,9 @@ def _terms(spec: ModelSpec, p, ops):
 
 def _prepare(model, params, t_s, cp):
     spec = get_model(model)
-    ops = array_ops(params) if (torch is not None and isinstance(params, torch.Tensor)) else array_ops(cp)
+    ops = array_ops(params) if _is_tensor(params) else array_ops(cp)
     if ops.is_torch:
-        like = params if isinstance(params, torch.Tensor) else cp
+        like = params if _is_tensor(params) else cp
         params = ops.asarray(params, like=like)
         cp = ops.asarray(cp, like=like)
         t_s = ops.asarray(t_s, like=like)

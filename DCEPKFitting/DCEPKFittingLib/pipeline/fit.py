@@ -9,15 +9,15 @@ from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
-from ..kinetics import aif as aif_lib
 from ..core import plausibility
-from ..signal import rician, signal_models
-from ..io.dce_io import DCESeries, finite_voxels
 from ..core.errors import DCEPKInputError
-from ..kinetics.fitting import FitResult, FitStatus, fit_volume, model_curve
 from ..core.geometry import Geometry
 from ..core.jobs import raise_if_cancelled, report, sub_progress
+from ..io import DCESeries, finite_voxels
+from ..kinetics import aif as aif_lib
+from ..kinetics.fit_result import FitResult, FitStatus, model_curve
 from ..kinetics.tk_models import MODELS
+from ..signal import default_r1, detect_baseline_frames, fit_vfa_t1, rician, signal_to_concentration
 
 ArrayOrValue = Union[float, np.ndarray, None]
 RICIAN_CORRECTIONS = ("none", "aif", "all")
@@ -36,7 +36,7 @@ class FitSettings:
     vfa_tr_s: Optional[float] = None
     fa_deg: Optional[float] = None  # None -> from the series header
     tr_s: Optional[float] = None  # None -> from the series header
-    r1_per_mM_s: Optional[float] = None  # None -> signal_models.default_r1()
+    r1_per_mM_s: Optional[float] = None  # None -> signal.default_r1()
     baseline_frames: Optional[int] = None  # None -> detected from the data
     # Input function: exactly one of aif_mask, population_aif, aif_csv.
     aif_mask: Optional[np.ndarray] = None  # bool [k, j, i] on an artery (or a vein: VIF)
@@ -130,16 +130,16 @@ def _concentration(series: DCESeries, settings: FitSettings, maps: Dict[str, np.
         if settings.vfa_flip_angles_deg is None or settings.vfa_tr_s is None:
             raise DCEPKInputError("a VFA series needs its flip angles (degrees) and TR (seconds)")
         report(progress, 0.0, "T1 map from variable flip angles")
-        t10, _, _ = signal_models.fit_vfa_t1(settings.vfa_signals, settings.vfa_flip_angles_deg,
-                                             settings.vfa_tr_s, method="nonlinear")
+        t10, _, _ = fit_vfa_t1(settings.vfa_signals, settings.vfa_flip_angles_deg,
+                               settings.vfa_tr_s, method="nonlinear")
         maps["T10_s"] = np.asarray(t10, dtype=np.float32)
     if t10 is None:
         raise DCEPKInputError("signal input needs T10: give a value or map in seconds (--t10) or a VFA series")
     raise_if_cancelled(cancel)
-    r1 = settings.r1_per_mM_s if settings.r1_per_mM_s is not None else signal_models.default_r1()
+    r1 = settings.r1_per_mM_s if settings.r1_per_mM_s is not None else default_r1()
     baseline = settings.baseline_frames
     if baseline is None:
-        baseline = signal_models.detect_baseline_frames(series.signal, times_s=series.times_s)
+        baseline = detect_baseline_frames(series.signal, times_s=series.times_s)
     signal = series.signal
     sigma = rician.estimate_noise_sigma(signal, baseline) if settings.rician_correction != "none" else None
     roi_blood = None
@@ -151,7 +151,7 @@ def _concentration(series: DCESeries, settings: FitSettings, maps: Dict[str, np.
     report(progress, 0.5, "signal to concentration")
     in_place = in_place and signal.dtype == np.float32 and signal.flags.c_contiguous
     out = signal if in_place else np.empty(signal.shape, dtype=np.float32)
-    conc, valid = signal_models.signal_to_concentration(
+    conc, valid = signal_to_concentration(
         signal, t10, fa_deg, tr_s, r1, baseline_frames=baseline, out=out,
         noise_sigma=sigma if settings.rician_correction == "all" else None)
     if in_place:
@@ -243,7 +243,7 @@ def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None
     conc = converted.concentration
     if converted.baseline_frames is None and settings.population_aif is not None:
         # a population AIF starts at bolus arrival: the one thing it needs from the data
-        converted.baseline_frames = signal_models.detect_baseline_frames(conc, times_s=series.times_s)
+        converted.baseline_frames = detect_baseline_frames(conc, times_s=series.times_s)
     raise_if_cancelled(cancel)
     mask = _fit_region(series, settings, converted, messages)
     report(progress, 0.1, "input function")
@@ -251,6 +251,8 @@ def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None
                     dtype=np.float64)
     if not np.all(np.isfinite(cp)) or np.max(cp) <= 0:
         raise DCEPKInputError("the input function has no positive finite enhancement: check the AIF ROI or source")
+    from ..kinetics.fitting import fit_volume  # the torch engine: imported when a fit runs, not with this module
+
     fit = fit_volume(conc, series.times_s, cp, settings.model, mask=mask, method=settings.method,
                      fit_delay=settings.fit_delay, device=settings.device,
                      model_selection=settings.model_selection, signal_baseline=signal_input,

@@ -9,7 +9,7 @@ necrotic core). Each tissue has T10, S0, Ktrans, ve and vp with a smooth random 
 Physics: a population AIF (``aif.population_aif``, whole blood) arrives at frame
 ``protocol.baseline_frames``; tissue concentration follows the extended Tofts model
 (``tk_models.concentration('etofts', ...)``) with the plasma AIF; R1(t) = 1/T10 + r1 C(t) is
-rendered through the SPGR equation (``signal_models.spgr_signal``) and Rician noise is added.
+rendered through the SPGR equation (``signal.spgr_signal``) and Rician noise is added.
 
 SNR is defined as the mean pre-contrast signal of white matter divided by the noise SD
 ``sigma`` of each of the real and imaginary channels (the magnitude is Rician; its SD is close
@@ -26,13 +26,13 @@ from typing import Dict, Optional, Sequence, Tuple
 import numpy as np
 from scipy.ndimage import gaussian_filter
 
-from ..kinetics import aif as aif_lib
-from ..kinetics import tk_models
-from ..io.dce_io import DCESeries, stage_dce_series, stage_maps, stage_volume
 from ..core.errors import DCEPKInputError
 from ..core.geometry import Geometry
 from ..core.output_files import OutputSet, check_targets
-from ..signal.signal_models import check_flip_angle, check_tr, default_r1, spgr_signal
+from ..io import DCESeries, stage_dce_series, stage_maps, stage_volume
+from ..kinetics import aif as aif_lib
+from ..kinetics import tk_models
+from ..signal import check_flip_angle, check_tr, default_r1, spgr_signal
 
 # Label values of the tissue map.
 BACKGROUND, WHITE_MATTER, GREY_MATTER, CSF, TUMOUR_RIM, NECROTIC_CORE, VESSEL = range(7)

@@ -64,12 +64,12 @@ SECONDS = checked(float, _require(_finite, "must be a finite number of seconds, 
 
 
 def _flip_angle(value):
-    from ..signal.signal_models import check_flip_angle
+    from ..signal import check_flip_angle
     check_flip_angle(value, name="the flip angle")
 
 
 def _repetition_time(value):
-    from ..signal.signal_models import check_tr
+    from ..signal import check_tr
     check_tr(value)
 
 
@@ -170,8 +170,8 @@ def add_t10_options(parser: argparse.ArgumentParser, required_note: str = "") ->
 
 def read_t10(args, series):
     """``--t10`` in seconds: None, one value, or a map checked against the series' grid."""
-    from ..io.dce_io import read_volume
     from ..core.geometry import check_same_grid
+    from ..io import read_volume
     if args.t10 is None:
         return None
     if isinstance(args.t10, Path):
@@ -207,7 +207,7 @@ def add_acquisition_options(parser: argparse.ArgumentParser) -> None:
 
 def read_series_option(args, kind: Optional[str] = None):
     """The DCE series of a fit or infer command; NaN/inf voxels are kept (and reported as invalid)."""
-    from ..io.dce_io import read_dce
+    from ..io import read_dce
     return read_dce(args.input, times_s=args.times, dt_s=args.dt, kind=kind, nonfinite="keep",
                     override_file_timing=args.override_timing, series_uid=args.series_uid)
 
@@ -301,7 +301,7 @@ def _build_parser() -> argparse.ArgumentParser:
 
 
 def _volume_target(text: str) -> Path:
-    from ..io.dce_io import volume_suffix
+    from ..io import volume_suffix
     volume_suffix(Path(text))
     return Path(text)
 
@@ -354,8 +354,8 @@ def _cmd_phantom(args) -> int:
 def _vfa_inputs(args):
     """(signals [k, j, i, n], flip angles (deg), TR (s), geometry): a DICOM folder's from its headers
     unless --fa / --tr are given, files' from --fa / --tr. Says which values it used."""
-    from ..io.dce_io import read_vfa_dicom, read_volume
     from ..core.geometry import check_same_grid
+    from ..io import read_vfa_dicom, read_volume
     if len(args.inputs) == 1 and args.inputs[0].is_dir() and (args.fa is None or args.tr is None):
         vfa = read_vfa_dicom(args.inputs[0])
         fa = vfa.flip_angles_deg if args.fa is None else np.asarray(args.fa)
@@ -390,10 +390,10 @@ def _vfa_inputs(args):
 
 
 def _cmd_t1map(args) -> int:
-    from ..io.dce_io import read_volume, write_volume
     from ..core.geometry import check_same_grid
     from ..core.output_files import check_targets
-    from ..signal.signal_models import fit_vfa_t1
+    from ..io import read_volume, write_volume
+    from ..signal import fit_vfa_t1
     check_targets([args.out], args.overwrite)
     signals, flip_angles, tr_s, geometry = _vfa_inputs(args)
     b1 = None
@@ -420,10 +420,10 @@ FIT_SUMMARY = "dcepk_fit.json"
 
 
 def _cmd_fit(args) -> int:
-    from ..io.dce_io import map_targets, read_mask, stage_maps
-    from ..kinetics.fitting import map_names
     from ..core.jobs import ConsoleProgress
     from ..core.output_files import OutputSet, check_targets
+    from ..io import map_targets, read_mask, stage_maps
+    from ..kinetics.fit_result import map_names
     from ..pipeline.fit import FitSettings, run_fit
     names = map_names(args.model, args.fit_delay)
     check_targets(map_targets(args.out, names, args.format) + [args.out / FIT_SUMMARY], args.overwrite)
@@ -473,17 +473,17 @@ def _fit_summary(result, given_baseline: bool) -> str:
 
 def _status_counts(result) -> dict:
     """Voxels per fit status (those that occur, masked left out), by the status' name."""
-    from ..kinetics.fitting import FitStatus
+    from ..kinetics.fit_result import FitStatus
     status = result.maps["status"]
     return {member.name.lower().replace("_", " "): int(np.sum(status == member)) for member in FitStatus
             if member != FitStatus.MASKED and np.any(status == member)}
 
 
 def _cmd_stats(args) -> int:
-    from ..io.dce_io import read_volume
+    from ..analysis.stats import check_label_map, label_statistics, write_table
     from ..core.geometry import check_same_grid
     from ..core.output_files import check_targets
-    from ..analysis.stats import check_label_map, label_statistics, write_table
+    from ..io import read_volume
     if args.out:
         check_targets([args.out], args.overwrite)
     labels, label_geometry = read_volume(args.labels)

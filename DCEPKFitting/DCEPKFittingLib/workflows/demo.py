@@ -12,14 +12,14 @@ from typing import Dict
 
 import numpy as np
 
-from ..io.dce_io import stage_maps
+from ..analysis.stats import label_statistics, stage_table
 from ..core.errors import DCEPKInputError
 from ..core.jobs import ConsoleProgress, sub_progress
 from ..core.output_files import OutputSet, check_targets
+from ..io import stage_maps
+from ..pipeline.fit import FitSettings, run_fit
 from ..sims.phantom import make_phantom, stage_phantom
 from .plugins import load_entry_points
-from ..pipeline.fit import FitSettings, run_fit
-from ..analysis.stats import label_statistics, stage_table
 
 FIGURE_PARAMETERS = (("Ktrans", "1/min", (0.0, 0.3)), ("ve", "", (0.0, 0.6)), ("vp", "", (0.0, 0.1)))
 

@@ -1,0 +1,1 @@
+"""Metrics of estimated maps against the truth: ``metrics`` (RMSE, bias, CCC, coverage, Spearman)."""

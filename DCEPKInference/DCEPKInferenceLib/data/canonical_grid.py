@@ -3,7 +3,7 @@
 Design (why): the networks must accept any number of frames at any (non-uniform) times, and
 must work without a subject-specific AIF. The sequence physics is not left to the networks to
 learn: each voxel's signal becomes its tissue *concentration* (mM) by the core's exact SPGR
-inversion (``signal_models.signal_to_concentration``) from the baseline, FA, TR, T10 and the
+inversion (``signal.signal_to_concentration``) from the baseline, FA, TR, T10 and the
 agent's r1, all of which a user knows (they are the same inputs the conventional fit needs).
 What stays unknown, and what the networks learn to do without, is the AIF. The concentration
 is then resampled onto a fixed time grid of ``GRID_POINTS`` points every ``GRID_STEP_S``
@@ -32,8 +32,7 @@ from typing import Optional
 import numpy as np
 
 from DCEPKFittingLib.core.errors import DCEPKInputError
-from DCEPKFittingLib.signal import signal_models
-from DCEPKFittingLib.signal.signal_models import detect_baseline_frames
+from DCEPKFittingLib.signal import detect_baseline_frames, signal_to_concentration
 
 GRID_STEP_S = 4.0
 GRID_POINTS = 128
@@ -119,7 +118,7 @@ def tissue_concentration(signal, baseline_frames: int, fa_deg, tr_s, t10_s, r1_p
     convertible = np.isfinite(s0) & (s0 > 0) & np.isfinite(t10) & (t10 > 0)
     if not convertible.any():   # e.g. a chunk of background: nothing to convert, not an error
         return np.zeros(sig.shape, dtype=dtype), np.zeros(sig.shape[:-1]), s0
-    conc, _ = signal_models.signal_to_concentration(sig, t10_s, fa_deg, tr_s, r1_per_mM_s, n_base, dtype=dtype)
+    conc, _ = signal_to_concentration(sig, t10_s, fa_deg, tr_s, r1_per_mM_s, n_base, dtype=dtype)
     conc[np.isnan(conc)] = CONC_CLIP_MM[1]
     np.clip(conc, *CONC_CLIP_MM, out=conc)
     conc[~convertible] = 0.0
@@ -154,7 +153,7 @@ NO_ARRIVAL_BASELINE_S = 20.0
 
 
 def estimate_baseline_frames(signal, times_s=None) -> int:
-    """Frames before bolus arrival by the project's one detector (``signal_models.detect_baseline_frames``),
+    """Frames before bolus arrival by the project's one detector (``signal.detect_baseline_frames``),
     with what the networks need: at least 2 frames (for the baseline noise SD) and, where nothing
     enhances (e.g. a patch of non-enhancing tissue) and ``times_s`` is given, the frames of the
     first 20 s (any choice gives a concentration ~ 0 for a flat curve); without ``times_s`` that

@@ -2,7 +2,7 @@
 
 Every curve comes from the fitting core's forward models, never from a copy of the physics:
 population AIFs (``aif.population_aif``), extended Tofts tissue concentration
-(``tk_models.concentration``), SPGR signal (``signal_models.spgr_signal``). The simulator only
+(``tk_models.concentration``), SPGR signal (``signal.spgr_signal``). The simulator only
 draws their inputs (protocol, AIF shape, tissue parameters, noise) over the ranges in
 ``SIMULATOR_RANGES``, which every model card stores, and adds Rician noise.
 
@@ -27,8 +27,8 @@ import numpy as np
 from scipy import ndimage
 
 from DCEPKFittingLib.kinetics import aif as aif_models
-from DCEPKFittingLib.signal import signal_models
 from DCEPKFittingLib.kinetics import tk_models
+from DCEPKFittingLib.signal import spgr_signal
 
 from . import canonical_grid as cg
 
@@ -144,7 +144,7 @@ def noise_free(subject: Subject, params: np.ndarray, t10_s: np.ndarray, m0: np.n
     """Noise-free concentration (mM) and SPGR signal (N, T) through the core forward models."""
     conc = tk_models.concentration("etofts", params, subject.times_s, subject.cp_mM)
     r1 = 1.0 / t10_s[:, None] + subject.r1_per_mM_s * conc
-    signal = signal_models.spgr_signal(m0[:, None], r1, subject.fa_deg, subject.tr_s)
+    signal = spgr_signal(m0[:, None], r1, subject.fa_deg, subject.tr_s)
     return conc, signal
 
 

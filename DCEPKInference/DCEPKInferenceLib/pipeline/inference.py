@@ -1,4 +1,4 @@
-"""Run a shipped network on a DCE series: ``run_inference`` and ``dcepk infer`` (``infer_main``).
+"""Run a shipped network on a DCE series: ``run_inference`` (``dcepk infer`` is its command line).
 
 No AIF is needed: the series is converted to tissue concentration (exact SPGR inversion with
 the FA, TR, T10 and r1 that the conventional fit needs too) on the canonical grid
@@ -11,38 +11,33 @@ undefined where ve -> 0), and its SD by first-order error propagation from the K
 (assumed independent).
 """
 
-import argparse
 import contextlib
-import sys
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
 
-from DCEPKFittingLib.workflows.cli import (POSITIVE_INT, add_acquisition_options, add_series_options, add_t10_options,
-                                           print_messages, read_series_option, read_t10, write_summary)
-from DCEPKFittingLib.signal.signal_models import check_t10, default_r1
-from DCEPKFittingLib.io.dce_io import DCESeries, finite_voxels, map_targets, read_mask, stage_maps
+from DCEPKFittingLib.core.device import choose_inference_device
 from DCEPKFittingLib.core.errors import DCEPKInputError, setting
 from DCEPKFittingLib.core.geometry import Geometry, check_same_grid
-from DCEPKFittingLib.core.jobs import ConsoleProgress, raise_if_cancelled, report
-from DCEPKFittingLib.core.output_files import OutputSet, check_targets
+from DCEPKFittingLib.core.jobs import raise_if_cancelled, report
 from DCEPKFittingLib.core.plausibility import check_frame_times
+from DCEPKFittingLib.io import DCESeries, finite_voxels
+from DCEPKFittingLib.signal import check_t10, default_r1
 
 from ..data import canonical_grid as cg
-from ..nn.model_store import list_models, load_model
-from ..nn.networks import PARAM_NAMES
 from ..data.simulator import TWO_RATE_SWITCH_FRACTION
-from ..training.trainer import PROTOCOL_CALIBRATION, calibrate_to_protocol
+from ..nn.model_store import load_model
+from ..nn.networks import PARAM_NAMES
+from ..training.calibration import calibrate_to_protocol
+from ..training.config import PROTOCOL_CALIBRATION
 
 DEFAULT_MODEL = "hetero_encoder"
 KEP_VE_FLOOR = 0.01
 AUTO_MASK_FRACTION = 0.1       # auto mask: baseline signal above 10 % of its 99th percentile
 BASELINE_SAMPLE_VOXELS = 50_000  # voxels sampled for bolus-arrival detection
 SLICE_MARGIN = 8               # pixels of context around the mask's bounding box for 2-D networks
-GPU_BYTES_NEEDED = 2 << 30     # ask for 2 GiB free before choosing the GPU
 MAP_ORDER = ("Ktrans", "ve", "vp", "kep", "Ktrans_sd", "ve_sd", "vp_sd", "kep_sd")
 INFER_SUMMARY = "dcepk_infer.json"
 UNITS = {"Ktrans": "1/min", "ve": "fraction", "vp": "fraction", "kep": "1/min",
@@ -59,28 +54,6 @@ class InferenceOutput:
     baseline_frames: int
     device: str
     notes: list = field(default_factory=list)
-
-
-def choose_device(device: str = "auto", notes: Optional[list] = None) -> torch.device:
-    """cuda when asked (or auto and a GPU has >= 2 GiB free), else CPU; says why it fell back."""
-    notes = notes if notes is not None else []
-    if device in (None, "auto"):
-        if torch.cuda.is_available():
-            try:
-                free, _ = torch.cuda.mem_get_info()
-            except RuntimeError:
-                free = 0
-            if free >= GPU_BYTES_NEEDED:
-                return torch.device("cuda")
-            notes.append(f"GPU has only {free / 2**30:.1f} GiB free: running on the CPU instead")
-        return torch.device("cpu")
-    if str(device).startswith("cuda"):
-        if not torch.cuda.is_available():
-            raise DCEPKInputError("device 'cuda' was asked for but no CUDA GPU is available: use 'cpu' or 'auto'")
-        return torch.device(device)
-    if device != "cpu":
-        raise DCEPKInputError(f"unknown device {device!r}: use auto, cpu or cuda")
-    return torch.device("cpu")
 
 
 def auto_mask(signal: np.ndarray, baseline_frames: int) -> np.ndarray:
@@ -185,7 +158,7 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     mask: bool [k, j, i] (None: voxels whose baseline signal exceeds 10 % of its 99th percentile);
     fa_deg (degrees) / tr_s (s): default to the series header; t10_s (required): T10 in s, one
     value or a map [k, j, i]; r1_per_mM_s: the agent's relaxivity in 1/(mM s) (None: the core's
-    default, ``signal_models.default_r1()``, said in the notes); baseline_frames: None detects
+    default, ``signal.default_r1()``, said in the notes); baseline_frames: None detects
     bolus arrival; protocol_calibration: for frame times outside the network's training ranges,
     refit its SD factors on simulated subjects with these frame times (2-30 s on 2 cores).
     Voxels whose curve holds NaN or inf are left out of the mask and get NaN in every map.
@@ -204,7 +177,7 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     cg.require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s)
     t10 = _t10_values(t10_s, shape)
     mask, n_base = _voxels_to_infer(series, mask, finite, baseline_frames, notes)
-    dev = choose_device(device, notes)
+    dev = choose_inference_device(device, notes)
     model, card = load_model(model_name, dev, models_dir)
     outside = protocol_outside_training(series.times_s, card)
     if outside and protocol_calibration:
@@ -335,74 +308,3 @@ def _maps(mean: np.ndarray, sd: np.ndarray, mask: np.ndarray, invalid: np.ndarra
     kep_sd = np.where(maps["Ktrans"] > 1e-6, kep * rel, maps["Ktrans_sd"] / ve)
     maps["kep_sd"] = np.where(mask, kep_sd, outside).astype(np.float32)
     return {k: maps[k] for k in MAP_ORDER}
-
-
-# ------------------------------------------------------------------------------------ CLI
-def _device(text: str) -> str:
-    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"'{text}' is not a device: use auto, cpu, cuda or cuda:N")
-
-
-def _model_name(text: str) -> str:
-    from ..nn.model_store import check_model_name
-    try:
-        return check_model_name(text)
-    except DCEPKInputError as error:
-        raise argparse.ArgumentTypeError(str(error)) from None
-
-
-def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
-    parser = parser or argparse.ArgumentParser(
-        prog="dcepk infer", description="Ktrans, ve, vp, kep maps with uncertainty by a neural network (no AIF)")
-    parser.add_argument("input", type=Path, nargs="?", help="DCE signal series (DICOM folder, NIfTI, NRRD)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, type=_model_name, help="shipped network (see --list)")
-    parser.add_argument("--out", type=Path, help="output folder for the maps")
-    parser.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda")
-    parser.add_argument("--mask", type=Path, help="mask / label map on the series grid (default: auto)")
-    add_t10_options(parser, " (required)")
-    add_acquisition_options(parser)
-    add_series_options(parser)
-    parser.add_argument("--batch-voxels", type=POSITIVE_INT, default=65536, help="voxels per chunk (memory bound)")
-    parser.add_argument("--no-protocol-calibration", action="store_true",
-                        help="keep the card's SD factors for frame times outside the training ranges")
-    parser.add_argument("--list", action="store_true", help="list the shipped models and exit")
-    parser.add_argument("--overwrite", action="store_true")
-    return parser
-
-
-def infer_main(argv=None) -> int:
-    args = build_infer_parser().parse_args(argv)
-    if args.list:
-        for card in list_models():
-            val = card.get("validation", {}).get("metrics", {}).get("Ktrans", {})
-            frames, interval = training_protocol_ranges(card)
-            trained = (f"\ttrained on {frames[0]}-{frames[1]} frames, {interval[0]:g}-{interval[1]:g} s apart"
-                       if frames and interval else "")
-            print(f"{card['name']}\t{card.get('description', '')}\tvalidation Ktrans RMSE "
-                  f"{val.get('rmse', float('nan')):.4f} 1/min{trained}")
-        return 0
-    if args.input is None or args.out is None:
-        raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")
-    check_targets(map_targets(args.out, MAP_ORDER) + [args.out / INFER_SUMMARY], args.overwrite)
-    series = read_series_option(args)
-    mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
-    result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
-                           t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
-                           baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {args.model}"),
-                           protocol_calibration=not args.no_protocol_calibration)
-    print_messages("note", result.notes)
-    summary = {"command": "infer", "input": str(args.input), "model": args.model, "device": result.device,
-               "timing_source": series.metadata.get("timing_source"), "times_s": series.times_s.tolist(),
-               "baseline_frames": result.baseline_frames, "units": result.units, "notes": result.notes}
-    with OutputSet(args.overwrite) as outputs:
-        written = stage_maps(outputs, args.out, result.maps, result.geometry)
-        write_summary(outputs, args.out / INFER_SUMMARY, summary)
-        outputs.commit()
-    print(f"{len(written)} maps ({', '.join(result.maps)}) written to {args.out} "
-          f"[model {args.model}, device {result.device}, {result.baseline_frames} baseline frames]", file=sys.stderr)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(infer_main())

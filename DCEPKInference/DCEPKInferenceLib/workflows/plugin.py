@@ -14,12 +14,12 @@ DEMO_MODEL = "hetero_encoder"
 
 
 def _infer_main(argv):
-    from ..pipeline.inference import infer_main
+    from .infer_command import infer_main
     return infer_main(argv)
 
 
 def _train_main(argv):
-    from ..training.trainer import train_main
+    from .train_command import train_main
     return train_main(argv)
 
 

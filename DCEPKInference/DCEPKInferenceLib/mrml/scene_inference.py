@@ -1,12 +1,6 @@
-"""MRML bridge of the inference module: scene nodes -> ``run_inference`` -> map and uncertainty volumes.
-
-Imports ``slicer`` and VTK, never ``qt`` (runs in Slicer and under the headless ``slicer-core``
-wheel). Reading series, masks and segments and writing volumes reuses
-``DCEPKFittingLib.mrml.bridge``; only what is specific to inference lives here.
-
-The module's Logic is three steps, so the slow one can run in a worker thread:
+"""Inference, scene side: the module's Logic is three steps, so the slow one can run in a worker thread:
 ``prepare_scene_inference`` (reads nodes, main thread) -> ``compute_scene_inference`` (pure:
-``run_inference``, optionally ``pipeline.run_fit``, thresholding and statistics; thread-safe) ->
+``run_inference``, optionally ``pipeline.fit.run_fit``, thresholding and statistics; thread-safe) ->
 ``publish_scene_inference`` (writes nodes, main thread). Nothing is written before the computation
 has succeeded, so a cancel or an error leaves the scene as it was.
 
@@ -15,170 +9,29 @@ Units (OSIPI): Ktrans and kep in 1/min, ve and vp fractions; ``<name>_sd`` maps 
 """
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Union
 
 import numpy as np
-import slicer
 
-from DCEPKFittingLib.mrml import bridge as fit_bridge
-from DCEPKFittingLib.io.dce_io import DCESeries
+from DCEPKFittingLib import mrml as fit_mrml
+from DCEPKFittingLib.analysis.stats import summarize
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.jobs import raise_if_cancelled, report, sub_progress
-from DCEPKFittingLib.analysis.stats import summarize
+from DCEPKFittingLib.io import DCESeries
+from DCEPKFittingLib.mrml.volumes import node_by_name
 
-PARAMETERS = ("Ktrans", "ve", "vp", "kep")
-UNITS = {"Ktrans": "1/min", "ve": "fraction", "vp": "fraction", "kep": "1/min"}
+from .model_cards import PARAMETERS, UNITS
+from .uncertainty import Threshold, UNCERTAINTY_ATTRIBUTE, excluded_by_uncertainty, normalize_threshold
+
+
 FIT_PREFIX = "fit_"               # conventional-fit maps published beside the network's: fit_Ktrans, ...
 FIT_MODELS = ("etofts", "tofts", "patlak")
 STATISTICS_COLUMNS = ("segment", "label", "map", "unit", "voxels", "count", "nan_count", "mean", "sd", "median",
                       "iqr", "p05", "p95", "mean_uncertainty", "excluded_fraction")
 MODEL_ATTRIBUTE = "DCEPK.Model"
-UNCERTAINTY_ATTRIBUTE = "DCEPK.UncertaintyNodeID"  # on a map: ID of its uncertainty (SD) volume
-
-Threshold = Union[None, float, Mapping[str, float]]
 
 
-# --------------------------------------------------------------------------- models and devices
-def model_cards(directory=None) -> list:
-    """Model cards of the shipped networks. Reads the JSON cards directly when torch is not installed yet,
-    so the module panel can describe the networks before the user agrees to install dependencies."""
-    try:
-        from ..nn.model_store import list_models
-    except ImportError:
-        from pathlib import Path
-
-        folder = Path(directory) if directory else Path(__file__).resolve().parents[2] / "Resources" / "Models"
-        cards = []
-        for path in sorted(folder.glob("*.json")):
-            try:
-                card = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(card, dict) and "sha256" in card and "network" in card:
-                cards.append(card)
-        return cards
-    return list_models(directory)
-
-
-def _number(value, digits=3) -> str:
-    try:
-        return f"{float(value):.{digits}g}"
-    except (TypeError, ValueError):
-        return "?"
-
-
-def describe_model_card(card: Mapping) -> str:
-    """The model card as short HTML for the module panel: what the network is, what it was trained on,
-    what it outputs (with units), how it was validated."""
-    name = card.get("name", card.get("network", "?"))
-    lines = [f"<b>{name}</b> ({card.get('architecture', card.get('network', ''))}, "
-             f"{int(card.get('n_parameters', 0))} weights)<br>{card.get('description', '')}"]
-    outputs = card.get("outputs") or {p: UNITS[p] for p in PARAMETERS[:3]}
-    lines.append("<br><b>Outputs</b>: " + ", ".join(f"{p} ({u})" for p, u in outputs.items())
-                 + "; kep = Ktrans/ve (1/min); each with a 1-SD uncertainty map (&lt;name&gt;_sd, same unit).")
-    if card.get("uncertainty"):
-        lines.append(f"<br><b>Uncertainty</b>: {card['uncertainty']}")
-    ranges = card.get("simulator_ranges", {})
-    if ranges:
-        trained = []
-        for key, label in (("Ktrans_per_min", "Ktrans (1/min)"), ("ve", "ve"), ("vp", "vp")):
-            value = ranges.get(key, {})
-            if isinstance(value, dict) and "range" in value:
-                trained.append(f"{label} {_number(value['range'][0])}-{_number(value['range'][1])}")
-        for key, label in (("tk_model", "model"), ("aif_families", "AIFs"), ("n_frames", "frames"),
-                           ("duration_s", "duration (s)"), ("fa_deg", "flip angle (deg)"), ("t10_s", "T10 (s)")):
-            value = ranges.get(key)
-            if isinstance(value, (list, tuple)):
-                trained.append(f"{label} {'-'.join(_number(v) if not isinstance(v, str) else v for v in value)}"
-                               if key != "aif_families" else f"{label} {', '.join(value)}")
-            elif isinstance(value, str):
-                trained.append(f"{label}: {value.split(',')[0]}")
-        snr = ranges.get("baseline_snr", {})
-        if isinstance(snr, dict) and "range" in snr:
-            trained.append(f"baseline SNR {_number(snr['range'][0])}-{_number(snr['range'][1])}")
-        lines.append("<br><b>Trained on</b> physics-based synthetic DCE data: " + "; ".join(trained) + ".")
-    training = card.get("training", {})
-    if training:
-        lines.append(f"<br><b>Training</b>: {training.get('steps', '?')} steps on {training.get('device', '?')}"
-                     + (f", {card['date_utc']}" if card.get("date_utc") else "") + ".")
-    metrics = card.get("validation", {}).get("metrics", {})
-    if metrics:
-        size = card.get("validation", {}).get("set", {}).get("size", "?")
-        rows = "".join(
-            f"<tr><td>{p}</td><td>{_number(m.get('rmse'))}</td><td>{_number(m.get('bias'))}</td>"
-            f"<td>{_number(m.get('ccc'))}</td><td>{_number(m.get('coverage90'))}</td></tr>"
-            for p, m in metrics.items())
-        lines.append(f"<br><b>Validation</b> (held-out synthetic set, {size} samples): "
-                     "<table border='1' cellspacing='0' cellpadding='2'><tr><th>map</th><th>RMSE</th><th>bias</th>"
-                     f"<th>CCC</th><th>90% coverage</th></tr>{rows}</table>"
-                     "RMSE and bias in the map's unit; coverage: fraction of true values inside the 90% interval.")
-    return "".join(lines)
-
-
-def describe_device(device: str = "auto") -> str:
-    """Where the network will run, in words, for the status line (same rule as ``run_inference``:
-    'auto' takes the GPU only with enough free memory, else says why it falls back to the CPU)."""
-    from ..pipeline.inference import GPU_BYTES_NEEDED, choose_device
-
-    import torch
-
-    notes = []
-    chosen = choose_device(device, notes)  # raises DCEPKInputError for 'cuda' without a GPU
-    if chosen.type == "cuda":
-        free, total = torch.cuda.mem_get_info(chosen)
-        return (f"GPU {torch.cuda.get_device_name(chosen)} ({free / 2**30:.1f} of {total / 2**30:.1f} GiB free"
-                + (f"; under the {GPU_BYTES_NEEDED / 2**30:.0f} GiB advised" if free < GPU_BYTES_NEEDED else "")
-                + ")")
-    if notes:
-        return "CPU: " + "; ".join(notes)
-    return "CPU" if device == "cpu" else "CPU (no CUDA GPU found)"
-
-
-# --------------------------------------------------------------------------- uncertainty threshold
-def normalize_threshold(threshold: Threshold) -> Threshold:
-    """None; a float r (relative: exclude voxels with SD > r * |value|); or {map: SD limit in the map's unit}."""
-    if threshold is None:
-        return None
-    if isinstance(threshold, Mapping):
-        limits = {}
-        for name, limit in threshold.items():
-            if name not in PARAMETERS:
-                raise DCEPKInputError(f"uncertainty threshold for unknown map '{name}': use {', '.join(PARAMETERS)}")
-            if limit is None or float(limit) <= 0:
-                continue  # 0 or None: that map is not thresholded
-            limits[name] = float(limit)
-        return limits or None
-    try:
-        relative = float(threshold)
-    except (TypeError, ValueError):
-        raise DCEPKInputError(f"uncertainty threshold {threshold!r} must be a number (relative SD, e.g. 0.5) or "
-                              "a dict of SD limits per map in the map's unit, e.g. {'Ktrans': 0.05}") from None
-    if not np.isfinite(relative) or relative <= 0:
-        raise DCEPKInputError(f"relative uncertainty threshold must be a positive number (0.5 = SD above 50 % "
-                              f"of the value is excluded); got {threshold}")
-    return relative
-
-
-def excluded_by_uncertainty(maps: Mapping[str, np.ndarray], threshold: Threshold,
-                            inferred: np.ndarray) -> Dict[str, np.ndarray]:
-    """{parameter: bool [k, j, i]} of inferred voxels whose uncertainty exceeds the threshold."""
-    threshold = normalize_threshold(threshold)
-    excluded = {}
-    for name in PARAMETERS:
-        value, sd = np.asarray(maps[name], np.float64), np.asarray(maps[f"{name}_sd"], np.float64)
-        if threshold is None:
-            over = np.zeros(value.shape, dtype=bool)
-        elif isinstance(threshold, dict):
-            over = sd > threshold[name] if name in threshold else np.zeros(value.shape, dtype=bool)
-        else:
-            over = sd > threshold * np.abs(value)
-        excluded[name] = over & inferred
-    return excluded
-
-
-# --------------------------------------------------------------------------- request / result
 @dataclass
 class SceneInferenceRequest:
     series: DCESeries
@@ -223,22 +76,22 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
     if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
         raise DCEPKInputError(f"unknown device {device!r}: use auto, cpu or cuda")
     threshold = normalize_threshold(uncertainty_threshold)
-    series = fit_bridge.series_from_sequence(sequence_node)
+    series = fit_mrml.series_from_sequence(sequence_node)
     if series.kind != "concentration":
-        fit_bridge.require_acquisition(fa_deg, series.flip_angle_deg, "flip angle", "flipAngle_deg (degrees)",
+        fit_mrml.require_acquisition(fa_deg, series.flip_angle_deg, "flip angle", "flipAngle_deg (degrees)",
                                        "Flip angle")
-        fit_bridge.require_acquisition(tr_s, series.tr_s, "TR", "tr_s (seconds)", "TR")
-    reference = fit_bridge.reference_volume(series.spatial_shape, series.geometry)
-    inference_mask = fit_bridge.mask_from_node(mask, reference, "inference mask")
+        fit_mrml.require_acquisition(tr_s, series.tr_s, "TR", "tr_s (seconds)", "TR")
+    reference = fit_mrml.reference_volume(series.spatial_shape, series.geometry)
+    inference_mask = fit_mrml.mask_from_node(mask, reference, "inference mask")
     t10 = t10_s
     if t10_map is not None:
-        t10 = fit_bridge.t10_map_seconds(t10_map, reference, t10_map_unit)
+        t10 = fit_mrml.t10_map_seconds(t10_map, reference, t10_map_unit)
     elif t10 is None:
         raise DCEPKInputError("T10 is needed (the networks convert the signal to concentration): give a T10 value "
                               "in seconds or a T1 map volume")
     elif not 0.05 <= float(t10) <= 10.0:
         raise DCEPKInputError(f"T10 = {t10} s is outside 0.05-10 s: give T10 in seconds")
-    _, regions = fit_bridge.statistics_regions(statistics_segmentation, mask, reference)
+    _, regions = fit_mrml.statistics_regions(statistics_segmentation, mask, reference)
     fit_settings = None
     if compare_with_fit:
         if fit_model not in FIT_MODELS:
@@ -321,7 +174,6 @@ def rethreshold(request: SceneInferenceRequest, result: SceneInferenceResult, un
     return request, new
 
 
-# --------------------------------------------------------------------------- statistics
 def statistics_rows(maps: Mapping[str, np.ndarray], raw_maps: Mapping[str, np.ndarray],
                     excluded: Mapping[str, np.ndarray], inferred: np.ndarray,
                     regions: Mapping[str, np.ndarray], units: Mapping[str, str]) -> list:
@@ -356,12 +208,6 @@ def _nanmean(values) -> float:
     return float(values.mean()) if values.size else float("nan")
 
 
-# --------------------------------------------------------------------------- publish
-def _node_by_name(scene, class_name: str, name: str):
-    collection = scene.GetNodesByClassByName(class_name, name)
-    return collection.GetItemAsObject(0) if collection.GetNumberOfItems() else None
-
-
 def publish_scene_inference(scene, request: SceneInferenceRequest, result: SceneInferenceResult,
                             existing_nodes: Optional[Mapping[str, object]] = None) -> Dict[str, object]:
     """Write maps, uncertainty maps (and comparison-fit maps, statistics table) into the scene.
@@ -382,17 +228,17 @@ def publish_scene_inference(scene, request: SceneInferenceRequest, result: Scene
         scene.StartState(scene.BatchProcessState)
     try:
         for name, array in result.maps.items():
-            node_name = fit_bridge.output_name(request.output_prefix, name)
+            node_name = fit_mrml.output_name(request.output_prefix, name)
             existing = existing_nodes.get(name)
             if existing is not None and existing.GetScene() is not scene:
                 existing = None
             if existing is None and request.update_existing and name not in existing_nodes:
-                existing = fit_bridge.find_output_node(scene, node_name)
+                existing = fit_mrml.find_output_node(scene, node_name)
             if existing is None and not request.update_existing:
                 node_name = scene.GenerateUniqueName(node_name)
             elif existing is not None:
                 node_name = existing.GetName()
-            node = fit_bridge.update_volume_from_array(scene, array, result.inference.geometry, node_name,
+            node = fit_mrml.update_volume_from_array(scene, array, result.inference.geometry, node_name,
                                                        existing_node=existing, units=result.units.get(name, ""),
                                                        map_name=name)
             node.SetAttribute("DCEPK.Source", request.source_id)
@@ -402,15 +248,15 @@ def publish_scene_inference(scene, request: SceneInferenceRequest, result: Scene
         for name in PARAMETERS:
             nodes[name].SetAttribute(UNCERTAINTY_ATTRIBUTE, nodes[f"{name}_sd"].GetID())
         if result.statistics:
-            table_name = fit_bridge.output_name(request.output_prefix, "statistics")
+            table_name = fit_mrml.output_name(request.output_prefix, "statistics")
             existing_table = existing_nodes.get("statistics")
             if existing_table is None and request.update_existing and "statistics" not in existing_nodes:
-                existing_table = _node_by_name(scene, "vtkMRMLTableNode", table_name)
+                existing_table = node_by_name(scene, "vtkMRMLTableNode", table_name)
             if existing_table is None and not request.update_existing:
                 table_name = scene.GenerateUniqueName(table_name)
             elif existing_table is not None:
                 table_name = existing_table.GetName()
-            nodes["statistics"] = fit_bridge.table_from_rows(scene, result.statistics, table_name, existing_table,
+            nodes["statistics"] = fit_mrml.table_from_rows(scene, result.statistics, table_name, existing_table,
                                                              STATISTICS_COLUMNS)
     except BaseException:
         # Should writing fail half-way, take out what this call added (nodes it updated keep the new values).
@@ -429,33 +275,3 @@ def run_scene_inference(scene, sequence_node, progress=None, cancel=None, **opti
     request = prepare_scene_inference(sequence_node, **options)
     result = compute_scene_inference(request, progress=progress, cancel=cancel)
     return publish_scene_inference(scene, request, result), result
-
-
-# --------------------------------------------------------------------------- display
-def show_map_with_uncertainty(scene, map_node, uncertainty_node, background_node=None,
-                              views=("Red", "Yellow"), opacity: float = 0.8) -> None:
-    """Map and its uncertainty side by side: map over the anatomy in the first slice view, its
-    uncertainty in the second, both in the first view's orientation, navigation linked."""
-    if map_node is None or uncertainty_node is None:
-        raise DCEPKInputError("no map and uncertainty to show: run the inference first")
-    composites = {node.GetLayoutName(): node for node in _nodes(scene, "vtkMRMLSliceCompositeNode")}
-    slices = {node.GetLayoutName(): node for node in _nodes(scene, "vtkMRMLSliceNode")}
-    missing = [view for view in views if view not in composites or view not in slices]
-    if missing:
-        raise DCEPKInputError(f"the scene has no slice view {', '.join(missing)}: show the views first")
-    layout = scene.GetFirstNodeByClass("vtkMRMLLayoutNode")
-    if layout is not None:
-        layout.SetViewArrangement(slicer.vtkMRMLLayoutNode.SlicerLayoutSideBySideView)
-    orientation = slices[views[0]].GetOrientationString()
-    for view, foreground in zip(views, (map_node, uncertainty_node)):
-        composite = composites[view]
-        composite.SetBackgroundVolumeID(background_node.GetID() if background_node is not None else None)
-        composite.SetForegroundVolumeID(foreground.GetID())
-        composite.SetForegroundOpacity(opacity if background_node is not None else 1.0)
-        composite.SetLinkedControl(True)
-        slices[view].SetOrientation(orientation)
-
-
-def _nodes(scene, class_name: str) -> list:
-    collection = scene.GetNodesByClass(class_name)
-    return [collection.GetItemAsObject(n) for n in range(collection.GetNumberOfItems())]

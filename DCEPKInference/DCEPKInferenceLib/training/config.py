@@ -1,0 +1,81 @@
+"""Training configuration: the defaults, the fixed seeds of the validation, calibration and check
+sets, the descriptions and uncertainty methods written into model cards, and ``load_config``."""
+
+import json
+from pathlib import Path
+from typing import Dict
+
+from DCEPKFittingLib.core.errors import DCEPKInputError
+
+from ..nn.model_store import models_dir
+from ..nn.networks import NETWORKS
+
+CONFIG_DIR = models_dir() / "configs"
+DEFAULT_TRAINING = {"steps": 1000, "lr": 2e-3, "weight_decay": 1e-4, "seed": 1, "val_seed": 900001,
+                    "val_subjects": 32, "val_voxels_per_subject": 128, "val_patches": 24,
+                    "subjects_per_batch": 16, "voxels_per_subject": 256, "patches_per_batch": 8,
+                    "patch_size": 32, "checkpoint_every": 200, "log_every": 25, "temporal_shift_max": 4,
+                    "grad_clip": 5.0}
+BUDGET_PROBE_STEPS = 20
+CALIBRATION_SUBJECTS = 128        # patches or voxel groups (one AIF each) in the SD calibration set
+# as many subjects as the card's calibration: subject-to-subject (AIF) spread makes 64 too few (coverage
+# of one network on three 64-subject sets: 0.88-0.91)
+PROTOCOL_CALIBRATION = {"seed": 900003, "subjects": CALIBRATION_SUBJECTS, "subjects_per_chunk": 8,
+                        "voxels_per_subject": 64, "patch_size": 32}
+CHECK_SET = {"seed": 424242, "subjects": 8, "voxels_per_subject": 64, "patches": 4}
+DESCRIPTIONS = {
+    "hetero_encoder": "voxel-wise temporal encoder (patch embedding + MLP), heteroscedastic Laplace/Gaussian NLL, "
+                      "temporal-shift augmentation, small jointly trained ensemble (after Hess et al.)",
+    "ulas_cnn": "2-D CNN, grid frames as channels, local (3x3) + dilated global pathway, parameter + tracer-kinetic "
+                "loss (after Ulas et al. 2019)",
+    "fcsa_net": "2-D CNN with frame attention and channel/spatial (CBAM) attention (after Zeng & Zhou, FCSA-net)",
+    "tcn_punet": "per-voxel temporal convolutional network then a probabilistic U-Net over the slice; mean and SD "
+                 "from latent samples, plus an aleatoric variance head when aleatoric_head is on (after Lyoo et "
+                 "al. 2025)",
+}
+_CALIBRATED = ", times per-parameter factors fitted on a held-out simulated set (sd_calibration)"
+UNCERTAINTY_METHOD = {
+    "hetero_encoder": "heteroscedastic NLL head (aleatoric) per ensemble member; SD^2 = mean member variance "
+                      "+ variance of member means (epistemic)" + _CALIBRATED,
+    "ulas_cnn": "added Gaussian variance head trained by NLL (aleatoric only)" + _CALIBRATED,
+    "fcsa_net": "added Gaussian variance head trained by NLL (aleatoric only)" + _CALIBRATED,
+    "tcn_punet": "SD over latent draws from the prior net of the probabilistic U-Net (floor 1e-3 of the bound)"
+                 + _CALIBRATED,
+}
+_OWN_HEAD = "added Gaussian variance head with a hidden layer of its own, trained by NLL (aleatoric only)"
+UNCERTAINTY_METHOD_WITH_ALEATORIC_HEAD = {
+    "ulas_cnn": _OWN_HEAD + _CALIBRATED,
+    "fcsa_net": _OWN_HEAD + _CALIBRATED,
+    "tcn_punet": "SD^2 = variance over latent draws from the prior net of the probabilistic U-Net + the variance "
+                 "of an added Gaussian head trained by NLL (aleatoric)" + _CALIBRATED,
+}
+
+
+def uncertainty_method(model_name: str, network_config: Dict) -> str:
+    if model_name == "hetero_encoder" and int(network_config.get("members", 1)) == 1:
+        return "heteroscedastic NLL head (aleatoric only: one member, no ensemble spread)" + _CALIBRATED
+    if network_config.get("aleatoric_head"):
+        return UNCERTAINTY_METHOD_WITH_ALEATORIC_HEAD[model_name]
+    return UNCERTAINTY_METHOD[model_name]
+
+
+
+def load_config(model_name: str, path=None) -> Dict:
+    """Training config: the JSON file given, else the shipped ``configs/<model>.json``, else defaults."""
+    if model_name not in NETWORKS:
+        raise DCEPKInputError(f"unknown network {model_name!r}: choose one of {sorted(NETWORKS)}")
+    path = Path(path) if path else CONFIG_DIR / f"{model_name}.json"
+    config = {"network": model_name, "network_config": {}, "training": {}}
+    if path.is_file():
+        try:
+            loaded = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise DCEPKInputError(f"config {path} is not valid JSON: {error}") from None
+        if loaded.get("network", model_name) != model_name:
+            raise DCEPKInputError(f"config {path} is for '{loaded['network']}', not '{model_name}'")
+        config.update({k: v for k, v in loaded.items() if k in config})
+    elif path.name != f"{model_name}.json" or path.parent != CONFIG_DIR:
+        raise DCEPKInputError(f"config file {path} not found")
+    config["training"] = {**DEFAULT_TRAINING, **config["training"]}
+    config["network_config"] = {**NETWORKS[model_name].default_config, **config["network_config"]}
+    return config
