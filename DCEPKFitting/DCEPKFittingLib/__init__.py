@@ -17,7 +17,7 @@ PS in 1/min, Fp in ml/100ml/min, ve and vp as fractions, T1 in s, R1 in 1/s, fli
 degrees, TR in seconds, concentration in mM, relaxivity r1 in 1/(mM s).
 """
 
-import importlib
+from .core.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -31,12 +31,4 @@ _PUBLIC = {
     "FitSettings": "pipeline.fit", "FitOutput": "pipeline.fit", "run_fit": "pipeline.fit",
 }
 
-
-def __getattr__(name):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_PUBLIC))
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

@@ -11,19 +11,11 @@ Folders, lowest layer first: ``data`` (canonical grid, simulator), ``analysis`` 
 The names below are loaded on first use.
 """
 
-import importlib
+from DCEPKFittingLib.core.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
 _PUBLIC = {"run_inference": "pipeline.inference", "InferenceOutput": "pipeline.inference",
            "list_models": "nn.model_store", "load_model": "nn.model_store", "train": "training.trainer"}
 
-
-def __getattr__(name):
-    if name in _PUBLIC:
-        return getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(list(globals()) + list(_PUBLIC))
+__getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)
