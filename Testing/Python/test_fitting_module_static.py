@@ -141,9 +141,9 @@ def test_logic_and_module_load_use_no_qt_and_no_heavy_import_at_load_time(tree):
     top_level = [ast.unparse(n) for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
     lib_imports = [s for s in top_level if "DCEPKFittingLib" in s]
     # Only the dependency-free helpers (no numpy, no torch): the module loads before packages are installed.
+    widgets = "CONTRIBUTORS, DCEPKBackgroundJobWidgetMixin, missingComputePackages"
     assert lib_imports == ["from DCEPKFittingLib.panels import panel_state",
-                           "from DCEPKFittingLib.widgets.module_widget import CONTRIBUTORS, DCEPKBackgroundJobWidgetMixin, "
-                           "missingComputePackages"], lib_imports
+                           f"from DCEPKFittingLib.widgets.module_widget import {widgets}"], lib_imports
     for helper in ("panels/panel_state.py", "panels/slicer_dependencies.py", "widgets/module_widget.py"):
         nodes = list(ast.walk(ast.parse((LIB_DIR / helper).read_text())))
         imported = [n.module for n in nodes if isinstance(n, ast.ImportFrom) and n.module] + \

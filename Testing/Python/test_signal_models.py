@@ -7,7 +7,8 @@ import pytest
 from scipy.optimize import least_squares
 
 from DCEPKFittingLib.core.errors import DCEPKInputError
-from DCEPKFittingLib.signal import (RELAXIVITY_R1, T1FitStatus, default_r1, detect_baseline_frames, fit_vfa_t1, signal_to_concentration, spgr_signal)
+from DCEPKFittingLib.signal import (RELAXIVITY_R1, T1FitStatus, default_r1, detect_baseline_frames, fit_vfa_t1,
+                                    signal_to_concentration, spgr_signal)
 
 TR = 0.005
 

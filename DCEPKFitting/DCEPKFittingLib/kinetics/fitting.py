@@ -12,6 +12,10 @@ reported and cancel checked between chunks.
 
 Units as in ``tk_models``: time in s, Ktrans/PS/kep in 1/min, Fp in ml/100ml/min, ve/vp
 fractions, concentration in mM. Standard errors come from sigma^2 (J^T J)^-1, sigma^2 = SSR/(T-P).
+
+This module is the driver (checks, chunks on threads, progress, cancel, the result's layout); a chunk is
+fitted by ``chunk_fit`` with ``linear``, ``varpro``, ``levenberg_marquardt`` and ``nested_models``;
+``fit_result`` holds what comes back.
 """
 
 import threading
