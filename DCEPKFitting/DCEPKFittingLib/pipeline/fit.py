@@ -14,10 +14,11 @@ from ..core.errors import DCEPKInputError
 from ..core.geometry import Geometry
 from ..core.jobs import raise_if_cancelled, report, sub_progress
 from ..io import DCESeries, finite_voxels
-from ..kinetics import aif as aif_lib
 from ..kinetics.fit_result import FitResult, FitStatus, model_curve
 from ..kinetics.tk_models import MODELS
 from ..signal import default_r1, detect_baseline_frames, fit_vfa_t1, rician, signal_to_concentration
+from .input_function import (SPEC_FIELDS, InputFunctionSpec, SignalInputFunction, input_function_from_signal,
+                             plasma_input_function)
 
 ArrayOrValue = Union[float, np.ndarray, None]
 RICIAN_CORRECTIONS = ("none", "aif", "all")
@@ -38,14 +39,17 @@ class FitSettings:
     tr_s: Optional[float] = None  # None -> from the series header
     r1_per_mM_s: Optional[float] = None  # None -> signal.default_r1()
     baseline_frames: Optional[int] = None  # None -> detected from the data
-    # Input function: exactly one of aif_mask, population_aif, aif_csv.
+    # Input function (the fields of pipeline.input_function.InputFunctionSpec): exactly one of
+    # aif_mask, population_aif, aif_csv, auto_aif.
     aif_mask: Optional[np.ndarray] = None  # bool [k, j, i] on an artery (or a vein: VIF)
     aif_top_fraction: Optional[float] = None
     population_aif: Optional[str] = None  # parker | georgiou | weinmann
     aif_csv: Optional[str] = None  # columns: time (s), concentration (mM)
+    auto_aif: Optional[str] = None  # artery | vein | either: detected (kinetics.aif_detection)
     aif_is_plasma: bool = False  # ROI/CSV curve already plasma (no haematocrit correction)
     hct: float = 0.45
     aif_delay_s: float = 0.0
+    blood_t10_s: Optional[float] = None  # ROI / automatic: T10 of blood (None: t10_s)
     # Fit.
     mask: Optional[np.ndarray] = None  # bool [k, j, i]; None -> every voxel with a signal above the noise
     fit_delay: bool = False
@@ -57,6 +61,10 @@ class FitSettings:
     # Per voxel it removes a bias that is small at tissue SNR >= 5 and adds variance (see
     # Testing/Benchmarks/RESULTS.md, "Fitting trust"), so the default corrects the input function only.
     rician_correction: str = "aif"
+
+    @property
+    def input_function(self) -> InputFunctionSpec:
+        return InputFunctionSpec(**{name: getattr(self, name) for name in SPEC_FIELDS})
 
 
 @dataclass
@@ -72,6 +80,7 @@ class FitOutput:
     baseline_frames: Optional[int] = None      # pre-contrast frames used (given or detected)
     messages: list = field(default_factory=list)   # warnings: implausible AIF or fit, invalid voxels
     noise_sigma: Optional[float] = None         # noise SD per quadrature channel (signal units) if estimated
+    input_function: Optional[SignalInputFunction] = None   # ROI / detected mask and notes of the input function
 
     def model_curve(self, k: int, j: int, i: int) -> np.ndarray:
         """Fitted concentration (mM) of one voxel on ``times_s``; NaN where the voxel was not fitted."""
@@ -86,14 +95,7 @@ def _check_settings(settings: FitSettings) -> None:
         raise DCEPKInputError(f"unknown model '{settings.model}': choose one of {', '.join(MODELS)}")
     if settings.method not in ("nlls", "linear"):
         raise DCEPKInputError(f"unknown fit method '{settings.method}': use 'nlls' or 'linear'")
-    sources = [name for name, value in (("an AIF ROI", settings.aif_mask), ("a population AIF", settings.population_aif),
-                                        ("an AIF CSV file", settings.aif_csv)) if value is not None]
-    if len(sources) != 1:
-        raise DCEPKInputError(
-            "give exactly one input function: an ROI mask on an artery or vein (--aif-roi), a population "
-            f"AIF (--population-aif parker|georgiou|weinmann) or a CSV file (--aif-csv); got {sources or 'none'}")
-    if not 0.0 <= settings.hct < 1.0:
-        raise DCEPKInputError(f"haematocrit must be a fraction in [0, 1), got {settings.hct}")
+    settings.input_function.check()
     if settings.rician_correction not in RICIAN_CORRECTIONS:
         raise DCEPKInputError(f"unknown Rician correction {settings.rician_correction!r}: use one of "
                               f"{', '.join(RICIAN_CORRECTIONS)}")
@@ -108,7 +110,7 @@ class _Conversion:
     baseline_frames: Optional[int]
     noise_sigma: Optional[float] = None    # signal units; None: not estimated
     t10_s: ArrayOrValue = None
-    roi_blood_mM: Optional[np.ndarray] = None   # the AIF ROI's curve, from its mean signal
+    from_signal: Optional[SignalInputFunction] = None   # the ROI's or detected vessel's curve, from the signal
     above_noise: Optional[np.ndarray] = None    # [k, j, i]: baseline signal above the noise
 
 
@@ -142,10 +144,9 @@ def _concentration(series: DCESeries, settings: FitSettings, maps: Dict[str, np.
         baseline = detect_baseline_frames(series.signal, times_s=series.times_s)
     signal = series.signal
     sigma = rician.estimate_noise_sigma(signal, baseline) if settings.rician_correction != "none" else None
-    roi_blood = None
-    if settings.aif_mask is not None:   # from the signal, before its memory may hold concentration
-        roi_blood = aif_lib.aif_from_roi_signal(signal, settings.aif_mask, t10, fa_deg, tr_s, r1, baseline,
-                                                noise_sigma=sigma, top_fraction=settings.aif_top_fraction)
+    # from the signal, before its memory may hold concentration
+    from_signal = input_function_from_signal(signal, series.times_s, settings.input_function, t10_s=t10, fa_deg=fa_deg,
+                                             tr_s=tr_s, r1_per_mM_s=r1, baseline_frames=baseline, noise_sigma=sigma)
     with np.errstate(invalid="ignore"):
         above_noise = np.mean(signal[..., :baseline], axis=-1) > 2.0 * (sigma or 0.0)  # air: ~1.25 sigma
     report(progress, 0.5, "signal to concentration")
@@ -156,31 +157,22 @@ def _concentration(series: DCESeries, settings: FitSettings, maps: Dict[str, np.
         noise_sigma=sigma if settings.rician_correction == "all" else None)
     if in_place:
         series.kind = "concentration"  # the series' memory holds concentration (mM) from here on
-    return _Conversion(conc, np.asarray(valid, dtype=bool), baseline, sigma, t10, roi_blood, above_noise)
+    return _Conversion(conc, np.asarray(valid, dtype=bool), baseline, sigma, t10, from_signal, above_noise)
 
 
 def _input_function(series: DCESeries, converted: _Conversion, settings: FitSettings, warnings: list,
                     tissue: np.ndarray) -> np.ndarray:
-    """Plasma input function (mM) sampled at the series' frame times; an ROI curve that does not
-    look like a vessel's adds to ``warnings`` (``tissue``: the voxels to be fitted)."""
-    times = series.times_s
-    conc = converted.concentration
-    if settings.aif_mask is not None:
-        curve = converted.roi_blood_mM
-        if curve is None:
-            curve = aif_lib.aif_from_roi(conc, settings.aif_mask, top_fraction=settings.aif_top_fraction)
-        tissue_rows = np.flatnonzero(tissue & ~np.asarray(settings.aif_mask, dtype=bool))
+    """Plasma input function (mM) sampled at the series' frame times; an ROI or detected curve that
+    does not look like a vessel's adds to ``warnings`` (``tissue``: the voxels to be fitted)."""
+    vessel = settings.aif_mask
+    if converted.from_signal is not None and converted.from_signal.detection is not None:
+        vessel = converted.from_signal.detection.chosen
+    tissue_rows = None
+    if vessel is not None:
+        tissue_rows = np.flatnonzero(tissue & ~np.asarray(vessel, dtype=bool))
         tissue_rows = tissue_rows[::max(1, tissue_rows.size // plausibility.SAMPLE_VOXELS)]
-        warnings += plausibility.input_function_warnings(curve, conc.reshape(-1, conc.shape[-1])[tissue_rows])
-    elif settings.aif_csv is not None:
-        t_csv, c_csv = aif_lib.load_aif_csv(settings.aif_csv)
-        curve = aif_lib.resample_aif(t_csv, c_csv, times - times[0])
-    else:
-        return aif_lib.population_aif_at_arrival(settings.population_aif, times, converted.baseline_frames,
-                                                 settings.hct, settings.aif_delay_s)
-    if settings.aif_delay_s:
-        curve = np.interp(times - settings.aif_delay_s, times, curve, left=0.0)
-    return curve if settings.aif_is_plasma else aif_lib.blood_to_plasma(curve, settings.hct)
+    return plasma_input_function(settings.input_function, series.times_s, converted.baseline_frames,
+                                 converted.from_signal, converted.concentration, tissue_rows, warnings)
 
 
 def _fit_region(series: DCESeries, settings: FitSettings, converted: _Conversion, messages: list) -> np.ndarray:
@@ -266,4 +258,4 @@ def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None
     return FitOutput(maps=maps, units=units, geometry=series.geometry, times_s=series.times_s,
                      aif_plasma_mM=cp, concentration=conc, fit=fit, settings=settings,
                      baseline_frames=converted.baseline_frames, noise_sigma=converted.noise_sigma,
-                     messages=messages)
+                     messages=messages, input_function=converted.from_signal)

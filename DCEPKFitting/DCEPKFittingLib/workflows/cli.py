@@ -16,6 +16,8 @@ from typing import Callable, List, Optional
 import numpy as np
 
 from ..core.errors import DCEPKInputError, JobCancelledError, command_line_terms
+from .input_function_options import (add_input_function_options, input_function_spec, input_function_targets,
+                                     stage_input_function_outputs)
 from .plugins import plugin_commands
 
 EXIT_INPUT_ERROR = 2
@@ -261,14 +263,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input-kind", default=None, choices=["signal", "concentration"],
                    help="whether the series holds signal (a.u.) or concentration (mM) (default: as the file says, "
                         "else signal)")
-    source = p.add_mutually_exclusive_group(required=True)
-    source.add_argument("--aif-roi", type=Path, help="mask file of an artery (or vein) ROI on the series' grid")
-    source.add_argument("--aif-csv", type=Path, help="CSV with time (s) and blood concentration (mM)")
-    source.add_argument("--population-aif", choices=["parker", "georgiou", "weinmann"])
-    p.add_argument("--aif-top-fraction", type=OPEN_FRACTION, help="use only this fraction of most enhancing ROI voxels")
-    p.add_argument("--aif-is-plasma", action="store_true", help="the ROI/CSV curve is plasma, not blood")
-    p.add_argument("--hct", type=FRACTION, default=0.45, help="haematocrit (fraction)")
-    p.add_argument("--aif-delay", type=SECONDS, default=0.0, help="extra delay of the input function in seconds")
+    add_input_function_options(p)
     add_t10_options(p)
     add_acquisition_options(p)
     p.add_argument("--mask", type=Path, help="mask of the voxels to fit")
@@ -426,21 +421,18 @@ def _cmd_fit(args) -> int:
     from ..kinetics.fit_result import map_names
     from ..pipeline.fit import FitSettings, run_fit
     names = map_names(args.model, args.fit_delay)
-    check_targets(map_targets(args.out, names, args.format) + [args.out / FIT_SUMMARY], args.overwrite)
+    check_targets(map_targets(args.out, names, args.format) + [args.out / FIT_SUMMARY]
+                  + input_function_targets(args, args.out), args.overwrite)
     series = read_series_option(args, kind=args.input_kind)
     grid = (series.geometry, series.spatial_shape)
+    spec = input_function_spec(args, series)
     settings = FitSettings(
         model=args.model, method=args.method, t10_s=read_t10(args, series), fa_deg=args.fa, tr_s=args.tr,
-        r1_per_mM_s=args.r1,
-        baseline_frames=args.baseline_frames,
-        aif_mask=read_mask(args.aif_roi, *grid) if args.aif_roi else None,
-        aif_top_fraction=args.aif_top_fraction, population_aif=args.population_aif,
-        aif_csv=str(args.aif_csv) if args.aif_csv else None, aif_is_plasma=args.aif_is_plasma,
-        hct=args.hct, aif_delay_s=args.aif_delay,
+        r1_per_mM_s=args.r1, baseline_frames=args.baseline_frames, **vars(spec),
         mask=read_mask(args.mask, *grid) if args.mask else None,
         fit_delay=args.fit_delay, device=args.device, model_selection=not args.no_model_choice)
     result = run_fit(series, settings, progress=ConsoleProgress(f"fit {args.model}"), reuse_series_memory=True)
-    notes = nonfinite_note(series)
+    notes = nonfinite_note(series) + (result.input_function.notes if result.input_function else [])
     print_messages("note", notes)
     print_messages("warning", result.messages)
     summary = {"command": "fit", "input": str(args.input), "model": args.model, "method": args.method,
@@ -449,9 +441,10 @@ def _cmd_fit(args) -> int:
                "baseline_frames_given": args.baseline_frames is not None,
                "noise_sd_signal_units": result.noise_sigma, "voxels_per_status": _status_counts(result),
                "model_choice": not args.no_model_choice, "units": result.units,
-               "warnings": list(result.messages), "notes": notes}
+               "input_function": spec.describe(), "warnings": list(result.messages), "notes": notes}
     with OutputSet(args.overwrite) as outputs:
         stage_maps(outputs, args.out, result.maps, series.geometry, suffix=args.format)
+        stage_input_function_outputs(outputs, args.out, result.input_function, series.times_s, series.geometry)
         write_summary(outputs, args.out / FIT_SUMMARY, summary)
         outputs.commit()
     print(f"{len(result.maps)} maps written to {args.out}: {', '.join(sorted(result.maps))}")
