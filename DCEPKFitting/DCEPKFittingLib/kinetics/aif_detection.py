@@ -96,7 +96,7 @@ class _Candidates:
     ttp_s: np.ndarray
 
 
-def body_domain(signal: np.ndarray, baseline_frames: int) -> np.ndarray:
+def body_domain(signal: np.ndarray, baseline_frames: int, noise_sigma: Optional[float] = None) -> np.ndarray:
     """[k, j, i] voxels whose baseline signal exceeds 2.5 noise SDs (air reads ~1.25 SD: Rician) and 10 %
     of the 90th percentile of those (a few very bright voxels, e.g. burnt-in text, do not set the
     level), eroded in-plane by one voxel."""
@@ -104,7 +104,7 @@ def body_domain(signal: np.ndarray, baseline_frames: int) -> np.ndarray:
     finite = np.isfinite(s0)
     if not finite.any() or np.nanmax(s0) <= 0:
         raise DCEPKInputError("the baseline signal is zero or negative everywhere: give the signal series")
-    sigma = estimate_noise_sigma(signal, baseline_frames) or 0.0
+    sigma = (estimate_noise_sigma(signal, baseline_frames) if noise_sigma is None else noise_sigma) or 0.0
     above_noise = finite & (s0 > AIR_NOISE_SDS * sigma)
     if not above_noise.any():
         raise DCEPKInputError("no voxel's baseline signal stands above the noise: check the series")
@@ -273,9 +273,9 @@ def _vein(c: _Candidates, labels, artery_cluster, artery_ttp_s, frame_s, spatial
     return None
 
 
-def _slab_domain(signal, baseline_frames, domain):
+def _slab_domain(signal, baseline_frames, domain, noise_sigma=None):
     notes = []
-    domain = body_domain(signal, baseline_frames) if domain is None else np.asarray(domain, dtype=bool)
+    domain = body_domain(signal, baseline_frames, noise_sigma) if domain is None else np.asarray(domain, dtype=bool)
     if domain.shape != signal.shape[:-1]:
         raise DCEPKInputError(f"the search region has shape {domain.shape} but the series grid is {signal.shape[:-1]}")
     if signal.shape[0] >= MIN_SLICES_FOR_EDGES:
@@ -285,12 +285,13 @@ def _slab_domain(signal, baseline_frames, domain):
     return domain, notes
 
 
-def detect_input_function(signal, times_s, baseline_frames: int, kind: str = "either", domain=None
-                          ) -> AutoInputFunction:
+def detect_input_function(signal, times_s, baseline_frames: int, kind: str = "either", domain=None,
+                          noise_sigma: Optional[float] = None) -> AutoInputFunction:
     """Arterial and venous voxels of a DCE signal series [k, j, i, t] (any magnitude units).
 
     ``kind``: the voxels whose curve makes the input function: 'artery', 'vein' or 'either' (the
-    artery, else the vein). ``domain``: bool [k, j, i] where to search (default: the body, eroded).
+    artery, else the vein). ``domain``: bool [k, j, i] where to search (default: the body, eroded;
+    ``noise_sigma``, the series' noise SD if known, sets its floor).
     Raises ``DCEPKInputError`` naming the alternatives when nothing qualifies."""
     if kind not in KINDS:
         raise DCEPKInputError(f"unknown input kind {kind!r}: use one of {', '.join(KINDS)}")
@@ -302,7 +303,7 @@ def detect_input_function(signal, times_s, baseline_frames: int, kind: str = "ei
     if not 2 <= baseline_frames < signal.shape[-1] - 2:
         raise DCEPKInputError(f"automatic input detection needs at least 2 baseline frames and 3 after them; got "
                               f"{baseline_frames} of {signal.shape[-1]}")
-    searched, notes = _slab_domain(signal, baseline_frames, domain)
+    searched, notes = _slab_domain(signal, baseline_frames, domain, noise_sigma)
     c = _candidates(signal, times, baseline_frames, searched)
     if c is None or len(c.index) < 3:
         raise DCEPKInputError(NO_CANDIDATE)

@@ -117,7 +117,7 @@ def input_function_from_signal(signal, times_s, spec: InputFunctionSpec, *, t10_
     if spec.aif_mask is not None:
         mask = np.asarray(spec.aif_mask, dtype=bool)
     elif spec.auto_aif is not None:
-        detection = detect_input_function(signal, times_s, baseline_frames, spec.auto_aif, search_region)
+        detection = detect_input_function(signal, times_s, baseline_frames, spec.auto_aif, search_region, noise_sigma)
         mask, notes = detection.chosen, list(detection.notes)
     else:
         return SignalInputFunction()

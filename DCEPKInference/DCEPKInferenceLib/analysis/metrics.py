@@ -41,6 +41,41 @@ def error_sd_spearman(estimate, sd, truth) -> float:
     return float(stats.spearmanr(np.abs(e - t), s).statistic)
 
 
+# Gross error: |estimate - truth| > max(floor, half the truth). Ktrans's floor is the issue's 0.05 /min;
+# ve and vp take the OSIPI absolute tolerances (0.05, 0.025), kep 0.5 /min (0.05 /min over a ve of 0.1).
+GROSS_ERROR_FLOOR = {"Ktrans": 0.05, "ve": 0.05, "vp": 0.025, "kep": 0.5}
+GROSS_ERROR_RELATIVE = 0.5
+
+
+def median_abs_error(estimate, truth) -> float:
+    e, t = np.asarray(estimate, float).ravel(), np.asarray(truth, float).ravel()
+    return float(np.median(np.abs(e - t)))
+
+
+def is_gross_error(estimate, truth, parameter: str):
+    """Elementwise: |error| > max(GROSS_ERROR_FLOOR[parameter], half the truth); NaN estimates count."""
+    e, t = np.asarray(estimate, float), np.asarray(truth, float)
+    with np.errstate(invalid="ignore"):
+        return ~(np.abs(e - t) <= np.maximum(GROSS_ERROR_FLOOR[parameter], GROSS_ERROR_RELATIVE * np.abs(t)))
+
+
+def gross_error_fraction(estimate, truth, parameter: str) -> float:
+    return float(np.mean(is_gross_error(estimate, truth, parameter)))
+
+
+def icc_a1(ratings) -> float:
+    """ICC(A,1), two-way model, absolute agreement, single rater (McGraw & Wong 1996, case A,1):
+    ``ratings`` (n subjects, k raters). (MSR - MSE) / (MSR + (k-1) MSE + k (MSC - MSE) / n)."""
+    x = np.asarray(ratings, dtype=np.float64)
+    n, k = x.shape
+    grand = x.mean()
+    msr = k * np.sum((x.mean(1) - grand) ** 2) / (n - 1)
+    msc = n * np.sum((x.mean(0) - grand) ** 2) / (k - 1)
+    resid = x - x.mean(1, keepdims=True) - x.mean(0, keepdims=True) + grand
+    mse = np.sum(resid ** 2) / ((n - 1) * (k - 1))
+    return float((msr - mse) / (msr + (k - 1) * mse + k * (msc - mse) / n))
+
+
 def summarize(estimate, truth, sd=None) -> dict:
     out = {"rmse": rmse(estimate, truth), "bias": bias(estimate, truth), "ccc": ccc(estimate, truth)}
     if sd is not None:

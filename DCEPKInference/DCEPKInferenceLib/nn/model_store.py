@@ -99,12 +99,27 @@ def read_card(name: str, directory=None) -> Dict:
     for key in ("network", "network_config", "sha256"):
         if key not in card:
             raise DCEPKInputError(f"model card {card_path} has no '{key}': reinstall the model files")
-    grid = card.get("canonical_grid", {})
-    if grid.get("input") != INPUT_DESCRIPTION or grid.get("protocol_features") != list(PROTOCOL_FEATURES):
-        raise DCEPKInputError(f"model '{name}' ({card_path}) was trained on another network input "
-                              f"({grid.get('input', 'not stated')!r}) than this version computes: install the "
-                              "models of this version or retrain with 'dcepk train'")
+    _check_input(card, name, card_path)
     return card
+
+
+def model_mode(card: Dict) -> str:
+    """'aif_conditioned' (takes an input function) or 'aif_free' (cards written before the modes: aif_free)."""
+    return card.get("mode", "aif_free")
+
+
+def _check_input(card: Dict, name: str, card_path) -> None:
+    """The network input the card names must be the one this version computes."""
+    from .aif_encoding import ENCODING
+    expected = {"canonical_grid": {"input": INPUT_DESCRIPTION, "protocol_features": list(PROTOCOL_FEATURES)},
+                "input_encoding": {k: ENCODING[k] for k in ("kind", "version", "kep_bank_per_min", "features")}}
+    needs = ["input_encoding"] if model_mode(card) == "aif_conditioned" else ["canonical_grid"]
+    for key in needs + [k for k in expected if k in card and k not in needs]:
+        stated = card.get(key) or {}
+        if any(stated.get(field) != value for field, value in expected[key].items()):
+            raise DCEPKInputError(f"model '{name}' ({card_path}) was trained on another network input ({key}: "
+                                  f"{stated.get('input', stated.get('kind', 'not stated'))!r}) than this version "
+                                  "computes: install the models of this version or retrain with 'dcepk train'")
 
 
 def load_model(name: str, device="cpu", directory=None) -> Tuple[torch.nn.Module, Dict]:

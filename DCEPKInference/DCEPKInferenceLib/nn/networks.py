@@ -543,10 +543,22 @@ class TCNProbUNet(nn.Module):
 NETWORKS = {"hetero_encoder": HeteroEncoder, "ulas_cnn": UlasCNN, "fcsa_net": FCSANet, "tcn_punet": TCNProbUNet}
 
 
-def build_network(name: str, config: Dict = None) -> nn.Module:
+def network_class(name: str, config: Dict = None):
+    """The class of network ``name`` in the config's ``mode`` (AIF-free by default, or "aif_conditioned")."""
     if name not in NETWORKS:
         raise DCEPKInputError(f"unknown network {name!r}: choose one of {sorted(NETWORKS)}")
-    return NETWORKS[name](dict(config or {}))
+    mode = (config or {}).get("mode")
+    if mode in (None, "aif_free"):
+        return NETWORKS[name]
+    from .conditioned import CONDITIONED_NETWORKS, MODE   # that module builds on this one
+    if mode != MODE or name not in CONDITIONED_NETWORKS:
+        raise DCEPKInputError(f"network {name!r} has no mode {mode!r} (AIF-conditioned: "
+                              f"{', '.join(sorted(CONDITIONED_NETWORKS))})")
+    return CONDITIONED_NETWORKS[name]
+
+
+def build_network(name: str, config: Dict = None) -> nn.Module:
+    return network_class(name, config)(dict(config or {}))
 
 
 def count_parameters(model: nn.Module) -> int:

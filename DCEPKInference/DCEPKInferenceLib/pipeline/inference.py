@@ -28,12 +28,14 @@ from DCEPKFittingLib.signal import check_t10, default_r1
 
 from ..data import canonical_grid as cg
 from ..data.simulator import TWO_RATE_SWITCH_FRACTION
-from ..nn.model_store import load_model
+from ..nn.model_store import load_model, model_mode, read_card
 from ..nn.networks import PARAM_NAMES
 from ..training.calibration import calibrate_to_protocol
 from ..training.config import PROTOCOL_CALIBRATION
+from .conditioned_inference import check_mode, run_conditioned, series_baseline
 
-DEFAULT_MODEL = "hetero_encoder"
+DEFAULT_MODEL = "hetero_encoder"                  # without an input function (AIF-free)
+DEFAULT_CONDITIONED_MODEL = "hetero_encoder_aif"   # with one: the best on the validation set (its card)
 KEP_VE_FLOOR = 0.01
 AUTO_MASK_FRACTION = 0.1       # auto mask: baseline signal above 10 % of its 99th percentile
 BASELINE_SAMPLE_VOXELS = 50_000  # voxels sampled for bolus-arrival detection
@@ -54,6 +56,8 @@ class InferenceOutput:
     baseline_frames: int
     device: str
     notes: list = field(default_factory=list)
+    aif_plasma_mM: Optional[np.ndarray] = None   # AIF-conditioned: the input function used (on the frame times)
+    input_function: Optional[object] = None      # ... and what the signal gave (ROI / detected mask, notes)
 
 
 def auto_mask(signal: np.ndarray, baseline_frames: int) -> np.ndarray:
@@ -149,11 +153,16 @@ def _t10_values(t10_s, shape):
     return float(t10) if t10.ndim == 0 else t10
 
 
-def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None, device="auto", fa_deg=None,
+def run_inference(series: DCESeries, model_name: Optional[str] = None, mask=None, device="auto", fa_deg=None,
                   tr_s=None, t10_s=None, r1_per_mM_s=None, batch_voxels: int = 65536, progress=None, cancel=None,
                   baseline_frames: Optional[int] = None, n_samples: Optional[int] = None,
-                  models_dir=None, protocol_calibration: bool = True) -> InferenceOutput:
-    """Ktrans, ve, vp, kep maps and their 1-SD uncertainty from a DCE signal series, no AIF needed.
+                  models_dir=None, protocol_calibration: bool = True, input_function=None) -> InferenceOutput:
+    """Ktrans, ve, vp, kep maps and their 1-SD uncertainty from a DCE signal series by a network.
+
+    ``input_function`` (``DCEPKFittingLib.pipeline.input_function.InputFunctionSpec``): for the
+    AIF-conditioned models (card mode 'aif_conditioned'; ROI, CSV, population or automatic detection,
+    resolved as ``run_fit`` does); AIF-free models take none. ``model_name`` None: the default of
+    each (``DEFAULT_CONDITIONED_MODEL`` with an input function, else ``DEFAULT_MODEL``).
 
     mask: bool [k, j, i] (None: voxels whose baseline signal exceeds 10 % of its 99th percentile);
     fa_deg (degrees) / tr_s (s): default to the series header; t10_s (required): T10 in s, one
@@ -176,7 +185,23 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
         notes.append(f"relaxivity r1 = {r1_per_mM_s} 1/(mM s) (default agent and field; give r1 if yours differs)")
     cg.require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s)
     t10 = _t10_values(t10_s, shape)
+    model_name = model_name or (DEFAULT_CONDITIONED_MODEL if input_function is not None else DEFAULT_MODEL)
+    mode = model_mode(read_card(model_name, models_dir))
+    check_mode(mode, input_function, model_name)
+    if mode == "aif_conditioned":   # the fit's baseline rule: fit and infer resolve the same input function
+        baseline_frames = series_baseline(series, baseline_frames)
     mask, n_base = _voxels_to_infer(series, mask, finite, baseline_frames, notes)
+    if mode == "aif_conditioned":
+        mean, sd, plasma, found, card, dev = run_conditioned(
+            series, model_name, input_function, mask=mask, device=device, fa_deg=fa_deg, tr_s=tr_s, t10=t10,
+            r1_per_mM_s=r1_per_mM_s, baseline_frames=n_base, batch_voxels=batch_voxels, models_dir=models_dir,
+            notes=notes, progress=progress, cancel=cancel)
+        outside = protocol_outside_training(series.times_s, card)
+        if outside:
+            notes.append(outside)
+        report(progress, 1.0, "done")
+        return InferenceOutput(_maps(mean, sd, mask, ~finite), dict(UNITS), series.geometry, card, mask, n_base,
+                               str(dev), notes, plasma, found)
     dev = choose_inference_device(device, notes)
     model, card = load_model(model_name, dev, models_dir)
     outside = protocol_outside_training(series.times_s, card)

@@ -45,7 +45,7 @@ def _error_to_sd(model, batch: Dict[str, torch.Tensor]) -> np.ndarray:
     return np.abs(mean - truth) / np.maximum(sd, 1e-12)
 
 
-def _coverage_factors(error_to_sd: np.ndarray) -> list:
+def coverage_factors(error_to_sd: np.ndarray) -> list:
     """Per-parameter factors on the present SD so that mean +- 1.645 SD covers 90 % of the voxels."""
     return [float(np.quantile(error_to_sd[:, i], 0.9) / Z90) for i in range(3)]
 
@@ -57,7 +57,7 @@ def calibrate_sd(model, batch: Dict[str, torch.Tensor]) -> list:
     tcn_punet's latent spread, is not calibrated by itself); stored in
     ``network_config['sd_scale']`` and applied by ``networks.calibrated_sd``."""
     model.config["sd_scale"] = [1.0, 1.0, 1.0]
-    factors = _coverage_factors(_error_to_sd(model, batch))
+    factors = coverage_factors(_error_to_sd(model, batch))
     model.config["sd_scale"] = factors
     return factors
 
@@ -83,7 +83,7 @@ def calibrate_to_protocol(model, times_s, device="cpu", cancel=None) -> list:
                  "patch_size": settings["patch_size"]}
         batch = make_batch(model.kind, rng, sized, validation=True, times_s=times)
         ratios.append(_error_to_sd(model, to_torch(batch, device)))
-    factors = _coverage_factors(np.concatenate(ratios))
+    factors = coverage_factors(np.concatenate(ratios))
     present = model.config.get("sd_scale", [1.0, 1.0, 1.0])
     model.config["sd_scale"] = [a * b for a, b in zip(present, factors)]
     return factors

@@ -8,14 +8,16 @@ from typing import Dict
 from DCEPKFittingLib.core.errors import DCEPKInputError
 
 from ..nn.model_store import models_dir
-from ..nn.networks import NETWORKS
+from ..nn.networks import NETWORKS, network_class
 
 CONFIG_DIR = models_dir() / "configs"
 DEFAULT_TRAINING = {"steps": 1000, "lr": 2e-3, "weight_decay": 1e-4, "seed": 1, "val_seed": 900001,
                     "val_subjects": 32, "val_voxels_per_subject": 128, "val_patches": 24,
                     "subjects_per_batch": 16, "voxels_per_subject": 256, "patches_per_batch": 8,
                     "patch_size": 32, "checkpoint_every": 200, "log_every": 25, "temporal_shift_max": 4,
-                    "grad_clip": 5.0}
+                    "grad_clip": 5.0,
+                    # AIF-conditioned voxel networks: a pool of encoded subjects, refreshed through the run
+                    "pool_subjects": 4096, "refresh_every": 400, "refresh_subjects": 256, "batch_voxels": 1024}
 BUDGET_PROBE_STEPS = 20
 CALIBRATION_SUBJECTS = 128        # patches or voxel groups (one AIF each) in the SD calibration set
 # as many subjects as the card's calibration: subject-to-subject (AIF) spread makes 64 too few (coverage
@@ -51,7 +53,25 @@ UNCERTAINTY_METHOD_WITH_ALEATORIC_HEAD = {
 }
 
 
+CONDITIONED_DESCRIPTIONS = {
+    "hetero_encoder": "AIF-conditioned voxel-wise network: the input function's extended-Tofts profile likelihood "
+                      "over a kep bank (aif_encoding) into an ensemble of MLPs with an anchored Laplace head",
+}
+CONDITIONED_UNCERTAINTY = {
+    "hetero_encoder": "Laplace NLL scale per ensemble member (SD = sqrt(2) b); SD^2 = mean member variance + "
+                      "variance of member locations" + _CALIBRATED,
+}
+
+
+def description(model_name: str, network_config: Dict) -> str:
+    if network_config.get("mode") == "aif_conditioned":
+        return CONDITIONED_DESCRIPTIONS[model_name]
+    return DESCRIPTIONS[model_name]
+
+
 def uncertainty_method(model_name: str, network_config: Dict) -> str:
+    if network_config.get("mode") == "aif_conditioned":
+        return CONDITIONED_UNCERTAINTY[model_name]
     if model_name == "hetero_encoder" and int(network_config.get("members", 1)) == 1:
         return "heteroscedastic NLL head (aleatoric only: one member, no ensemble spread)" + _CALIBRATED
     if network_config.get("aleatoric_head"):
@@ -60,12 +80,17 @@ def uncertainty_method(model_name: str, network_config: Dict) -> str:
 
 
 
+def shipped_configs() -> Dict[str, Path]:
+    """{model name: config file} of every shipped model (a config in ``CONFIG_DIR`` per model file)."""
+    return {path.stem: path for path in sorted(CONFIG_DIR.glob("*.json"))}
+
+
 def load_config(model_name: str, path=None) -> Dict:
     """Training config: the JSON file given, else the shipped ``configs/<model>.json``, else defaults."""
     if model_name not in NETWORKS:
         raise DCEPKInputError(f"unknown network {model_name!r}: choose one of {sorted(NETWORKS)}")
     path = Path(path) if path else CONFIG_DIR / f"{model_name}.json"
-    config = {"network": model_name, "network_config": {}, "training": {}}
+    config = {"network": model_name, "network_config": {}, "training": {}, "selection": None, "cpu_budget": None}
     if path.is_file():
         try:
             loaded = json.loads(path.read_text())
@@ -77,5 +102,6 @@ def load_config(model_name: str, path=None) -> Dict:
     elif path.name != f"{model_name}.json" or path.parent != CONFIG_DIR:
         raise DCEPKInputError(f"config file {path} not found")
     config["training"] = {**DEFAULT_TRAINING, **config["training"]}
-    config["network_config"] = {**NETWORKS[model_name].default_config, **config["network_config"]}
+    config["network_config"] = {**network_class(model_name, config["network_config"]).default_config,
+                                **config["network_config"]}
     return config

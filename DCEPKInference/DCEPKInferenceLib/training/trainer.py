@@ -18,6 +18,7 @@ import math
 import platform
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Optional
 
@@ -30,12 +31,11 @@ from DCEPKFittingLib.core.jobs import raise_if_cancelled
 from DCEPKFittingLib.core.output_files import OutputSet
 
 from .. import __version__
-from ..data import canonical_grid, simulator
+from ..nn.conditioned import MODE as CONDITIONED
 from ..nn.model_store import load_model, save_model
 from ..nn.networks import PARAM_NAMES, PARAM_UNITS, PARAM_UPPER, build_network, count_parameters
-from .batches import compute_loss, make_batch, to_torch
-from .calibration import check_metric, evaluate, fit_sd_calibration, validation_batch
-from .config import BUDGET_PROBE_STEPS, CHECK_SET, DESCRIPTIONS, load_config, uncertainty_method
+from .config import BUDGET_PROBE_STEPS, description, load_config, uncertainty_method
+from .tasks import task_for
 
 
 # Config keys a fine-tune may enlarge (the MLP's hidden layers, whose units can be added without
@@ -69,7 +69,8 @@ def _initialise_from(model, model_name: str, directory, log, name: Optional[str]
     ``model_name`` in ``directory`` into ``model``, or grow them into it when the config only
     enlarges a ``GROWABLE`` key."""
     trained, card = load_model(name or model_name, "cpu", directory)
-    rule = GROWABLE.get(model_name, {"grow": (), "fixed": ()})
+    conditioned = model.config.get("mode") == CONDITIONED   # GROWABLE holds for the AIF-free layout only
+    rule = {"grow": (), "fixed": ()} if conditioned else GROWABLE.get(model_name, {"grow": (), "fixed": ()})
     grown = [k for k in rule["grow"] if model.config[k] > trained.config[k]]
     added = {k: prefix for k, prefix in ADDABLE.get(model_name, {}).items()
              if model.config.get(k) and not trained.config.get(k)}
@@ -99,21 +100,33 @@ def _initialise_from(model, model_name: str, directory, log, name: Optional[str]
             **({"initialised_from": previous["initialised_from"]} if "initialised_from" in previous else {})}
 
 
-def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] = None, device="auto",
-          out_dir=None, resume=None, overwrite: bool = False, threads: Optional[int] = None,
-          time_budget_min: Optional[float] = None, init_from=None, progress=None, cancel=None,
-          log=sys.stderr, name: Optional[str] = None) -> Dict:
-    """Train network ``model_name`` and write ``<out_dir>/<name>.safetensors`` + ``.json`` (``name``:
-    the model's name, default the network's; another name ships a variant, e.g. a smaller config,
-    beside the network's own model). Returns the card.
+@dataclass
+class _Run:
+    """One training run: its model, optimiser, schedule and progress."""
 
-    ``time_budget_min``: on a slow machine, fit the run into this many minutes of wall clock: after
-    ``BUDGET_PROBE_STEPS`` steps the total is cut to what the measured step time allows (the
-    cosine schedule follows the new total, so the run still ends at the low learning rate).
-    ``init_from``: a folder with a trained ``<model_name>`` (weights checked against its card):
-    fine-tune from those weights with a fresh optimiser and schedule, e.g. under another loss.
-    """
-    config = config or load_config(model_name)
+    model_name: str
+    name: str
+    training: Dict
+    device: torch.device
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    schedule: torch.optim.lr_scheduler.LambdaLR
+    plan: Dict                              # {"total": steps}; a time budget may lower it
+    out_dir: Path
+    log: object
+    start_step: int = 0
+    previous_wall: float = 0.0
+    initialised_from: Optional[Dict] = None
+    started: float = 0.0
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.out_dir / f"{self.name}.checkpoint.pt"
+
+
+def _new_run(model_name, config, steps, device, out_dir, overwrite, threads, log, name) -> _Run:
+    """The model, optimiser and cosine schedule of a run (learning rate down to 10 %); refuses to
+    overwrite trained weights without ``overwrite``."""
     training = dict(config["training"])
     if steps is not None:
         training["steps"] = int(steps)
@@ -127,111 +140,154 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
     if threads:
         torch.set_num_threads(int(threads))
     dev = resolve_training_device(device)
-    seed = int(training["seed"])
-    torch.manual_seed(seed)
+    torch.manual_seed(int(training["seed"]))
     model = build_network(model_name, config["network_config"]).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])
-    total = training["steps"]
-    plan = {"total": total}  # read by the schedule, so a time budget can shorten the run
+    plan = {"total": training["steps"]}  # read by the schedule, so a time budget can shorten the run
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, plan["total"]) / plan["total"])))
-    start_step = 0
-    previous_wall = 0.0
-    initialised_from = None
+    return _Run(model_name, name, training, dev, model, optimizer, schedule, plan, out_dir, log)
+
+
+def _resume(run: _Run, resume) -> None:
+    state = torch.load(resume, map_location=run.device, weights_only=True)
+    if state.get("network") != run.model_name:
+        raise DCEPKInputError(f"checkpoint {resume} is for '{state.get('network')}', not '{run.model_name}'")
+    run.model.load_state_dict(state["model"])
+    run.optimizer.load_state_dict(state["optimizer"])
+    run.schedule.load_state_dict(state["schedule"])
+    run.start_step = int(state["step"])
+    run.previous_wall = float(state.get("wall_s", 0.0))
+    print(f"resumed {run.model_name} from {resume} at step {run.start_step}", file=run.log)
+
+
+def _step(run: _Run, task, step: int) -> float:
+    """One optimiser step on the batch of ``step`` (drawn from ``[seed, step]``: a resumed run
+    continues exactly as an uninterrupted one); returns the loss."""
+    seed = int(run.training["seed"])
+    rng = np.random.default_rng([seed, step])
+    generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    torch.manual_seed(seed * 1_000_003 + step)
+    run.model.train()
+    loss = task.loss(task.batch(step, rng), generator)
+    run.optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(run.model.parameters(), run.training["grad_clip"])
+    run.optimizer.step()
+    run.schedule.step()
+    return loss.item()
+
+
+def _apply_time_budget(run: _Run, done: int, time_budget_min: float) -> None:
+    """After the probe steps and then at every log step, cut the total steps to what the step time
+    measured so far allows in the budget (a pool refresh or a busy machine changes the step time; the
+    total only ever shrinks); the cosine schedule follows the new total."""
+    if not time_budget_min or done < run.start_step + BUDGET_PROBE_STEPS:
+        return
+    if done != run.start_step + BUDGET_PROBE_STEPS and done % run.training["log_every"]:
+        return
+    per_step = (time.perf_counter() - run.started) / (done - run.start_step)
+    affordable = run.start_step + int(time_budget_min * 60.0 / per_step)
+    if affordable < run.plan["total"] * 0.99 or (done == run.start_step + BUDGET_PROBE_STEPS
+                                                  and affordable < run.plan["total"]):
+        run.plan["total"] = run.training["steps"] = max(affordable, done)
+        print(f"[{run.model_name}] {per_step:.3f} s/step: {run.plan['total']} steps fit the {time_budget_min:g} min "
+              "budget", file=run.log, flush=True)
+
+
+def _save_checkpoint(run: _Run, done: int) -> None:
+    checkpoint = {"network": run.model_name, "model": run.model.state_dict(), "optimizer": run.optimizer.state_dict(),
+                  "schedule": run.schedule.state_dict(), "step": done,
+                  "wall_s": run.previous_wall + time.perf_counter() - run.started}
+    with OutputSet(overwrite=True) as outputs:  # a kill while saving leaves the last checkpoint whole
+        outputs.add_stream(run.checkpoint_path, lambda handle: torch.save(checkpoint, handle))
+        outputs.commit()
+
+
+def _train_steps(run: _Run, task, time_budget_min, progress, cancel) -> None:
+    running = None
+    step = run.start_step
+    while step < run.plan["total"]:
+        raise_if_cancelled(cancel)
+        loss = _step(run, task, step)
+        running = loss if running is None else 0.95 * running + 0.05 * loss
+        done = step = step + 1
+        _apply_time_budget(run, done, time_budget_min)
+        total = run.plan["total"]
+        if done % run.training["log_every"] == 0 or done == total:
+            elapsed = time.perf_counter() - run.started
+            eta = elapsed / (done - run.start_step) * (total - done)
+            print(f"[{run.model_name}] step {done}/{total} loss {running:.4f} ({elapsed:.0f} s, ETA {eta:.0f} s)",
+                  file=run.log, flush=True)
+            if progress:
+                progress(done / total, f"step {done}/{total}")
+        if done % run.training["checkpoint_every"] == 0 or done == total:
+            _save_checkpoint(run, done)
+
+
+def _model_card(run: _Run, task, calibration, validation, wall: float) -> Dict:
+    model, training, total = run.model, run.training, run.plan["total"]
+    entries = task.card_entries()
+    entries["validation"] = {**entries.get("validation", {}), "metrics": validation}
+    retrain = (f"dcepk train --model {run.model_name} "
+               + (f"--name {run.name} --config DCEPKInference/Resources/Models/configs/{run.name}.json "
+                  if run.name != run.model_name else "")
+               + f"--steps {max(total, 20000)} --device cuda --out DCEPKInference/Resources/Models --overwrite")
+    return {
+        "network": run.model_name, "architecture": type(model).__name__,
+        "description": description(run.model_name, model.config), "input_kind": model.kind,
+        "network_config": model.config, "n_parameters": count_parameters(model),
+        "outputs": {n: u for n, u in zip(PARAM_NAMES, PARAM_UNITS)},
+        "output_upper_bounds": dict(zip(PARAM_NAMES, PARAM_UPPER)),
+        "uncertainty": uncertainty_method(run.model_name, model.config), "sd_calibration": calibration,
+        **entries,
+        "training": {**training, "steps_run_this_session": total - run.start_step,
+                     "resumed_from_step": run.start_step, "wall_s": round(run.previous_wall + wall, 1),
+                     "wall_s_this_session": round(wall, 1), "device": str(run.device),
+                     "torch_threads": torch.get_num_threads(), "torch_version": torch.__version__,
+                     "platform": platform.platform(),
+                     **({"initialised_from": run.initialised_from} if run.initialised_from else {})},
+        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "code_version": f"DCEPKInferenceLib {__version__}", "retrain_command": retrain,
+    }
+
+
+def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] = None, device="auto",
+          out_dir=None, resume=None, overwrite: bool = False, threads: Optional[int] = None,
+          time_budget_min: Optional[float] = None, init_from=None, progress=None, cancel=None,
+          log=sys.stderr, name: Optional[str] = None) -> Dict:
+    """Train network ``model_name`` and write ``<out_dir>/<name>.safetensors`` + ``.json`` (``name``:
+    the model's name, default the network's; another name ships a variant, e.g. a smaller config or
+    the AIF-conditioned mode, beside the network's own model). Returns the card.
+
+    ``time_budget_min``: on a slow machine, fit the run into this many minutes of wall clock (the
+    step time is measured after ``BUDGET_PROBE_STEPS`` steps and at every log step; the cosine
+    schedule follows the new total, so the run still ends at the low learning rate).
+    ``init_from``: a folder with a trained ``<model_name>`` (weights checked against its card):
+    fine-tune from those weights with a fresh optimiser and schedule, e.g. under another loss.
+    """
+    config = config or load_config(model_name)
     if init_from and resume:
         raise DCEPKInputError("--init-from and --resume exclude each other: resume continues a run, "
                               "init-from starts a new one from trained weights")
+    run = _new_run(model_name, config, steps, device, out_dir, overwrite, threads, log, name)
     if init_from:
-        initialised_from = _initialise_from(model, model_name, init_from, log, name)
-    checkpoint_path = out_dir / f"{name}.checkpoint.pt"
+        run.initialised_from = _initialise_from(run.model, model_name, init_from, log, run.name)
     if resume:
-        state = torch.load(resume, map_location=dev, weights_only=True)
-        if state.get("network") != model_name:
-            raise DCEPKInputError(f"checkpoint {resume} is for '{state.get('network')}', not '{model_name}'")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_step = int(state["step"])
-        previous_wall = float(state.get("wall_s", 0.0))
-        print(f"resumed {model_name} from {resume} at step {start_step}", file=log)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    val_batch = validation_batch(model.kind, training, dev)
-    started = time.perf_counter()
-    running = None
-    step = start_step
-    while step < total:
-        raise_if_cancelled(cancel)
-        rng = np.random.default_rng([seed, step])
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
-        torch.manual_seed(seed * 1_000_003 + step)
-        model.train()
-        batch = to_torch(make_batch(model.kind, rng, training), dev)
-        loss = compute_loss(model, batch, training, generator)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), training["grad_clip"])
-        optimizer.step()
-        schedule.step()
-        running = loss.item() if running is None else 0.95 * running + 0.05 * loss.item()
-        done = step = step + 1
-        if time_budget_min and done == start_step + BUDGET_PROBE_STEPS:
-            per_step = (time.perf_counter() - started) / BUDGET_PROBE_STEPS
-            affordable = start_step + int(time_budget_min * 60.0 / per_step)
-            if affordable < total:
-                total = plan["total"] = max(affordable, done)
-                training["steps"] = total
-                print(f"[{model_name}] {per_step:.2f} s/step: {total} steps fit the {time_budget_min:g} min budget",
-                      file=log, flush=True)
-        if done % training["log_every"] == 0 or done == total:
-            elapsed = time.perf_counter() - started
-            eta = elapsed / (done - start_step) * (total - done)
-            print(f"[{model_name}] step {done}/{total} loss {running:.4f} ({elapsed:.0f} s, ETA {eta:.0f} s)",
-                  file=log, flush=True)
-            if progress:
-                progress(done / total, f"step {done}/{total}")
-        if done % training["checkpoint_every"] == 0 or done == total:
-            checkpoint = {"network": model_name, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                          "schedule": schedule.state_dict(), "step": done,
-                          "wall_s": previous_wall + time.perf_counter() - started}
-            with OutputSet(overwrite=True) as outputs:  # a kill while saving leaves the last checkpoint whole
-                outputs.add_stream(checkpoint_path, lambda handle: torch.save(checkpoint, handle))
-                outputs.commit()
-    wall = time.perf_counter() - started
-    model.eval()
-    calibration = fit_sd_calibration(model, training, dev) if model.config.get("calibrate_sd") else None
-    validation = evaluate(model, val_batch)
+        _resume(run, resume)
+    run.out_dir.mkdir(parents=True, exist_ok=True)
+    task = task_for(run.model, run.training, run.device, log, cancel)
+    task.prepare(run.start_step, fresh=not (resume or init_from))
+    run.started = time.perf_counter()
+    _train_steps(run, task, time_budget_min, progress, cancel)
+    wall = time.perf_counter() - run.started
+    run.model.eval()
+    calibration = task.calibrate() if run.model.config.get("calibrate_sd") else None
+    validation = task.validation_metrics()
     print(f"[{model_name}] validation: " + ", ".join(f"{k} RMSE {v['rmse']:.4f} CCC {v['ccc']:.3f}"
                                                      for k, v in validation.items()), file=log, flush=True)
-    card = {
-        "network": model_name,
-        "architecture": type(model).__name__,
-        "description": DESCRIPTIONS[model_name],
-        "input_kind": model.kind,
-        "network_config": model.config,
-        "n_parameters": count_parameters(model),
-        "outputs": {n: u for n, u in zip(PARAM_NAMES, PARAM_UNITS)},
-        "output_upper_bounds": dict(zip(PARAM_NAMES, PARAM_UPPER)),
-        "uncertainty": uncertainty_method(model_name, model.config),
-        "sd_calibration": calibration,
-        "canonical_grid": {"step_s": canonical_grid.GRID_STEP_S, "points": canonical_grid.GRID_POINTS,
-                           "input": canonical_grid.INPUT_DESCRIPTION,
-                           "protocol_features": list(canonical_grid.PROTOCOL_FEATURES)},
-        "simulator_ranges": simulator.SIMULATOR_RANGES,
-        "training": {**training, "steps_run_this_session": total - start_step, "resumed_from_step": start_step,
-                     "wall_s": round(previous_wall + wall, 1), "wall_s_this_session": round(wall, 1), "device": str(dev), "torch_threads": torch.get_num_threads(),
-                     "torch_version": torch.__version__, "platform": platform.platform(),
-                     **({"initialised_from": initialised_from} if initialised_from else {})},
-        "validation": {"set": {"seed": training["val_seed"], "kind": model.kind,
-                               "size": int(val_batch["params"].numel() // 3)}, "metrics": validation},
-        "check": {**CHECK_SET, "metric": "Ktrans_rmse_per_min", "value": check_metric(model, dev)},
-        "date_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "code_version": f"DCEPKInferenceLib {__version__}",
-        "retrain_command": f"dcepk train --model {model_name} "
-                           + (f"--name {name} --config DCEPKInference/Resources/Models/configs/{name}.json "
-                              if name != model_name else "")
-                           + f"--steps {max(total, 20000)} --device cuda --out DCEPKInference/Resources/Models --overwrite",
-    }
-    card = save_model(model.cpu(), card, out_dir, name, overwrite=overwrite)
-    print(f"[{model_name}] wrote {target} ({card['weights_bytes'] / 1e6:.2f} MB, sha256 {card['sha256'][:12]}...)",
-          file=log, flush=True)
+    card = save_model(run.model.cpu(), _model_card(run, task, calibration, validation, wall), run.out_dir, run.name,
+                      overwrite=overwrite)
+    print(f"[{model_name}] wrote {run.out_dir / (run.name + '.safetensors')} ({card['weights_bytes'] / 1e6:.2f} MB, "
+          f"sha256 {card['sha256'][:12]}...)", file=log, flush=True)
     return card

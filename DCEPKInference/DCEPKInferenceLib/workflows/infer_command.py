@@ -11,9 +11,20 @@ from DCEPKFittingLib.core.output_files import OutputSet, check_targets
 from DCEPKFittingLib.io import map_targets, read_mask, stage_maps
 from DCEPKFittingLib.workflows.cli import (POSITIVE_INT, add_acquisition_options, add_series_options, add_t10_options,
                                            print_messages, read_series_option, read_t10, write_summary)
+from DCEPKFittingLib.workflows.input_function_options import (add_input_function_options, has_input_function,
+                                                              input_function_spec, input_function_targets,
+                                                              stage_input_function_outputs)
 
-from ..nn.model_store import check_model_name, list_models
-from ..pipeline.inference import DEFAULT_MODEL, INFER_SUMMARY, MAP_ORDER, run_inference, training_protocol_ranges
+from ..nn.model_store import check_model_name, list_models, model_mode, read_card
+from ..pipeline.inference import (DEFAULT_CONDITIONED_MODEL, DEFAULT_MODEL, INFER_SUMMARY, MAP_ORDER, run_inference,
+                                  training_protocol_ranges)
+
+MODES = {"aif": "the input function given (--aif-roi, --aif-csv, --population-aif or --auto-aif) into an "
+                "AIF-conditioned network",
+         "image": "read from the image: the input function detected automatically (as --auto-aif) into an "
+                  "AIF-conditioned network",
+         "aif-free": "a network that sees no input function (Ktrans known only up to the input function's "
+                     "amplitude)"}
 
 
 def _device(text: str) -> str:
@@ -31,12 +42,18 @@ def _model_name(text: str) -> str:
 
 def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(
-        prog="dcepk infer", description="Ktrans, ve, vp, kep maps with uncertainty by a neural network (no AIF)")
+        prog="dcepk infer", description="Ktrans, ve, vp, kep maps with uncertainty by a neural network")
     parser.add_argument("input", type=Path, nargs="?", help="DCE signal series (DICOM folder, NIfTI, NRRD)")
-    parser.add_argument("--model", default=DEFAULT_MODEL, type=_model_name, help="shipped network (see --list)")
+    parser.add_argument("--mode", choices=list(MODES),
+                        help="; ".join(f"{k}: {v}" for k, v in MODES.items()) + " (default: aif with an input "
+                             "function, image without one, or the --model's mode)")
+    parser.add_argument("--model", type=_model_name,
+                        help=f"shipped network (see --list; default {DEFAULT_CONDITIONED_MODEL}, or {DEFAULT_MODEL} "
+                             "for --mode aif-free)")
     parser.add_argument("--out", type=Path, help="output folder for the maps")
     parser.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda")
     parser.add_argument("--mask", type=Path, help="mask / label map on the series grid (default: auto)")
+    add_input_function_options(parser, required=False)
     add_t10_options(parser, " (required)")
     add_acquisition_options(parser)
     add_series_options(parser)
@@ -48,36 +65,69 @@ def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     return parser
 
 
+def _list_models() -> int:
+    for card in list_models():
+        val = card.get("validation", {}).get("metrics", {}).get("Ktrans", {})
+        frames, interval = training_protocol_ranges(card)
+        trained = (f"\ttrained on {frames[0]}-{frames[1]} frames, {interval[0]:g}-{interval[1]:g} s apart"
+                   if frames and interval else "")
+        error = (f"median abs error {val['median_abs_error']:.4f}" if "median_abs_error" in val
+                 else f"RMSE {val.get('rmse', float('nan')):.4f}")
+        print(f"{card['name']}\t{model_mode(card)}\t{card.get('description', '')}\tvalidation Ktrans {error} 1/min"
+              f"{trained}")
+    return 0
+
+
+def choose_mode_and_model(args):
+    """(mode, model name): --mode, else aif with an input function, the --model's own mode, or image."""
+    mode = args.mode
+    if mode is None:
+        if has_input_function(args):
+            mode = "aif"
+        elif args.model:
+            mode = "aif-free" if model_mode(read_card(args.model)) == "aif_free" else "image"
+        else:
+            mode = "image"
+    model = args.model or (DEFAULT_MODEL if mode == "aif-free" else DEFAULT_CONDITIONED_MODEL)
+    if mode == "aif" and not has_input_function(args):
+        raise DCEPKInputError("--mode aif needs an input function: --aif-roi, --aif-csv, --population-aif or --auto-aif")
+    if mode != "aif" and has_input_function(args):
+        raise DCEPKInputError(f"--mode {mode} takes no input function: leave out --aif-roi, --aif-csv, --population-aif "
+                              "and --auto-aif, or use --mode aif")
+    if mode == "image":
+        args.auto_aif = "either"
+    return mode, model
+
+
 def infer_main(argv=None) -> int:
     args = build_infer_parser().parse_args(argv)
     if args.list:
-        for card in list_models():
-            val = card.get("validation", {}).get("metrics", {}).get("Ktrans", {})
-            frames, interval = training_protocol_ranges(card)
-            trained = (f"\ttrained on {frames[0]}-{frames[1]} frames, {interval[0]:g}-{interval[1]:g} s apart"
-                       if frames and interval else "")
-            print(f"{card['name']}\t{card.get('description', '')}\tvalidation Ktrans RMSE "
-                  f"{val.get('rmse', float('nan')):.4f} 1/min{trained}")
-        return 0
+        return _list_models()
     if args.input is None or args.out is None:
         raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")
-    check_targets(map_targets(args.out, MAP_ORDER) + [args.out / INFER_SUMMARY], args.overwrite)
+    mode, model = choose_mode_and_model(args)
+    check_targets(map_targets(args.out, MAP_ORDER) + [args.out / INFER_SUMMARY] + input_function_targets(args, args.out),
+                  args.overwrite)
     series = read_series_option(args)
+    spec = input_function_spec(args, series) if mode != "aif-free" else None
     mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
-    result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
+    result = run_inference(series, model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
                            t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
-                           baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {args.model}"),
-                           protocol_calibration=not args.no_protocol_calibration)
+                           baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {model}"),
+                           protocol_calibration=not args.no_protocol_calibration, input_function=spec)
     print_messages("note", result.notes)
-    summary = {"command": "infer", "input": str(args.input), "model": args.model, "device": result.device,
+    summary = {"command": "infer", "input": str(args.input), "mode": mode, "model": model, "device": result.device,
+               "input_function": spec.describe() if spec else None,
                "timing_source": series.metadata.get("timing_source"), "times_s": series.times_s.tolist(),
                "baseline_frames": result.baseline_frames, "units": result.units, "notes": result.notes}
     with OutputSet(args.overwrite) as outputs:
         written = stage_maps(outputs, args.out, result.maps, result.geometry)
+        stage_input_function_outputs(outputs, args.out, result.input_function, series.times_s, result.geometry)
         write_summary(outputs, args.out / INFER_SUMMARY, summary)
         outputs.commit()
     print(f"{len(written)} maps ({', '.join(result.maps)}) written to {args.out} "
-          f"[model {args.model}, device {result.device}, {result.baseline_frames} baseline frames]", file=sys.stderr)
+          f"[mode {mode}, model {model}, device {result.device}, {result.baseline_frames} baseline frames]",
+          file=sys.stderr)
     return 0
 
 
