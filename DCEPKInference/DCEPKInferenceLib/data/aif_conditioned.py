@@ -23,7 +23,7 @@ from DCEPKFittingLib.signal import spgr_signal
 
 from . import aif_families as families
 from .canonical_grid import estimate_baseline_frames, tissue_concentration
-from .simulator import KEP_MAX, add_rician_noise, sample_tissue_params
+from .simulator import add_rician_noise, sample_parameter_maps, sample_tissue_params
 
 PROTOCOL_FAMILIES = {"uniform": "training", "jittered": "training", "fine": "training", "two_rate": "held_out"}
 TRAINING_PROTOCOLS = ("uniform", "jittered", "fine")
@@ -172,4 +172,24 @@ def simulate_subject(rng, n_voxels: int, aif_family: Optional[str] = None, proto
                               true_base, delay_s)
 
 
-KEP_OF_VESSEL_CLASS = KEP_MAX   # for documentation: vessel-like voxels keep the legacy law
+def sample_conditioned_maps(rng, size: int) -> np.ndarray:
+    """(3, H, W) textured Ktrans / ve / vp (the AIF-free simulator's texture: regions, lesions with rim
+    and core, vessel-like spots) with, in one patch of five, a disk of fast-exchange tissue."""
+    maps = sample_parameter_maps(rng, size)
+    if rng.uniform() < 2 * FAST_EXCHANGE["fraction"]:
+        yy, xx = np.mgrid[:size, :size]
+        cy, cx = rng.uniform(0, size, 2)
+        disk = (yy - cy) ** 2 + (xx - cx) ** 2 < rng.uniform(3.0, size / 3) ** 2
+        ve = np.maximum(rng.uniform(*FAST_EXCHANGE["ve"]), maps[0] / FAST_EXCHANGE["kep_max_per_min"])
+        maps[1] = np.where(disk & (maps[0] > 0), ve, maps[1])
+    return maps
+
+
+def simulate_patch(rng, size: int, **simulate_kwargs):
+    """One textured patch of one subject: (ConditionedSubject of its H*W pixels, truth maps (3, H, W)).
+    One baseline SNR for the patch (drawn by the training law unless ``snr_range`` says)."""
+    maps = sample_conditioned_maps(rng, size)
+    snr_range = simulate_kwargs.pop("snr_range", None)
+    snr = float(draw_snr(rng, 1, snr_range)[0])
+    subject = simulate_subject(rng, size * size, snr_range=snr, params=maps.reshape(3, -1).T, **simulate_kwargs)
+    return subject, maps

@@ -550,11 +550,12 @@ def network_class(name: str, config: Dict = None):
     mode = (config or {}).get("mode")
     if mode in (None, "aif_free"):
         return NETWORKS[name]
-    from .conditioned import CONDITIONED_NETWORKS, MODE   # that module builds on this one
-    if mode != MODE or name not in CONDITIONED_NETWORKS:
-        raise DCEPKInputError(f"network {name!r} has no mode {mode!r} (AIF-conditioned: "
-                              f"{', '.join(sorted(CONDITIONED_NETWORKS))})")
-    return CONDITIONED_NETWORKS[name]
+    from .conditioned import CONDITIONED_NETWORKS, MODE   # those modules build on this one
+    from .conditioned_slices import SLICE_NETWORKS
+    classes = {**CONDITIONED_NETWORKS, **SLICE_NETWORKS}
+    if mode != MODE or name not in classes:
+        raise DCEPKInputError(f"network {name!r} has no mode {mode!r} (AIF-conditioned: {', '.join(sorted(classes))})")
+    return classes[name]
 
 
 def build_network(name: str, config: Dict = None) -> nn.Module:

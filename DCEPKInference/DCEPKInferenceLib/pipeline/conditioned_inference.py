@@ -17,8 +17,10 @@ from DCEPKFittingLib.core.errors import DCEPKInputError, setting
 from DCEPKFittingLib.core.jobs import raise_if_cancelled, report, sub_progress
 from DCEPKFittingLib.pipeline.input_function import (InputFunctionSpec, input_function_from_signal,
                                                      plasma_input_function)
+from DCEPKFittingLib.kinetics import tk_models
 from DCEPKFittingLib.signal import detect_baseline_frames, rician, signal_to_concentration
 
+from ..data import canonical_grid as cg
 from ..nn import aif_encoding
 from ..nn.model_store import load_model
 
@@ -65,13 +67,17 @@ def resolve_series_input_function(series, spec: InputFunctionSpec, *, t10_s, fa_
     return plasma, from_signal
 
 
-def _encoded_chunk(signal_2d, basis, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s):
-    """Concentration of a chunk of voxels (float64; undefined frames weight 0) and its encoding."""
+def _concentration(signal_2d, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s):
+    """(concentration (N, T) mM with 0 where undefined, frames usable (N, T), baseline noise SD (N,))."""
     conc, _ = signal_to_concentration(signal_2d, t10, fa_deg, tr_s, r1_per_mM_s, baseline_frames)
     usable = np.isfinite(conc)
-    noise = np.nanstd(conc[:, :baseline_frames], axis=1, ddof=1)
-    conc = np.where(usable, conc, 0.0)
-    noise = np.where(np.isfinite(noise), noise, aif_encoding.SIGMA_FLOOR_MM)
+    with np.errstate(invalid="ignore"):
+        noise = np.nanstd(np.where(usable[:, :baseline_frames], conc[:, :baseline_frames], np.nan), axis=1, ddof=1)
+    return np.where(usable, conc, 0.0), usable, np.where(np.isfinite(noise), noise, aif_encoding.SIGMA_FLOOR_MM)
+
+
+def _encode(conc, usable, noise, basis):
+    """Encoding of a chunk: voxels with every frame defined in one pass, the others frame-weighted."""
     complete = usable.all(1)
     parts = {}
     if complete.any():
@@ -88,6 +94,10 @@ def _encoded_chunk(signal_2d, basis, baseline_frames, t10, fa_deg, tr_s, r1_per_
                 joined[torch.from_numpy(rows)] = getattr(parts[key], field)
         out[field] = joined
     return out
+
+
+def _encoded_chunk(signal_2d, basis, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s):
+    return _encode(*_concentration(signal_2d, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s), basis)
 
 
 def predict_conditioned(model, series, mask, basis, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s, device,
@@ -114,6 +124,60 @@ def predict_conditioned(model, series, mask, basis, baseline_frames, t10, fa_deg
     return mean, sd
 
 
+def _slice_batch(conc, usable, noise, inside, shape_hw, basis, with_stream, device):
+    """The 2-D networks' input for one slice box: the tissue pixels' curves, the others flat (no
+    contrast, the slice's median noise), as the training patches' pixels are all tissue."""
+    n = inside.size
+    full = np.zeros((n, conc.shape[1]))
+    full[inside] = conc
+    full_usable = np.ones(full.shape, dtype=bool)
+    full_usable[inside] = usable
+    full_noise = np.full(n, float(np.median(noise)) if noise.size else aif_encoding.SIGMA_FLOOR_MM)
+    full_noise[inside] = noise
+    encoded = _encode(full, full_usable, full_noise, basis)
+    h, w = shape_hw
+    image = lambda a: torch.as_tensor(np.asarray(a, np.float32).T.reshape(1, -1, h, w)).to(device)  # noqa: E731
+    batch = {"encoding": image(encoded["features"].numpy()), "anchor": image(encoded["anchor"].numpy()),
+             "posterior_sd": image(encoded["posterior_sd"].numpy()),
+             "tissue": torch.as_tensor(inside.reshape(1, 1, h, w), dtype=torch.float32, device=device)}
+    if with_stream:
+        weights, valid = cg.resampling_matrix(basis.times_s.cpu().numpy())
+        plasma = basis.plasma_mM.cpu().numpy()
+        fitted = tk_models.concentration("etofts", encoded["anchor"].numpy().astype(np.float64),
+                                         basis.times_s.cpu().numpy(), plasma)
+        curves = np.stack([full, np.broadcast_to(plasma, full.shape), full - fitted]) @ weights.T   # (3, N, G)
+        batch["stream"] = torch.as_tensor(curves.transpose(0, 2, 1).reshape(1, 3, -1, h, w), dtype=torch.float32,
+                                          device=device)
+        batch["valid"] = torch.as_tensor(valid[None], dtype=torch.float32, device=device)
+    return batch
+
+
+def predict_conditioned_slices(model, series, mask, basis, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s, device,
+                               progress=None, cancel=None, margin: int = 8):
+    """Mean and SD [k, j, i, 3] of a 2-D network, slice by slice on the mask's bounding box (+ margin)."""
+    shape, n_t = series.spatial_shape, series.n_frames
+    mean = np.zeros(shape + (3,), dtype=np.float32)
+    sd = np.zeros_like(mean)
+    slices = [k for k in range(shape[0]) if mask[k].any()]
+    for done, k in enumerate(slices):
+        raise_if_cancelled(cancel)
+        rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
+        j0, j1 = max(rows[0] - margin, 0), min(rows[-1] + margin + 1, shape[1])
+        i0, i1 = max(cols[0] - margin, 0), min(cols[-1] + margin + 1, shape[2])
+        tissue = mask[k, j0:j1, i0:i1]
+        inside = tissue.ravel()
+        t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
+        signal = np.asarray(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], dtype=np.float64)
+        conc, usable, noise = _concentration(signal, baseline_frames, t10_part, fa_deg, tr_s, r1_per_mM_s)
+        batch = _slice_batch(conc, usable, noise, inside, tissue.shape, basis, model.uses_stream, device)
+        with torch.no_grad():
+            m, s = model.predict(batch)
+        mean[k, j0:j1, i0:i1][tissue] = m[0].permute(1, 2, 0).cpu().numpy()[tissue]
+        sd[k, j0:j1, i0:i1][tissue] = s[0].permute(1, 2, 0).cpu().numpy()[tissue]
+        report(progress, (done + 1) / len(slices), f"slice {done + 1} of {len(slices)}")
+    return mean, sd
+
+
 def run_conditioned(series, model_name, spec: InputFunctionSpec, *, mask, device, fa_deg, tr_s, t10, r1_per_mM_s,
                     baseline_frames, batch_voxels, models_dir, notes: list, progress=None, cancel=None):
     """(mean, sd, plasma input function, what the signal gave, model card, device) for ``run_inference``."""
@@ -126,7 +190,12 @@ def run_conditioned(series, model_name, spec: InputFunctionSpec, *, mask, device
                                                         notes=notes)
     raise_if_cancelled(cancel)
     basis = aif_encoding.series_basis(series.times_s, plasma, baseline_frames)
-    mean, sd = predict_conditioned(model, series, mask, basis, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s, dev,
-                                   int(batch_voxels), sub_progress(progress, 0.05, 1.0), cancel)
+    step = sub_progress(progress, 0.05, 1.0)
+    if model.kind == "slice":
+        mean, sd = predict_conditioned_slices(model, series, mask, basis, baseline_frames, t10, fa_deg, tr_s,
+                                              r1_per_mM_s, dev, step, cancel)
+    else:
+        mean, sd = predict_conditioned(model, series, mask, basis, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s,
+                                       dev, int(batch_voxels), step, cancel)
     return mean, sd, plasma, from_signal, card, dev
 

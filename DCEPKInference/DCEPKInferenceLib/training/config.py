@@ -17,7 +17,9 @@ DEFAULT_TRAINING = {"steps": 1000, "lr": 2e-3, "weight_decay": 1e-4, "seed": 1, 
                     "patch_size": 32, "checkpoint_every": 200, "log_every": 25, "temporal_shift_max": 4,
                     "grad_clip": 5.0,
                     # AIF-conditioned voxel networks: a pool of encoded subjects, refreshed through the run
-                    "pool_subjects": 4096, "refresh_every": 400, "refresh_subjects": 256, "batch_voxels": 1024}
+                    "pool_subjects": 4096, "refresh_every": 400, "refresh_subjects": 256, "batch_voxels": 1024,
+                    # ... and 2-D networks: a pool of encoded patches
+                    "pool_patches": 512, "refresh_patches": 32}
 BUDGET_PROBE_STEPS = 20
 CALIBRATION_SUBJECTS = 128        # patches or voxel groups (one AIF each) in the SD calibration set
 # as many subjects as the card's calibration: subject-to-subject (AIF) spread makes 64 too few (coverage
@@ -53,13 +55,27 @@ UNCERTAINTY_METHOD_WITH_ALEATORIC_HEAD = {
 }
 
 
+_PROFILE = "the input function's extended-Tofts profile likelihood over a kep bank (aif_encoding)"
 CONDITIONED_DESCRIPTIONS = {
-    "hetero_encoder": "AIF-conditioned voxel-wise network: the input function's extended-Tofts profile likelihood "
-                      "over a kep bank (aif_encoding) into an ensemble of MLPs with an anchored Laplace head",
+    "hetero_encoder": f"AIF-conditioned voxel-wise network: {_PROFILE} into an ensemble of MLPs with an anchored "
+                      "Laplace head",
+    "ulas_cnn": f"AIF-conditioned 2-D CNN (after Ulas et al. 2019): {_PROFILE} as pixel channels, local + dilated "
+                "global pathway, anchored Laplace head, tracer-kinetic loss with the given input function",
+    "fcsa_net": f"AIF-conditioned frame/channel/spatial attention CNN (after Zeng & Zhou): {_PROFILE} as pixel "
+                "channels plus a [tissue, input function, residual] stream on the 4 s grid with frame attention, "
+                "anchored Laplace head",
+    "tcn_punet": f"AIF-conditioned TCN + probabilistic U-Net (after Lyoo et al. 2025): a per-pixel TCN over the "
+                 f"[tissue, input function, residual] stream joined to {_PROFILE}, U-Net with a latent, anchored "
+                 "Laplace head",
 }
+_LAPLACE = "Laplace NLL scale of the anchored head (SD = sqrt(2) b)"
 CONDITIONED_UNCERTAINTY = {
-    "hetero_encoder": "Laplace NLL scale per ensemble member (SD = sqrt(2) b); SD^2 = mean member variance + "
-                      "variance of member locations" + _CALIBRATED,
+    "hetero_encoder": f"{_LAPLACE} per ensemble member; SD^2 = mean member variance + variance of member locations"
+                      + _CALIBRATED,
+    "ulas_cnn": _LAPLACE + _CALIBRATED,
+    "fcsa_net": _LAPLACE + _CALIBRATED,
+    "tcn_punet": f"SD^2 = variance over latent draws of the probabilistic U-Net + the mean {_LAPLACE} variance"
+                 + _CALIBRATED,
 }
 
 

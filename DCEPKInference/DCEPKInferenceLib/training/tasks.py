@@ -6,6 +6,8 @@ mode's entries of the model card. ``trainer.train`` runs the same loop for every
 * ``ConditionedVoxelTask``: the AIF-conditioned voxel network: batches of encoded voxels drawn from a
   refreshed pool of simulated subjects (``encoded_sets.TrainingPool``), validated on the fixed
   validation set and SD-calibrated on the separate calibration set (``encoded_sets``).
+* ``ConditionedSliceTask``: the AIF-conditioned 2-D networks, the same on encoded textured patches
+  (``encoded_patches``).
 """
 
 import numpy as np
@@ -16,8 +18,8 @@ from ..data import aif_conditioned, canonical_grid, simulator
 from ..nn import aif_encoding
 from ..nn.conditioned import MODE as CONDITIONED
 from ..nn.networks import PARAM_NAMES, PARAM_UPPER
-from . import encoded_sets
-from .batches import compute_loss, make_batch, to_torch
+from . import encoded_patches, encoded_sets
+from .batches import compute_loss, make_batch, to_torch, tracer_kinetic_loss
 from .calibration import check_metric, coverage_factors, evaluate, fit_sd_calibration, validation_batch
 from .config import CHECK_SET
 
@@ -26,6 +28,8 @@ AIF_FREE = "aif_free"
 
 def task_for(model, training, device, log=None, cancel=None):
     if model.config.get("mode") == CONDITIONED:
+        if model.kind == "slice":
+            return ConditionedSliceTask(model, training, device, cancel)
         return ConditionedVoxelTask(model, training, device, log, cancel)
     return AifFreeTask(model, training, device)
 
@@ -75,14 +79,7 @@ def conditioned_metrics(model, data: encoded_sets.EncodedSet):
     """Per parameter (Ktrans, ve, vp): median absolute error, gross-error fraction, bias, RMSE, CCC,
     90 % coverage and Spearman |error| vs SD on an encoded set."""
     mean, sd = predict_encoded(model, data)
-    truth = data.params.cpu().numpy()
-    out = {}
-    for i, name in enumerate(PARAM_NAMES):
-        row = metrics.summarize(mean[:, i], truth[:, i], sd[:, i])
-        row["median_abs_error"] = metrics.median_abs_error(mean[:, i], truth[:, i])
-        row["gross_error_fraction"] = metrics.gross_error_fraction(mean[:, i], truth[:, i], name)
-        out[name] = row
-    return out
+    return parameter_metrics(mean, sd, data.params.cpu().numpy())
 
 
 class ConditionedVoxelTask:
@@ -128,3 +125,82 @@ class ConditionedVoxelTask:
                 "validation": {"set": {"seed": which["seed"], "subjects": which["subjects"],
                                        "voxels_per_subject": which["voxels_per_subject"],
                                        "families": "training AIF and protocol families"}}}
+
+
+def parameter_metrics(mean, sd, truth):
+    """Per parameter (Ktrans, ve, vp) of (N, 3) arrays: the card's validation metrics."""
+    out = {}
+    for i, name in enumerate(PARAM_NAMES):
+        row = metrics.summarize(mean[:, i], truth[:, i], sd[:, i])
+        row["median_abs_error"] = metrics.median_abs_error(mean[:, i], truth[:, i])
+        row["gross_error_fraction"] = metrics.gross_error_fraction(mean[:, i], truth[:, i], name)
+        out[name] = row
+    return out
+
+
+@torch.no_grad()
+def predict_patches(model, patches, device, block: int = 8):
+    """(mean, sd, truth) numpy (N, 3) over every pixel of a patch set."""
+    model.eval()
+    torch.manual_seed(0)   # latent draws
+    means, sds = [], []
+    for start in range(0, len(patches["params"]), block):
+        batch = encoded_patches.as_float({k: v[start:start + block] for k, v in patches.items()}, device)
+        mean, sd = model.predict(batch)
+        means.append(mean.permute(0, 2, 3, 1).reshape(-1, 3).cpu())
+        sds.append(sd.permute(0, 2, 3, 1).reshape(-1, 3).cpu())
+    truth = patches["params"].permute(0, 2, 3, 1).reshape(-1, 3).numpy()
+    return torch.cat(means).numpy(), torch.cat(sds).numpy(), truth
+
+
+class ConditionedSliceTask:
+    mode = CONDITIONED
+
+    def __init__(self, model, training, device, cancel=None):
+        self.model, self.training, self.device = model, training, device
+        self.pool = encoded_patches.PatchPool(int(training["seed"]), training, model.uses_stream, cancel)
+        self.validation = encoded_patches.fixed_patches(encoded_patches.PATCH_VALIDATION, model.uses_stream)
+        self.upper = torch.tensor(PARAM_UPPER, dtype=torch.float32, device=device).view(1, 3, 1, 1)
+
+    def prepare(self, start_step: int, fresh: bool) -> None:
+        data = self.pool.at_step(start_step)
+        if fresh:
+            pixels = data["encoding"][:64].to(torch.float32).permute(0, 2, 3, 1).reshape(-1, data["encoding"].shape[1])
+            self.model.set_standardisation(pixels)
+
+    def batch(self, step: int, rng):
+        self.pool.at_step(step)
+        return encoded_patches.as_float(self.pool.batch(rng, int(self.training["patches_per_batch"])), self.device)
+
+    def loss(self, batch, generator):
+        target_n = batch["params"] / self.upper
+        out = self.model(batch, truth_n=target_n)
+        loss = self.model.loss(out, target_n, batch)
+        if self.model.config.get("tk_weight", 0) > 0:
+            loss = loss + self.model.config["tk_weight"] * tracer_kinetic_loss(
+                out["mean_n"] * self.upper, batch["params"], batch["cp_grid"], batch["valid"])
+        return loss
+
+    def validation_metrics(self):
+        return parameter_metrics(*predict_patches(self.model, self.validation, self.device))
+
+    def calibrate(self):
+        which = encoded_patches.PATCH_CALIBRATION
+        data = encoded_patches.fixed_patches(which, self.model.uses_stream)
+        self.model.config["sd_scale"] = [1.0, 1.0, 1.0]
+        mean, sd, truth = predict_patches(self.model, data, self.device)
+        factors = coverage_factors(np.abs(mean - truth) / np.maximum(sd, 1e-12))
+        self.model.config["sd_scale"] = factors
+        return {"seed": which["seed"], "patches": which["patches"], "patch_size": which["size"], "factors": factors}
+
+    def card_entries(self):
+        which = encoded_patches.PATCH_VALIDATION
+        entries = {"mode": CONDITIONED, "input_encoding": aif_encoding.ENCODING,
+                   "simulator_ranges": aif_conditioned.CONDITIONED_RANGES,
+                   "validation": {"set": {**which, "families": "training AIF and protocol families"}}}
+        if self.model.uses_stream:
+            entries["canonical_grid"] = {"step_s": canonical_grid.GRID_STEP_S, "points": canonical_grid.GRID_POINTS,
+                                         "input": canonical_grid.INPUT_DESCRIPTION,
+                                         "protocol_features": list(canonical_grid.PROTOCOL_FEATURES),
+                                         "stream": "tissue, input function, residual of the anchor's curve (mM)"}
+        return entries
