@@ -76,6 +76,19 @@ def icc_a1(ratings) -> float:
     return float((msr - mse) / (msr + (k - 1) * mse + k * (msc - mse) / n))
 
 
+KEP_VE_FLOOR = 0.01   # kep = Ktrans / ve is undefined as ve -> 0
+
+
+def kep_with_sd(ktrans, ve, ktrans_sd, ve_sd):
+    """kep = Ktrans / max(ve, KEP_VE_FLOOR) (1/min) and its SD by first-order propagation (Ktrans and ve
+    errors taken as independent); where Ktrans ~ 0 the relative form is unstable: SD(Ktrans) / ve."""
+    ktrans, ktrans_sd, ve_sd = (np.asarray(a, dtype=np.float32) for a in (ktrans, ktrans_sd, ve_sd))
+    ve = np.maximum(np.asarray(ve, dtype=np.float32), KEP_VE_FLOOR)
+    kep = ktrans / ve
+    relative = np.sqrt((ktrans_sd / np.maximum(ktrans, 1e-6)) ** 2 + (ve_sd / ve) ** 2)
+    return kep, np.where(ktrans > 1e-6, kep * relative, ktrans_sd / ve)
+
+
 def summarize(estimate, truth, sd=None) -> dict:
     out = {"rmse": rmse(estimate, truth), "bias": bias(estimate, truth), "ccc": ccc(estimate, truth)}
     if sd is not None:

@@ -26,6 +26,7 @@ from DCEPKFittingLib.core.plausibility import check_frame_times
 from DCEPKFittingLib.io import DCESeries, finite_voxels
 from DCEPKFittingLib.signal import check_t10, default_r1
 
+from ..analysis.metrics import KEP_VE_FLOOR, kep_with_sd  # noqa: F401  (KEP_VE_FLOOR: named in the doc)
 from ..data import canonical_grid as cg
 from ..data.simulator import TWO_RATE_SWITCH_FRACTION
 from ..nn.model_store import load_model, model_mode, read_card
@@ -36,7 +37,6 @@ from .conditioned_inference import check_mode, run_conditioned, series_baseline
 
 DEFAULT_MODEL = "hetero_encoder"                  # without an input function (AIF-free)
 DEFAULT_CONDITIONED_MODEL = "hetero_encoder_aif"   # with one: the best on the validation set (its card)
-KEP_VE_FLOOR = 0.01
 AUTO_MASK_FRACTION = 0.1       # auto mask: baseline signal above 10 % of its 99th percentile
 BASELINE_SAMPLE_VOXELS = 50_000  # voxels sampled for bolus-arrival detection
 SLICE_MARGIN = 8               # pixels of context around the mask's bounding box for 2-D networks
@@ -325,11 +325,7 @@ def _maps(mean: np.ndarray, sd: np.ndarray, mask: np.ndarray, invalid: np.ndarra
     for i, name in enumerate(PARAM_NAMES):
         maps[name] = np.where(mask, mean[..., i], outside).astype(np.float32)
         maps[f"{name}_sd"] = np.where(mask, sd[..., i], outside).astype(np.float32)
-    ve = np.maximum(maps["ve"], KEP_VE_FLOOR)
-    kep = maps["Ktrans"] / ve
-    rel = np.sqrt((maps["Ktrans_sd"] / np.maximum(maps["Ktrans"], 1e-6)) ** 2 + (maps["ve_sd"] / ve) ** 2)
+    kep, kep_sd = kep_with_sd(maps["Ktrans"], maps["ve"], maps["Ktrans_sd"], maps["ve_sd"])
     maps["kep"] = np.where(mask, kep, outside).astype(np.float32)
-    # where Ktrans ~ 0 the relative form is unstable: use the absolute form SD(Ktrans) / ve
-    kep_sd = np.where(maps["Ktrans"] > 1e-6, kep * rel, maps["Ktrans_sd"] / ve)
     maps["kep_sd"] = np.where(mask, kep_sd, outside).astype(np.float32)
     return {k: maps[k] for k in MAP_ORDER}
