@@ -104,7 +104,8 @@ def read_card(name: str, directory=None) -> Dict:
 
 
 def model_mode(card: Dict) -> str:
-    """'aif_conditioned' (takes an input function) or 'aif_free' (cards written before the modes: aif_free)."""
+    """'aif_conditioned' (takes an input function), 'aif_reader' (image-only mode's input-function reader)
+    or 'aif_free' (cards written before the modes: aif_free)."""
     return card.get("mode", "aif_free")
 
 
@@ -113,10 +114,14 @@ def _check_input(card: Dict, name: str, card_path) -> None:
     from .aif_encoding import ENCODING
     expected = {"canonical_grid": {"input": INPUT_DESCRIPTION, "protocol_features": list(PROTOCOL_FEATURES)},
                 "input_encoding": {k: ENCODING[k] for k in ("kind", "version", "kep_bank_per_min", "features")}}
-    needs = ["input_encoding"] if model_mode(card) == "aif_conditioned" else ["canonical_grid"]
+    from .aif_reader import READER_INPUT
+    expected["reader_input"] = READER_INPUT
+    needs = {"aif_conditioned": ["input_encoding"], "aif_reader": ["reader_input"]}.get(model_mode(card),
+                                                                                      ["canonical_grid"])
     for key in needs + [k for k in expected if k in card and k not in needs]:
         stated = card.get(key) or {}
-        if any(stated.get(field) != value for field, value in expected[key].items()):
+        if any(json.loads(json.dumps(stated.get(field))) != json.loads(json.dumps(value))
+               for field, value in expected[key].items()):
             raise DCEPKInputError(f"model '{name}' ({card_path}) was trained on another network input ({key}: "
                                   f"{stated.get('input', stated.get('kind', 'not stated'))!r}) than this version "
                                   "computes: install the models of this version or retrain with 'dcepk train'")

@@ -544,7 +544,11 @@ NETWORKS = {"hetero_encoder": HeteroEncoder, "ulas_cnn": UlasCNN, "fcsa_net": FC
 
 
 def network_class(name: str, config: Dict = None):
-    """The class of network ``name`` in the config's ``mode`` (AIF-free by default, or "aif_conditioned")."""
+    """The class of network ``name`` in the config's ``mode`` (AIF-free by default, or "aif_conditioned");
+    "aif_reader" is image-only mode's input-function reader."""
+    if name == "aif_reader":
+        from .aif_reader import AifReader
+        return AifReader
     if name not in NETWORKS:
         raise DCEPKInputError(f"unknown network {name!r}: choose one of {sorted(NETWORKS)}")
     mode = (config or {}).get("mode")

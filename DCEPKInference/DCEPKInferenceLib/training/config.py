@@ -19,7 +19,9 @@ DEFAULT_TRAINING = {"steps": 1000, "lr": 2e-3, "weight_decay": 1e-4, "seed": 1, 
                     # AIF-conditioned voxel networks: a pool of encoded subjects, refreshed through the run
                     "pool_subjects": 4096, "refresh_every": 400, "refresh_subjects": 256, "batch_voxels": 1024,
                     # ... and 2-D networks: a pool of encoded patches
-                    "pool_patches": 512, "refresh_patches": 32}
+                    "pool_patches": 512, "refresh_patches": 32,
+                    # ... and the image-only reader: a pool of slices with vessels
+                    "pool_slices": 256, "refresh_slices": 32, "slice_size": 64, "slices_per_batch": 8}
 BUDGET_PROBE_STEPS = 20
 CALIBRATION_SUBJECTS = 128        # patches or voxel groups (one AIF each) in the SD calibration set
 # as many subjects as the card's calibration: subject-to-subject (AIF) spread makes 64 too few (coverage
@@ -79,13 +81,22 @@ CONDITIONED_UNCERTAINTY = {
 }
 
 
+READER_DESCRIPTION = ("image-only input-function reader: per-pixel descriptors into an attention over the slice "
+                      "(1x1 and dilated 3x3 convolutions), the attention-weighted blood curve with an amplitude "
+                      "correction; its curve feeds the AIF-conditioned networks")
+
+
 def description(model_name: str, network_config: Dict) -> str:
+    if network_config.get("mode") == "aif_reader":
+        return READER_DESCRIPTION
     if network_config.get("mode") == "aif_conditioned":
         return CONDITIONED_DESCRIPTIONS[model_name]
     return DESCRIPTIONS[model_name]
 
 
 def uncertainty_method(model_name: str, network_config: Dict) -> str:
+    if network_config.get("mode") == "aif_reader":
+        return "log-amplitude SD of the input function (Gaussian NLL), not calibrated"
     if network_config.get("mode") == "aif_conditioned":
         return CONDITIONED_UNCERTAINTY[model_name]
     if model_name == "hetero_encoder" and int(network_config.get("members", 1)) == 1:
@@ -103,7 +114,7 @@ def shipped_configs() -> Dict[str, Path]:
 
 def load_config(model_name: str, path=None) -> Dict:
     """Training config: the JSON file given, else the shipped ``configs/<model>.json``, else defaults."""
-    if model_name not in NETWORKS:
+    if model_name not in NETWORKS and model_name != "aif_reader":
         raise DCEPKInputError(f"unknown network {model_name!r}: choose one of {sorted(NETWORKS)}")
     path = Path(path) if path else CONFIG_DIR / f"{model_name}.json"
     config = {"network": model_name, "network_config": {}, "training": {}, "selection": None, "cpu_budget": None}

@@ -7,7 +7,7 @@ voxel network's are (``nn.aif_encoding``), and, for the networks with a temporal
 Seeds: training pools ``[seed, 8, index]``; validation 900011 and calibration 900012 (training families).
 """
 
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
@@ -18,6 +18,7 @@ from DCEPKFittingLib.kinetics import tk_models
 from ..data import aif_conditioned as sim
 from ..data import canonical_grid as cg
 from ..nn import aif_encoding
+from .pools import RefreshedPool
 
 PATCH_VALIDATION = {"seed": 900011, "patches": 48, "size": 32}
 PATCH_CALIBRATION = {"seed": 900012, "patches": 64, "size": 32}
@@ -67,39 +68,9 @@ def as_float(batch: Dict[str, torch.Tensor], device) -> Dict[str, torch.Tensor]:
     return {k: v.to(device=device, dtype=torch.float32) for k, v in batch.items()}
 
 
-class PatchPool:
-    """Training patches refreshed through a run (``refresh_patches`` new ones every ``refresh_every``
-    steps), deterministic in (seed, step) as ``encoded_sets.TrainingPool``."""
-
-    def __init__(self, seed: int, training: Dict, with_stream: bool, cancel=None):
-        self.seed, self.with_stream, self.cancel = int(seed), with_stream, cancel
-        self.size = int(training["patch_size"])
-        self.refresh_every = int(training["refresh_every"])
-        self.refresh_patches = int(training["refresh_patches"])
-        self.chunks = int(training["pool_patches"]) // self.refresh_patches
-        self.data: Optional[Dict[str, torch.Tensor]] = None
-        self.built_chunk = -1
-
-    def _chunk(self, chunk: int):
-        return build_patches([self.seed, 8], self.refresh_patches, self.size, self.with_stream,
-                             first=chunk * self.refresh_patches, cancel=self.cancel)
-
-    def at_step(self, step: int) -> Dict[str, torch.Tensor]:
-        latest = self.chunks - 1 + step // self.refresh_every
-        if self.data is None or latest < self.built_chunk:
-            slots = [None] * self.chunks
-            for chunk in range(max(latest - self.chunks + 1, 0), latest + 1):
-                slots[chunk % self.chunks] = self._chunk(chunk)
-            self.data = {k: torch.cat([s[k] for s in slots]) for k in slots[0]}
-        else:
-            for chunk in range(self.built_chunk + 1, latest + 1):
-                rows = slice((chunk % self.chunks) * self.refresh_patches, (chunk % self.chunks + 1)
-                             * self.refresh_patches)
-                for key, value in self._chunk(chunk).items():
-                    self.data[key][rows] = value
-        self.built_chunk = latest
-        return self.data
-
-    def batch(self, rng, size: int) -> Dict[str, torch.Tensor]:
-        index = torch.as_tensor(rng.integers(0, len(self.data["params"]), size))
-        return {k: v[index] for k, v in self.data.items()}
+def patch_pool(seed: int, training: Dict, with_stream: bool, cancel=None) -> RefreshedPool:
+    """Training patches, ``refresh_patches`` new ones every ``refresh_every`` steps (``pools``)."""
+    per_chunk, size = int(training["refresh_patches"]), int(training["patch_size"])
+    return RefreshedPool(lambda chunk: build_patches([int(seed), 8], per_chunk, size, with_stream, first=chunk * per_chunk,
+                                                     cancel=cancel),
+                         int(training["pool_patches"]) // per_chunk, int(training["refresh_every"]))

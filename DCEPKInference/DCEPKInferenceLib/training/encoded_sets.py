@@ -11,13 +11,14 @@ and seeds 95xxxx (``Testing/Benchmarks/bench_inference.py``), never anything her
 """
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional
+from typing import Dict, List
 
 import numpy as np
 import torch
 
 from ..data import aif_conditioned as sim
 from ..nn import aif_encoding
+from .pools import RefreshedPool
 
 VALIDATION = {"seed": 900001, "subjects": 96, "voxels_per_subject": 64}
 CALIBRATION = {"seed": 900002, "subjects": 128, "voxels_per_subject": 64}
@@ -80,52 +81,19 @@ def fixed_set(which: Dict, device="cpu") -> EncodedSet:
     return build_set(which["seed"], which["subjects"], which["voxels_per_subject"], device, training=False)
 
 
-class TrainingPool:
-    """A pool of encoded training subjects from which batches of voxels are drawn, refreshed by
-    ``refresh_subjects`` new subjects every ``refresh_every`` steps (fresh data through a long run).
+FIELDS = ("features", "anchor", "posterior_sd", "params", "snr", "subject")
 
-    Deterministic: the pool's contents at step s depend only on (seed, s), so a resumed run rebuilds
-    exactly the pool it stopped with (``at_step``)."""
 
-    def __init__(self, seed: int, training: Dict, device="cpu", log=None, cancel=None):
-        self.seed, self.device, self.log, self.cancel = int(seed), device, log, cancel
-        self.subjects = int(training["pool_subjects"])
-        self.voxels = int(training["voxels_per_subject"])
-        self.refresh_every = int(training["refresh_every"])
-        self.refresh_subjects = int(training["refresh_subjects"])
-        self.chunks = self.subjects // self.refresh_subjects
-        self.data: Optional[EncodedSet] = None
-        self.built_chunk = -1
+def voxel_pool(seed: int, training: Dict, device="cpu", cancel=None) -> RefreshedPool:
+    """Encoded training subjects, ``refresh_subjects`` new ones every ``refresh_every`` steps (``pools``)."""
+    per_chunk, voxels = int(training["refresh_subjects"]), int(training["voxels_per_subject"])
 
-    def _chunk(self, chunk: int) -> EncodedSet:
-        return build_set([self.seed, 7], self.refresh_subjects, self.voxels, self.device,
-                         first_subject=chunk * self.refresh_subjects, cancel=self.cancel)
+    def chunk(index: int) -> Dict[str, torch.Tensor]:
+        built = build_set([int(seed), 7], per_chunk, voxels, device, first_subject=index * per_chunk, cancel=cancel)
+        return {name: getattr(built, name) for name in FIELDS}
 
-    def at_step(self, step: int) -> EncodedSet:
-        """The pool as of ``step``: chunks 0..chunks-1 to start, then chunk c >= chunks replaces the
-        slot c % chunks at step (c - chunks + 1) * refresh_every."""
-        latest = self.chunks - 1 + step // self.refresh_every
-        if self.data is None or latest < self.built_chunk:
-            slots = [None] * self.chunks
-            for chunk in range(max(latest - self.chunks + 1, 0), latest + 1):
-                slots[chunk % self.chunks] = self._chunk(chunk)
-            self._assemble(slots)
-        else:
-            for chunk in range(self.built_chunk + 1, latest + 1):
-                self._replace(chunk % self.chunks, self._chunk(chunk))
-        self.built_chunk = latest
-        return self.data
+    return RefreshedPool(chunk, int(training["pool_subjects"]) // per_chunk, int(training["refresh_every"]))
 
-    def _assemble(self, slots: List[EncodedSet]) -> None:
-        self.data = EncodedSet(*(torch.cat([getattr(s, name) for s in slots]) for name in
-                                 ("features", "anchor", "posterior_sd", "params", "snr", "subject")))
 
-    def _replace(self, slot: int, chunk: EncodedSet) -> None:
-        rows = slice(slot * len(chunk), (slot + 1) * len(chunk))
-        for name in ("features", "anchor", "posterior_sd", "params", "snr", "subject"):
-            getattr(self.data, name)[rows] = getattr(chunk, name)
-        if self.log:
-            print(f"pool: slot {slot} refreshed", file=self.log, flush=True)
-
-    def batch(self, rng, size: int) -> EncodedSet:
-        return self.data.take(torch.as_tensor(rng.integers(0, len(self.data), size)))
+def as_set(data: Dict[str, torch.Tensor]) -> EncodedSet:
+    return EncodedSet(**{name: data[name] for name in FIELDS})

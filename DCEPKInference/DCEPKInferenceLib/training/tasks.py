@@ -4,10 +4,11 @@ mode's entries of the model card. ``trainer.train`` runs the same loop for every
 * ``AifFreeTask``: the canonical-grid networks that see no input function (the legacy models):
   batches simulated on the fly at every step (``batches.make_batch``).
 * ``ConditionedVoxelTask``: the AIF-conditioned voxel network: batches of encoded voxels drawn from a
-  refreshed pool of simulated subjects (``encoded_sets.TrainingPool``), validated on the fixed
+  refreshed pool of simulated subjects (``encoded_sets.voxel_pool``), validated on the fixed
   validation set and SD-calibrated on the separate calibration set (``encoded_sets``).
 * ``ConditionedSliceTask``: the AIF-conditioned 2-D networks, the same on encoded textured patches
   (``encoded_patches``).
+* ``reader_training.ReaderTask``: image-only mode's input-function reader on slices with vessels.
 """
 
 import numpy as np
@@ -20,6 +21,7 @@ from ..nn.conditioned import MODE as CONDITIONED
 from ..nn.networks import PARAM_NAMES, PARAM_UPPER
 from . import encoded_patches, encoded_sets
 from .batches import compute_loss, make_batch, to_torch, tracer_kinetic_loss
+from .reader_training import READER, ReaderTask
 from .calibration import check_metric, coverage_factors, evaluate, fit_sd_calibration, validation_batch
 from .config import CHECK_SET
 
@@ -27,6 +29,8 @@ AIF_FREE = "aif_free"
 
 
 def task_for(model, training, device, log=None, cancel=None):
+    if model.config.get("mode") == READER:
+        return ReaderTask(model, training, device, cancel)
     if model.config.get("mode") == CONDITIONED:
         if model.kind == "slice":
             return ConditionedSliceTask(model, training, device, cancel)
@@ -87,18 +91,18 @@ class ConditionedVoxelTask:
 
     def __init__(self, model, training, device, log=None, cancel=None):
         self.model, self.training, self.device, self.log = model, training, device, log
-        self.pool = encoded_sets.TrainingPool(int(training["seed"]), training, device, log, cancel)
+        self.pool = encoded_sets.voxel_pool(int(training["seed"]), training, device, cancel)
         self.validation = encoded_sets.fixed_set(encoded_sets.VALIDATION, device)
         self.upper = torch.tensor(PARAM_UPPER, dtype=torch.float32, device=device)
 
     def prepare(self, start_step: int, fresh: bool) -> None:
         data = self.pool.at_step(start_step)
         if fresh:   # the encoding's standardisation comes from the first pool (a resumed model has its own)
-            self.model.set_standardisation(data.features)
+            self.model.set_standardisation(data["features"])
 
     def batch(self, step: int, rng):
         self.pool.at_step(step)
-        return self.pool.batch(rng, int(self.training["batch_voxels"]))
+        return encoded_sets.as_set(self.pool.batch(rng, int(self.training["batch_voxels"])))
 
     def loss(self, batch, generator):
         outputs = self.model(batch.features, batch.anchor, batch.posterior_sd)
@@ -158,7 +162,7 @@ class ConditionedSliceTask:
 
     def __init__(self, model, training, device, cancel=None):
         self.model, self.training, self.device = model, training, device
-        self.pool = encoded_patches.PatchPool(int(training["seed"]), training, model.uses_stream, cancel)
+        self.pool = encoded_patches.patch_pool(int(training["seed"]), training, model.uses_stream, cancel)
         self.validation = encoded_patches.fixed_patches(encoded_patches.PATCH_VALIDATION, model.uses_stream)
         self.upper = torch.tensor(PARAM_UPPER, dtype=torch.float32, device=device).view(1, 3, 1, 1)
 

@@ -284,8 +284,9 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
     run.model.eval()
     calibration = task.calibrate() if run.model.config.get("calibrate_sd") else None
     validation = task.validation_metrics()
-    print(f"[{model_name}] validation: " + ", ".join(f"{k} RMSE {v['rmse']:.4f} CCC {v['ccc']:.3f}"
-                                                     for k, v in validation.items()), file=log, flush=True)
+    print(f"[{model_name}] validation: " + ", ".join(
+        f"{k} RMSE {v['rmse']:.4f} CCC {v['ccc']:.3f}" if isinstance(v, dict) else f"{k} {v:.4f}"
+        for k, v in validation.items()), file=log, flush=True)
     card = save_model(run.model.cpu(), _model_card(run, task, calibration, validation, wall), run.out_dir, run.name,
                       overwrite=overwrite)
     print(f"[{model_name}] wrote {run.out_dir / (run.name + '.safetensors')} ({card['weights_bytes'] / 1e6:.2f} MB, "

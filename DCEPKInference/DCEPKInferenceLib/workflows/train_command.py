@@ -20,7 +20,7 @@ from ..training.trainer import train
 def build_train_parser(parser: Optional[argparse.ArgumentParser] = None) -> argparse.ArgumentParser:
     parser = parser or argparse.ArgumentParser(prog="dcepk train",
                                                description="train an inference network on simulated DCE data")
-    parser.add_argument("--model", choices=sorted(NETWORKS), help="network name")
+    parser.add_argument("--model", choices=sorted(NETWORKS) + ["aif_reader"], help="network name")
     parser.add_argument("--all", action="store_true",
                         help="retrain every shipped model from its config (configs/*.json) into --out (default: the "
                              "shipped models folder) and rewrite its card; on CPU each run is cut to its config's "
