@@ -14,8 +14,8 @@ from DCEPKFittingLib.io import read_volume, write_dce_series, write_maps
 from DCEPKFittingLib.sims.phantom import TUMOUR_RIM, WHITE_MATTER, Protocol, make_phantom
 from DCEPKInferenceLib import training
 from DCEPKInferenceLib.data import simulator
-from DCEPKInferenceLib.nn.model_store import (DEFAULT_MODELS_DIR, list_models, load_model, read_card, sha256_of,
-                                              training_totals)
+from DCEPKInferenceLib.nn.model_store import (DEFAULT_MODELS_DIR, list_models, load_model, model_mode, read_card,
+                                              sha256_of, training_totals)
 from DCEPKInferenceLib.nn.networks import NETWORKS
 from DCEPKInferenceLib.pipeline.inference import protocol_outside_training, run_inference
 from DCEPKInferenceLib.workflows.infer_command import infer_main
@@ -23,6 +23,7 @@ from DCEPKInferenceLib.workflows.infer_command import infer_main
 torch.set_num_threads(1)
 SHIPPED = sorted(card["name"] for card in list_models())    # every network's own model, and any variants
 NETWORK_OF = {card["name"]: card["network"] for card in list_models()}
+AIF_FREE = sorted(card["name"] for card in list_models() if model_mode(card) == "aif_free")
 
 
 @pytest.fixture(scope="module")
@@ -43,20 +44,19 @@ def test_every_network_is_shipped_with_a_complete_card():
         assert card["training"]["steps"] >= 1 and card["simulator_ranges"]["Ktrans_per_min"]["range"] == [0.0, 1.5]
 
 
-@pytest.mark.parametrize("name", SHIPPED)
-def test_shipped_model_reproduces_its_card_metric_and_beats_the_prior_mean(name):
-    model, card = load_model(name, "cpu")
-    batch = training.check_batch(model.kind)
-    metrics = training.evaluate(model, batch)
-    # 3 %: absorbs small drift of the core's preprocessing (baseline detection) but not broken
-    # weights or a changed input definition, which move this metric by far more
-    assert metrics["Ktrans"]["rmse"] == pytest.approx(card["check"]["value"], rel=0.03)
-    truth = batch["params"].reshape(-1, 3) if model.kind == "voxel" else \
-        batch["params"].permute(0, 2, 3, 1).reshape(-1, 3)
-    # the uninformed predictor: the training prior's mean Ktrans, from the simulator itself
+@pytest.mark.parametrize("name", AIF_FREE)
+def test_aif_free_model_beats_the_prior_mean_on_fresh_simulated_truth(name):
+    """Truth from subjects no card or training used (seed 424243), against the uninformed predictor:
+    no number written by the training code is compared with."""
+    model, _ = load_model(name, "cpu")
+    rng = np.random.default_rng(424_243)
+    batch = training.to_torch(simulator.sample_voxels(rng, 8, 64) if model.kind == "voxel"
+                              else simulator.sample_patches(rng, 4, 32), "cpu")
+    mean, _, truth, _ = training.predict_batch(model, batch)
+    error = np.sqrt(np.mean((mean[:, 0] - truth[:, 0]) ** 2))
     prior_mean = simulator.sample_tissue_params(np.random.default_rng(0), 200_000)[:, 0].mean()
-    constant_rmse = torch.sqrt(((truth[:, 0] - prior_mean) ** 2).mean()).item()
-    assert metrics["Ktrans"]["rmse"] < constant_rmse
+    assert error < 0.8 * np.sqrt(np.mean((truth[:, 0] - prior_mean) ** 2))
+    assert error < 0.8 * np.sqrt(np.mean(truth[:, 0] ** 2))          # an all-zero map
 
 
 def test_corrupt_missing_and_unknown_weights_give_clear_errors(tmp_path):
@@ -286,7 +286,7 @@ def test_training_is_deterministic_and_resumes_exactly(tmp_path):
     assert load_model("hetero_encoder_small", "cpu", tmp_path / "a")[1]["network"] == "hetero_encoder"
 
 
-def test_recalibration_makes_the_90_percent_interval_cover_90_percent_of_the_calibration_set(tmp_path):
+def test_recalibration_covers_90_percent_of_a_set_it_was_not_fitted_on(tmp_path):
     config = training.load_config("hetero_encoder")
     config["network_config"].update(members=1, width=4, hidden=8, calibrate_sd=False)
     config["training"].update(subjects_per_batch=2, voxels_per_subject=32, val_subjects=8,
@@ -298,13 +298,14 @@ def test_recalibration_makes_the_90_percent_interval_cover_90_percent_of_the_cal
     assert card["sha256"] == trained["sha256"]                       # the weights are untouched
     model, loaded = load_model("hetero_encoder", "cpu", tmp_path)
     assert loaded["network_config"]["sd_scale"] == card["sd_calibration"]["factors"]
-    # coverage is measured independently of calibrate_sd: |error| <= 1.645 SD on the calibration set itself
-    sized = {**training.DEFAULT_TRAINING, **card["training"], "val_subjects": card["sd_calibration"]["subjects"]}
-    batch = training.to_torch(training.make_batch("voxel", np.random.default_rng(card["sd_calibration"]["seed"]),
-                                                   sized, True), "cpu")
-    mean, sd, truth, _ = training.predict_batch(model, batch)
+    # coverage measured on fresh subjects of the same families, never on the calibration set itself
+    fresh = training.to_torch(simulator.sample_voxels(np.random.default_rng(424_244), 128, 64), "cpu")
+    mean, sd, truth, _ = training.predict_batch(model, fresh)
     coverage = np.mean(np.abs(mean - truth) <= 1.6448536 * sd, axis=0)
-    np.testing.assert_allclose(coverage, 0.9, atol=0.01)
+    assert np.all((coverage >= 0.85) & (coverage <= 0.95)), coverage
+    model.config["sd_scale"] = [1.0, 1.0, 1.0]                      # the raw SD of a 2-step network does not
+    mean, sd, truth, _ = training.predict_batch(model, fresh)
+    assert np.any(np.abs(np.mean(np.abs(mean - truth) <= 1.6448536 * sd, axis=0) - 0.9) > 0.05)
 
 
 def test_fine_tuning_starts_from_the_trained_weights_under_a_new_loss(tmp_path):
