@@ -443,7 +443,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     ``run`` is synchronous. The widget splits it in three so the slow part runs in a thread:
     ``prepare`` (reads nodes, main thread) -> ``compute`` (pure ``pipeline.run_fit``, thread-safe)
     -> ``publish`` (writes nodes, main thread). Nothing is written before ``compute`` succeeds, so a
-    cancel or an error leaves the scene as it was. ``lastOutput`` keeps the last ``FitOutput``
+    cancel or an error leaves the scene as it was. ``lastOutput`` keeps the last ``PKFit``
     (concentration curves, fitted model curves) for the voxel plot.
     """
 
@@ -578,7 +578,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
         if index is None:
             return None
         k, j, i = index
-        curves = {"measured (mM)": output.concentration[k, j, i, :], "fitted (mM)": output.model_curve(k, j, i)}
+        curves = {"measured (mM)": output.concentration[k, j, i, :], "fitted (mM)": output.predict((k, j, i))}
         return _("DCEPK voxel (k={k}, j={j}, i={i})").format(k=k, j=j, i=i), output.times_s, curves
 
     def showMaps(self, nodes, sequenceNode=None, showFitStatus=False) -> None:
@@ -605,9 +605,9 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeDevice(device="auto"):
         """Where the fit will run, in words, for the status line; refuses 'cuda' without a GPU."""
-        from DCEPKFittingLib.core.device import describe_fit_device
+        from DCEPKFittingLib.core.device import describe_device
 
-        return describe_fit_device(device)
+        return describe_device(device)
 
     @staticmethod
     def phantomFolder():

@@ -455,9 +455,9 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeDevice(device="auto"):
         """Where the network will run, with free GPU memory, or why it falls back to the CPU."""
-        from DCEPKFittingLib.core.device import describe_inference_device
+        from DCEPKFittingLib.core.device import describe_device
 
-        return describe_inference_device(device)
+        return describe_device(device)
 
     @staticmethod
     def modelCards():

@@ -20,7 +20,7 @@ slicer = import_or_skip("slicer", "slicer-core (pip install slicer-core) is need
 import torch  # noqa: E402
 
 from DCEPKFittingLib import mrml as fit_bridge  # noqa: E402
-from DCEPKFittingLib.core.device import describe_inference_device  # noqa: E402
+from DCEPKFittingLib.core.device import describe_device  # noqa: E402
 from DCEPKFittingLib.core.errors import DCEPKInputError, JobCancelledError  # noqa: E402
 from DCEPKFittingLib.core.geometry import Geometry  # noqa: E402
 from DCEPKFittingLib.core.jobs import BackgroundJob, JobState  # noqa: E402
@@ -94,7 +94,7 @@ def test_maps_equal_run_inference_on_the_same_arrays_with_the_source_geometry(sl
         assert nodes[name].GetAttribute(bridge.MODEL_ATTRIBUTE) == model_name
     for name in bridge.PARAMETERS:
         assert nodes[name].GetAttribute(bridge.UNCERTAINTY_ATTRIBUTE) == nodes[f"{name}_sd"].GetID()
-    np.testing.assert_array_equal(result.inference.mask, phantom.labels > 0)
+    np.testing.assert_array_equal(result.inference.estimated, phantom.labels > 0)
     inside = phantom.labels > 0
     assert np.all(direct.maps["Ktrans_sd"][inside] > 0) and np.all(direct.maps["Ktrans"][~inside] == 0)
 
@@ -159,7 +159,7 @@ def test_statistics_table_matches_numpy_with_uncertainty_and_excluded_fraction(s
                                                device="cpu", mask=labelmap, uncertainty_threshold=relative,
                                                statistics_segmentation=loaded["tissues"], t10_s=T10_S)
     direct = run_inference(phantom.series, DEFAULT_MODEL, mask=inferred, device="cpu", t10_s=T10_S)
-    np.testing.assert_array_equal(result.inference.mask, inferred)
+    np.testing.assert_array_equal(result.inference.estimated, inferred)
     rows = fit_bridge.table_rows(nodes["statistics"])
     names = {v: n for v, n in phantom.label_names.items() if np.any(phantom.labels == v)}
     assert len(rows) == len(names) * len(bridge.PARAMETERS)
@@ -342,13 +342,13 @@ def test_model_card_text_and_device_description():
     for metrics in card.get("validation", {}).get("metrics", {}).values():
         assert f"{float(metrics['rmse']):.3g}" in text
     assert [c["name"] for c in bridge.model_cards()] == MODELS
-    assert describe_inference_device("cpu") == "CPU"
+    assert describe_device("cpu") == "CPU"
     if not torch.cuda.is_available():
-        assert describe_inference_device("auto").startswith("CPU")
+        assert describe_device("auto").startswith("CPU")
         with pytest.raises(DCEPKInputError, match="no CUDA GPU"):
-            describe_inference_device("cuda")
+            describe_device("cuda")
     else:
-        assert describe_inference_device("cuda").startswith("GPU")
+        assert describe_device("cuda").startswith("GPU")
 
 
 # --------------------------------------------------------------------------- the module's Logic class itself

@@ -53,8 +53,8 @@ class SceneInferenceRequest:
 
 @dataclass
 class SceneInferenceResult:
-    inference: object                           # inference.InferenceOutput (unthresholded)
-    fit: Optional[object]                       # pipeline.FitOutput or None
+    inference: object                           # the network's PKFit (unthresholded)
+    fit: Optional[object]                       # the comparison fit's PKFit, or None
     maps: Dict[str, np.ndarray]                 # what is published: thresholded maps (NaN = excluded), SDs, fit maps
     units: Dict[str, str]
     excluded: Dict[str, np.ndarray]             # bool [k, j, i] per parameter
@@ -122,12 +122,12 @@ def compute_scene_inference(request: SceneInferenceRequest, progress=None, cance
                               progress=sub_progress(progress, 0.0, 0.95 * split), cancel=cancel)
     raise_if_cancelled(cancel)
     fit = None
-    messages = list(inference.notes)
+    messages = list(inference.messages)
     if request.compare_with_fit:
         from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit
 
         report(progress, 0.5, "conventional fit for comparison")
-        settings = FitSettings(mask=inference.mask, **request.fit_settings)
+        settings = FitSettings(mask=inference.estimated, **request.fit_settings)
         fit = run_fit(request.series, settings, progress=sub_progress(progress, 0.5, 0.95), cancel=cancel)
         raise_if_cancelled(cancel)
         messages.append(f"comparison fit used the {request.fit_settings['population_aif']} population AIF")
@@ -141,10 +141,12 @@ def compute_scene_inference(request: SceneInferenceRequest, progress=None, cance
 def derive_outputs(request: SceneInferenceRequest, inference, fit=None) -> SceneInferenceResult:
     """Thresholded maps and per-segment statistics from the raw outputs (pure numpy; cheap, so a new
     threshold can be applied to an earlier result without running the network again)."""
-    inferred = np.asarray(inference.mask, dtype=bool)
+    inferred = np.asarray(inference.estimated, dtype=bool)
     excluded = excluded_by_uncertainty(inference.maps, request.uncertainty_threshold, inferred)
     maps, units = {}, {}
     for name, array in inference.maps.items():
+        if name == "status":   # every inferred voxel is 'fitted': the network's maps and SDs say all
+            continue
         array = np.asarray(array, dtype=np.float32)
         if name in excluded and excluded[name].any():
             array = np.where(excluded[name], np.float32(np.nan), array)

@@ -68,10 +68,10 @@ def infer_main(argv=None) -> int:
                            t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
                            baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {args.model}"),
                            protocol_calibration=not args.no_protocol_calibration)
-    print_messages("note", result.notes)
+    print_messages("note", result.messages)
     summary = {"command": "infer", "input": str(args.input), "model": args.model, "device": result.device,
                "timing_source": series.metadata.get("timing_source"), "times_s": series.times_s.tolist(),
-               "baseline_frames": result.baseline_frames, "units": result.units, "notes": result.notes}
+               "baseline_frames": result.baseline_frames, "units": result.units, "notes": result.messages}
     with OutputSet(args.overwrite) as outputs:
         written = stage_maps(outputs, args.out, result.maps, result.geometry)
         write_summary(outputs, args.out / INFER_SUMMARY, summary)
