@@ -178,14 +178,14 @@ def synthetic(models, cards, n_patches, log, pool):
                 inside = per_subject_sum(metrics.inside90(est, sd, truth), n_patches)
                 return {"protocol": pname, "method": method, "subject_inside": inside,
                         "subject_voxels": truth.shape[0] // n_patches,
-                        **{par: metrics.summarize(est[:, i], truth[:, i], sd[:, i])
+                        **{par: metrics.agreement(est[:, i], truth[:, i], sd[:, i])
                            for i, par in enumerate(PARAM_NAMES)}}
 
             for method, (est, sd) in results.items():
                 row = {"protocol": pname, "snr": sname, "method": method, "n": truth.shape[0],
                        "subject_sse": per_subject_sum((est - truth) ** 2, n_patches)}
                 for i, par in enumerate(PARAM_NAMES):
-                    row[par] = metrics.summarize(est[:, i], truth[:, i])
+                    row[par] = metrics.agreement(est[:, i], truth[:, i])
                 rows.append(row)
                 if sd is not None and s_index == 0:
                     calib.append(calibration_row(method, est, sd))

@@ -8,6 +8,7 @@ import slicer / VTK; only ``widgets`` imports qt / ctk.
 """
 
 import ast
+import os
 import re
 import subprocess
 import sys
@@ -194,6 +195,33 @@ def test_a_cpu_fit_runs_without_torch(tmp_path):
     assert result.returncode == 0, result.stderr
     assert result.stdout.split()[-2:] == ["False", "cpu"], result.stdout + result.stderr
     assert (maps / "Ktrans.nii.gz").is_file()
+
+
+def test_the_panel_lists_the_networks_before_torch_is_installed(tmp_path):
+    """The inference panel describes the shipped networks before the user agrees to install torch: the cards
+    come from nn.model_store's one folder rule ($DCEPK_MODELS_DIR first), with torch and safetensors absent.
+    (The panel's copy of that rule ignored $DCEPK_MODELS_DIR.)"""
+    shipped = sorted(p.stem for p in (ROOT / "DCEPKInference" / "Resources" / "Models").glob("*.json"))
+    (tmp_path / "mine.json").write_text('{"name": "mine", "network": "hetero_encoder", "sha256": "0"}')
+    code = textwrap.dedent(f"""
+        import os, sys
+
+        class NotInstalled:   # torch and safetensors are not installed yet: importing them fails
+            def find_spec(self, name, path=None, target=None):
+                if name.split(".")[0] in ("torch", "safetensors"):
+                    raise ImportError(f"No module named {{name!r}}")
+
+        sys.meta_path.insert(0, NotInstalled())
+        from DCEPKInferenceLib.mrml.model_cards import model_cards
+        print(",".join(sorted(card["name"] for card in model_cards())))
+        os.environ["DCEPK_MODELS_DIR"] = {str(tmp_path)!r}
+        print(",".join(card["name"] for card in model_cards()))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                            env={k: v for k, v in os.environ.items() if k != "DCEPK_MODELS_DIR"})
+    assert result.returncode == 0, result.stderr
+    listed, elsewhere = result.stdout.split()
+    assert listed.split(",") == [name for name in shipped if name != "README"] and elsewhere == "mine"
 
 
 def test_pyproject_ships_every_subpackage():
