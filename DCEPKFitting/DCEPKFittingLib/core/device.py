@@ -40,7 +40,8 @@ def _torch_if_gpu_possible():
     return torch
 
 
-def _checked_name(device) -> str:
+def check_device_name(device) -> str:
+    """The device's name in lower case, refused unless it is auto, cpu, cuda or cuda:N (or a torch.device)."""
     name = str(device if device is not None else "auto").strip().lower()
     if name in ("auto", "cpu", "cuda") or (name.startswith("cuda:") and name[5:].isdigit()):
         return name
@@ -51,7 +52,7 @@ def _checked_name(device) -> str:
 def resolve_device(device="auto", notes: Optional[List[str]] = None) -> str:
     """'cpu' or 'cuda[:N]' by the rule of this module; ``device`` is a name above or a torch.device.
     When 'auto' falls back to the CPU although torch can see a GPU, ``notes`` gets the reason."""
-    name = _checked_name(device)
+    name = check_device_name(device)
     if name == "cpu":
         return "cpu"
     torch = _torch_if_gpu_possible()
@@ -87,4 +88,4 @@ def describe_device(device: str = "auto") -> str:
                 + ")")
     if notes:
         return "CPU: " + "; ".join(notes)
-    return "CPU" if _checked_name(device) == "cpu" else "CPU (no CUDA GPU found)"
+    return "CPU" if check_device_name(device) == "cpu" else "CPU (no CUDA GPU found)"

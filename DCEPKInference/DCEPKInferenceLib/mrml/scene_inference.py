@@ -16,6 +16,7 @@ import numpy as np
 
 from DCEPKFittingLib import mrml as fit_mrml
 from DCEPKFittingLib.analysis.stats import summarize
+from DCEPKFittingLib.core.device import resolve_device
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.jobs import raise_if_cancelled, report, sub_progress
 from DCEPKFittingLib.io import DCESeries
@@ -73,8 +74,7 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
     from ..nn.model_store import read_card
 
     read_card(model_name)  # unknown model: clear error now, before anything runs
-    if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
-        raise DCEPKInputError(f"unknown device {device!r}: use auto, cpu or cuda")
+    resolve_device(device)   # an unknown device, or a GPU asked for where there is none: said now
     threshold = normalize_threshold(uncertainty_threshold)
     series = fit_mrml.series_from_sequence(sequence_node)
     if series.kind != "concentration":
