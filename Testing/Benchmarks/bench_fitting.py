@@ -284,14 +284,35 @@ def model_rows(emit, model, args):
              "are not comparable with the rows above) |")
 
 
+def _numpy_workload(_=None, rounds=4000):
+    """A fixed single-threaded numpy workload (element-wise passes over 20,000 values, as the fit's)."""
+    values = np.linspace(0.0, 1.0, 20_000)
+    out = np.empty_like(values)
+    for _ in range(rounds):
+        np.multiply(values, 1.0001, out=out)
+        np.add(out, values, out=out)
+
+
+def machine_parallelism(repeats):
+    """How much faster two independent processes do two workloads than one does one: what this (shared)
+    machine gave two workers at the time, the ceiling of the threads' ratio."""
+    import multiprocessing
+    with multiprocessing.get_context("fork").Pool(2) as pool:
+        one, _ = best_of(lambda: pool.map(_numpy_workload, [None]), repeats)
+        two, _ = best_of(lambda: pool.map(_numpy_workload, [None, None]), repeats)
+    return 2 * one / two
+
+
 def thread_scaling(emit, args):
-    """Our extended Tofts NLLS of the same curves on 1 thread and on 2 (the job runner's scaling)."""
+    """Our extended Tofts NLLS of the same curves on 1 thread and on 2 (the job runner's scaling), beside
+    the machine's own 2 / 1 for independent processes measured in the same run."""
     t, cp, _, curves = synthetic("etofts", args.voxels)
     rates = {}
     for threads in (1, 2):
         rates[threads], _ = time_ours("etofts", t, cp, curves, args.repeats, threads=threads, device=args.device)
     emit(f"threads: extended Tofts NLLS with the model choice, the same {args.voxels} curves: 1 thread "
-         f"{rates[1]:,.0f} voxels/s, 2 threads {rates[2]:,.0f} voxels/s: 2 / 1 = {rates[2] / rates[1]:.2f}x")
+         f"{rates[1]:,.0f} voxels/s, 2 threads {rates[2]:,.0f} voxels/s: 2 / 1 = {rates[2] / rates[1]:.2f}x "
+         f"(two independent processes on this machine at the time: {machine_parallelism(args.repeats):.2f}x)")
 
 
 def main(argv=None):
@@ -313,9 +334,9 @@ def main(argv=None):
 
     emit, lines = report_lines()
     emit(f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
-         f"{os.cpu_count()} CPU cores, shared with other engineers' jobs while it ran (timings vary run to run; "
-         f"compare the ratios, all measured in this run); numpy {np.__version__}, our fit on {thread_count()} "
-         f"threads, device {args.device}")
+         f"{os.cpu_count()} CPU cores, shared with other engineers' jobs while it ran (load average "
+         f"{os.getloadavg()[0]:.1f} at the start; timings vary run to run: compare the ratios, all measured in this "
+         f"run); numpy {np.__version__}, our fit on {thread_count()} threads, device {args.device}")
     emit(f"command: python Testing/Benchmarks/bench_fitting.py {' '.join(argv if argv is not None else sys.argv[1:])}")
     emit(f"data: {N_FRAMES} frames, {FRAME_S:g} s apart, noise SD {NOISE_MM} mM, the same curves for every method "
          f"(curve_fit: the first of them); float64. Timing: one warm-up run, then the best of {args.repeats}.")
@@ -337,6 +358,7 @@ def main(argv=None):
              f"the fit {mem['peak_mb']:,.0f} MB (before it, with the input loaded: {mem['before_mb']:,.0f} MB; the fit "
              f"added {mem['peak_mb'] - mem['before_mb']:,.0f} MB); {mem['seconds']:.1f} s, "
              f"{mem['fitted'] / mem['seconds']:,.0f} voxels/s, {mem['fitted']} voxels fitted")
+    emit(f"load average at the end: {os.getloadavg()[0]:.1f}")
     if args.write_results:
         write_results(lines)
     print(f"peak RSS of this process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:,.0f} MB")
