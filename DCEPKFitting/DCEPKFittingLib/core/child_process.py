@@ -199,7 +199,8 @@ class ChildProcessJob:
     ``prepare(folder, progress, cancel)`` writes the inputs into the job's new temporary folder (in the
     job's thread); ``load(folder)`` reads the result after every command exited with status 0. The
     folder (made in ``temp_parent``, default the system's) is removed at the end whatever happened,
-    unless ``keep_folder`` (for a bug report). ``env`` is the children's environment.
+    unless ``keep_folder`` (for a bug report). ``env`` is the children's environment. ``returncodes``:
+    the exit status of each command run (negative: killed by that signal, as by a cancel).
     """
 
     def __init__(self, commands: Sequence[ChildCommand], load: Callable[[Path], object],
@@ -217,6 +218,7 @@ class ChildProcessJob:
         self._process: Optional[subprocess.Popen] = None
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.folder: Optional[Path] = None
+        self.returncodes: List[int] = []
         self.state = JobState.PENDING
         self.fraction = 0.0
         self.message = ""
@@ -317,6 +319,7 @@ class ChildProcessJob:
                 elif line.strip():
                     log.append(line.rstrip())
             returncode = process.wait()
+            self.returncodes.append(returncode)
         finally:
             process.stdout.close()
             with self._lock:

@@ -1,8 +1,8 @@
 """The Qt shell's shared code: what both module widgets do alike (a background job with progress and
 cancel, installing DCEPK's Python packages after asking, exporting a statistics table, mirroring the
-Logic's panel state, reloading the Lib packages with the module). The one Lib folder that imports ``qt`` (and ``slicer``); only the module files
-(``DCEPKFitting.py``, ``DCEPKInference.py``) import it. No numerical package at load time: the modules
-must load before their requirements are installed.
+Logic's panel state, reloading the Lib packages with the module). The one Lib folder that imports ``qt``
+(and ``slicer``); only the module files (``DCEPKFitting.py``, ``DCEPKInference.py``) import it. No
+numerical package at load time: the modules must load before their requirements are installed.
 """
 
 import importlib

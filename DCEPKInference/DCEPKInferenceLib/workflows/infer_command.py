@@ -68,7 +68,8 @@ def infer_main(argv=None) -> int:
     mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
     result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
                            t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
-                           baseline_frames=args.baseline_frames, progress=progress_reporter(args.progress_format, f"infer {args.model}"),
+                           baseline_frames=args.baseline_frames,
+                           progress=progress_reporter(args.progress_format, f"infer {args.model}"),
                            protocol_calibration=not args.no_protocol_calibration)
     print_messages("note", result.notes)
     summary = {"command": "infer", "input": str(args.input), "model": args.model, "device": result.device,
