@@ -227,3 +227,32 @@ def test_the_panels_cancel_button_kills_the_child_within_a_second_and_leaves_the
     assert not process_alive(pid) and list(jobs_folder.iterdir()) == []
     assert slicer_app.wired.fingerprint() == before
     widget.cleanup()
+
+
+# --------------------------------------------------------------------------- the child's interpreter
+def test_the_child_runs_on_pythonslicer_in_slicer_and_on_this_python_elsewhere(monkeypatch, tmp_path):
+    """As Slicer's own slicer.util.pythonSlicerModule finds it: PythonSlicer on the PATH (the application
+    puts it there), else in the application's bin folder; outside Slicer this interpreter. In Slicer,
+    sys.executable is the application, which cannot run ``-m``: refused with what to set."""
+    import shutil
+    import sys
+    import types
+
+    from DCEPKFittingLib.core.errors import DCEPKInputError
+    from DCEPKFittingLib.mrml import child_fit
+
+    assert child_fit.child_python("/opt/python3") == "/opt/python3"  # the Logic's pythonExecutable
+    monkeypatch.setattr(shutil, "which", lambda name: "/Slicer/bin/PythonSlicer" if name == "PythonSlicer" else None)
+    assert child_fit.child_python() == "/Slicer/bin/PythonSlicer"
+    monkeypatch.setattr(shutil, "which", lambda name: None)
+    home = tmp_path / "Slicer-5.8"
+    (home / "bin").mkdir(parents=True)
+    (home / "bin" / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer")).write_text("")
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(slicerHome=str(home)), raising=False)
+    assert child_fit.child_python() == str(home / "bin" / ("PythonSlicer.exe" if os.name == "nt" else "PythonSlicer"))
+    monkeypatch.setattr(slicer, "app", types.SimpleNamespace(slicerHome=str(tmp_path / "elsewhere")))
+    monkeypatch.setattr(sys, "executable", str(home / "Slicer"))
+    with pytest.raises(DCEPKInputError, match="pythonExecutable.*computeIn = 'thread'"):
+        child_fit.child_python()
+    monkeypatch.setattr(sys, "executable", "/usr/bin/python3.11")
+    assert child_fit.child_python() == "/usr/bin/python3.11"

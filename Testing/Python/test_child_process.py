@@ -96,7 +96,7 @@ def test_a_commands_input_error_is_its_own_message_and_a_failure_keeps_its_outpu
                load=lambda folder: loads.append(folder)).start()
     with pytest.raises(cp.ChildProcessFailed, match=r"step 0 failed \(exit status 1\): RuntimeError: boom in torch"):
         cp.wait_for_job(job)
-    assert "partial work" in job.error_traceback and "Traceback" in job.error_traceback
+    assert "partial work" in job.error.log and "Traceback" in job.error.log
     assert loads == [] and list(tmp_path.iterdir()) == []
 
 

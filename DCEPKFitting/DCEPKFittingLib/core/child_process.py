@@ -10,8 +10,8 @@ The protocol: a ``dcepk`` command run with ``--progress-format json`` writes one
 command's own output (warnings, ``dcepk: error: ...``), kept as the job's log. ``parse_progress_line``
 reads one line back; the tests drive it directly.
 
-``ChildProcessJob`` has ``jobs.BackgroundJob``'s interface (``start``, ``poll``, ``cancel``, ``wait``,
-``state``, ``result``, ``error``), so the module widgets poll either from a QTimer. In its own thread it
+``ChildProcessJob`` is a ``jobs.BackgroundJob`` (``start``, ``poll``, ``cancel``, ``wait``, ``state``,
+``result``, ``error``), so the module widgets poll either from a QTimer. In its own thread it
 writes the inputs into a new temporary folder (``prepare``), runs the commands one after another
 (each its own share of the progress), loads the results (``load``) once all exited with status 0,
 and always removes the folder. ``cancel()`` kills the running command's process tree from the
@@ -23,7 +23,6 @@ caller's thread: it takes effect at once, not at the next check.
 import collections
 import json
 import os
-import queue
 import shutil
 import signal
 import subprocess
@@ -31,13 +30,12 @@ import sys
 import tempfile
 import threading
 import time
-import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterable, List, Optional, Sequence, Tuple
 
 from .errors import DCEPKInputError, JobCancelledError
-from .jobs import ConsoleProgress, JobState, raise_if_cancelled
+from .jobs import BackgroundJob, ConsoleProgress, JobState, raise_if_cancelled
 
 PROGRESS_KEY = "dcepk_progress"
 PROGRESS_FORMATS = ("bar", "json")
@@ -193,61 +191,44 @@ class ChildCommand:
     label: str
 
 
-class ChildProcessJob:
-    """Commands run one after another in child processes, with ``jobs.BackgroundJob``'s interface.
+class ChildProcessJob(BackgroundJob):
+    """Commands run one after another in child processes: a ``jobs.BackgroundJob`` (poll, wait, state,
+    result, error) whose ``cancel()`` also kills the running command's process tree, at once.
 
     ``prepare(folder, progress, cancel)`` writes the inputs into the job's new temporary folder (in the
     job's thread); ``load(folder)`` reads the result after every command exited with status 0. The
     folder (made in ``temp_parent``, default the system's) is removed at the end whatever happened,
     unless ``keep_folder`` (for a bug report). ``env`` is the children's environment. ``returncodes``:
-    the exit status of each command run (negative: killed by that signal, as by a cancel).
+    the exit status of each command run (negative: killed by that signal, as by a cancel). A failed
+    command's output is its error's ``log``.
     """
 
     def __init__(self, commands: Sequence[ChildCommand], load: Callable[[Path], object],
                  prepare: Optional[Callable] = None, env: Optional[dict] = None, temp_parent=None,
                  keep_folder: bool = False, name: str = "DCEPK job"):
+        super().__init__(self._work, name=name)
         self._commands = list(commands)
         self._load = load
         self._prepare = prepare
         self._env = env
         self._temp_parent = temp_parent
         self._keep_folder = keep_folder
-        self._events: "queue.Queue[tuple]" = queue.Queue()
-        self._cancel_event = threading.Event()
         self._lock = threading.Lock()
         self._process: Optional[subprocess.Popen] = None
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.folder: Optional[Path] = None
         self.returncodes: List[int] = []
-        self.state = JobState.PENDING
-        self.fraction = 0.0
-        self.message = ""
-        self.result = None
-        self.error: Optional[BaseException] = None
-        self.error_traceback = ""
 
-    # -- the interface of jobs.BackgroundJob
     def start(self) -> "ChildProcessJob":
         self.folder = Path(tempfile.mkdtemp(prefix="dcepk-job-", dir=self._temp_parent))
-        self.state = JobState.RUNNING
-        self._thread.start()
-        return self
+        return super().start()
 
     def cancel(self) -> None:
-        """Stop now: the running command's process tree is killed from this thread."""
+        """Stop now: the running command's process tree is killed from the caller's thread."""
         with self._lock:
-            self._cancel_event.set()
+            super().cancel()
             process = self._process
         if process is not None:
             kill_process_tree(process)
-
-    @property
-    def cancel_requested(self) -> bool:
-        return self._cancel_event.is_set()
-
-    @property
-    def done(self) -> bool:
-        return self.state in (JobState.FINISHED, JobState.FAILED, JobState.CANCELLED)
 
     @property
     def process_id(self) -> Optional[int]:
@@ -255,59 +236,25 @@ class ChildProcessJob:
         process = self._process
         return process.pid if process is not None and process.poll() is None else None
 
-    def poll(self) -> list:
-        """Drain pending events; returns the (fraction, message) progress updates since the last poll."""
-        updates = []
-        while True:
-            try:
-                event = self._events.get_nowait()
-            except queue.Empty:
-                return updates
-            kind = event[0]
-            if kind == "progress":
-                self.fraction, self.message = event[1], event[2]
-                updates.append((event[1], event[2]))
-            elif kind == "finished":
-                self.result, self.state = event[1], JobState.FINISHED
-            elif kind == "cancelled":
-                self.state = JobState.CANCELLED
-            else:
-                self.error, self.error_traceback, self.state = event[1], event[2], JobState.FAILED
-
-    def wait(self, timeout: Optional[float] = None) -> JobState:
-        self._thread.join(timeout)
-        self.poll()
-        return self.state
-
-    # -- the job's thread
-    def _progress(self, fraction: float, message: str = "") -> None:
-        self._events.put(("progress", fraction, message))
-
-    def _run(self) -> None:
+    def _work(self, progress, cancel):
+        """The job's thread: inputs, commands, outputs; the folder removed whatever happened."""
         try:
             if self._prepare is not None:
-                self._progress(0.0, "writing the inputs of the child process")
-                self._prepare(self.folder, self._progress, self._cancel_event)
+                progress(0.0, "writing the inputs of the child process")
+                self._prepare(self.folder, progress, cancel)
             for command in self._commands:
-                self._run_command(command)
-            raise_if_cancelled(self._cancel_event)
-            self._progress(1.0, "loading the results")
-            value = self._load(self.folder)
-            raise_if_cancelled(self._cancel_event)
-            self._events.put(("finished", value))
-        except JobCancelledError:
-            self._events.put(("cancelled",))
-        except BaseException as exc:  # handed to the caller, who decides how to show it
-            log = getattr(exc, "log", "")
-            self._events.put(("failed", exc, log or traceback.format_exc()))
+                self._run_command(command, progress, cancel)
+            raise_if_cancelled(cancel)
+            progress(1.0, "loading the results")
+            return self._load(self.folder)
         finally:
             if not self._keep_folder:
                 _remove_folder(self.folder)
 
-    def _run_command(self, command: ChildCommand) -> None:
+    def _run_command(self, command: ChildCommand, progress, cancel) -> None:
         argv = command.argv(self.folder)
         with self._lock:
-            raise_if_cancelled(self._cancel_event)
+            raise_if_cancelled(cancel)
             process = self._process = start_process(argv, env=self._env, cwd=self.folder)
         log = collections.deque(maxlen=LOG_LINES)
         span = command.stop - command.start
@@ -315,7 +262,7 @@ class ChildProcessJob:
             for line in process.stdout:
                 parsed = parse_progress_line(line)
                 if parsed is not None:
-                    self._progress(command.start + span * parsed[0], parsed[1])
+                    progress(command.start + span * parsed[0], parsed[1])
                 elif line.strip():
                     log.append(line.rstrip())
             returncode = process.wait()
@@ -324,7 +271,7 @@ class ChildProcessJob:
             process.stdout.close()
             with self._lock:
                 self._process = None
-        raise_if_cancelled(self._cancel_event)  # a cancel kills the process: its exit status says nothing
+        raise_if_cancelled(cancel)  # a cancel kills the process: its exit status says nothing
         if returncode != 0:
             raise exit_error(command.label, returncode, list(log))
 

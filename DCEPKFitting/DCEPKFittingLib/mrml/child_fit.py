@@ -67,6 +67,16 @@ def dcepk_command(python: str, module: str, *args) -> List[str]:
     return [python, "-m", module, *[str(a) for a in args]]
 
 
+def acquisition_options(series, fa_deg, tr_s) -> List[str]:
+    """``--fa`` / ``--tr``: the given values, else the series header's (so none is read back from a file)."""
+    options = []
+    for option, given, header in (("--fa", fa_deg, series.flip_angle_deg), ("--tr", tr_s, series.tr_s)):
+        value = given if given is not None else header
+        if value is not None:
+            options.append(f"{option}={number(value)}")
+    return options
+
+
 def fit_voxels(mask, spatial_shape) -> int:
     return int(np.count_nonzero(mask)) if mask is not None else int(np.prod(spatial_shape))
 
@@ -159,10 +169,7 @@ def fit_command(python: str, series, settings, folder: Path, save_concentration:
             args += ["--t10", folder / T10_FILE, "--t10-unit", "s"]
         elif settings.t10_s is not None:
             args += [f"--t10={number(settings.t10_s)}", "--t10-unit", "s"]
-        for option, given, header in (("--fa", settings.fa_deg, series.flip_angle_deg),
-                                      ("--tr", settings.tr_s, series.tr_s)):
-            if (given if given is not None else header) is not None:
-                args.append(f"{option}={number(given if given is not None else header)}")
+        args += acquisition_options(series, settings.fa_deg, settings.tr_s)
     if settings.r1_per_mM_s is not None:
         args.append(f"--r1={number(settings.r1_per_mM_s)}")
     if settings.baseline_frames is not None:

@@ -132,7 +132,8 @@ class DCEPKBackgroundJobWidgetMixin:
             self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
         else:
             self.ui.statusLabel.text = _("Failed: the scene is unchanged.")
-            slicer.util.errorDisplay(str(job.error), detailedText=job.error_traceback)
+            # a child process's own output says more than the parent's traceback
+            slicer.util.errorDisplay(str(job.error), detailedText=getattr(job.error, "log", "") or job.error_traceback)
 
     def ensureDependencies(self, requester: str) -> bool:
         """True when DCEPK's Python packages are installed, asking before installing any (never at import).

@@ -16,9 +16,9 @@ import numpy as np
 from DCEPKFittingLib.core.child_process import ChildCommand, ChildProcessJob, compute_place, python_environment
 from DCEPKFittingLib.core.jobs import BackgroundJob
 from DCEPKFittingLib.io import read_volume, write_volume
-from DCEPKFittingLib.mrml.child_fit import (LIB_ROOT as FITTING_LIB_ROOT, MASK_FILE, T10_FILE, child_python,
-                                            dcepk_command, fit_command, fit_voxels, number, read_fit_output,
-                                            write_series_input, SERIES_FILE)
+from DCEPKFittingLib.mrml.child_fit import (LIB_ROOT as FITTING_LIB_ROOT, MASK_FILE, SERIES_FILE, T10_FILE,
+                                            acquisition_options, child_python, dcepk_command, fit_command,
+                                            fit_voxels, number, read_fit_output, write_series_input)
 from DCEPKFittingLib.mrml.scene_fit import SceneFitRequest
 
 from .scene_inference import (SceneInferenceRequest, comparison_fit_settings, compute_scene_inference,
@@ -71,10 +71,7 @@ def infer_command(python: str, request: SceneInferenceRequest, folder: Path) -> 
     args += ["--t10", folder / T10_FILE] if np.ndim(request.t10_s) == 3 else [f"--t10={number(request.t10_s)}"]
     if request.mask is not None:
         args += ["--mask", folder / INFERENCE_MASK_FILE]
-    for option, given, header in (("--fa", request.fa_deg, series.flip_angle_deg),
-                                  ("--tr", request.tr_s, series.tr_s)):
-        if (given if given is not None else header) is not None:
-            args.append(f"{option}={number(given if given is not None else header)}")
+    args += acquisition_options(series, request.fa_deg, request.tr_s)
     if request.r1_per_mM_s is not None:
         args.append(f"--r1={number(request.r1_per_mM_s)}")
     return dcepk_command(python, INFER_MODULE, *args)
