@@ -495,9 +495,13 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
             flipAngle_deg=flipAngle_deg, tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, mask=mask, fitDelay=fitDelay,
             device=device, statisticsSegmentation=statisticsSegmentation, outputPrefix=outputPrefix,
             updateExisting=updateExisting)
+        from DCEPKFittingLib import mrml as mrml_bridge
         from DCEPKFittingLib.core.child_process import wait_for_job
 
-        output = wait_for_job(self.startCompute(request), progress=progress, cancel=cancel)
+        if mrml_bridge.scene_fit_place(request, self.computeIn) == "thread":
+            output = self.compute(request, progress=progress, cancel=cancel)  # on this thread, as before
+        else:
+            output = wait_for_job(self.startCompute(request), progress=progress, cancel=cancel)
         return self.publish(request, output)
 
     def prepare(self, sequenceNode, model="etofts", method="nlls", aifRoi=None, aifSegmentation=None,
@@ -701,6 +705,8 @@ class DCEPKFittingTest(ScriptedLoadableModuleTest):
         self.test_PhantomWorkflow()
         self.setUp()
         self.test_CancelLeavesSceneUnchanged()
+        self.setUp()
+        self.test_FitInChildProcess()
 
     def test_PhantomWorkflow(self):
         import numpy as np
@@ -754,3 +760,22 @@ class DCEPKFittingTest(ScriptedLoadableModuleTest):
             logic.run(nodes["sequence"], aifRoi=nodes["aifRoi"], t10_s=1.4, cancel=cancel)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
         self.delayDisplay("Cancel test passed")
+
+    def test_FitInChildProcess(self):
+        """A fit in a separate process (PythonSlicer running dcepk fit) gives the maps of a fit in Slicer's."""
+        import numpy as np
+
+        logic = DCEPKFittingLogic()
+        phantom, nodes = logic.loadPhantomSample(returnPhantom=True, shape=SELF_TEST_PHANTOM_SHAPE)
+        options = dict(populationAif="parker", t10_s=1.4, model="patlak", method="linear", mask=nodes["tissues"],
+                       device="cpu")
+        logic.computeIn = "thread"
+        inThread = logic.run(nodes["sequence"], outputPrefix="DCEPK thread", **options)
+        self.delayDisplay("Fitting in a separate process")
+        logic.computeIn = "child"
+        inChild = logic.run(nodes["sequence"], outputPrefix="DCEPK child", **options)
+        for name in ("Ktrans", "vp", "status"):
+            expected = slicer.util.arrayFromVolume(inThread[name])
+            got = slicer.util.arrayFromVolume(inChild[name])
+            self.assertTrue(np.array_equal(got, expected.astype(got.dtype), equal_nan=True), name)
+        self.delayDisplay("Child process test passed")

@@ -377,8 +377,12 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
             r1_per_mM_s=r1_per_mM_s, segmentationNode=segmentationNode, outputPrefix=outputPrefix,
             updateExisting=updateExisting)
         from DCEPKFittingLib.core.child_process import wait_for_job
+        from DCEPKInferenceLib import mrml as mrml_bridge
 
-        result = wait_for_job(self.startCompute(request), progress=progress, cancel=cancel)
+        if mrml_bridge.scene_inference_place(request, self.computeIn) == "thread":
+            result = self.compute(request, progress=progress, cancel=cancel)  # on this thread, as before
+        else:
+            result = wait_for_job(self.startCompute(request), progress=progress, cancel=cancel)
         return self.publish(request, result)
 
     def prepare(self, sequenceNode, modelName=DEFAULT_MODEL, maskNode=None, device="auto", flipAngle_deg=None,

@@ -212,7 +212,7 @@ def _tests(suite):
         yield from _tests(item) if isinstance(item, unittest.TestSuite) else [item]
 
 
-SELF_TESTS = {"DCEPKFitting": {"test_PhantomWorkflow", "test_CancelLeavesSceneUnchanged"},
+SELF_TESTS = {"DCEPKFitting": {"test_PhantomWorkflow", "test_CancelLeavesSceneUnchanged", "test_FitInChildProcess"},
               "DCEPKInference": {"test_PhantomWorkflow", "test_CancelAndErrorLeaveSceneUnchanged"}}
 
 

@@ -81,17 +81,25 @@ def fit_voxels(mask, spatial_shape) -> int:
     return int(np.count_nonzero(mask)) if mask is not None else int(np.prod(spatial_shape))
 
 
-def start_scene_fit(request: SceneFitRequest, place: str = "auto", python: Optional[str] = None,
-                    temp_parent=None, keep_folder: bool = False, compute=compute_scene_fit):
-    """Start the fit of a prepared request where ``compute_place`` says; returns the started job (poll it
-    or ``core.child_process.wait_for_job``). ``python``: the child's interpreter (None: ``child_python``)."""
+def scene_fit_place(request: SceneFitRequest, place: str = "auto") -> str:
+    """'child' or 'thread': where the fit of a prepared request runs (``compute_place``; 'auto' keeps in a
+    thread what ``dcepk fit`` has no option for)."""
     series, settings = request.series, request.settings
     unsupported = child_unsupported(settings)
-    voxels = fit_voxels(settings.mask, series.spatial_shape)
-    if compute_place(place, voxels, series.n_frames) == "thread" or (place == "auto" and unsupported):
-        return BackgroundJob(compute, request, name="DCEPK fit").start()
-    if unsupported:
+    chosen = compute_place(place, fit_voxels(settings.mask, series.spatial_shape), series.n_frames)
+    if chosen == "child" and unsupported:
+        if place == "auto":
+            return "thread"
         raise DCEPKInputError(f"{unsupported}: run this fit in a thread (the Logic's computeIn = 'thread')")
+    return chosen
+
+
+def start_scene_fit(request: SceneFitRequest, place: str = "auto", python: Optional[str] = None,
+                    temp_parent=None, keep_folder: bool = False, compute=compute_scene_fit):
+    """Start the fit of a prepared request where ``scene_fit_place`` says; returns the started job (poll it
+    or ``core.child_process.wait_for_job``). ``python``: the child's interpreter (None: ``child_python``)."""
+    if scene_fit_place(request, place) == "thread":
+        return BackgroundJob(compute, request, name="DCEPK fit").start()
     return fit_child_job(request, child_python(python), temp_parent, keep_folder).start()
 
 

@@ -31,11 +31,16 @@ INFER_SUMMARY = "dcepk_infer.json"   # what `dcepk infer` writes beside its maps
 INFERENCE_SHARE = 0.95               # of the progress; the rest is thresholds and statistics
 
 
+def scene_inference_place(request: SceneInferenceRequest, place: str = "auto") -> str:
+    """'child' or 'thread': where a prepared inference runs (``compute_place``)."""
+    series = request.series
+    return compute_place(place, fit_voxels(request.mask, series.spatial_shape), series.n_frames)
+
+
 def start_scene_inference(request: SceneInferenceRequest, place: str = "auto", python: Optional[str] = None,
                           temp_parent=None, keep_folder: bool = False, compute=compute_scene_inference):
-    """Start a prepared inference where ``compute_place`` says; returns the started job."""
-    series = request.series
-    if compute_place(place, fit_voxels(request.mask, series.spatial_shape), series.n_frames) == "thread":
+    """Start a prepared inference where ``scene_inference_place`` says; returns the started job."""
+    if scene_inference_place(request, place) == "thread":
         return BackgroundJob(compute, request, name="DCEPK inference").start()
     return inference_child_job(request, child_python(python), temp_parent, keep_folder).start()
 
