@@ -99,14 +99,8 @@ def test_a_fit_in_a_child_process_gives_the_maps_of_the_thread(slicer_app, phant
     for name, curve in thread_curves.items():
         np.testing.assert_allclose(curves[name], curve, rtol=1e-4, atol=1e-6, err_msg=name)
     assert list((tmp_path / "jobs").iterdir()) == []  # the temporary folder is gone
-
-    # Without a T1 map through a file (a fixed T10) the maps are the thread's to the last bit (as float32).
-    options = dict(populationAif="parker", t10_s=1.4, method="linear", model="patlak", mask=loaded["tissues"],
-                   device="cpu")
-    in_thread = _arrays(thread.run(loaded["sequence"], outputPrefix="thread", **options))
-    got = _arrays(child.run(loaded["sequence"], outputPrefix="child", **options))
-    for name, expected in in_thread.items():
-        np.testing.assert_array_equal(got[name], expected.astype(got[name].dtype), err_msg=name)
+    # (with a fixed T10, no T1 map through a file, the maps are the thread's to the last bit: the module's
+    # self-test DCEPKFittingTest.test_FitInChildProcess checks it, here in test_slicer_conformance)
 
 
 def test_an_inference_in_a_child_process_gives_the_result_of_the_thread(slicer_app, phantom, loaded, tmp_path):
