@@ -6,6 +6,8 @@ usable from the Python console:
 
     logic = slicer.util.getModuleLogic("DCEPKInference")
     nodes = logic.run(sequenceNode, modelName="hetero_encoder", uncertaintyThreshold=0.5)
+
+Large runs go to a separate process (``dcepk infer``; ``logic.computeIn``, as in DCEPK Fitting).
 """
 
 import logging
@@ -132,6 +134,8 @@ class DCEPKInferenceParameterNode:
 #
 class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWidget, VTKObservationMixin):
     """Wires the GUI to the Logic; holds no science."""
+
+    LIB_PACKAGES = ("DCEPKFittingLib", "DCEPKInferenceLib")  # reloaded by Reload (onReload), in this order
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -270,7 +274,7 @@ class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModule
             options = self.logic.optionsFromParameterNode(self._parameterNode)
             deviceText = self.logic.describeDevice(options["device"])
             request = self.logic.prepare(self._parameterNode.inputSequence, **options)
-            self.startBackgroundJob(request, "DCEPK inference", _("Running {model} on {device}...").format(
+            self.startBackgroundJob(request, _("Running {model} on {device}...").format(
                 model=options["modelName"], device=deviceText))
 
         if not self.runShowingErrors(_("The inference could not start."), start):
@@ -323,11 +327,13 @@ class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModule
 class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
     """Network inference from the scene, without any GUI (no Qt here): usable from the Python console.
 
-    ``run`` is synchronous. The widget splits it in three so the slow part runs in a thread:
-    ``prepare`` (reads nodes, main thread) -> ``compute`` (``run_inference`` and optionally
-    ``pipeline.run_fit``, thresholding, statistics; thread-safe) -> ``publish`` (writes nodes, main
-    thread). Nothing is written before ``compute`` succeeds, so a cancel or an error leaves the scene
-    as it was. ``lastResult`` keeps the raw outputs so a new uncertainty threshold needs no new run.
+    ``run`` is synchronous. It is three steps, which the widget calls one by one: ``prepare`` (reads
+    nodes, main thread) -> ``startCompute`` (``run_inference`` and optionally ``pipeline.run_fit``,
+    thresholding, statistics, in the background; returns the job) -> ``publish`` (writes nodes, main
+    thread). Nothing is written before the compute succeeded, so a cancel, an error or a crashed child
+    process leaves the scene as it was. ``lastResult`` keeps the raw outputs so a new uncertainty
+    threshold needs no new run. ``computeIn``, ``pythonExecutable``, ``childTemporaryFolder``: where the
+    compute runs, as in ``DCEPKFittingLogic`` (a ``dcepk infer`` child process for a large run).
     """
 
     def __init__(self, scene=None) -> None:
@@ -336,6 +342,9 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
         self.lastRequest = None
         self.lastResult = None
         self.lastNodes = {}
+        self.computeIn = "auto"
+        self.pythonExecutable = None
+        self.childTemporaryFolder = None
 
     @property
     def scene(self):
@@ -367,7 +376,13 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
             compareWithFit=compareWithFit, fitModel=fitModel, populationAif=populationAif, hematocrit=hematocrit,
             r1_per_mM_s=r1_per_mM_s, segmentationNode=segmentationNode, outputPrefix=outputPrefix,
             updateExisting=updateExisting)
-        result = self.compute(request, progress=progress, cancel=cancel)
+        from DCEPKFittingLib.core.child_process import wait_for_job
+        from DCEPKInferenceLib import mrml as mrml_bridge
+
+        if mrml_bridge.scene_inference_place(request, self.computeIn) == "thread":
+            result = self.compute(request, progress=progress, cancel=cancel)  # on this thread, as before
+        else:
+            result = wait_for_job(self.startCompute(request), progress=progress, cancel=cancel)
         return self.publish(request, result)
 
     def prepare(self, sequenceNode, modelName=DEFAULT_MODEL, maskNode=None, device="auto", flipAngle_deg=None,
@@ -386,10 +401,17 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def compute(request, progress=None, cancel=None):
-        """The inference itself: touches no node, so it may run in a worker thread."""
+        """The inference itself in this thread: touches no node, so it may run in a worker thread."""
         from DCEPKInferenceLib import mrml as mrml_bridge
 
         return mrml_bridge.compute_scene_inference(request, progress=progress, cancel=cancel)
+
+    def startCompute(self, request):
+        """Start a prepared inference where ``computeIn`` says; returns the running job (see ``run``)."""
+        from DCEPKInferenceLib import mrml as mrml_bridge
+
+        return mrml_bridge.start_scene_inference(request, self.computeIn, compute=self.compute,
+                                                 python=self.pythonExecutable, temp_parent=self.childTemporaryFolder)
 
     def publish(self, request, result, existingNodes=None):
         """Write maps, uncertainty maps and statistics into the scene (main thread); returns ``{name: node}``."""

@@ -1,6 +1,7 @@
 """Shared test fixtures: reference data that skips on a user's machine and fails in CI."""
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -38,3 +39,16 @@ def import_or_skip(module_name: str, reason: str):
         if reference_data_required():
             pytest.fail(message + " (required because CI or DCEPK_REQUIRE_REFERENCE_DATA is set)")
         pytest.skip(message, allow_module_level=True)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a killed one not yet reaped by its parent is a zombie: dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rpartition(")")[2].split()[0] != "Z"
+    except OSError:  # no /proc (macOS): the signal test is all there is
+        return True

@@ -59,13 +59,6 @@ def loaded(slicer_scene, phantom):
     return fit_bridge.phantom_to_scene(slicer_scene.scene, phantom, "phantom", slicer_scene.sequences_logic)
 
 
-def _fingerprint(wired):
-    """Every node's ID, class, name and modification time: changes when anything is added or written."""
-    scene = wired.scene
-    return sorted((scene.GetNthNode(n).GetID(), scene.GetNthNode(n).GetClassName(), scene.GetNthNode(n).GetName(),
-                   scene.GetNthNode(n).GetMTime()) for n in range(scene.GetNumberOfNodes()))
-
-
 def _ijk_to_ras(node):
     import vtk
 
@@ -240,7 +233,7 @@ def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, loaded):
     earlier, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
                                             mask=loaded["tissues"], device="cpu", t10_s=T10_S)
     earlier_ktrans = _array(earlier["Ktrans"]).copy()
-    before = _fingerprint(slicer_scene)
+    before = slicer_scene.fingerprint()
 
     for stop_at in (0.2, 0.7):  # inside the network's pass, then inside the comparison fit
         cancel, seen = threading.Event(), []
@@ -255,7 +248,7 @@ def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, loaded):
                                        device="cpu", compare_with_fit=True, uncertainty_threshold=0.5,
                                        progress=progress, cancel=cancel, t10_s=T10_S)
         assert seen and max(seen) < 1.0
-        assert _fingerprint(slicer_scene) == before
+        assert slicer_scene.fingerprint() == before
         np.testing.assert_array_equal(_array(earlier["Ktrans"]), earlier_ktrans)
 
     # The widget's path: compute in a BackgroundJob, cancelled while it runs; nothing is published.
@@ -271,12 +264,12 @@ def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, loaded):
     job.cancel()
     gate.set()
     assert job.wait(120) == JobState.CANCELLED and job.result is None
-    assert _fingerprint(slicer_scene) == before
+    assert slicer_scene.fingerprint() == before
 
 
 def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_scene, loaded):
     scene = slicer_scene.scene
-    before = _fingerprint(slicer_scene)
+    before = slicer_scene.fingerprint()
     with pytest.raises(DCEPKInputError, match="no model 'no_such_network'"):
         bridge.run_scene_inference(scene, loaded["sequence"], model_name="no_such_network", device="cpu")
     with pytest.raises(DCEPKInputError, match="unknown device"):
@@ -292,10 +285,10 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
     if not torch.cuda.is_available():
         with pytest.raises(DCEPKInputError, match="no CUDA GPU"):
             bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cuda", t10_s=T10_S)
-    assert _fingerprint(slicer_scene) == before
+    assert slicer_scene.fingerprint() == before
 
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
-    before = _fingerprint(slicer_scene)
+    before = slicer_scene.fingerprint()
     with pytest.raises(DCEPKInputError, match="no segments"):
         bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu", mask=empty,
                                    t10_s=T10_S)
@@ -303,10 +296,10 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
     sequence = loaded["sequence"]
     sequence.RemoveAttribute("MultiVolume.FrameLabels")
     sequence.SetIndexUnit("")
-    before = _fingerprint(slicer_scene)
+    before = slicer_scene.fingerprint()
     with pytest.raises(DCEPKInputError, match="no frame times"):
         bridge.run_scene_inference(scene, sequence, model_name=DEFAULT_MODEL, device="cpu", t10_s=T10_S)
-    assert _fingerprint(slicer_scene) == before
+    assert slicer_scene.fingerprint() == before
     assert not slicer_scene.nodes_by_class("vtkMRMLTableNode")
     assert not [n for n in slicer_scene.nodes_by_class("vtkMRMLScalarVolumeNode") if n.GetAttribute("DCEPK.Map")]
 
@@ -474,7 +467,7 @@ def test_a_publish_that_fails_half_way_takes_out_what_it_added(slicer_scene, loa
     request = bridge.prepare_scene_inference(loaded["sequence"], model_name=DEFAULT_MODEL, mask=loaded["tissues"],
                                              device="cpu", t10_s=T10_S)
     result = bridge.compute_scene_inference(request)
-    before = _fingerprint(slicer_scene)
+    before = slicer_scene.fingerprint()
     real, calls = fit_bridge.update_volume_from_array, []
 
     def failing_on_the_third_map(*args, **kwargs):
@@ -487,7 +480,7 @@ def test_a_publish_that_fails_half_way_takes_out_what_it_added(slicer_scene, loa
     with pytest.raises(MemoryError):
         bridge.publish_scene_inference(scene, request, result)
     assert len(calls) == 3
-    assert _fingerprint(slicer_scene) == before
+    assert slicer_scene.fingerprint() == before
     monkeypatch.undo()
     nodes = bridge.publish_scene_inference(scene, request, result)  # and a later publish works
     np.testing.assert_array_equal(_array(nodes["vp"]), result.maps["vp"])

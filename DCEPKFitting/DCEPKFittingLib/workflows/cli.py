@@ -211,6 +211,13 @@ def add_acquisition_options(parser: argparse.ArgumentParser) -> None:
                         help="number of pre-contrast frames (default: detected)")
 
 
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    from ..core.child_process import PROGRESS_FORMATS
+    parser.add_argument("--progress-format", default="bar", choices=PROGRESS_FORMATS,
+                        help="progress on stderr: a bar, or one JSON object per line "
+                             "({\"dcepk_progress\": fraction, \"message\": text}) for a program that runs dcepk")
+
+
 def read_series_option(args, kind: Optional[str] = None):
     """The DCE series of a fit or infer command; NaN/inf voxels are kept (and reported as invalid)."""
     from ..io import read_dce
@@ -284,8 +291,11 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", type=DEVICE, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, type=Path, help="output folder for the maps")
     p.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd"])
+    p.add_argument("--save-concentration", action="store_true",
+                   help=f"also write the concentration series (mM) the fit used, as {CONCENTRATION_FILE}")
     p.add_argument("--overwrite", action="store_true")
     add_series_options(p)
+    add_progress_option(p)
 
     p = sub.add_parser("stats", help="per-label statistics of one or more maps")
     p.add_argument("maps", nargs="+", type=Path, help="map files on the label map's grid")
@@ -423,16 +433,18 @@ def print_messages(kind: str, messages) -> None:
 
 
 FIT_SUMMARY = "dcepk_fit.json"
+CONCENTRATION_FILE = "concentration.seq.nrrd"
 
 
 def _cmd_fit(args) -> int:
-    from ..core.jobs import ConsoleProgress
+    from ..core.child_process import progress_reporter
     from ..core.output_files import OutputSet, check_targets
-    from ..io import map_targets, read_mask, stage_maps
+    from ..io import map_targets, read_mask, stage_dce_series, stage_maps
     from ..kinetics.fit_result import map_names
     from ..pipeline.fit import FitSettings, run_fit
     names = map_names(args.model, args.fit_delay)
-    check_targets(map_targets(args.out, names, args.format) + [args.out / FIT_SUMMARY], args.overwrite)
+    extra = [args.out / FIT_SUMMARY] + ([args.out / CONCENTRATION_FILE] if args.save_concentration else [])
+    check_targets(map_targets(args.out, names, args.format) + extra, args.overwrite)
     series = read_series_option(args, kind=args.input_kind)
     grid = (series.geometry, series.spatial_shape)
     settings = FitSettings(
@@ -445,7 +457,8 @@ def _cmd_fit(args) -> int:
         hct=args.hct, aif_delay_s=args.aif_delay,
         mask=read_mask(args.mask, *grid) if args.mask else None,
         fit_delay=args.fit_delay, device=args.device, model_selection=not args.no_model_choice)
-    result = run_fit(series, settings, progress=ConsoleProgress(f"fit {args.model}"), reuse_series_memory=True)
+    result = run_fit(series, settings, progress=progress_reporter(args.progress_format, f"fit {args.model}"),
+                     reuse_series_memory=True)
     notes = nonfinite_note(series)
     print_messages("note", notes)
     print_messages("warning", result.messages)
@@ -455,9 +468,13 @@ def _cmd_fit(args) -> int:
                "baseline_frames_given": args.baseline_frames is not None,
                "noise_sd_signal_units": result.noise_sigma, "voxels_per_status": _status_counts(result),
                "model_choice": not args.no_model_choice, "units": result.units,
-               "warnings": list(result.messages), "notes": notes}
+               "aif_plasma_mM": result.aif_plasma_mM.tolist(), "warnings": list(result.messages), "notes": notes}
     with OutputSet(args.overwrite) as outputs:
         stage_maps(outputs, args.out, result.maps, series.geometry, suffix=args.format)
+        if args.save_concentration:
+            conc = result.concentration
+            stage_dce_series(outputs, args.out / CONCENTRATION_FILE, [conc], conc.shape, conc.dtype, series.times_s,
+                             series.geometry, kind="concentration")
         write_summary(outputs, args.out / FIT_SUMMARY, summary)
         outputs.commit()
     print(f"{len(result.maps)} maps written to {args.out}: {', '.join(sorted(result.maps))}")

@@ -122,19 +122,33 @@ def compute_scene_inference(request: SceneInferenceRequest, progress=None, cance
                               progress=sub_progress(progress, 0.0, 0.95 * split), cancel=cancel)
     raise_if_cancelled(cancel)
     fit = None
-    messages = list(inference.messages)
     if request.compare_with_fit:
-        from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit
+        from DCEPKFittingLib.pipeline.fit import run_fit
 
         report(progress, 0.5, "conventional fit for comparison")
-        settings = FitSettings(mask=inference.estimated, **request.fit_settings)
-        fit = run_fit(request.series, settings, progress=sub_progress(progress, 0.5, 0.95), cancel=cancel)
+        fit = run_fit(request.series, comparison_fit_settings(request, inference.estimated),
+                      progress=sub_progress(progress, 0.5, 0.95), cancel=cancel)
         raise_if_cancelled(cancel)
-        messages.append(f"comparison fit used the {request.fit_settings['population_aif']} population AIF")
     report(progress, 0.95, "uncertainty threshold and statistics")
+    result = inference_result(request, inference, fit)
+    report(progress, 1.0, "done")
+    return result
+
+
+def comparison_fit_settings(request: SceneInferenceRequest, inferred: np.ndarray):
+    """The comparison fit's ``FitSettings``: the request's, on the voxels the network inferred."""
+    from DCEPKFittingLib.pipeline.fit import FitSettings
+
+    return FitSettings(mask=inferred, **request.fit_settings)
+
+
+def inference_result(request: SceneInferenceRequest, inference, fit=None) -> SceneInferenceResult:
+    """The published result of a run (in a thread or a child process): ``derive_outputs`` and the messages."""
+    messages = list(inference.messages)
+    if fit is not None:
+        messages.append(f"comparison fit used the {request.fit_settings['population_aif']} population AIF")
     result = derive_outputs(request, inference, fit)
     result.messages = messages + result.messages
-    report(progress, 1.0, "done")
     return result
 
 

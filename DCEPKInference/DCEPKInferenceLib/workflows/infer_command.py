@@ -6,12 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 from DCEPKFittingLib.core.errors import DCEPKInputError
-from DCEPKFittingLib.core.jobs import ConsoleProgress
+from DCEPKFittingLib.core.child_process import progress_reporter
 from DCEPKFittingLib.core.output_files import OutputSet, check_targets
 from DCEPKFittingLib.io import map_targets, read_mask, stage_maps
-from DCEPKFittingLib.workflows.cli import (DEVICE, POSITIVE_INT, add_acquisition_options, add_series_options,
-                                           add_t10_options, print_messages, read_series_option, read_t10,
-                                           write_summary)
+from DCEPKFittingLib.workflows.cli import (DEVICE, POSITIVE_INT, add_acquisition_options, add_progress_option,
+                                           add_series_options, add_t10_options, print_messages, read_series_option,
+                                           read_t10, write_summary)
 
 from ..nn.model_store import check_model_name, list_models
 from ..pipeline.inference import DEFAULT_MODEL, INFER_SUMMARY, MAP_ORDER, run_inference, training_protocol_ranges
@@ -39,6 +39,7 @@ def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("--no-protocol-calibration", action="store_true",
                         help="keep the card's SD factors for frame times outside the training ranges")
     parser.add_argument("--list", action="store_true", help="list the shipped models and exit")
+    add_progress_option(parser)
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -61,7 +62,8 @@ def infer_main(argv=None) -> int:
     mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
     result = run_inference(series, args.model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
                            t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
-                           baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {args.model}"),
+                           baseline_frames=args.baseline_frames,
+                           progress=progress_reporter(args.progress_format, f"infer {args.model}"),
                            protocol_calibration=not args.no_protocol_calibration)
     print_messages("note", result.messages)
     summary = {"command": "infer", "input": str(args.input), "model": args.model, "device": result.device,
