@@ -6,6 +6,9 @@ Qt shell only (see docs/ARCHITECTURE.md): the science is in ``DCEPKFittingLib`` 
     import DCEPKFitting
     logic = DCEPKFitting.DCEPKFittingLogic()
     nodes = logic.run(sequenceNode, model="etofts", aifRoi=roiNode, t10_s=1.4)  # {"Ktrans": volume node, ...}
+
+Large fits run in a separate process (``dcepk fit``), so a cancel stops them at once and a crash cannot
+take Slicer down; ``logic.computeIn = "thread"`` keeps them in Slicer's process.
 """
 
 import logging
@@ -71,7 +74,8 @@ do when the header has none. Give pre-contrast T1 (T10 in seconds, a T1 map, or 
 whose TR also comes from its header unless <i>VFA TR</i> is ticked); create an ROI (box) in <i>AIF ROI</i>
 and drag it onto an artery, or paint a segment, or choose a population AIF; choose the model and press Apply.
 Apply stays disabled, with the reason in its tooltip and the status line, until every input is there.
-Fitting runs in the background and can be cancelled; the scene is only changed when it has finished.<br>
+Fitting runs in the background (a large fit in a separate process, so that a crash cannot close Slicer) and
+can be cancelled; the scene is only changed when it has finished.<br>
 <b>Outputs and units</b> (OSIPI lexicon): Ktrans and kep in 1/min, ve and vp as fractions, Fp in
 ml/100ml/min, PS in 1/min, standard errors as &lt;name&gt;_se in the same units, R2 (goodness of fit),
 rmse in mM, and the fit status label map (one name per voxel: masked, converged, hit bound, failed, invalid
@@ -168,6 +172,7 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
     """Wires the GUI to the Logic; holds no science and decides no panel state (``logic.panelState``)."""
 
     CLICK_TOLERANCE_PIXELS = 3  # a press and release closer than this is a click, not a drag
+    LIB_PACKAGES = ("DCEPKFittingLib",)  # reloaded by Reload (onReload), with the Lib packages that use them
 
     def __init__(self, parent=None) -> None:
         ScriptedLoadableModuleWidget.__init__(self, parent)
@@ -408,7 +413,7 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
             options = self.logic.optionsFromParameterNode(self._parameterNode)
             deviceText = self.logic.describeDevice(options["device"])
             request = self.logic.prepare(self._parameterNode.inputSequence, **options)
-            self.startBackgroundJob(request, "DCEPK fit", _("Fitting on {device}...").format(device=deviceText))
+            self.startBackgroundJob(request, _("Fitting on {device}...").format(device=deviceText))
 
         if not self.runShowingErrors(_("The fit could not start."), start):
             self.ui.statusLabel.text = _("The fit could not start: nothing was run (see the error message).")
@@ -440,11 +445,16 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
 class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     """Fitting from the scene, without any GUI (no Qt here): usable from the Python console.
 
-    ``run`` is synchronous. The widget splits it in three so the slow part runs in a thread:
-    ``prepare`` (reads nodes, main thread) -> ``compute`` (pure ``pipeline.run_fit``, thread-safe)
-    -> ``publish`` (writes nodes, main thread). Nothing is written before ``compute`` succeeds, so a
-    cancel or an error leaves the scene as it was. ``lastOutput`` keeps the last ``FitOutput``
-    (concentration curves, fitted model curves) for the voxel plot.
+    ``run`` is synchronous. It is three steps, which the widget calls one by one: ``prepare`` (reads
+    nodes, main thread) -> ``startCompute`` (``pipeline.run_fit`` in the background, returns the job)
+    -> ``publish`` (writes nodes, main thread). Nothing is written before the compute succeeded, so a
+    cancel, an error or a crashed child process leaves the scene as it was. ``lastOutput`` keeps the last
+    ``PKFit`` (concentration curves, fitted model curves) for the voxel plot.
+
+    Where the compute runs, ``computeIn``: ``"child"``, a ``dcepk fit`` process started with
+    ``pythonExecutable`` (None: Slicer's PythonSlicer) on the inputs written to a temporary folder (in
+    ``childTemporaryFolder``, None: the system's), removed afterwards; cancel kills it at once.
+    ``"thread"``: a worker thread of Slicer's process. ``"auto"`` (default): a child process for a large fit.
     """
 
     def __init__(self, scene=None) -> None:
@@ -452,6 +462,9 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
         self._scene = scene
         self.lastOutput = None
         self.lastNodes = {}
+        self.computeIn = "auto"
+        self.pythonExecutable = None
+        self.childTemporaryFolder = None
 
     @property
     def scene(self):
@@ -482,7 +495,13 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
             flipAngle_deg=flipAngle_deg, tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, mask=mask, fitDelay=fitDelay,
             device=device, statisticsSegmentation=statisticsSegmentation, outputPrefix=outputPrefix,
             updateExisting=updateExisting)
-        output = self.compute(request, progress=progress, cancel=cancel)
+        from DCEPKFittingLib import mrml as mrml_bridge
+        from DCEPKFittingLib.core.child_process import wait_for_job
+
+        if mrml_bridge.scene_fit_place(request, self.computeIn) == "thread":
+            output = self.compute(request, progress=progress, cancel=cancel)  # on this thread, as before
+        else:
+            output = wait_for_job(self.startCompute(request), progress=progress, cancel=cancel)
         return self.publish(request, output)
 
     def prepare(self, sequenceNode, model="etofts", method="nlls", aifRoi=None, aifSegmentation=None,
@@ -504,10 +523,18 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
 
     @staticmethod
     def compute(request, progress=None, cancel=None):
-        """The fit itself (``pipeline.run_fit``): touches no node, so it may run in a worker thread."""
+        """The fit itself (``pipeline.run_fit``) in this thread: touches no node, so it may run in a worker."""
         from DCEPKFittingLib import mrml as mrml_bridge
 
         return mrml_bridge.compute_scene_fit(request, progress=progress, cancel=cancel)
+
+    def startCompute(self, request):
+        """Start the fit of a prepared request where ``computeIn`` says; returns the running job (``poll()``
+        it for progress, ``cancel()`` it; its ``result`` is what ``publish`` takes)."""
+        from DCEPKFittingLib import mrml as mrml_bridge
+
+        return mrml_bridge.start_scene_fit(request, self.computeIn, compute=self.compute,
+                                           python=self.pythonExecutable, temp_parent=self.childTemporaryFolder)
 
     def publish(self, request, output):
         """Write the maps and statistics into the scene (main thread); returns ``{map name: node}``."""
@@ -578,7 +605,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
         if index is None:
             return None
         k, j, i = index
-        curves = {"measured (mM)": output.concentration[k, j, i, :], "fitted (mM)": output.model_curve(k, j, i)}
+        curves = {"measured (mM)": output.concentration[k, j, i, :], "fitted (mM)": output.predict((k, j, i))}
         return _("DCEPK voxel (k={k}, j={j}, i={i})").format(k=k, j=j, i=i), output.times_s, curves
 
     def showMaps(self, nodes, sequenceNode=None, showFitStatus=False) -> None:
@@ -605,9 +632,9 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeDevice(device="auto"):
         """Where the fit will run, in words, for the status line; refuses 'cuda' without a GPU."""
-        from DCEPKFittingLib.core.device import describe_fit_device
+        from DCEPKFittingLib.core.device import describe_device
 
-        return describe_fit_device(device)
+        return describe_device(device)
 
     @staticmethod
     def phantomFolder():
@@ -678,6 +705,8 @@ class DCEPKFittingTest(ScriptedLoadableModuleTest):
         self.test_PhantomWorkflow()
         self.setUp()
         self.test_CancelLeavesSceneUnchanged()
+        self.setUp()
+        self.test_FitInChildProcess()
 
     def test_PhantomWorkflow(self):
         import numpy as np
@@ -731,3 +760,23 @@ class DCEPKFittingTest(ScriptedLoadableModuleTest):
             logic.run(nodes["sequence"], aifRoi=nodes["aifRoi"], t10_s=1.4, cancel=cancel)
         self.assertEqual(slicer.mrmlScene.GetNumberOfNodes(), count)
         self.delayDisplay("Cancel test passed")
+
+    def test_FitInChildProcess(self):
+        """A fit in a separate process (PythonSlicer running dcepk fit) gives the maps of a fit in Slicer's."""
+        import numpy as np
+
+        logic = DCEPKFittingLogic()
+        phantom, nodes = logic.loadPhantomSample(returnPhantom=True, shape=SELF_TEST_PHANTOM_SHAPE)
+        options = dict(populationAif="parker", t10_s=1.4, model="patlak", method="linear", mask=nodes["tissues"],
+                       device="cpu")
+        logic.computeIn = "thread"
+        inThread = logic.run(nodes["sequence"], outputPrefix="DCEPK thread", **options)
+        self.delayDisplay("Fitting in a separate process")
+        logic.computeIn = "child"
+        inChild = logic.run(nodes["sequence"], outputPrefix="DCEPK child", **options)
+        self.assertEqual(set(inChild), set(inThread))
+        for name in set(inThread) - {"statistics"}:  # every map, to the last bit of float32 (the files' type)
+            expected = slicer.util.arrayFromVolume(inThread[name])
+            got = slicer.util.arrayFromVolume(inChild[name])
+            self.assertTrue(np.array_equal(got, expected.astype(got.dtype), equal_nan=True), name)
+        self.delayDisplay("Child process test passed")

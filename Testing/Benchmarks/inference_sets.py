@@ -4,7 +4,7 @@ A set is ``n`` textured 32x32 patches, one subject each (input-function family, 
 ``data.aif_conditioned.simulate_patch``; each patch's pixels are encoded once
 (``training.encoded_patches.encode_patch``) and every method gets the same concentration and the same
 frame-sampled input function: NLLS (the core's extended-Tofts fit with its default model choice,
-``fitting.fit_curves``) and every AIF-conditioned network. Seeds 95xxxx are used by nothing else.
+``TracerKineticModel``) and every AIF-conditioned network. Seeds 95xxxx are used by nothing else.
 
 Metrics per parameter (``evaluate``): median absolute error, gross-error fraction
 (|error| > max(floor, half the truth): floors Ktrans 0.05 /min, ve 0.05, vp 0.025, kep 0.5 /min;
@@ -27,7 +27,7 @@ for lib in ("DCEPKFitting", "DCEPKInference"):
     if str(ROOT / lib) not in sys.path:
         sys.path.insert(0, str(ROOT / lib))
 
-from DCEPKFittingLib.kinetics import fitting  # noqa: E402
+from DCEPKFittingLib.kinetics.model import TracerKineticModel  # noqa: E402
 from DCEPKInferenceLib.analysis import metrics  # noqa: E402
 from DCEPKInferenceLib.data import aif_conditioned as sim  # noqa: E402
 from DCEPKInferenceLib.nn.networks import PARAM_NAMES  # noqa: E402
@@ -80,10 +80,10 @@ def nlls(test: TestSet):
     the networks), model choice on (the project's default), signal-converted curves."""
     estimates, errors = [], []
     for subject in test.subjects:
-        fit = fitting.fit_curves(subject.conc_mM, subject.times_s, subject.given_plasma_mM, "etofts", method="nlls",
-                                 device="cpu", signal_baseline=True)
-        estimates.append(np.stack([fit.params[n] for n in PARAM_NAMES], 1))
-        errors.append(np.stack([fit.stderr[n] for n in PARAM_NAMES], 1))
+        fit = TracerKineticModel(subject.times_s, subject.given_plasma_mM, "etofts", method="nlls", device="cpu",
+                                 signal_baseline=True).fit(subject.conc_mM)
+        estimates.append(np.stack([fit.maps[n] for n in PARAM_NAMES], 1))
+        errors.append(np.stack([fit.uncertainty_of(n) for n in PARAM_NAMES], 1))
     return np.concatenate(estimates), np.concatenate(errors)
 
 

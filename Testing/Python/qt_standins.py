@@ -131,6 +131,9 @@ class QWidget(QObject):
     def show(self):
         self.visible = True
 
+    def hide(self):
+        self.visible = False
+
     def setLayout(self, layout):
         self._layout = layout
         layout.owner = self
@@ -150,11 +153,26 @@ class QWidget(QObject):
 class QLayout(QObject):
     owner = None
 
+    def __init__(self, parent=None, *args, **kwargs):
+        super().__init__(parent)
+        self._items = []
+
     def addWidget(self, widget, *args):
         """As Qt: a widget added to a layout becomes a child of the layout's widget."""
+        self._items.append(widget)
         if self.owner is not None:
             widget._parent = self.owner
             self.owner._children.append(widget)
+
+    def count(self):
+        return len(self._items)
+
+    def itemAt(self, index):
+        return self._items[index] if 0 <= index < len(self._items) else None
+
+    def removeItem(self, item):
+        if item in self._items:
+            self._items.remove(item)
 
     def addRow(self, *args):
         pass

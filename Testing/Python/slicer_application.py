@@ -131,6 +131,26 @@ class ModuleEntry(types.SimpleNamespace):
     def logic(self):
         return self._logic
 
+    def widgetRepresentation(self):
+        return self._panel
+
+
+class ModulePanel(mrml_standins.qMRMLWidget):
+    """A module's panel (the application's qSlicerScriptedLoadableModuleWidget): ``reload()`` makes the
+    module's Python widget again from its module as it now is and sets it up, as the application does at
+    the end of ``slicer.util.reloadScriptedModule``."""
+
+    def __init__(self, application, name):
+        super().__init__()
+        self.setLayout(qt_standins.QVBoxLayout())
+        self.isEntered = True
+        self.application, self.moduleName = application, name
+
+    def reload(self):
+        widget = getattr(sys.modules[self.moduleName], f"{self.moduleName}Widget")(self)
+        widget.setup()
+        self.application.register_widget(self.moduleName, widget, self)
+
 
 class IOManager:
     """``slicer.app.coreIOManager()`` for the file types the tests load, through slicer-core's storage nodes."""
@@ -287,11 +307,15 @@ class SlicerApplication:
     def create_widget(self, name: str, module=None):
         """The module's widget, set up as the application does when the module is first shown."""
         module = module or self.import_module(name)
-        parent = mrml_standins.qMRMLWidget()
-        parent.setLayout(qt_standins.QVBoxLayout())
-        parent.isEntered = True
+        parent = ModulePanel(self, name)
         widget = getattr(module, f"{name}Widget")(parent)
         widget.setup()
+        return self.register_widget(name, widget, parent)
+
+    def register_widget(self, name, widget, parent):
+        """As the application: ``slicer.modules.<name>Widget`` and the module's panel; cleaned up at ``close``."""
+        setattr(self.modules, f"{name}Widget", widget)
+        self.app._modules[name]._panel = parent
         self.widgets.append((widget, parent))
         return widget
 

@@ -31,6 +31,11 @@ class SlicerScene:
         """IDs of every node in the scene: a cheap fingerprint to check a failed run added nothing."""
         return {self.scene.GetNthNode(n).GetID() for n in range(self.scene.GetNumberOfNodes())}
 
+    def fingerprint(self) -> list:
+        """Every node's ID, class, name and modification time: changes when anything is added or written."""
+        nodes = [self.scene.GetNthNode(n) for n in range(self.scene.GetNumberOfNodes())]
+        return sorted((node.GetID(), node.GetClassName(), node.GetName(), node.GetMTime()) for node in nodes)
+
     def nodes_by_class(self, class_name: str) -> list:
         collection = self.scene.GetNodesByClass(class_name)
         return [collection.GetItemAsObject(n) for n in range(collection.GetNumberOfItems())]

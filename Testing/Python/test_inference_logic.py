@@ -20,7 +20,7 @@ slicer = import_or_skip("slicer", "slicer-core (pip install slicer-core) is need
 import torch  # noqa: E402
 
 from DCEPKFittingLib import mrml as fit_bridge  # noqa: E402
-from DCEPKFittingLib.core.device import describe_inference_device  # noqa: E402
+from DCEPKFittingLib.core.device import describe_device  # noqa: E402
 from DCEPKFittingLib.core.errors import DCEPKInputError, JobCancelledError  # noqa: E402
 from DCEPKFittingLib.core.geometry import Geometry  # noqa: E402
 from DCEPKFittingLib.core.jobs import BackgroundJob, JobState  # noqa: E402
@@ -59,13 +59,6 @@ def loaded(slicer_scene, phantom):
     return fit_bridge.phantom_to_scene(slicer_scene.scene, phantom, "phantom", slicer_scene.sequences_logic)
 
 
-def _fingerprint(wired):
-    """Every node's ID, class, name and modification time: changes when anything is added or written."""
-    scene = wired.scene
-    return sorted((scene.GetNthNode(n).GetID(), scene.GetNthNode(n).GetClassName(), scene.GetNthNode(n).GetName(),
-                   scene.GetNthNode(n).GetMTime()) for n in range(scene.GetNumberOfNodes()))
-
-
 def _ijk_to_ras(node):
     import vtk
 
@@ -94,7 +87,7 @@ def test_maps_equal_run_inference_on_the_same_arrays_with_the_source_geometry(sl
         assert nodes[name].GetAttribute(bridge.MODEL_ATTRIBUTE) == model_name
     for name in bridge.PARAMETERS:
         assert nodes[name].GetAttribute(bridge.UNCERTAINTY_ATTRIBUTE) == nodes[f"{name}_sd"].GetID()
-    np.testing.assert_array_equal(result.inference.mask, phantom.labels > 0)
+    np.testing.assert_array_equal(result.inference.estimated, phantom.labels > 0)
     inside = phantom.labels > 0
     assert np.all(direct.maps["Ktrans_sd"][inside] > 0) and np.all(direct.maps["Ktrans"][~inside] == 0)
 
@@ -159,7 +152,7 @@ def test_statistics_table_matches_numpy_with_uncertainty_and_excluded_fraction(s
                                                device="cpu", mask=labelmap, uncertainty_threshold=relative,
                                                statistics_segmentation=loaded["tissues"], t10_s=T10_S)
     direct = run_inference(phantom.series, DEFAULT_MODEL, mask=inferred, device="cpu", t10_s=T10_S)
-    np.testing.assert_array_equal(result.inference.mask, inferred)
+    np.testing.assert_array_equal(result.inference.estimated, inferred)
     rows = fit_bridge.table_rows(nodes["statistics"])
     names = {v: n for v, n in phantom.label_names.items() if np.any(phantom.labels == v)}
     assert len(rows) == len(names) * len(bridge.PARAMETERS)
@@ -240,7 +233,7 @@ def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, loaded):
     earlier, _ = bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL,
                                             mask=loaded["tissues"], device="cpu", t10_s=T10_S)
     earlier_ktrans = _array(earlier["Ktrans"]).copy()
-    before = _fingerprint(slicer_scene)
+    before = slicer_scene.fingerprint()
 
     for stop_at in (0.2, 0.7):  # inside the network's pass, then inside the comparison fit
         cancel, seen = threading.Event(), []
@@ -255,7 +248,7 @@ def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, loaded):
                                        device="cpu", compare_with_fit=True, uncertainty_threshold=0.5,
                                        progress=progress, cancel=cancel, t10_s=T10_S)
         assert seen and max(seen) < 1.0
-        assert _fingerprint(slicer_scene) == before
+        assert slicer_scene.fingerprint() == before
         np.testing.assert_array_equal(_array(earlier["Ktrans"]), earlier_ktrans)
 
     # The widget's path: compute in a BackgroundJob, cancelled while it runs; nothing is published.
@@ -271,12 +264,12 @@ def test_cancel_mid_run_leaves_the_scene_unchanged(slicer_scene, loaded):
     job.cancel()
     gate.set()
     assert job.wait(120) == JobState.CANCELLED and job.result is None
-    assert _fingerprint(slicer_scene) == before
+    assert slicer_scene.fingerprint() == before
 
 
 def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_scene, loaded):
     scene = slicer_scene.scene
-    before = _fingerprint(slicer_scene)
+    before = slicer_scene.fingerprint()
     with pytest.raises(DCEPKInputError, match="no model 'no_such_network'"):
         bridge.run_scene_inference(scene, loaded["sequence"], model_name="no_such_network", device="cpu")
     with pytest.raises(DCEPKInputError, match="unknown device"):
@@ -292,10 +285,10 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
     if not torch.cuda.is_available():
         with pytest.raises(DCEPKInputError, match="no CUDA GPU"):
             bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cuda", t10_s=T10_S)
-    assert _fingerprint(slicer_scene) == before
+    assert slicer_scene.fingerprint() == before
 
     empty = scene.AddNewNodeByClass("vtkMRMLSegmentationNode", "empty")
-    before = _fingerprint(slicer_scene)
+    before = slicer_scene.fingerprint()
     with pytest.raises(DCEPKInputError, match="no segments"):
         bridge.run_scene_inference(scene, loaded["sequence"], model_name=DEFAULT_MODEL, device="cpu", mask=empty,
                                    t10_s=T10_S)
@@ -303,10 +296,10 @@ def test_bad_input_raises_a_clear_error_and_leaves_the_scene_unchanged(slicer_sc
     sequence = loaded["sequence"]
     sequence.RemoveAttribute("MultiVolume.FrameLabels")
     sequence.SetIndexUnit("")
-    before = _fingerprint(slicer_scene)
+    before = slicer_scene.fingerprint()
     with pytest.raises(DCEPKInputError, match="no frame times"):
         bridge.run_scene_inference(scene, sequence, model_name=DEFAULT_MODEL, device="cpu", t10_s=T10_S)
-    assert _fingerprint(slicer_scene) == before
+    assert slicer_scene.fingerprint() == before
     assert not slicer_scene.nodes_by_class("vtkMRMLTableNode")
     assert not [n for n in slicer_scene.nodes_by_class("vtkMRMLScalarVolumeNode") if n.GetAttribute("DCEPK.Map")]
 
@@ -342,13 +335,13 @@ def test_model_card_text_and_device_description():
     for metrics in card.get("validation", {}).get("metrics", {}).values():
         assert f"{float(metrics['rmse']):.3g}" in text
     assert [c["name"] for c in bridge.model_cards()] == MODELS
-    assert describe_inference_device("cpu") == "CPU"
+    assert describe_device("cpu") == "CPU"
     if not torch.cuda.is_available():
-        assert describe_inference_device("auto").startswith("CPU")
+        assert describe_device("auto").startswith("CPU")
         with pytest.raises(DCEPKInputError, match="no CUDA GPU"):
-            describe_inference_device("cuda")
+            describe_device("cuda")
     else:
-        assert describe_inference_device("cuda").startswith("GPU")
+        assert describe_device("cuda").startswith("GPU")
 
 
 # --------------------------------------------------------------------------- the module's Logic class itself
@@ -441,8 +434,6 @@ def test_module_logic_console_call_and_gui_options(slicer_scene, phantom, loaded
 def test_self_test_ground_truth_checks_pass_on_the_sample_phantom(slicer_scene, module):
     """The Slicer self-test's ground-truth checks, on the phantom the 'DCEPK phantom' sample data makes
     (DCEPKFittingLogic.loadPhantomSample: default size, these VFA angles), with the shipped weights."""
-    from DCEPKInferenceLib.nn.model_store import read_card
-
     phantom = make_phantom(vfa_flip_angles_deg=(2.0, 5.0, 10.0, 15.0, 20.0))
     nodes_in = fit_bridge.phantom_to_scene(slicer_scene.scene, phantom, "DCEPK phantom", slicer_scene.sequences_logic)
     logic = module.DCEPKInferenceLogic(scene=slicer_scene.scene)
@@ -450,16 +441,25 @@ def test_self_test_ground_truth_checks_pass_on_the_sample_phantom(slicer_scene, 
     outputs = logic.run(nodes_in["sequence"], modelName=module.DEFAULT_MODEL, maskNode=nodes_in["tissues"],
                         segmentationNode=nodes_in["tissues"], device="cpu", t10Map=t10_node, t10MapUnit="s")
     maps = {name: _array(node).copy() for name, node in outputs.items() if name != "statistics"}
-    checks = module.DCEPKInferenceTest.phantomChecks(phantom, maps, read_card(module.DEFAULT_MODEL))
-    assert len(checks) == 6
+    checks = module.DCEPKInferenceTest.phantomChecks(phantom, maps)
+    assert len(checks) == 7
     print("\n".join(description for description, _ in checks))  # margins, shown with -s
     failed = [description for description, passed in checks if not passed]
     assert not failed, failed
 
-    # The checks can fail: a network that predicted the population mean everywhere would.
-    flat = {name: np.full_like(array, np.median(array[phantom.labels > 0])) for name, array in maps.items()}
-    assert [d for d, passed in module.DCEPKInferenceTest.phantomChecks(phantom, flat, read_card(module.DEFAULT_MODEL))
-            if not passed]
+    # The checks can fail: an all-zero map fails every check on the truth, and a network that gave the brain's
+    # median everywhere, or the true tumour-rim median everywhere, fails them too.
+    brain = phantom.labels > 0
+    rim = phantom.labels == next(v for v, n in phantom.label_names.items() if "rim" in n)
+    wrong = {"all zero": {name: np.zeros_like(array) for name, array in maps.items()},
+             "brain median": {name: np.full_like(array, np.median(array[brain])) for name, array in maps.items()},
+             "true rim median": {name: np.full_like(array, np.median(phantom.truth.get(name, array)[rim]))
+                                 for name, array in maps.items()}}
+    for label, constant in wrong.items():
+        failed = [d for d, passed in module.DCEPKInferenceTest.phantomChecks(phantom, constant) if not passed]
+        assert failed, label
+        if label == "all zero":
+            assert len(failed) == len(checks) - 1, failed   # all but the rim's voxel count
 
 
 def test_a_publish_that_fails_half_way_takes_out_what_it_added(slicer_scene, loaded, monkeypatch):
@@ -467,7 +467,7 @@ def test_a_publish_that_fails_half_way_takes_out_what_it_added(slicer_scene, loa
     request = bridge.prepare_scene_inference(loaded["sequence"], model_name=DEFAULT_MODEL, mask=loaded["tissues"],
                                              device="cpu", t10_s=T10_S)
     result = bridge.compute_scene_inference(request)
-    before = _fingerprint(slicer_scene)
+    before = slicer_scene.fingerprint()
     real, calls = fit_bridge.update_volume_from_array, []
 
     def failing_on_the_third_map(*args, **kwargs):
@@ -480,7 +480,7 @@ def test_a_publish_that_fails_half_way_takes_out_what_it_added(slicer_scene, loa
     with pytest.raises(MemoryError):
         bridge.publish_scene_inference(scene, request, result)
     assert len(calls) == 3
-    assert _fingerprint(slicer_scene) == before
+    assert slicer_scene.fingerprint() == before
     monkeypatch.undo()
     nodes = bridge.publish_scene_inference(scene, request, result)  # and a later publish works
     np.testing.assert_array_equal(_array(nodes["vp"]), result.maps["vp"])

@@ -6,7 +6,6 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.io import read_volume, write_dce_series, write_volume
@@ -15,9 +14,6 @@ from DCEPKFittingLib.pipeline.input_function import InputFunctionSpec
 from DCEPKFittingLib.sims.phantom import VESSEL, make_phantom
 from DCEPKFittingLib.workflows.cli import main as dcepk
 from DCEPKFittingLib.workflows.input_function_options import AUTO_CURVE_FILE, AUTO_MASK_FILE
-from DCEPKInferenceLib.nn.aif_encoding import ENCODING
-from DCEPKInferenceLib.nn.model_store import DEFAULT_MODELS_DIR, save_model
-from DCEPKInferenceLib.nn.networks import build_network
 from DCEPKInferenceLib.pipeline.inference import DEFAULT_CONDITIONED_MODEL, DEFAULT_MODEL, run_inference
 
 
@@ -27,25 +23,9 @@ def phantom():
 
 
 @pytest.fixture(autouse=True)
-def conditioned_model(tmp_path_factory, monkeypatch):
-    """An untrained AIF-conditioned network under the default name: these tests check the input
-    function each path resolves (compared between paths and with the phantom's truth), never the maps,
-    so they need no shipped weights."""
-    folder = tmp_path_factory.getbasetemp() / "conditioned_model"
-    if not (folder / f"{DEFAULT_CONDITIONED_MODEL}.json").is_file():
-        torch.manual_seed(0)
-        config = {"mode": "aif_conditioned", "hidden": [8], "members": 1}
-        model = build_network("hetero_encoder", config)
-        card = {"network": "hetero_encoder", "network_config": model.config, "mode": "aif_conditioned",
-                "input_encoding": {k: ENCODING[k] for k in ("kind", "version", "kep_bank_per_min", "features")},
-                "description": "untrained, for input-function path tests"}
-        save_model(model, card, folder, DEFAULT_CONDITIONED_MODEL)
-    for name in (DEFAULT_MODEL,):      # the AIF-free default, from the shipped folder
-        target = folder / f"{name}.json"
-        if not target.exists():
-            for suffix in (".json", ".safetensors"):
-                (folder / f"{name}{suffix}").symlink_to(DEFAULT_MODELS_DIR / f"{name}{suffix}")
-    monkeypatch.setenv("DCEPK_MODELS_DIR", str(folder))
+def conditioned_model(untrained_conditioned_models):
+    """No shipped weights needed: these tests compare input functions, never maps."""
+    return untrained_conditioned_models
 
 
 @pytest.mark.parametrize("source", ["roi", "auto", "population", "csv"])

@@ -40,11 +40,6 @@ def loaded(slicer_app, phantom):
     return bridge.phantom_to_scene(slicer_app.scene, phantom, "phantom", slicer_app.wired.sequences_logic)
 
 
-def _fingerprint(scene):
-    nodes = [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]
-    return sorted((node.GetID(), node.GetMTime()) for node in nodes)
-
-
 def _effective(given, header):
     return given if given is not None else header
 
@@ -287,7 +282,7 @@ def test_the_voxel_curve_follows_clicks_not_the_mouse_hovering(slicer_app, phant
     table = slicer_app.scene.GetNodeByID(widget._voxelChart.GetAttribute("DCEPK.Table"))
     np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "measured (mM)"),
                                output.concentration[k, j, i], rtol=1e-6)
-    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "fitted (mM)"), output.model_curve(k, j, i),
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "fitted (mM)"), output.predict((k, j, i)),
                                rtol=1e-6)
     widget.ui.voxelCurveCheckBox.click()  # off: the views' observers are gone
     calls = len(slicer_app.plots.calls)
@@ -311,7 +306,7 @@ def test_cancel_leaves_the_scene_as_it_was_and_cleanup_joins_the_worker(slicer_a
     p = widget._parameterNode
     p.aifSource = "population"
     monkeypatch.setattr(widget.logic, "compute", _blocking_compute())
-    before = _fingerprint(slicer_app.scene)
+    before = slicer_app.wired.fingerprint()
     widget.onApplyButton()
     job = widget._job
     assert job is not None and not widget.ui.applyButton.enabled and widget.ui.cancelButton.enabled
@@ -320,7 +315,7 @@ def test_cancel_leaves_the_scene_as_it_was_and_cleanup_joins_the_worker(slicer_a
     widget.onJobTimer()
     assert widget.ui.statusLabel.text == "Cancelled: the scene is unchanged."
     assert widget.ui.applyButton.enabled and not widget.ui.cancelButton.enabled
-    assert _fingerprint(slicer_app.scene) == before  # no node added, none written
+    assert slicer_app.wired.fingerprint() == before  # no node added, none written
 
     widget.onApplyButton()  # running again when the module is unloaded
     job = widget._job

@@ -12,11 +12,13 @@ See ``slicer_application`` for what is real and what is stood in for.
 """
 
 import ast
+import importlib
 import re
 import sys
 import typing
 import unittest
 
+import numpy as np
 import pytest
 from slicer_application import slicer_app  # noqa: F401  (fixture)
 from slicer_module_source import parameter_fields, read_ui_widgets
@@ -210,7 +212,7 @@ def _tests(suite):
         yield from _tests(item) if isinstance(item, unittest.TestSuite) else [item]
 
 
-SELF_TESTS = {"DCEPKFitting": {"test_PhantomWorkflow", "test_CancelLeavesSceneUnchanged"},
+SELF_TESTS = {"DCEPKFitting": {"test_PhantomWorkflow", "test_CancelLeavesSceneUnchanged", "test_FitInChildProcess"},
               "DCEPKInference": {"test_PhantomWorkflow", "test_CancelAndErrorLeaveSceneUnchanged"}}
 
 
@@ -237,3 +239,77 @@ def test_node_union_annotations_include_none(slicer_app, module_name):
     assert unions, "no node union: the check would be empty"
     for field in unions:
         assert type(None) in typing.get_args(wrapper.unannotatedType(parameter_class.dataType(field))), field
+
+
+LIBS = ("DCEPKFittingLib", "DCEPKInferenceLib")
+
+
+def _defined_here(module):
+    """{name: object} of the classes and functions a module defines itself."""
+    return {name: value for name, value in vars(module).items()
+            if callable(value) and getattr(value, "__module__", None) == module.__name__}
+
+
+@pytest.fixture
+def lib_modules_restored():
+    """The Lib modules as they were before the test, put back after it: a reload replaces them in
+    sys.modules, and the other tests hold the classes of the first load (pytest.raises(DCEPKInputError))."""
+    saved = {name: module for name, module in sys.modules.items() if name.split(".")[0] in LIBS}
+    yield saved
+    for name in [name for name in sys.modules if name.split(".")[0] in LIBS]:
+        del sys.modules[name]
+    sys.modules.update(saved)
+
+
+def test_reload_reloads_every_lib_module_in_dependency_order_and_leaves_a_working_logic(
+        slicer_app, module_name, lib_modules_restored):
+    """The panel's Reload button: the module's onReload, then Slicer's ScriptedLoadableModuleWidget.onReload
+    (slicer.util.reloadScriptedModule: the module file executed again, the widget cleaned up and made anew).
+    Slicer's own reload re-reads the module file only; the Lib packages must come back too, and in an
+    order that leaves no module holding a class of an old one."""
+    import slicer
+
+    from DCEPKFittingLib.sims.phantom import make_phantom
+
+    # Both Libs loaded as in Slicer once both panels have run: the modules a reload must bring back
+    holders = ("DCEPKFittingLib.pipeline.fit", "DCEPKFittingLib.mrml.scene_fit",
+               "DCEPKInferenceLib.pipeline.inference", "DCEPKInferenceLib.mrml.scene_inference")
+    for name in holders:
+        importlib.import_module(name)
+
+    defined = {name: _defined_here(module) for name, module in sys.modules.items() if name.split(".")[0] in LIBS}
+    widget = slicer_app.create_widget(module_name)
+    widget.onReload()
+    reloaded = getattr(slicer.modules, f"{module_name}Widget")
+    assert reloaded is not widget and type(reloaded).__module__ == module_name
+    assert type(reloaded) is not type(widget)  # from the module file executed again
+    assert set(defined) <= set(sys.modules)
+    stale = [f"{name}.{attribute}" for name, objects in defined.items() for attribute, old in objects.items()
+             if vars(sys.modules[name]).get(attribute) is old]
+    assert not stale, f"not executed again: {stale[:5]}"
+    errors = sys.modules["DCEPKFittingLib.core.errors"]
+    series_class = sys.modules["DCEPKFittingLib.io.series"].DCESeries
+    for holder in holders:
+        assert vars(sys.modules[holder])["DCEPKInputError"] is errors.DCEPKInputError, holder
+    assert sys.modules["DCEPKInferenceLib.pipeline.inference"].DCESeries is series_class
+
+    # The new panel's Logic runs on the scene and raises the new classes.
+    bridge = sys.modules["DCEPKFittingLib.mrml"]
+    phantom = make_phantom(shape=(1, 24, 24), seed=1)
+    nodes = bridge.phantom_to_scene(slicer_app.scene, phantom, "phantom", slicer_app.wired.sequences_logic)
+    logic = reloaded.logic
+    logic.computeIn = "thread"
+    if module_name == "DCEPKFitting":
+        outputs = logic.run(nodes["sequence"], populationAif="parker", t10_s=1.4, method="linear", device="cpu",
+                            mask=nodes["tissues"])
+        with pytest.raises(errors.DCEPKInputError, match="no input function"):
+            logic.run(nodes["sequence"], t10_s=1.4)
+    else:
+        outputs = logic.run(nodes["sequence"], maskNode=nodes["tissues"], t10_s=1.2, device="cpu")
+        with pytest.raises(errors.DCEPKInputError, match="no model"):
+            logic.run(nodes["sequence"], modelName="no_such_network", t10_s=1.2)
+    ktrans = slicer.util.arrayFromVolume(outputs["Ktrans"])
+    rim = phantom.labels == next(v for v, n in phantom.label_names.items() if "rim" in n)
+    white = phantom.labels == next(v for v, n in phantom.label_names.items() if n == "white matter")
+    assert np.median(ktrans[rim]) > 3 * np.median(ktrans[white]) + 0.01  # maps of this phantom, not noise
+    reloaded.cleanup()

@@ -17,6 +17,7 @@ ROI, CSV and automatic curves are whole blood unless ``aif_is_plasma``; blood be
 """
 
 from dataclasses import dataclass, field, fields
+from pathlib import Path
 from typing import List, Optional
 
 import numpy as np
@@ -29,6 +30,9 @@ from ..kinetics.aif_detection import KINDS, AutoInputFunction, detect_input_func
 # blood T10 (s) for an automatically found vessel when neither blood_t10_s nor a T10 map is given
 # (3 T; about 1.4 s at 1.5 T: Lu et al., MRM 2004;52:679; Zhang et al., MRM 2013;70:1082)
 DEFAULT_BLOOD_T10_S = 1.6
+
+AUTO_MASK_FILE = "aif_auto_mask.nii.gz"   # what the commands write with automatic detection: the voxels
+AUTO_CURVE_FILE = "aif_auto.csv"          # (1 artery, 2 vein) and the blood curve (time s, mM)
 
 
 @dataclass
@@ -156,3 +160,28 @@ def plasma_input_function(spec: InputFunctionSpec, times_s, baseline_frames: Opt
     if spec.aif_delay_s:
         curve = np.interp(times - spec.aif_delay_s, times, curve, left=0.0)
     return curve if spec.aif_is_plasma else aif_lib.blood_to_plasma(curve, spec.hct)
+
+
+def command_line_arguments(spec: InputFunctionSpec, roi_file=None) -> List[str]:
+    """The options that give ``spec`` back to ``dcepk fit`` / ``dcepk infer`` (the inverse of
+    ``input_function_spec``; numbers written so they read back exactly): ``roi_file`` is where its ROI
+    mask was written."""
+    exact = lambda value: repr(float(value))  # noqa: E731
+    args = [f"--hct={exact(spec.hct)}", f"--aif-delay={exact(spec.aif_delay_s)}"]
+    if spec.aif_mask is not None:
+        if roi_file is None:
+            raise ValueError("an ROI input function needs the file its mask was written to")
+        args += ["--aif-roi", str(roi_file)]
+    elif spec.population_aif is not None:
+        args += ["--population-aif", spec.population_aif]
+    elif spec.aif_csv is not None:
+        args += ["--aif-csv", str(Path(spec.aif_csv).resolve())]
+    elif spec.auto_aif is not None:
+        args += ["--auto-aif", spec.auto_aif]
+    if spec.aif_top_fraction is not None:
+        args.append(f"--aif-top-fraction={exact(spec.aif_top_fraction)}")
+    if spec.aif_is_plasma:
+        args.append("--aif-is-plasma")
+    if spec.blood_t10_s is not None:
+        args.append(f"--blood-t10={exact(spec.blood_t10_s)}")
+    return args

@@ -1,13 +1,15 @@
 """The Qt shell's shared code: what both module widgets do alike (a background job with progress and
 cancel, installing DCEPK's Python packages after asking, exporting a statistics table, mirroring the
-Logic's panel state). The one Lib folder that imports ``qt`` (and ``slicer``); only the module files
-(``DCEPKFitting.py``, ``DCEPKInference.py``) import it. No numerical package at load time: the modules
-must load before their requirements are installed.
+Logic's panel state, reloading the Lib packages with the module). The one Lib folder that imports ``qt``
+(and ``slicer``); only the module files (``DCEPKFitting.py``, ``DCEPKInference.py``) import it. No
+numerical package at load time: the modules must load before their requirements are installed.
 """
 
 import importlib
 import logging
 import os
+import sys
+import types
 
 import qt
 import slicer
@@ -32,15 +34,18 @@ def missingComputePackages(names=("torch",)):
 class DCEPKBackgroundJobWidgetMixin:
     """Widget behaviour shared by the DCEPK modules (both module files import it from here).
 
-    The Logic's ``compute(request)`` runs in a ``BackgroundJob``; a QTimer drains its queue on the
-    GUI thread (progress bar, status line), and only a finished job is published into the scene
-    through the module's ``publishJobResult(request, result)``. Cancel, failure and a scene closed
-    meanwhile publish nothing; ``cleanup`` stops the job and waits for its thread. Needs ``self.logic``,
-    ``self.ui.progressBar``, ``self.ui.statusLabel`` and ``self._updateGuiState``; call
+    The Logic's ``startCompute(request)`` starts the job (a child process, or a worker thread for a
+    small one); a QTimer polls its queue on the GUI thread (progress bar, status line), as
+    SlicerMONAIAuto3DSeg does, and only a finished job is published into the scene through the
+    module's ``publishJobResult(request, result)``. Cancel (which kills a child process at once),
+    failure and a scene closed meanwhile publish nothing; ``cleanup`` stops the job and waits for it.
+    ``onReload`` reloads the widget's ``LIB_PACKAGES`` before Slicer reloads the module file. Needs
+    ``self.logic``, ``self.ui.progressBar``, ``self.ui.statusLabel`` and ``self._updateGuiState``; call
     ``setupBackgroundJob()`` in ``setup``.
     """
 
-    JOB_STOP_TIMEOUT_S = 30.0  # the fit and the networks check cancel between chunks of seconds
+    JOB_STOP_TIMEOUT_S = 30.0  # a thread checks cancel between blocks of work; a child process is killed at once
+    LIB_PACKAGES = ()
 
     def setupBackgroundJob(self) -> None:
         self._job = None
@@ -49,13 +54,14 @@ class DCEPKBackgroundJobWidgetMixin:
         self._jobTimer.setInterval(200)
         self._jobTimer.connect("timeout()", self.onJobTimer)
 
-    def startBackgroundJob(self, request, jobName: str, statusText: str) -> None:
-        from ..core.jobs import BackgroundJob
+    def startBackgroundJob(self, request, statusText: str) -> None:
+        from ..core.child_process import ChildProcessJob
 
         self._jobRequest = request
-        self._job = BackgroundJob(self.logic.compute, request, name=jobName).start()
+        self._job = self.logic.startCompute(request)
         self.ui.progressBar.value = 0
-        self.ui.statusLabel.text = statusText
+        inChild = isinstance(self._job, ChildProcessJob)
+        self.ui.statusLabel.text = statusText + (_(" (in a separate process)") if inChild else "")
         self._jobTimer.start()
 
     def onCancelButton(self) -> None:
@@ -78,6 +84,12 @@ class DCEPKBackgroundJobWidgetMixin:
             job.wait(self.JOB_STOP_TIMEOUT_S)
             if not job.done:
                 logging.warning("DCEPK: the background job did not stop within %.0f s", self.JOB_STOP_TIMEOUT_S)
+
+    def onReload(self) -> None:
+        """Reload the Lib packages too (Slicer's reload re-reads the module file only), then the module."""
+        self.stopBackgroundJob()
+        reloadLibPackages(*self.LIB_PACKAGES)
+        super().onReload()
 
     def runShowingErrors(self, message, function, *args) -> bool:
         """``function(*args)`` inside Slicer's error display: an error is shown, never raised out of a Qt slot."""
@@ -120,7 +132,8 @@ class DCEPKBackgroundJobWidgetMixin:
             self.ui.statusLabel.text = _("Cancelled: the scene is unchanged.")
         else:
             self.ui.statusLabel.text = _("Failed: the scene is unchanged.")
-            slicer.util.errorDisplay(str(job.error), detailedText=job.error_traceback)
+            # a child process's own output says more than the parent's traceback
+            slicer.util.errorDisplay(str(job.error), detailedText=getattr(job.error, "log", "") or job.error_traceback)
 
     def ensureDependencies(self, requester: str) -> bool:
         """True when DCEPK's Python packages are installed, asking before installing any (never at import).
@@ -181,6 +194,54 @@ class DCEPKBackgroundJobWidgetMixin:
         self.ui.acquisitionLabel.text = view.acquisition
         if not view.apply_enabled and not view.cancel_enabled:
             self.ui.statusLabel.text = view.apply_tooltip
+
+
+def libModuleNames(package: str) -> list:
+    """The loaded modules of ``package`` (the package itself first)."""
+    return sorted(name for name in sys.modules if name == package or name.startswith(package + "."))
+
+
+def _comesFrom(value, package: str) -> bool:
+    try:
+        name = value.__name__ if isinstance(value, types.ModuleType) else getattr(value, "__module__", None)
+    except Exception:  # noqa: BLE001  (an object whose attributes cannot be read comes from nowhere we know)
+        return False
+    return isinstance(name, str) and (name == package or name.startswith(package + "."))
+
+
+def dependentLibPackages(package: str) -> list:
+    """The other loaded module Lib packages (Slicer's ``<Module>Lib`` convention) holding names of ``package``."""
+    found = []
+    for top in sorted({name.split(".")[0] for name in list(sys.modules)}):
+        if top == package or not top.endswith("Lib"):
+            continue
+        modules = [sys.modules.get(name) for name in libModuleNames(top)]
+        if any(_comesFrom(value, package) for module in modules if module is not None
+               for value in list(vars(module).values())):
+            found.append(top)
+    return found
+
+
+def reloadLibPackages(*packages: str) -> list:
+    """Load every loaded module of ``packages`` (and of the Lib packages that use them) again from its file.
+
+    They are all taken out of ``sys.modules`` first and then imported again, the packages first: each
+    import loads what it imports before itself, so the modules come back in dependency order, and none
+    keeps a class or function of an old module (an ``importlib.reload`` one by one would, in the order
+    it happened to pick). Returns the names reloaded.
+    """
+    order = []
+    for package in packages:
+        for name in [package] + dependentLibPackages(package):
+            if name not in order:
+                order.append(name)
+    names = [name for package in order for name in libModuleNames(package)]
+    for name in names:
+        sys.modules.pop(name, None)
+    importlib.invalidate_caches()
+    for name in names:
+        importlib.import_module(name)
+    return names
 
 
 def requirementsFile() -> str:

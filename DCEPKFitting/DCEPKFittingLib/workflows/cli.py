@@ -75,6 +75,11 @@ def _repetition_time(value):
     check_tr(value)
 
 
+def _device_name(value):
+    from ..core.device import check_device_name
+    check_device_name(value)
+
+
 def _relaxivity(value):
     from ..core.plausibility import check_r1
     check_r1(value)
@@ -91,6 +96,7 @@ FLIP_ANGLE = checked(float, _flip_angle, "flip angle in degrees")
 REPETITION_TIME = checked(float, _repetition_time, "repetition time in seconds")
 RELAXIVITY = checked(float, _relaxivity, "relaxivity in 1/(mM s)")
 FRAME_INTERVAL = checked(float, _frame_interval, "frame interval in seconds")
+DEVICE = checked(str, _device_name, "device")
 
 
 def read_text_option(path: Path, option: str) -> str:
@@ -207,6 +213,13 @@ def add_acquisition_options(parser: argparse.ArgumentParser) -> None:
                         help="number of pre-contrast frames (default: detected)")
 
 
+def add_progress_option(parser: argparse.ArgumentParser) -> None:
+    from ..core.child_process import PROGRESS_FORMATS
+    parser.add_argument("--progress-format", default="bar", choices=PROGRESS_FORMATS,
+                        help="progress on stderr: a bar, or one JSON object per line "
+                             "({\"dcepk_progress\": fraction, \"message\": text}) for a program that runs dcepk")
+
+
 def read_series_option(args, kind: Optional[str] = None):
     """The DCE series of a fit or infer command; NaN/inf voxels are kept (and reported as invalid)."""
     from ..io import read_dce
@@ -270,11 +283,14 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-delay", action="store_true", help="also fit the arterial delay per voxel")
     p.add_argument("--no-model-choice", action="store_true", help="fit the model to every voxel as asked, without "
                    "choosing no enhancement / plasma only / a simpler leakage model where the data support no more")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, type=Path, help="output folder for the maps")
     p.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd"])
+    p.add_argument("--save-concentration", action="store_true",
+                   help=f"also write the concentration series (mM) the fit used, as {CONCENTRATION_FILE}")
     p.add_argument("--overwrite", action="store_true")
     add_series_options(p)
+    add_progress_option(p)
 
     p = sub.add_parser("stats", help="per-label statistics of one or more maps")
     p.add_argument("maps", nargs="+", type=Path, help="map files on the label map's grid")
@@ -287,7 +303,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="phantom -> T1 map -> AIF -> fit (+ networks) -> maps, statistics, figure")
     p.add_argument("--out", type=Path, default=Path("dcepk-demo"), help="output folder (default: ./dcepk-demo)")
     p.add_argument("--no-inference", action="store_true", help="skip the neural-network part")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--overwrite", action="store_true")
 
     for name, (help_text, _) in plugin_commands().items():
@@ -412,17 +428,19 @@ def print_messages(kind: str, messages) -> None:
 
 
 FIT_SUMMARY = "dcepk_fit.json"
+CONCENTRATION_FILE = "concentration.seq.nrrd"
 
 
 def _cmd_fit(args) -> int:
-    from ..core.jobs import ConsoleProgress
+    from ..core.child_process import progress_reporter
     from ..core.output_files import OutputSet, check_targets
-    from ..io import map_targets, read_mask, stage_maps
+    from ..io import map_targets, read_mask, stage_dce_series, stage_maps
     from ..kinetics.fit_result import map_names
     from ..pipeline.fit import FitSettings, run_fit
     names = map_names(args.model, args.fit_delay)
-    check_targets(map_targets(args.out, names, args.format) + [args.out / FIT_SUMMARY]
-                  + input_function_targets(args, args.out), args.overwrite)
+    extra = [args.out / FIT_SUMMARY] + ([args.out / CONCENTRATION_FILE] if args.save_concentration else [])
+    check_targets(map_targets(args.out, names, args.format) + extra + input_function_targets(args, args.out),
+                  args.overwrite)
     series = read_series_option(args, kind=args.input_kind)
     grid = (series.geometry, series.spatial_shape)
     spec = input_function_spec(args, series)
@@ -431,7 +449,8 @@ def _cmd_fit(args) -> int:
         r1_per_mM_s=args.r1, baseline_frames=args.baseline_frames, **vars(spec),
         mask=read_mask(args.mask, *grid) if args.mask else None,
         fit_delay=args.fit_delay, device=args.device, model_selection=not args.no_model_choice)
-    result = run_fit(series, settings, progress=ConsoleProgress(f"fit {args.model}"), reuse_series_memory=True)
+    result = run_fit(series, settings, progress=progress_reporter(args.progress_format, f"fit {args.model}"),
+                     reuse_series_memory=True)
     notes = nonfinite_note(series) + (result.input_function.notes if result.input_function else [])
     print_messages("note", notes)
     print_messages("warning", result.messages)
@@ -441,10 +460,15 @@ def _cmd_fit(args) -> int:
                "baseline_frames_given": args.baseline_frames is not None,
                "noise_sd_signal_units": result.noise_sigma, "voxels_per_status": _status_counts(result),
                "model_choice": not args.no_model_choice, "units": result.units,
-               "input_function": spec.describe(), "warnings": list(result.messages), "notes": notes}
+               "input_function": spec.describe(), "aif_plasma_mM": result.aif_plasma_mM.tolist(),
+               "warnings": list(result.messages), "notes": notes}
     with OutputSet(args.overwrite) as outputs:
         stage_maps(outputs, args.out, result.maps, series.geometry, suffix=args.format)
         stage_input_function_outputs(outputs, args.out, result.input_function, series.times_s, series.geometry)
+        if args.save_concentration:
+            conc = result.concentration
+            stage_dce_series(outputs, args.out / CONCENTRATION_FILE, [conc], conc.shape, conc.dtype, series.times_s,
+                             series.geometry, kind="concentration")
         write_summary(outputs, args.out / FIT_SUMMARY, summary)
         outputs.commit()
     print(f"{len(result.maps)} maps written to {args.out}: {', '.join(sorted(result.maps))}")

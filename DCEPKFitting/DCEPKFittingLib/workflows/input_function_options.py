@@ -18,10 +18,8 @@ import numpy as np
 from ..core.errors import DCEPKInputError
 from ..kinetics.aif import POPULATION_AIFS
 from ..kinetics.aif_detection import KINDS
-from ..pipeline.input_function import SPEC_FIELDS, InputFunctionSpec, SignalInputFunction
-
-AUTO_MASK_FILE = "aif_auto_mask.nii.gz"
-AUTO_CURVE_FILE = "aif_auto.csv"
+from ..pipeline.input_function import (AUTO_CURVE_FILE, AUTO_MASK_FILE, SPEC_FIELDS, InputFunctionSpec,
+                                       SignalInputFunction)
 
 
 def add_input_function_options(parser: argparse.ArgumentParser, required: bool = True) -> None:

@@ -89,7 +89,9 @@ def kep_with_sd(ktrans, ve, ktrans_sd, ve_sd):
     return kep, np.where(ktrans > 1e-6, kep * relative, ktrans_sd / ve)
 
 
-def summarize(estimate, truth, sd=None) -> dict:
+def agreement(estimate, truth, sd=None) -> dict:
+    """RMSE, bias and CCC of an estimate against the truth (and, with its SD, 90 % coverage and the SD's rank
+    correlation with the error). (``analysis.stats.summarize`` of the fitting core describes one sample.)"""
     out = {"rmse": rmse(estimate, truth), "bias": bias(estimate, truth), "ccc": ccc(estimate, truth)}
     if sd is not None:
         out["coverage90"] = coverage90(estimate, sd, truth)

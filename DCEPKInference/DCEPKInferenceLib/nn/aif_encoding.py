@@ -30,33 +30,18 @@ least squares, the same as dropping them.
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import torch
 
 from DCEPKFittingLib.kinetics import tk_models, varpro
 
+from .input_definitions import (DSSR_CLIP, ENCODING, ENCODING_VERSION, FEATURE_COUNT, GLOBAL_FEATURES,  # noqa: F401
+                                KEP_BANK_PER_MIN, N_BANK, PER_KEP_FEATURES, SIGMA_FLOOR_MM)
 from .networks import PARAM_UPPER
 
-KEP_BANK_PER_MIN = tuple(float(k) for k in np.geomspace(0.005, 60.0, 40))
-SIGMA_FLOOR_MM = 1e-3
-DSSR_CLIP = 200.0
 VE_FLOOR = 0.005                 # the anchor's ve where Ktrans / kep falls below it
 ANCHOR_ITERATIONS = 6            # variable-projection steps of the core's NLLS from its grid start
-ENCODING_VERSION = 1
-N_BANK = len(KEP_BANK_PER_MIN)
-PER_KEP_FEATURES = ("asinh(Ktrans_j / 0.1)", "asinh(vp_j / 0.05)", "log1p(dSSR_j / sigma^2)", "log SE(Ktrans_j)",
-                    "log SE(vp_j)", "corr(Ktrans_j, vp_j)")
-GLOBAL_FEATURES = ("posterior mean asinh(Ktrans/0.1), asinh(ve/0.1), asinh(vp/0.05)",
-                   "anchor asinh(Ktrans/0.1), asinh(ve/0.1), asinh(vp/0.05)", "log posterior SD x3",
-                   "log baseline noise SD", "log(fit noise / baseline noise)", "duration / 600 s",
-                   "log(frames) / 5", "baseline frames / frames")
-FEATURE_COUNT = len(PER_KEP_FEATURES) * N_BANK + 14
-# Written into every AIF-conditioned model card; a card naming another encoding is refused at load time.
-ENCODING = {"kind": "tofts_profile", "version": ENCODING_VERSION, "kep_bank_per_min": list(KEP_BANK_PER_MIN),
-            "per_kep": list(PER_KEP_FEATURES), "global": list(GLOBAL_FEATURES), "features": FEATURE_COUNT,
-            "sigma_floor_mM": SIGMA_FLOOR_MM, "dssr_clip": DSSR_CLIP}
 BLOCK_VOXELS = 16384
 
 

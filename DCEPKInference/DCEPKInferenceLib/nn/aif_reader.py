@@ -20,14 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..data import canonical_grid as cg
-
-NOMINAL_BLOOD_T10_S = 1.6
-COARSE_POINTS = 32
-SCALARS = ("log S0 / median S0", "asinh peak RE", "time to peak after earliest arrival / 60 s",
-           "first moment after earliest arrival / 60 s", "late / peak", "log CNR")
-DESCRIPTORS = len(SCALARS) + COARSE_POINTS
-READER_INPUT = {"descriptors": list(SCALARS) + [f"RE on {COARSE_POINTS} coarse points"],
-                "curves": f"blood concentration with T10 {NOMINAL_BLOOD_T10_S} s on the canonical grid"}
+from .input_definitions import COARSE_POINTS, DESCRIPTORS, NOMINAL_BLOOD_T10_S, READER_INPUT, SCALARS  # noqa: F401
 
 
 def pixel_descriptors(signal, times_s, baseline_frames: int, fa_deg, tr_s, r1_per_mM_s) -> Dict[str, np.ndarray]:

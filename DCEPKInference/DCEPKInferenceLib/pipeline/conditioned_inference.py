@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from DCEPKFittingLib.core import runner
+from DCEPKFittingLib.core.device import resolve_device
 from DCEPKFittingLib.core.errors import DCEPKInputError, setting
 from DCEPKFittingLib.core.jobs import raise_if_cancelled, report, sub_progress
 from DCEPKFittingLib.pipeline.input_function import (InputFunctionSpec, input_function_from_signal,
@@ -110,17 +112,19 @@ def predict_conditioned(model, series, mask, basis, baseline_frames, t10, fa_deg
     flat = series.signal.reshape(-1, n_t)
     t10_flat = t10.ravel() if isinstance(t10, np.ndarray) else t10
     mean_flat, sd_flat = mean.reshape(-1, 3), sd.reshape(-1, 3)
-    for start in range(0, index.size, batch_voxels):
-        raise_if_cancelled(cancel)
-        part = index[start:start + batch_voxels]
+
+    def predict(start, stop, _):
+        part = index[start:stop]
         t10_part = t10_flat[part] if isinstance(t10_flat, np.ndarray) else t10_flat
         encoded = _encoded_chunk(np.asarray(flat[part], dtype=np.float64), basis, baseline_frames, t10_part, fa_deg,
                                  tr_s, r1_per_mM_s)
         with torch.no_grad():
             m, s = model.predict(*(encoded[k].to(device) for k in ("features", "anchor", "posterior_sd")))
         mean_flat[part], sd_flat[part] = m.cpu().numpy(), s.cpu().numpy()
-        done = min(start + part.size, index.size)
-        report(progress, done / index.size, f"{done} of {index.size} voxels")
+
+    plan = runner.plan_chunks(index.size, 8 * n_t * (aif_encoding.N_BANK + 4), threads=1, min_chunk=batch_voxels,
+                              max_chunk=batch_voxels)
+    runner.run_chunks(predict, plan, progress=progress, cancel=cancel, message="{done} of {total} voxels")
     return mean, sd
 
 
@@ -159,30 +163,32 @@ def predict_conditioned_slices(model, series, mask, basis, baseline_frames, t10,
     mean = np.zeros(shape + (3,), dtype=np.float32)
     sd = np.zeros_like(mean)
     slices = [k for k in range(shape[0]) if mask[k].any()]
-    for done, k in enumerate(slices):
-        raise_if_cancelled(cancel)
-        rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
-        j0, j1 = max(rows[0] - margin, 0), min(rows[-1] + margin + 1, shape[1])
-        i0, i1 = max(cols[0] - margin, 0), min(cols[-1] + margin + 1, shape[2])
-        tissue = mask[k, j0:j1, i0:i1]
-        inside = tissue.ravel()
-        t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
-        signal = np.asarray(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], dtype=np.float64)
-        conc, usable, noise = _concentration(signal, baseline_frames, t10_part, fa_deg, tr_s, r1_per_mM_s)
-        batch = _slice_batch(conc, usable, noise, inside, tissue.shape, basis, model.uses_stream, device)
-        with torch.no_grad():
-            m, s = model.predict(batch)
-        mean[k, j0:j1, i0:i1][tissue] = m[0].permute(1, 2, 0).cpu().numpy()[tissue]
-        sd[k, j0:j1, i0:i1][tissue] = s[0].permute(1, 2, 0).cpu().numpy()[tissue]
-        report(progress, (done + 1) / len(slices), f"slice {done + 1} of {len(slices)}")
+
+    def predict(start, stop, _):
+        for k in slices[start:stop]:
+            rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
+            j0, j1 = max(rows[0] - margin, 0), min(rows[-1] + margin + 1, shape[1])
+            i0, i1 = max(cols[0] - margin, 0), min(cols[-1] + margin + 1, shape[2])
+            tissue = mask[k, j0:j1, i0:i1]
+            inside = tissue.ravel()
+            t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
+            signal = np.asarray(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], dtype=np.float64)
+            conc, usable, noise = _concentration(signal, baseline_frames, t10_part, fa_deg, tr_s, r1_per_mM_s)
+            batch = _slice_batch(conc, usable, noise, inside, tissue.shape, basis, model.uses_stream, device)
+            with torch.no_grad():
+                m, s = model.predict(batch)
+            mean[k, j0:j1, i0:i1][tissue] = m[0].permute(1, 2, 0).cpu().numpy()[tissue]
+            sd[k, j0:j1, i0:i1][tissue] = s[0].permute(1, 2, 0).cpu().numpy()[tissue]
+
+    plan = runner.plan_chunks(len(slices), 0, threads=1, max_chunk=1)
+    runner.run_chunks(predict, plan, progress=progress, cancel=cancel, message="slice {done} of {total}")
     return mean, sd
 
 
 def run_conditioned(series, model_name, spec: InputFunctionSpec, *, mask, device, fa_deg, tr_s, t10, r1_per_mM_s,
                     baseline_frames, batch_voxels, models_dir, notes: list, progress=None, cancel=None):
     """(mean, sd, plasma input function, what the signal gave, model card, device) for ``run_inference``."""
-    from DCEPKFittingLib.core.device import choose_inference_device
-    dev = choose_inference_device(device, notes)
+    dev = torch.device(resolve_device(device, notes))
     model, card = load_model(model_name, dev, models_dir)
     report(progress, 0.0, "input function")
     plasma, from_signal = resolve_series_input_function(series, spec, t10_s=t10, fa_deg=fa_deg, tr_s=tr_s,

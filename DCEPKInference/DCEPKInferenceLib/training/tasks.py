@@ -135,7 +135,7 @@ def parameter_metrics(mean, sd, truth):
     """Per parameter (Ktrans, ve, vp) of (N, 3) arrays: the card's validation metrics."""
     out = {}
     for i, name in enumerate(PARAM_NAMES):
-        row = metrics.summarize(mean[:, i], truth[:, i], sd[:, i])
+        row = metrics.agreement(mean[:, i], truth[:, i], sd[:, i])
         row["median_abs_error"] = metrics.median_abs_error(mean[:, i], truth[:, i])
         row["gross_error_fraction"] = metrics.gross_error_fraction(mean[:, i], truth[:, i], name)
         out[name] = row

@@ -25,7 +25,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from DCEPKFittingLib.core.device import resolve_training_device
+from DCEPKFittingLib.core.device import resolve_device
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.jobs import raise_if_cancelled
 from DCEPKFittingLib.core.output_files import OutputSet
@@ -139,7 +139,7 @@ def _new_run(model_name, config, steps, device, out_dir, overwrite, threads, log
         raise DCEPKInputError(f"{target} exists: choose another --out or pass --overwrite")
     if threads:
         torch.set_num_threads(int(threads))
-    dev = resolve_training_device(device)
+    dev = torch.device(resolve_device(device))
     torch.manual_seed(int(training["seed"]))
     model = build_network(model_name, config["network_config"]).to(dev)
     optimizer = torch.optim.AdamW(model.parameters(), lr=training["lr"], weight_decay=training["weight_decay"])

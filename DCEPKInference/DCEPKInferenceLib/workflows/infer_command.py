@@ -6,11 +6,12 @@ from pathlib import Path
 from typing import Optional
 
 from DCEPKFittingLib.core.errors import DCEPKInputError
-from DCEPKFittingLib.core.jobs import ConsoleProgress
+from DCEPKFittingLib.core.child_process import progress_reporter
 from DCEPKFittingLib.core.output_files import OutputSet, check_targets
 from DCEPKFittingLib.io import map_targets, read_mask, stage_maps
-from DCEPKFittingLib.workflows.cli import (POSITIVE_INT, add_acquisition_options, add_series_options, add_t10_options,
-                                           print_messages, read_series_option, read_t10, write_summary)
+from DCEPKFittingLib.workflows.cli import (DEVICE, POSITIVE_INT, add_acquisition_options, add_progress_option,
+                                           add_series_options, add_t10_options, print_messages, read_series_option,
+                                           read_t10, write_summary)
 from DCEPKFittingLib.workflows.input_function_options import (add_input_function_options, has_input_function,
                                                               input_function_spec, input_function_targets,
                                                               stage_input_function_outputs)
@@ -25,12 +26,6 @@ MODES = {"aif": "the input function given (--aif-roi, --aif-csv, --population-ai
                   "AIF-conditioned network",
          "aif-free": "a network that sees no input function (Ktrans known only up to the input function's "
                      "amplitude)"}
-
-
-def _device(text: str) -> str:
-    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"'{text}' is not a device: use auto, cpu, cuda or cuda:N")
 
 
 def _model_name(text: str) -> str:
@@ -51,7 +46,7 @@ def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
                         help=f"shipped network (see --list; default {DEFAULT_CONDITIONED_MODEL}, or {DEFAULT_MODEL} "
                              "for --mode aif-free)")
     parser.add_argument("--out", type=Path, help="output folder for the maps")
-    parser.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda")
+    parser.add_argument("--device", default="auto", type=DEVICE, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--mask", type=Path, help="mask / label map on the series grid (default: auto)")
     add_input_function_options(parser, required=False)
     add_t10_options(parser, " (required)")
@@ -61,6 +56,7 @@ def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("--no-protocol-calibration", action="store_true",
                         help="keep the card's SD factors for frame times outside the training ranges")
     parser.add_argument("--list", action="store_true", help="list the shipped models and exit")
+    add_progress_option(parser)
     parser.add_argument("--overwrite", action="store_true")
     return parser
 
@@ -113,13 +109,15 @@ def infer_main(argv=None) -> int:
     mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
     result = run_inference(series, model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
                            t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
-                           baseline_frames=args.baseline_frames, progress=ConsoleProgress(f"infer {model}"),
+                           baseline_frames=args.baseline_frames,
+                           progress=progress_reporter(args.progress_format, f"infer {model}"),
                            protocol_calibration=not args.no_protocol_calibration, input_function=spec)
-    print_messages("note", result.notes)
+    print_messages("note", result.messages)
     summary = {"command": "infer", "input": str(args.input), "mode": mode, "model": model, "device": result.device,
                "input_function": spec.describe() if spec else None,
+               "aif_plasma_mM": None if result.aif_plasma_mM is None else result.aif_plasma_mM.tolist(),
                "timing_source": series.metadata.get("timing_source"), "times_s": series.times_s.tolist(),
-               "baseline_frames": result.baseline_frames, "units": result.units, "notes": result.notes}
+               "baseline_frames": result.baseline_frames, "units": result.units, "notes": result.messages}
     with OutputSet(args.overwrite) as outputs:
         written = stage_maps(outputs, args.out, result.maps, result.geometry)
         stage_input_function_outputs(outputs, args.out, result.input_function, series.times_s, result.geometry)

@@ -6,7 +6,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from DCEPKFittingLib.core.device import resolve_training_device
+from DCEPKFittingLib.core.device import resolve_device
 from DCEPKFittingLib.core.errors import DCEPKInputError
 
 from ..nn.model_store import DEFAULT_MODELS_DIR
@@ -65,18 +65,18 @@ def _train_one(network: str, name: str, config: dict, args, device, budget: Opti
 
 def _train_all(args) -> int:
     """Every shipped model from its config; on a CPU each run within its config's cpu_budget."""
-    device = resolve_training_device(args.device)
+    device = resolve_device(args.device)
     args.out = args.out or DEFAULT_MODELS_DIR
     for name, path in shipped_configs().items():
         network = json.loads(path.read_text())["network"]
         config = load_config(network, path)
         cpu = config.get("cpu_budget") or {}
-        on_cpu = device.type == "cpu"
+        on_cpu = device == "cpu"
         budget = args.time_budget_min or (cpu.get("time_budget_min") if on_cpu else None)
         threads = args.threads or (cpu.get("threads") if on_cpu else None)
         print(f"dcepk train --all: {name} ({network}, {device}"
               + (f", {budget:g} min" if budget else "") + ")", file=sys.stderr, flush=True)
-        _train_one(network, name, config, args, str(device), budget, threads)
+        _train_one(network, name, config, args, device, budget, threads)
     print("all shipped models retrained; now rewrite the benchmark: python Testing/Benchmarks/bench_inference.py "
           "--write-results", file=sys.stderr)
     return 0
@@ -94,7 +94,7 @@ def train_main(argv=None) -> int:
     name = args.name or args.model
     args.out = args.out or Path("dcepk_models")
     if args.recalibrate:
-        recalibrate(name, args.out, resolve_training_device(args.device))
+        recalibrate(name, args.out, resolve_device(args.device))
         return 0
     config_path = args.config or (CONFIG_DIR / f"{name}.json" if args.name else None)
     _train_one(args.model, name, load_config(args.model, config_path), args, args.device, args.time_budget_min,

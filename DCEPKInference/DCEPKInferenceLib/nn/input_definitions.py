@@ -1,0 +1,30 @@
+"""What each network mode is given, as written into its model card: the AIF-conditioned encoding
+(``aif_encoding``) and the image-only reader's input (``aif_reader``). Numpy only, so the cards can be
+checked where torch is not installed (the module panel lists the networks before torch is)."""
+
+import numpy as np
+
+KEP_BANK_PER_MIN = tuple(float(k) for k in np.geomspace(0.005, 60.0, 40))
+SIGMA_FLOOR_MM = 1e-3
+DSSR_CLIP = 200.0
+ENCODING_VERSION = 1
+N_BANK = len(KEP_BANK_PER_MIN)
+PER_KEP_FEATURES = ("asinh(Ktrans_j / 0.1)", "asinh(vp_j / 0.05)", "log1p(dSSR_j / sigma^2)", "log SE(Ktrans_j)",
+                    "log SE(vp_j)", "corr(Ktrans_j, vp_j)")
+GLOBAL_FEATURES = ("posterior mean asinh(Ktrans/0.1), asinh(ve/0.1), asinh(vp/0.05)",
+                   "anchor asinh(Ktrans/0.1), asinh(ve/0.1), asinh(vp/0.05)", "log posterior SD x3",
+                   "log baseline noise SD", "log(fit noise / baseline noise)", "duration / 600 s",
+                   "log(frames) / 5", "baseline frames / frames")
+FEATURE_COUNT = len(PER_KEP_FEATURES) * N_BANK + 14
+# Written into every AIF-conditioned model card; a card naming another encoding is refused at load time.
+ENCODING = {"kind": "tofts_profile", "version": ENCODING_VERSION, "kep_bank_per_min": list(KEP_BANK_PER_MIN),
+            "per_kep": list(PER_KEP_FEATURES), "global": list(GLOBAL_FEATURES), "features": FEATURE_COUNT,
+            "sigma_floor_mM": SIGMA_FLOOR_MM, "dssr_clip": DSSR_CLIP}
+
+NOMINAL_BLOOD_T10_S = 1.6
+COARSE_POINTS = 32
+SCALARS = ("log S0 / median S0", "asinh peak RE", "time to peak after earliest arrival / 60 s",
+           "first moment after earliest arrival / 60 s", "late / peak", "log CNR")
+DESCRIPTORS = len(SCALARS) + COARSE_POINTS
+READER_INPUT = {"descriptors": list(SCALARS) + [f"RE on {COARSE_POINTS} coarse points"],
+                "curves": f"blood concentration with T10 {NOMINAL_BLOOD_T10_S} s on the canonical grid"}
