@@ -19,6 +19,7 @@ import vtk
 import slicer
 from slicer import (
     vtkMRMLLabelMapVolumeNode,
+    vtkMRMLMarkupsROINode,
     vtkMRMLScalarVolumeNode,
     vtkMRMLSegmentationNode,
     vtkMRMLSequenceNode,
@@ -40,13 +41,17 @@ from DCEPKFittingLib.widgets.module_widget import CONTRIBUTORS, DCEPKBackgroundJ
 # No DCEPKInferenceLib import at load time: it needs torch and safetensors, which the widget checks
 # (and, if the user agrees, installs) at the first Apply, so the module always loads.
 
-DEFAULT_MODEL = "hetero_encoder"
+DEFAULT_MODEL = "hetero_encoder"                  # AIF-free
+DEFAULT_CONDITIONED_MODEL = "hetero_encoder_aif"   # AIF-conditioned (modes aif and image)
 DEVICES = ["auto", "cpu", "cuda"]
 THRESHOLD_MODES = ["none", "relative", "absolute"]
 T10_MODES = ["fixed", "map"]
 PARAMETERS = ["Ktrans", "ve", "vp", "kep"]
 FIT_MODELS = ["etofts", "tofts", "patlak"]
 POPULATION_AIFS = ["parker", "georgiou", "weinmann"]
+MODES = ["aif", "image", "aif-free"]   # input function given / read from the image / none (AIF-free)
+AIF_SOURCES = ["roi", "csv", "population", "auto"]
+AUTO_AIF_KINDS = ["either", "artery", "vein"]
 
 
 #
@@ -61,7 +66,12 @@ class DCEPKInference(ScriptedLoadableModule):
         self.parent.contributors = CONTRIBUTORS
         self.parent.helpText = _("""
 Pharmacokinetic maps with per-voxel uncertainty from a dynamic contrast-enhanced (DCE) MRI signal series by
-neural networks, directly from the signal-time curves: no arterial input function is needed.<br>
+neural networks. <b>Input function</b>: in mode <i>aif</i> an AIF-conditioned network (<i>hetero_encoder_aif</i>
+...) is given the input function: an AIF ROI (a box, a label map or a segmentation on an artery or vein; <i>ROI
+label</i> picks one label or segment), a CSV file, a population AIF, or automatic detection; in mode <i>image</i>
+the input function is read from the image (detected automatically); <i>Detect the input function</i> shows the
+detected curve in a chart and makes its voxels an editable segmentation ('artery', 'vein') chosen as the AIF ROI.
+Mode <i>aif-free</i> runs the earlier networks that see no input function (Ktrans only up to its amplitude).<br>
 <b>Networks</b> (trained by DCEPK on physics-based synthetic data; the model card of each is shown in the panel):
 <i>hetero_encoder</i>, a voxel-wise temporal encoder with a heteroscedastic (Laplace/Gaussian NLL) output and a
 small ensemble (<i>hetero_encoder_fast</i>: one smaller member, about twice as fast, slightly less accurate);
@@ -103,6 +113,13 @@ class DCEPKInferenceParameterNode:
     inputSequence: vtkMRMLSequenceNode
     # A node union whose default is None must list None: the wrapper writes every default at creation.
     inferenceMask: Optional[Union[vtkMRMLSegmentationNode, vtkMRMLLabelMapVolumeNode]]
+    mode: Annotated[str, Choice(MODES)] = "aif"
+    aifSource: Annotated[str, Choice(AIF_SOURCES)] = "auto"
+    aifRoi: Optional[Union[vtkMRMLMarkupsROINode, vtkMRMLLabelMapVolumeNode, vtkMRMLSegmentationNode]]
+    aifRoiLabel: Annotated[int, WithinRange(0, 255)] = 0  # label value / segment number; 0: all
+    aifCsvPath: str = ""
+    autoAifKind: Annotated[str, Choice(AUTO_AIF_KINDS)] = "either"
+    bloodT10: Annotated[float, WithinRange(0.0, 5.0)] = 0.0  # s; 0: the T10 given (automatic detection: 1.6 s)
     modelName: str = DEFAULT_MODEL
     useFlipAngle: bool = False
     flipAngleDeg: Annotated[float, WithinRange(0.1, 90.0)] = 15.0
@@ -145,6 +162,7 @@ class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModule
         self._parameterNodeGuiTag = None
         self._job = None
         self._cards = {}
+        self._listedModels = None
 
     def setup(self) -> None:
         ScriptedLoadableModuleWidget.setup(self)
@@ -164,6 +182,7 @@ class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModule
         self.ui.exportTableButton.connect("clicked(bool)", self.onExportTable)
         self.ui.checkDeviceButton.connect("clicked(bool)", self.onCheckDevice)
         self.ui.modelComboBox.connect("currentIndexChanged(int)", self.onModelChanged)
+        self.ui.detectAifButton.connect("clicked(bool)", self.onDetectAif)
 
         self.setupBackgroundJob()
 
@@ -194,8 +213,9 @@ class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModule
 
     def initializeParameterNode(self) -> None:
         self.setParameterNode(self.logic.getParameterNode())
-        if self._cards and self._parameterNode.modelName not in self._cards:
-            self._parameterNode.modelName = next(iter(self._cards))  # a scene saved with a network not shipped now
+        p = self._parameterNode
+        if self._cards and not self._modeModels(p.mode):   # no network of this mode shipped: one that is
+            p.mode = "aif" if panel_state.models_for_mode(self._cards.values(), "aif") else "aif-free"
         if not self._parameterNode.inputSequence:
             firstSequence = slicer.mrmlScene.GetFirstNodeByClass("vtkMRMLSequenceNode")
             if firstSequence:
@@ -211,10 +231,19 @@ class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModule
             self.addObserver(self._parameterNode, vtk.vtkCommand.ModifiedEvent, self._updateGuiState)
         self._updateGuiState()
 
+    def _modeModels(self, mode):
+        return panel_state.models_for_mode(self._cards.values(), mode)
+
     def _updateGuiState(self, caller=None, event=None) -> None:
         p = self._parameterNode
-        self.mirrorPanelView(self.logic.panelState(p, list(self._cards), running=self._job is not None))
-        if p and p.modelName in self._cards and self.ui.modelComboBox.currentText != p.modelName:
+        modelNames = self._modeModels(p.mode) if p else list(self._cards)
+        self._listModels(modelNames)
+        if p and modelNames and p.modelName not in modelNames:   # another mode: its default network, else its first
+            default = DEFAULT_MODEL if p.mode == "aif-free" else DEFAULT_CONDITIONED_MODEL
+            p.modelName = default if default in modelNames else modelNames[0]   # (this observer runs again)
+            return
+        self.mirrorPanelView(self.logic.panelState(p, modelNames, running=self._job is not None))
+        if p and p.modelName in modelNames and self.ui.modelComboBox.currentText != p.modelName:
             wasBlocked = self.ui.modelComboBox.blockSignals(True)
             self.ui.modelComboBox.setCurrentText(p.modelName)
             self.ui.modelComboBox.blockSignals(wasBlocked)
@@ -231,13 +260,21 @@ class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModule
                 _("The network list could not be read ({error}). Press Apply to install what is missing.").format(
                     error=error))
         self._cards = {card["name"]: card for card in cards}
-        wasBlocked = self.ui.modelComboBox.blockSignals(True)
-        self.ui.modelComboBox.clear()
-        for name in self._cards:
-            self.ui.modelComboBox.addItem(name)
-        self.ui.modelComboBox.blockSignals(wasBlocked)
-        if cards:
-            self._showModelCard(self.ui.modelComboBox.currentText)
+        self._listModels(list(self._cards))
+
+    def _listModels(self, names) -> None:
+        """The model picker lists ``names`` (the networks of the panel's mode)."""
+        combo = self.ui.modelComboBox
+        if self._listedModels == list(names):
+            return
+        self._listedModels = list(names)
+        wasBlocked = combo.blockSignals(True)
+        combo.clear()
+        for name in names:
+            combo.addItem(name)
+        combo.blockSignals(wasBlocked)
+        if names:
+            self._showModelCard(combo.currentText)
         elif not self.ui.modelCardBrowser.toPlainText():
             self.ui.modelCardBrowser.setPlainText(_("No network weights are installed with this extension."))
 
@@ -251,6 +288,25 @@ class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModule
         card = self._cards.get(name)
         if card is not None:
             self.ui.modelCardBrowser.setHtml(self.logic.describeModelCard(card))
+
+    def onDetectAif(self) -> None:
+        """Detect the input function now: its voxels become the editable AIF ROI (a segmentation), its
+        curve is shown in a chart."""
+        if not self.ensureDependencies("DCEPK Inference"):
+            return
+        p = self._parameterNode
+
+        def detect():
+            segmentation, chart, segment = self.logic.detectInputFunction(
+                p.inputSequence, **self.logic.detectionOptionsFromParameterNode(p))
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
+            p.aifRoi, p.aifRoiLabel = segmentation, segment
+            if p.mode == "aif":
+                p.aifSource = "roi"   # the detected voxels, as the user may now edit them
+            self.ui.statusLabel.text = _("Input function detected: {name} (edit it in Segment Editor).").format(
+                name=segmentation.GetName())
+
+        self.runShowingErrors(_("The input function could not be detected."), detect)
 
     def onCheckDevice(self) -> None:
         if not self.ensureDependencies("DCEPK Inference"):
@@ -284,8 +340,10 @@ class DCEPKInferenceWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModule
     def publishJobResult(self, request, result) -> None:
         nodes = self.logic.publish(request, result)
         self.showResults(nodes)
+        if "input_function_chart" in nodes:   # detected during the run: its curve (its voxels: a segmentation)
+            slicer.modules.plots.logic().ShowChartInLayout(nodes["input_function_chart"])
         self.ui.statusLabel.text = _("Done on {device}: {n} maps. {messages}").format(
-            device=result.inference.device, n=len([k for k in nodes if k != "statistics"]),
+            device=result.inference.device, n=len([k for k in nodes if k in result.maps]),
             messages=" ".join(result.messages))
 
     # ---------------------------------------------------------------- results
@@ -356,7 +414,8 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
     def run(self, sequenceNode, modelName=DEFAULT_MODEL, maskNode=None, device="auto", flipAngle_deg=None,
             tr_s=None, t10_s=None, t10Map=None, t10MapUnit="ms", uncertaintyThreshold=None, compareWithFit=False,
             fitModel="etofts", populationAif="parker", hematocrit=0.45, r1_per_mM_s=None, segmentationNode=None,
-            outputPrefix="DCEPK-NN", updateExisting=True, progress=None, cancel=None):
+            outputPrefix="DCEPK-NN", updateExisting=True, aifSource=None, aifRoi=None, aifRoiLabel=0, aifCsv="",
+            autoAif="either", bloodT10_s=None, progress=None, cancel=None):
         """Run network ``modelName`` on ``sequenceNode`` and put the maps in the scene; returns ``{name: node}``.
 
         Maps Ktrans, kep (1/min), ve, vp (fractions) and their 1-SD uncertainty ``<name>_sd`` (same
@@ -367,15 +426,22 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
         ``r1_per_mM_s`` (1/(mM s); None: the core's default) convert the signal to concentration (FA and TR
         default to the series' header). ``uncertaintyThreshold``: None, a number r
         (voxels with SD > r*|value| become NaN) or ``{'Ktrans': SD limit in 1/min, 've': ..., ...}``.
-        The comparison fit uses ``fitModel`` with the ``populationAif`` and the same T10.
-        ``progress(fraction, message)`` and ``cancel`` (``threading.Event``) are optional.
+        An AIF-conditioned network (``modelName`` ``hetero_encoder_aif`` ...) needs ``aifSource``: 'roi'
+        (``aifRoi``: markups ROI, label map or segmentation on an artery or vein; ``aifRoiLabel`` > 0: only
+        that label value or segment number), 'csv' (``aifCsv``: time s, concentration mM), 'population'
+        (``populationAif``) or 'auto' (detected; ``autoAif`` 'either', 'artery' or 'vein': the voxels come
+        back as the 'input_function' segmentation and chart); ``hematocrit``, ``bloodT10_s`` (vessel T10 in s;
+        None: the T10 given, automatic: 1.6 s). AIF-free networks take no ``aifSource``.
+        The comparison fit uses ``fitModel`` with the same input function (AIF-free: ``populationAif``) and
+        the same T10. ``progress(fraction, message)`` and ``cancel`` (``threading.Event``) are optional.
         """
         request = self.prepare(
             sequenceNode, modelName=modelName, maskNode=maskNode, device=device, flipAngle_deg=flipAngle_deg,
             tr_s=tr_s, t10_s=t10_s, t10Map=t10Map, t10MapUnit=t10MapUnit, uncertaintyThreshold=uncertaintyThreshold,
             compareWithFit=compareWithFit, fitModel=fitModel, populationAif=populationAif, hematocrit=hematocrit,
             r1_per_mM_s=r1_per_mM_s, segmentationNode=segmentationNode, outputPrefix=outputPrefix,
-            updateExisting=updateExisting)
+            updateExisting=updateExisting, aifSource=aifSource, aifRoi=aifRoi, aifRoiLabel=aifRoiLabel, aifCsv=aifCsv,
+            autoAif=autoAif, bloodT10_s=bloodT10_s)
         from DCEPKFittingLib.core.child_process import wait_for_job
         from DCEPKInferenceLib import mrml as mrml_bridge
 
@@ -388,7 +454,8 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
     def prepare(self, sequenceNode, modelName=DEFAULT_MODEL, maskNode=None, device="auto", flipAngle_deg=None,
                 tr_s=None, t10_s=None, t10Map=None, t10MapUnit="ms", uncertaintyThreshold=None, compareWithFit=False,
                 fitModel="etofts", populationAif="parker", hematocrit=0.45, r1_per_mM_s=None, segmentationNode=None,
-                outputPrefix="DCEPK-NN", updateExisting=True):
+                outputPrefix="DCEPK-NN", updateExisting=True, aifSource=None, aifRoi=None, aifRoiLabel=0, aifCsv="",
+                autoAif="either", bloodT10_s=None):
         """Read the inputs from the scene (main thread); raises ``DCEPKInputError`` naming any problem."""
         from DCEPKInferenceLib import mrml as mrml_bridge
 
@@ -397,7 +464,8 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
             t10_s=t10_s, t10_map=t10Map, t10_map_unit=t10MapUnit, uncertainty_threshold=uncertaintyThreshold,
             compare_with_fit=compareWithFit, fit_model=fitModel, population_aif=populationAif, hct=hematocrit,
             r1_per_mM_s=r1_per_mM_s, statistics_segmentation=segmentationNode, output_prefix=outputPrefix,
-            update_existing=updateExisting)
+            update_existing=updateExisting, aif_source=aifSource, aif_roi=aifRoi, aif_roi_label=aifRoiLabel,
+            aif_csv=aifCsv, auto_aif=autoAif, blood_t10_s=bloodT10_s)
 
     @staticmethod
     def compute(request, progress=None, cancel=None):
@@ -472,7 +540,28 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
             uncertaintyThreshold=cls.uncertaintyThresholdFromParameterNode(p),
             compareWithFit=p.compareWithFit, fitModel=p.fitModel, populationAif=p.populationAif,
             hematocrit=p.hematocrit, segmentationNode=p.statisticsSegmentation, outputPrefix=p.outputPrefix,
-            updateExisting=p.updateExisting)
+            updateExisting=p.updateExisting, aifSource=panel_state.inference_source(p), aifRoi=p.aifRoi,
+            aifRoiLabel=p.aifRoiLabel, aifCsv=p.aifCsvPath, autoAif=p.autoAifKind if p.mode == "aif" else "either",
+            bloodT10_s=p.bloodT10 or None)
+
+    @classmethod
+    def detectionOptionsFromParameterNode(cls, p):
+        """Keyword arguments of ``detectInputFunction`` from the GUI state."""
+        options = cls.optionsFromParameterNode(p)
+        return {name: options[name] for name in ("flipAngle_deg", "tr_s", "t10_s", "t10Map", "t10MapUnit",
+                                                 "autoAif", "bloodT10_s")}
+
+    def detectInputFunction(self, sequenceNode, flipAngle_deg=None, tr_s=None, t10_s=None, t10Map=None,
+                            t10MapUnit="ms", autoAif="either", bloodT10_s=None, r1_per_mM_s=None):
+        """Detect the input function of ``sequenceNode`` (as ``dcepk infer --auto-aif``); returns
+        ``(segmentation, chart, segment)``: the voxels found (segments 'artery', 'vein'; an earlier
+        detection's segmentation is replaced), the blood curve in a plot chart, and the number of the
+        segment whose curve is the input function (``aifRoiLabel`` to use it, edited or not, as the ROI)."""
+        from DCEPKFittingLib import mrml as mrml_bridge
+
+        return mrml_bridge.detect_scene_input_function(
+            self.scene, sequenceNode, fa_deg=flipAngle_deg, tr_s=tr_s, t10_s=t10_s, t10_map=t10Map,
+            t10_map_unit=t10MapUnit, kind=autoAif, blood_t10_s=bloodT10_s, r1_per_mM_s=r1_per_mM_s)
 
     @staticmethod
     def describeDevice(device="auto"):

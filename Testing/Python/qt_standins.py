@@ -279,6 +279,10 @@ class QAbstractSpinBox(QWidget):
     def setValue(self, value):
         self.value = value
 
+    def setRange(self, minimum, maximum):
+        self.minimum, self.maximum = minimum, maximum
+        self.value = self._value   # clamped, as Qt does
+
 
 class QDoubleSpinBox(QAbstractSpinBox):
     pass
@@ -288,6 +292,15 @@ class QSpinBox(QAbstractSpinBox):
     def __init__(self, parent=None):
         super().__init__(parent)
         self.decimals = 0
+        self._value = 0
+
+    @property
+    def value(self):   # Qt's QSpinBox holds an int
+        return int(self._value)
+
+    @value.setter
+    def value(self, value):
+        QAbstractSpinBox.value.fset(self, value)
 
 
 class QSlider(QSpinBox):

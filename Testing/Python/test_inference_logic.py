@@ -412,7 +412,8 @@ def test_module_logic_console_call_and_gui_options(slicer_scene, phantom, loaded
     np.testing.assert_array_equal(_array(again["Ktrans"]), direct.maps["Ktrans"])
 
     # The GUI's options (ms -> s, unticked inputs -> None, threshold modes) drive the same call.
-    state = _gui_state(module, inputSequence=loaded["sequence"], inferenceMask=loaded["tissues"], device="cpu",
+    state = _gui_state(module, mode="aif-free", inputSequence=loaded["sequence"], inferenceMask=loaded["tissues"],
+                       device="cpu",
                        useRepetitionTime=True, repetitionTimeMs=5.0, useT10=True, t10Value=1.2,
                        thresholdMode="absolute", ktransSdLimit=0.05, veSdLimit=0.0, vpSdLimit=0.0, kepSdLimit=0.0,
                        statisticsSegmentation=None, outputPrefix="GUI")

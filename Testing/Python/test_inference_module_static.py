@@ -100,6 +100,11 @@ def test_every_parameter_binding_matches_a_field_of_the_right_kind_and_range(tre
             assert annotation == "bool", (widget, annotation)
         elif cls == "QLineEdit":
             assert annotation == "str", (widget, annotation)
+        elif cls == "QSpinBox":
+            assert re.match(r"(Annotated\[)?int\b", annotation), (widget, annotation)
+            bounds = re.search(r"WithinRange\((\d+), (\d+)\)", annotation)
+            assert bounds and (int(props["minimum"]), int(props["maximum"])) == \
+                (int(bounds.group(1)), int(bounds.group(2))), f"{widget} range differs from {parameter}'s"
         else:
             pytest.fail(f"{widget}: no parameterNodeWrapper connector for a {cls}")
 
@@ -107,13 +112,20 @@ def test_every_parameter_binding_matches_a_field_of_the_right_kind_and_range(tre
 def test_choices_defaults_and_lists_agree_with_the_core(tree):
     from DCEPKFittingLib.kinetics.aif import POPULATION_AIFS
     from DCEPKInferenceLib import mrml as mrml_bridge
-    from DCEPKInferenceLib.pipeline.inference import DEFAULT_MODEL
+    from DCEPKInferenceLib.pipeline.inference import DEFAULT_CONDITIONED_MODEL, DEFAULT_MODEL
 
     constants = _module_constants(tree)
     assert constants["DEFAULT_MODEL"] == DEFAULT_MODEL
+    assert constants["DEFAULT_CONDITIONED_MODEL"] == DEFAULT_CONDITIONED_MODEL
     assert constants["PARAMETERS"] == list(mrml_bridge.PARAMETERS)
     assert constants["FIT_MODELS"] == list(mrml_bridge.FIT_MODELS)
     assert constants["POPULATION_AIFS"] == list(POPULATION_AIFS)
+    from DCEPKFittingLib.kinetics.aif_detection import KINDS
+    from DCEPKFittingLib.mrml.input_function_nodes import AIF_SOURCES
+    from DCEPKFittingLib.panels.panel_state import INFERENCE_MODES
+
+    assert constants["MODES"] == list(INFERENCE_MODES) and constants["AIF_SOURCES"] == list(AIF_SOURCES)
+    assert sorted(constants["AUTO_AIF_KINDS"]) == sorted(KINDS)
     for name, (annotation, default) in parameter_fields(tree).items():
         if default is None:
             continue

@@ -384,3 +384,34 @@ def test_apply_runs_in_the_background_and_shows_maps_status_and_table(slicer_app
             assert row["mean"] == pytest.approx(np.nanmean(ktrans[inside]), rel=1e-5)
     widget.ui.showFitStatusCheckBox.click()  # unticked: the label layer is cleared
     assert not composite.GetLabelVolumeID()
+
+
+# --------------------------------------------------------------------------- issue 20: the input function
+def test_the_inference_panel_detects_the_input_function_and_lists_networks_by_mode(slicer_app, phantom, loaded,
+                                                                                  untrained_conditioned_models):
+    from DCEPKFittingLib.sims.phantom import VESSEL
+    from DCEPKInferenceLib.pipeline.inference import DEFAULT_CONDITIONED_MODEL, DEFAULT_MODEL
+
+    widget = slicer_app.create_widget("DCEPKInference")
+    p = widget._parameterNode
+    assert (p.mode, p.aifSource, p.modelName) == ("aif", "auto", DEFAULT_CONDITIONED_MODEL)
+    assert widget.ui.applyButton.enabled and widget.ui.detectAifButton.enabled
+    widget.ui.modeComboBox.setCurrentText("aif-free")     # the AIF-free networks, no input function
+    assert p.modelName == DEFAULT_MODEL and not widget.ui.aifSourceComboBox.enabled
+    assert widget.logic.optionsFromParameterNode(p)["aifSource"] is None
+    widget.ui.modeComboBox.setCurrentText("aif")
+    widget.ui.aifSourceComboBox.setCurrentText("roi")
+    assert not widget.ui.applyButton.enabled and "AIF ROI" in widget.ui.applyButton.toolTip
+    assert widget.ui.aifRoiSelector.enabled and widget.ui.aifRoiLabelSpinBox.enabled
+
+    widget.ui.detectAifButton.click()   # the detected voxels become the (editable) AIF ROI
+    detected = p.aifRoi
+    assert detected is not None and detected.IsA("vtkMRMLSegmentationNode") and p.aifRoiLabel == 1
+    assert widget.ui.aifRoiSelector.currentNode() is detected and widget.ui.applyButton.enabled
+    reference = bridge.reference_volume(phantom.series.spatial_shape, phantom.series.geometry)
+    artery = bridge.roi_mask(detected, reference, 1)
+    assert artery.any() and np.all(phantom.labels[artery] == VESSEL)
+    assert slicer_app.scene.GetFirstNodeByName(bridge.DETECTED_NAME + "").IsA("vtkMRMLSegmentationNode")
+    request = widget.logic.prepare(p.inputSequence, **widget.logic.optionsFromParameterNode(p))
+    np.testing.assert_array_equal(request.input_function.aif_mask, artery)
+    widget.cleanup()

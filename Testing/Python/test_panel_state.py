@@ -14,7 +14,7 @@ import pytest
 from slicer_module_source import read_ui_widgets
 
 from DCEPKFittingLib.panels.panel_state import (SeriesHeader, acquisition_values, fitting_panel, inference_panel,
-                                                parse_flip_angles)
+                                                models_for_mode, parse_flip_angles)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -44,7 +44,7 @@ def inference_parameters(**changes):
     p = SimpleNamespace(
         inputSequence=Node("DCE"), modelName="hetero_encoder", useFlipAngle=False, flipAngleDeg=15.0,
         useRepetitionTime=False, repetitionTimeMs=5.0, t10Mode="fixed", t10Map=None, thresholdMode="none",
-        compareWithFit=False)
+        compareWithFit=False, mode="aif-free", aifSource="auto", aifRoi=None, aifRoiLabel=0, aifCsvPath="")
     for name, value in changes.items():
         setattr(p, name, value)
     return p
@@ -142,6 +142,35 @@ def test_the_inference_panel_needs_a_shipped_network_and_a_t1_map_in_map_mode():
                            ["hetero_encoder"]).apply_enabled
     view = inference_panel(inference_parameters(), HEADER, ["hetero_encoder"], has_result=True, has_statistics=True)
     assert view.enabled["applyThresholdButton"] and view.enabled["exportTableButton"]
+
+
+def test_the_inference_panel_asks_for_the_input_function_its_mode_needs():
+    conditioned = ["hetero_encoder_aif"]
+    aif = dict(mode="aif", modelName="hetero_encoder_aif")
+    view = inference_panel(inference_parameters(**aif, aifSource="roi"), HEADER, conditioned)
+    assert not view.apply_enabled and "AIF ROI" in view.apply_tooltip
+    assert view.enabled["aifRoiSelector"] and view.enabled["aifRoiLabelSpinBox"] and not view.enabled["aifCsvPathLineEdit"]
+    assert inference_panel(inference_parameters(**aif, aifSource="roi", aifRoi=Node("vessel")), HEADER,
+                           conditioned).apply_enabled
+    view = inference_panel(inference_parameters(**aif, aifSource="csv", aifCsvPath="  "), HEADER, conditioned)
+    assert not view.apply_enabled and "CSV" in view.apply_tooltip
+    view = inference_panel(inference_parameters(**aif, aifSource="population"), HEADER, conditioned)
+    assert view.apply_enabled and view.enabled["populationAifComboBox"] and view.enabled["hematocritSpinBox"]
+    # image mode reads the input function from the image: no source to choose, the ROI ignored
+    view = inference_panel(inference_parameters(mode="image", modelName="hetero_encoder_aif", aifSource="roi"),
+                           HEADER, conditioned)
+    assert view.apply_enabled and not view.enabled["aifSourceComboBox"] and not view.enabled["aifRoiSelector"]
+    assert view.enabled["bloodT10SpinBox"] and view.enabled["detectAifButton"]
+    # a mode with no network shipped says so
+    view = inference_panel(inference_parameters(**aif), HEADER, [])
+    assert not view.apply_enabled and "mode 'aif'" in view.apply_tooltip
+
+
+def test_models_are_listed_by_their_mode():
+    cards = [{"name": "hetero_encoder"}, {"name": "hetero_encoder_aif", "mode": "aif_conditioned"},
+             {"name": "aif_reader", "mode": "aif_reader"}]
+    assert models_for_mode(cards, "aif-free") == ["hetero_encoder"]
+    assert models_for_mode(cards, "aif") == models_for_mode(cards, "image") == ["hetero_encoder_aif"]
 
 
 @pytest.mark.parametrize("module, panel", [

@@ -68,6 +68,9 @@ def _other_values(slicer_app, parameter_class, ui_widgets=None):
             values[field] = round(value, decimals.get(field, 6))
         elif base is str:
             values[field] = f"value of {field}"
+        elif base is int:
+            bounds = wrapper.findFirstAnnotation(annotations, wrapper.WithinRange)
+            values[field] = int(round(bounds.minimum + 0.37 * (bounds.maximum - bounds.minimum)))
         else:
             pytest.fail(f"{field}: no test value for a {base}")
         assert values[field] != default, field
@@ -120,7 +123,7 @@ def test_every_field_survives_a_saved_and_reloaded_scene(slicer_app, module_name
 def _shown(widget):
     """What a bound widget shows (the stand-ins keep Qt's state)."""
     kind = type(widget).__name__
-    if kind in ("QDoubleSpinBox", "ctkSliderWidget"):
+    if kind in ("QDoubleSpinBox", "QSpinBox", "ctkSliderWidget"):
         return widget.value
     if kind == "QCheckBox":
         return widget.checked
@@ -134,7 +137,7 @@ def _shown(widget):
 def _edit(widget, value):
     """What a user's edit does to the widget's state to choose ``value``."""
     kind = type(widget).__name__
-    if kind in ("QDoubleSpinBox", "ctkSliderWidget"):
+    if kind in ("QDoubleSpinBox", "QSpinBox", "ctkSliderWidget"):
         widget.value = value
     elif kind == "QCheckBox":
         widget.checked = value  # (a disabled box ignores clicks; its binding must work all the same)

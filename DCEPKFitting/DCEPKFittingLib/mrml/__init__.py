@@ -29,10 +29,15 @@ from .scene_fit import (compute_scene_fit, output_name, prepare_scene_fit, publi
 from .sequences import (acquisition_from_sequence, FLIP_ANGLE, FRAME_LABEL_UNITS, FRAME_LABELS, KIND_ATTRIBUTE,
                         load_sequence, REPETITION_TIME, sequence_from_series, series_from_sequence, series_grid,
                         series_header, vfa_from_sequence, voxel_index_at_ras)
+from .input_function_nodes import (AIF_SOURCES, chosen_segment, DETECTED_NAME, detect_input_function,
+                                   detect_scene_input_function, input_function_from_nodes,
+                                   publish_detected_input_function, roi_mask)
 from .tables import Regions, save_table_csv, statistics_rows, statistics_table, table_from_rows, table_rows
 from .volumes import reference_volume, volume_array, volume_geometry
 
-__all__ = ["acquisition_from_sequence", "AIF_BOX_VOXELS", "child_python", "colour_node", "compute_scene_fit",
+__all__ = ["acquisition_from_sequence", "AIF_BOX_VOXELS", "AIF_SOURCES", "chosen_segment", "DETECTED_NAME", "detect_input_function",
+           "detect_scene_input_function",
+           "input_function_from_nodes", "publish_detected_input_function", "roi_mask", "child_python", "colour_node", "compute_scene_fit",
            "default_colour_for_map", "find_output_node", "FLIP_ANGLE", "FRAME_LABEL_UNITS", "FRAME_LABELS",
            "hide_nan_voxels", "KIND_ATTRIBUTE", "load_sequence", "mask_from_labelmap", "mask_from_node",
            "mask_from_roi", "mask_from_segment", "mean_curve_in_mask", "OUTPUT_MAP_ATTRIBUTE", "output_name",

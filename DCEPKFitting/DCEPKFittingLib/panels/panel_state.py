@@ -156,9 +156,47 @@ def fitting_panel(p, header: SeriesHeader, running: bool = False) -> PanelView:
     return PanelView(not reason and not running, tooltip, running, enabled, described)
 
 
+# Inference modes: the input function given (a source below), read from the image (detected
+# automatically), or none (the AIF-free networks); the panel lists the networks of the mode.
+INFERENCE_MODES = ("aif", "image", "aif-free")
+
+
+def models_for_mode(cards, mode: str) -> list:
+    """Names of the networks (model cards) that run in panel mode ``mode``."""
+    wanted = "aif_free" if mode == "aif-free" else "aif_conditioned"
+    return [card["name"] for card in cards if card.get("mode", "aif_free") == wanted]
+
+
+def inference_source(p) -> Optional[str]:
+    """The input function source a run of the panel's mode uses (None: the AIF-free networks)."""
+    return {"aif": p.aifSource, "image": "auto"}.get(p.mode)
+
+
+def _first_missing_input_function(p) -> str:
+    source = inference_source(p)
+    if source == "roi" and not p.aifRoi:
+        return ("Choose the AIF ROI (a box, label map or segmentation on an artery or vein; Detect makes one), "
+                "or another input function source.")
+    if source == "csv" and not (p.aifCsvPath or "").strip():
+        return "Type the path of the AIF CSV file (time in s, concentration in mM), or another source."
+    return ""
+
+
+def _input_function_enabled(p, running: bool) -> Dict[str, bool]:
+    source = inference_source(p)
+    given = p.mode == "aif"
+    return {"aifSourceComboBox": given, "aifRoiSelector": source == "roi", "aifRoiLabelSpinBox": source == "roi",
+            "aifCsvPathLineEdit": source == "csv", "autoAifKindComboBox": source == "auto" and given,
+            "populationAifComboBox": source == "population" or (p.compareWithFit and source is None),
+            "hematocritSpinBox": source is not None or p.compareWithFit,
+            "bloodT10SpinBox": source in ("roi", "auto"),
+            "detectAifButton": bool(p.inputSequence) and not running}
+
+
 def inference_panel(p, header: SeriesHeader, model_names: Sequence[str], running: bool = False,
                     has_result: bool = False, has_statistics: bool = False) -> PanelView:
-    """The DCEPK Inference panel for parameter node ``p``; ``model_names``: the shipped networks."""
+    """The DCEPK Inference panel for parameter node ``p``; ``model_names``: the shipped networks of the
+    panel's mode (``p.mode``)."""
     if p is None:
         return PanelView(False, "No scene.", running)
     _, _, _, described, missing = acquisition_values(p, header)
@@ -170,14 +208,14 @@ def inference_panel(p, header: SeriesHeader, model_names: Sequence[str], running
     elif header.error:
         reason = header.error
     elif p.modelName not in model_names:
-        reason = "Choose a network: none of the shipped networks is selected." if model_names else \
-            "No network weights are installed with this extension."
+        reason = "Choose a network: none of the shipped networks of this mode is selected." if model_names else \
+            f"No network of mode '{p.mode}' is installed with this extension: choose another mode."
     elif header.kind != CONCENTRATION and missing:
         reason = missing[0]
     elif p.t10Mode == "map" and not p.t10Map:
         reason = "Choose the T1 map (T10 source: map), or give one T10 value."
     else:
-        reason = ""
+        reason = _first_missing_input_function(p)
     absolute = p.thresholdMode == "absolute"
     enabled = {
         "flipAngleSpinBox": p.useFlipAngle, "repetitionTimeSpinBox": p.useRepetitionTime,
@@ -186,10 +224,9 @@ def inference_panel(p, header: SeriesHeader, model_names: Sequence[str], running
         "relativeThresholdSpinBox": p.thresholdMode == "relative",
         "ktransSdLimitSpinBox": absolute, "veSdLimitSpinBox": absolute, "vpSdLimitSpinBox": absolute,
         "kepSdLimitSpinBox": absolute,
-        "fitModelComboBox": p.compareWithFit, "populationAifComboBox": p.compareWithFit,
-        "hematocritSpinBox": p.compareWithFit,
+        "fitModelComboBox": p.compareWithFit,
         "applyThresholdButton": has_result and not running, "showUncertaintyButton": has_result,
-        "exportTableButton": has_statistics,
+        "exportTableButton": has_statistics, **_input_function_enabled(p, running),
     }
     tooltip = reason or f"Run {p.modelName} on every masked voxel in the background ({described})."
     return PanelView(not reason and not running, tooltip, running, enabled, described)

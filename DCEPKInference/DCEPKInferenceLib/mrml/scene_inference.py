@@ -21,6 +21,7 @@ from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.jobs import raise_if_cancelled, report, sub_progress
 from DCEPKFittingLib.io import DCESeries
 from DCEPKFittingLib.mrml.volumes import node_by_name
+from DCEPKFittingLib.pipeline.input_function import SPEC_FIELDS
 
 from .model_cards import PARAMETERS, UNITS
 from .uncertainty import Threshold, UNCERTAINTY_ATTRIBUTE, excluded_by_uncertainty, normalize_threshold
@@ -70,11 +71,22 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
                             uncertainty_threshold: Threshold = None, compare_with_fit: bool = False,
                             fit_model: str = "etofts", population_aif: str = "parker", hct: float = 0.45,
                             r1_per_mM_s: Optional[float] = None, statistics_segmentation=None,
-                            output_prefix: str = "DCEPK-NN", update_existing: bool = True) -> SceneInferenceRequest:
-    """Read the nodes into a request; raises ``DCEPKInputError`` naming any problem. Reads only."""
-    from ..nn.model_store import read_card
+                            output_prefix: str = "DCEPK-NN", update_existing: bool = True,
+                            aif_source: Optional[str] = None, aif_roi=None, aif_roi_label: int = 0, aif_csv: str = "",
+                            auto_aif: str = "either", blood_t10_s: Optional[float] = None) -> SceneInferenceRequest:
+    """Read the nodes into a request; raises ``DCEPKInputError`` naming any problem. Reads only.
 
-    read_card(model_name)  # unknown model: clear error now, before anything runs
+    ``aif_source`` (``roi``, ``csv``, ``population``, ``auto``; None: no input function) gives an
+    AIF-conditioned model its input function (``fit_mrml.input_function_from_nodes``, with
+    ``population_aif`` and ``hct``); the comparison fit then uses the same one."""
+    from ..nn.model_store import model_mode, read_card
+
+    conditioned = model_mode(read_card(model_name)) == "aif_conditioned"  # unknown model: clear error now
+    if conditioned != (aif_source is not None):
+        raise DCEPKInputError(f"network '{model_name}' is AIF-conditioned: choose an input function source (ROI, CSV, "
+                              "population or automatic detection)" if conditioned else
+                              f"network '{model_name}' reads no input function: choose no source, or an "
+                              "AIF-conditioned network")
     resolve_device(device)   # an unknown device, or a GPU asked for where there is none: said now
     threshold = normalize_threshold(uncertainty_threshold)
     series = fit_mrml.series_from_sequence(sequence_node)
@@ -93,6 +105,8 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
     elif not 0.05 <= float(t10) <= 10.0:
         raise DCEPKInputError(f"T10 = {t10} s is outside 0.05-10 s: give T10 in seconds")
     _, regions = fit_mrml.statistics_regions(statistics_segmentation, mask, reference)
+    spec = None if aif_source is None else fit_mrml.input_function_from_nodes(
+        reference, aif_source, aif_roi, aif_roi_label, aif_csv, population_aif, auto_aif, hct, blood_t10_s)
     fit_settings = None
     if compare_with_fit:
         if fit_model not in FIT_MODELS:
@@ -101,15 +115,16 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
 
         if population_aif not in POPULATION_AIFS:
             raise DCEPKInputError(f"population AIF '{population_aif}' unknown: use one of {', '.join(POPULATION_AIFS)}")
-        fit_settings = dict(model=fit_model, method="nlls", t10_s=t10,
-                            fa_deg=fa_deg, tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, population_aif=population_aif,
-                            hct=hct, device=device)
+        source = dict(population_aif=population_aif, hct=hct) if spec is None else \
+            {name: getattr(spec, name) for name in SPEC_FIELDS}
+        fit_settings = dict(model=fit_model, method="nlls", t10_s=t10, fa_deg=fa_deg, tr_s=tr_s,
+                            r1_per_mM_s=r1_per_mM_s, device=device, **source)
     return SceneInferenceRequest(
         series=series, model_name=model_name, mask=inference_mask, device=device, fa_deg=fa_deg, tr_s=tr_s,
         t10_s=t10, r1_per_mM_s=r1_per_mM_s, uncertainty_threshold=threshold, compare_with_fit=compare_with_fit,
         fit_settings=fit_settings,
         statistics_regions=regions, source_id=series.metadata.get("sequence_id", ""),
-        output_prefix=output_prefix or "DCEPK-NN", update_existing=update_existing)
+        output_prefix=output_prefix or "DCEPK-NN", update_existing=update_existing, input_function=spec)
 
 
 def compute_scene_inference(request: SceneInferenceRequest, progress=None, cancel=None) -> SceneInferenceResult:
@@ -147,7 +162,9 @@ def inference_result(request: SceneInferenceRequest, inference, fit=None) -> Sce
     """The published result of a run (in a thread or a child process): ``derive_outputs`` and the messages."""
     messages = list(inference.messages)
     if fit is not None:
-        messages.append(f"comparison fit used the {request.fit_settings['population_aif']} population AIF")
+        used = request.input_function.describe() if request.input_function is not None else \
+            f"the {request.fit_settings['population_aif']} population AIF"
+        messages.append(f"comparison fit used {used}")
     result = derive_outputs(request, inference, fit)
     result.messages = messages + result.messages
     return result
@@ -275,6 +292,8 @@ def publish_scene_inference(scene, request: SceneInferenceRequest, result: Scene
                 table_name = existing_table.GetName()
             nodes["statistics"] = fit_mrml.table_from_rows(scene, result.statistics, table_name, existing_table,
                                                              STATISTICS_COLUMNS)
+        if existing_nodes == {}:   # a new run (not a re-threshold): the voxels automatic detection chose
+            nodes.update(_publish_detected(scene, request, result))
     except BaseException:
         # Should writing fail half-way, take out what this call added (nodes it updated keep the new values).
         for node in [scene.GetNthNode(n) for n in range(scene.GetNumberOfNodes())]:
@@ -285,6 +304,21 @@ def publish_scene_inference(scene, request: SceneInferenceRequest, result: Scene
         if not was_batch:
             scene.EndState(scene.BatchProcessState)
     return nodes
+
+
+def _publish_detected(scene, request: SceneInferenceRequest, result: SceneInferenceResult) -> Dict[str, object]:
+    """{'input_function': segmentation, 'input_function_chart': chart} when automatic detection chose the
+    input function (an earlier detection's nodes replaced with ``update_existing``), else {}."""
+    found = getattr(result.inference, "input_function", None)
+    spec = request.input_function
+    if found is None or found.label_map is None or spec is None or spec.auto_aif is None:
+        return {}
+    name = fit_mrml.DETECTED_NAME
+    previous = node_by_name(scene, "vtkMRMLSegmentationNode", name) if request.update_existing else None
+    chart = node_by_name(scene, "vtkMRMLPlotChartNode", name) if request.update_existing else None
+    segmentation, chart = fit_mrml.publish_detected_input_function(scene, found, request.series.times_s,
+                                                                   result.inference.geometry, previous, chart)
+    return {"input_function": segmentation, "input_function_chart": chart}
 
 
 def run_scene_inference(scene, sequence_node, progress=None, cancel=None, **options):
