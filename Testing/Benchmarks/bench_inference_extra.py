@@ -5,7 +5,7 @@ import time
 import numpy as np
 import torch
 
-import inference_sets  # noqa: F401  (puts the Lib folders on the path)
+import inference_sets  # noqa: F401  (puts the Lib folders and Testing/Python on the path)
 from DCEPKFittingLib.core.device import resolve_device
 from DCEPKFittingLib.core.reference_data import missing_reason, reference_path
 from DCEPKFittingLib.io import read_dce
@@ -15,15 +15,8 @@ from DCEPKFittingLib.sims.phantom import Protocol, make_phantom
 from DCEPKInferenceLib.analysis import metrics
 from DCEPKInferenceLib.nn.model_store import list_models
 from DCEPKInferenceLib.pipeline.inference import DEFAULT_MODEL, run_inference
+from noisy_tofts_reference import patch_medians, qiba_layout, true_patch_values
 
-KTRANS_BANDS = np.array([0.01, 0.02, 0.05, 0.1, 0.2, 0.35])
-VE_BANDS = np.array([0.01, 0.05, 0.1, 0.2, 0.5])
-
-
-def _patch_medians(image):
-    """Median of each 10x10 QIBA patch's inner 6x6 voxels (Ktrans rows x ve columns)."""
-    return np.array([np.nanmedian(image[12 + 10 * a:18 + 10 * a, 10 * b + 2:10 * b + 8])
-                     for a in range(6) for b in range(5)])
 
 
 def qiba_section(models, models_dir, log):
@@ -32,14 +25,9 @@ def qiba_section(models, models_dir, log):
     if reason:
         return lines + [f"skipped: {reason}"]
     series = read_dce(reference_path("qiba_v6"))
-    t10 = np.full(series.spatial_shape, 1.0)
-    t10[:, 70:80] = 1.44
-    roi = np.zeros(series.spatial_shape, bool)
-    roi[:, 72:78, 2:48] = True
-    tissue = np.zeros(series.spatial_shape, bool)
-    tissue[:, 10:70] = True
+    t10, roi, tissue = qiba_layout(series.spatial_shape)
     spec = InputFunctionSpec(aif_mask=roi, hct=0.45)
-    truth = {"Ktrans": np.repeat(KTRANS_BANDS, 5), "ve": np.tile(VE_BANDS, 6)}
+    truth = dict(zip(("Ktrans", "ve"), true_patch_values()))
     truth["kep"] = truth["Ktrans"] / truth["ve"]
     maps = {"NLLS (extended Tofts, DRO AIF)": run_fit(series, FitSettings(model="etofts", t10_s=t10, r1_per_mM_s=4.5,
                                                                          mask=tissue, **vars(spec))).maps}
@@ -51,7 +39,7 @@ def qiba_section(models, models_dir, log):
             series, DEFAULT_MODEL, mask=tissue, device="cpu", t10_s=t10, r1_per_mM_s=4.5, models_dir=models_dir).maps
     lines += ["| method | Ktrans CCC | ve CCC | kep CCC | Ktrans median abs error (1/min) |", "|---|---:|---:|---:|---:|"]
     for name, m in maps.items():
-        est = {p: _patch_medians(m[p][0]) for p in ("Ktrans", "ve", "kep")}
+        est = {p: patch_medians(m[p]) for p in ("Ktrans", "ve", "kep")}
         ccc = {p: metrics.ccc(np.nan_to_num(est[p]), truth[p]) for p in est}
         lines.append(f"| {name} | {ccc['Ktrans']:.4f} | {ccc['ve']:.4f} | {ccc['kep']:.4f} | "
                      f"{np.median(np.abs(est['Ktrans'] - truth['Ktrans'])):.4f} |")

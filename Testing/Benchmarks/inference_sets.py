@@ -23,9 +23,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[2]
-for lib in ("DCEPKFitting", "DCEPKInference"):
-    if str(ROOT / lib) not in sys.path:
-        sys.path.insert(0, str(ROOT / lib))
+for folder in ("DCEPKFitting", "DCEPKInference", "Testing/Python"):   # the Libs, and the tests' reference builders
+    if str(ROOT / folder) not in sys.path:
+        sys.path.insert(0, str(ROOT / folder))
 
 from DCEPKFittingLib.kinetics.model import TracerKineticModel  # noqa: E402
 from DCEPKInferenceLib.analysis import metrics  # noqa: E402

@@ -134,6 +134,18 @@ def patch_medians(parameter_map):
     return np.array(rows)
 
 
+def qiba_layout(spatial_shape):
+    """(T10 map in s, input-function ROI, tissue mask) on a series of this layout (QIBA v6 or ``build``):
+    T10 1.0 s in tissue, 1.44 s in the blood rows; the ROI inside the blood rows, away from their edges."""
+    t10 = np.full(spatial_shape, 1.0)
+    t10[:, 70:80] = 1.44
+    roi = np.zeros(spatial_shape, bool)
+    roi[:, 72:78, 2:48] = True
+    tissue = np.zeros(spatial_shape, bool)
+    tissue[:, 10:70] = True
+    return t10, roi, tissue
+
+
 def true_patch_values():
     return np.repeat(KTRANS_BANDS, len(VE_BANDS)), np.tile(VE_BANDS, len(KTRANS_BANDS))
 

@@ -22,7 +22,7 @@ from DCEPKInferenceLib.training import encoded_patches, encoded_sets
 from DCEPKInferenceLib.training.tasks import predict_encoded, predict_patches
 
 from conftest import require_reference
-from noisy_tofts_reference import KTRANS_BANDS, VE_BANDS, concordance_correlation, patch_medians
+from noisy_tofts_reference import KTRANS_BANDS, VE_BANDS, concordance_correlation, patch_medians, qiba_layout
 
 torch.set_num_threads(1)
 CONDITIONED = sorted(c["name"] for c in list_models() if model_mode(c) == "aif_conditioned")
@@ -75,12 +75,7 @@ def test_osipi_reference_curves_are_within_the_osipi_tolerance(name, filename, p
 def test_qiba_v6_with_its_input_function_is_concordant(name):
     from DCEPKFittingLib.io import read_dce
     series = read_dce(require_reference("qiba_v6"))
-    t10 = np.full(series.spatial_shape, 1.0)
-    t10[:, 70:80] = 1.44
-    roi = np.zeros(series.spatial_shape, bool)
-    roi[:, 72:78, 2:48] = True
-    tissue = np.zeros(series.spatial_shape, bool)
-    tissue[:, 10:70] = True
+    t10, roi, tissue = qiba_layout(series.spatial_shape)
     result = run_inference(series, name, mask=tissue, device="cpu", t10_s=t10, r1_per_mM_s=4.5,
                            input_function=InputFunctionSpec(aif_mask=roi, hct=0.45))
     truth = np.repeat(KTRANS_BANDS, len(VE_BANDS))

@@ -27,7 +27,8 @@ import torch.nn.functional as F
 from ..data.canonical_grid import GRID_POINTS
 from .aif_encoding import FEATURE_COUNT
 from .conditioned import MIN_SCALE_N, MODE, anchored_outputs, upper_like
-from .networks import SD_CALIBRATION, _CBAM, _LatentNet, _masked_mean, _spread, _TCN, calibrated_sd, nll
+from .networks import (SD_CALIBRATION, _CBAM, _LatentNet, _masked_mean, _spread, _TCN, calibrated_sd,
+                       local_and_global_pathways, nll)
 
 STREAM_CHANNELS = 3     # tissue, input function, residual of the anchor's curve; asinh(x / 0.5 mM)
 
@@ -87,11 +88,7 @@ class ConditionedUlasCNN(_ConditionedSlices):
         self.config = {**self.default_config, **config}
         c = self.config["channels"]
         self.stem = _EncodingStem(c)
-        self.local_path = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(c, c, 3, padding=1), nn.GELU())])
-        self.global_path = nn.Sequential(*[m for d in (2, 4, 8)
-                                           for m in (nn.Conv2d(c, c, 3, padding=d, dilation=d), nn.GELU())])
-        f = self.config["fuse"]
-        self.fuse = nn.Sequential(nn.Conv2d(2 * c, f, 1), nn.GELU(), nn.Conv2d(f, 6, 1))
+        self.local_path, self.global_path, self.fuse = local_and_global_pathways(c, self.config["fuse"])
 
     def forward(self, batch, truth_n=None):
         h = self.stem(batch["encoding"])

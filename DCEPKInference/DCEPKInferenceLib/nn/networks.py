@@ -322,6 +322,15 @@ def _masked_mean(x, tissue):
     return total / tissue.sum((2, 3)).clamp_min(1.0)
 
 
+def local_and_global_pathways(channels: int, fuse: int):
+    """ulas_cnn's local pathway (three 3x3 convolutions), global pathway (dilations 2, 4, 8) and the 1x1
+    fusion of both into 6 channels (3 means, 3 scales)."""
+    c = channels
+    local = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(c, c, 3, padding=1), nn.GELU())])
+    dilated = nn.Sequential(*[m for d in (2, 4, 8) for m in (nn.Conv2d(c, c, 3, padding=d, dilation=d), nn.GELU())])
+    return local, dilated, nn.Sequential(nn.Conv2d(2 * c, fuse, 1), nn.GELU(), nn.Conv2d(fuse, 6, 1))
+
+
 class UlasCNN(nn.Module):
     kind = "slice"
     default_config = {"channels": 32, "fuse": 64, "tk_weight": 1.0, "param_weight": 1.0, "nll_weight": 0.5,
@@ -332,11 +341,7 @@ class UlasCNN(nn.Module):
         self.config = {**self.default_config, **config}
         c = self.config["channels"]
         self.stem = _Stem(c)
-        self.local_path = nn.Sequential(*[m for _ in range(3) for m in (nn.Conv2d(c, c, 3, padding=1), nn.GELU())])
-        self.global_path = nn.Sequential(*[m for d in (2, 4, 8)
-                                           for m in (nn.Conv2d(c, c, 3, padding=d, dilation=d), nn.GELU())])
-        f = self.config["fuse"]
-        self.fuse = nn.Sequential(nn.Conv2d(2 * c, f, 1), nn.GELU(), nn.Conv2d(f, 6, 1))
+        self.local_path, self.global_path, self.fuse = local_and_global_pathways(c, self.config["fuse"])
         if self.config["aleatoric_head"]:   # replaces the fused scale channels (left unused: fine-tuned from them)
             self.scale_head = _ScaleHead(2 * c)
 
