@@ -28,7 +28,7 @@ from ..data.canonical_grid import GRID_POINTS
 from .aif_encoding import FEATURE_COUNT
 from .conditioned import MIN_SCALE_N, MODE, anchored_outputs, upper_like
 from .networks import (SD_CALIBRATION, _CBAM, _LatentNet, _masked_mean, _spread, _TCN, calibrated_sd,
-                       local_and_global_pathways, nll)
+                       local_and_global_pathways, nll, two_level_unet)
 
 STREAM_CHANNELS = 3     # tissue, input function, residual of the anchor's curve; asinh(x / 0.5 mM)
 
@@ -166,10 +166,7 @@ class ConditionedTCNProbUNet(_ConditionedSlices):
         return torch.cat([temporal, self.stem(batch["encoding"])], dim=1)
 
     def _unet(self, feat):
-        e1 = self.enc1(feat)
-        e2 = self.enc2(F.avg_pool2d(e1, 2, ceil_mode=True))
-        up = F.interpolate(e2, size=e1.shape[2:], mode="nearest")
-        return self.dec1(torch.cat([e1, up], dim=1))
+        return two_level_unet(self.enc1, self.enc2, self.dec1, feat)
 
     def _raw(self, d1, z):
         return self.head(torch.cat([d1, z[:, :, None, None].expand(-1, -1, *d1.shape[2:])], dim=1))

@@ -458,6 +458,14 @@ class _LatentNet(nn.Module):
         return mu, log_sigma.clamp(-6, 3)
 
 
+def two_level_unet(enc1, enc2, dec1, feat):
+    """tcn_punet's U-Net: encode, pool by 2, encode, upsample (nearest) and decode the skip-joined pair."""
+    e1 = enc1(feat)
+    e2 = enc2(F.avg_pool2d(e1, 2, ceil_mode=True))
+    up = F.interpolate(e2, size=e1.shape[2:], mode="nearest")
+    return dec1(torch.cat([e1, up], dim=1))
+
+
 class TCNProbUNet(nn.Module):
     kind = "slice"
     default_config = {"tcn_channels": 12, "tcn_levels": 3, "features": 16, "unet": 24, "latent": 6,
@@ -497,10 +505,7 @@ class TCNProbUNet(nn.Module):
         return feat.view(b, h, w, -1).permute(0, 3, 1, 2)
 
     def _unet(self, feat):
-        e1 = self.enc1(feat)
-        e2 = self.enc2(F.avg_pool2d(e1, 2, ceil_mode=True))
-        up = F.interpolate(e2, size=e1.shape[2:], mode="nearest")
-        return self.dec1(torch.cat([e1, up], dim=1))
+        return two_level_unet(self.enc1, self.enc2, self.dec1, feat)
 
     def _head(self, d1, z):
         """Bounded maps from the U-Net output and one latent draw per slice. The first 1x1 conv
