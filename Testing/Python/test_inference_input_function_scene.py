@@ -114,6 +114,26 @@ def test_the_child_process_gets_the_same_input_function(slicer_scene, phantom, l
                                                 aifRoiLabel=1).input_function.aif_mask, phantom.aif_mask)
 
 
+def test_a_child_process_run_with_detection_gives_what_the_thread_gives(slicer_scene, phantom, loaded, module,
+                                                                       tmp_path, untrained_conditioned_models):
+    logic = module.DCEPKInferenceLogic(scene=slicer_scene.scene)
+    logic.childTemporaryFolder = str(tmp_path)
+    options = dict(modelName=DEFAULT_CONDITIONED_MODEL, maskNode=loaded["tissues"], device="cpu", t10_s=T10_S,
+                   aifSource="auto")
+    logic.computeIn = "thread"
+    logic.run(loaded["sequence"], **options)
+    thread = logic.lastResult.inference
+    logic.computeIn = "child"   # dcepk infer --mode aif --auto-aif either in a child process
+    nodes = logic.run(loaded["sequence"], **options)
+    child = logic.lastResult.inference
+    np.testing.assert_allclose(child.aif_plasma_mM, thread.aif_plasma_mM, rtol=1e-6)
+    np.testing.assert_array_equal(child.input_function.label_map, thread.input_function.label_map)
+    np.testing.assert_allclose(slicer.util.arrayFromVolume(nodes["Ktrans"]), thread.maps["Ktrans"], rtol=1e-5,
+                               atol=1e-7)
+    _close_to_truth(child.aif_plasma_mM, phantom)
+    assert nodes["input_function"].GetName() == fit_bridge.DETECTED_NAME
+
+
 @pytest.mark.skipif(not SHIPPED, reason=f"{DEFAULT_CONDITIONED_MODEL} is not in Resources/Models yet")
 @pytest.mark.parametrize("source", ["roi", "auto"])
 def test_shipped_aif_conditioned_network_from_the_scene_meets_the_phantom_truth(slicer_scene, phantom, loaded,

@@ -35,17 +35,16 @@ from .input_function_nodes import (AIF_SOURCES, chosen_segment, DETECTED_NAME, d
 from .tables import Regions, save_table_csv, statistics_rows, statistics_table, table_from_rows, table_rows
 from .volumes import reference_volume, volume_array, volume_geometry
 
-__all__ = ["acquisition_from_sequence", "AIF_BOX_VOXELS", "AIF_SOURCES", "chosen_segment", "DETECTED_NAME", "detect_input_function",
-           "detect_scene_input_function",
-           "input_function_from_nodes", "publish_detected_input_function", "roi_mask", "child_python", "colour_node", "compute_scene_fit",
-           "default_colour_for_map", "find_output_node", "FLIP_ANGLE", "FRAME_LABEL_UNITS", "FRAME_LABELS",
-           "hide_nan_voxels", "KIND_ATTRIBUTE", "load_sequence", "mask_from_labelmap", "mask_from_node",
-           "mask_from_roi", "mask_from_segment", "mean_curve_in_mask", "OUTPUT_MAP_ATTRIBUTE", "output_name",
-           "phantom_to_scene", "place_roi_on_series", "plot_curves", "prepare_scene_fit", "publish_scene_fit",
-           "reference_volume", "Regions", "REPETITION_TIME", "require_acquisition", "robust_window",
-           "roi_around_mask", "run_scene_fit", "save_table_csv", "scene_fit_place", "SceneFitRequest", "segment_ids",
-           "segment_masks", "segmentation_from_labels", "sequence_from_series", "series_from_sequence", "series_grid",
-           "series_header", "start_scene_fit", "statistics_regions", "statistics_rows", "statistics_table",
-           "status_colour_table", "status_entries", "STATUS_TABLE", "t10_map_seconds", "table_from_rows",
-           "table_rows", "UNITS_ATTRIBUTE", "update_volume_from_array", "vfa_from_sequence", "volume_array",
-           "volume_geometry", "voxel_index_at_ras"]
+__all__ = ["acquisition_from_sequence", "AIF_BOX_VOXELS", "AIF_SOURCES", "child_python", "chosen_segment",
+           "colour_node", "compute_scene_fit", "default_colour_for_map", "detect_input_function",
+           "detect_scene_input_function", "DETECTED_NAME", "find_output_node", "FLIP_ANGLE", "FRAME_LABEL_UNITS",
+           "FRAME_LABELS", "hide_nan_voxels", "input_function_from_nodes", "KIND_ATTRIBUTE", "load_sequence",
+           "mask_from_labelmap", "mask_from_node", "mask_from_roi", "mask_from_segment", "mean_curve_in_mask",
+           "OUTPUT_MAP_ATTRIBUTE", "output_name", "phantom_to_scene", "place_roi_on_series", "plot_curves",
+           "prepare_scene_fit", "publish_detected_input_function", "publish_scene_fit", "reference_volume", "Regions",
+           "REPETITION_TIME", "require_acquisition", "robust_window", "roi_around_mask", "roi_mask", "run_scene_fit",
+           "save_table_csv", "scene_fit_place", "SceneFitRequest", "segment_ids", "segment_masks",
+           "segmentation_from_labels", "sequence_from_series", "series_from_sequence", "series_grid", "series_header",
+           "start_scene_fit", "statistics_regions", "statistics_rows", "statistics_table", "status_colour_table",
+           "status_entries", "STATUS_TABLE", "t10_map_seconds", "table_from_rows", "table_rows", "UNITS_ATTRIBUTE",
+           "update_volume_from_array", "vfa_from_sequence", "volume_array", "volume_geometry", "voxel_index_at_ras"]
