@@ -544,6 +544,20 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
         self.lastOutput, self.lastNodes = output, nodes
         return nodes
 
+    @staticmethod
+    def runBatch(manifestPath, outDir, progress=None, cancel=None, **options):
+        """Run ``dcepk batch`` on a cohort manifest (README: Cohorts) in a child process; returns the
+        started job at once, so Slicer stays responsive. ``job.poll()`` (e.g. from a ``qt.QTimer``) calls
+        ``progress(fraction, message)``; ``job.cancel()`` or setting ``cancel`` stops the batch (finished
+        subjects are kept; the same call resumes it); ``job.result`` holds the exit code and counts.
+        ``options`` are the command's (``workers=2``, ``network="hetero_encoder"``, ``force=True``...)."""
+        import shutil
+
+        from DCEPKFittingLib.workflows.batch_process import BatchJob
+
+        python = shutil.which("PythonSlicer")  # Slicer's Python runs the child; None: this Python
+        return BatchJob(manifestPath, outDir, progress=progress, cancel=cancel, python=python, **options).start()
+
     def panelState(self, p, running=False):
         """What the panel shows and allows for parameter node ``p`` (``panel_state.PanelView``)."""
         from DCEPKFittingLib import mrml as mrml_bridge
