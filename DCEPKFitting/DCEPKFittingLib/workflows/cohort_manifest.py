@@ -55,6 +55,12 @@ COLUMNS = {
     "network": "shipped network for maps with uncertainty (dcepk infer --list) | none (default: --network)",
 }
 REQUIRED = ("subject", "dce")
+# names other tools use for a column (lower case, without '_' and '-'), for the "did you mean" of a typo
+SYNONYMS = {"flipangle": "fa", "fadeg": "fa", "repetitiontime": "tr", "trs": "tr", "t1": "t10", "t1map": "t10",
+            "t10map": "t10", "aifroi": "aif", "aifmask": "aif", "populationaif": "aif", "aifcsv": "aif",
+            "segmentation": "labels", "seg": "labels", "dseg": "labels", "labelmap": "labels", "series": "dce",
+            "dcepath": "dce", "image": "dce", "subjectid": "subject", "participantid": "subject", "sessionid": "session",
+            "framerate": "dt", "frametime": "dt", "hematocrit": "hct", "haematocrit": "hct", "relaxivity": "r1"}
 ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 TRUE, FALSE = {"yes", "y", "true", "1"}, {"no", "n", "false", "0", ""}
 DELIMITERS = {".csv": ",", ".tsv": "\t", ".txt": "\t"}
@@ -168,8 +174,9 @@ def _header_problems(columns: List[str]) -> List[str]:
     problems = []
     for name in columns:
         if name not in COLUMNS:
-            close = difflib.get_close_matches(name, COLUMNS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            close = SYNONYMS.get(re.sub(r"[_\-\s]", "", name)) or next(iter(difflib.get_close_matches(name, COLUMNS, n=1)),
+                                                                          None)
+            hint = f" (did you mean '{close}'?)" if close else ""
             problems.append(f"unknown column '{name}'{hint}; known columns: {', '.join(COLUMNS)}")
     duplicated = sorted({name for name in columns if columns.count(name) > 1})
     problems += [f"column '{name}' appears more than once" for name in duplicated]
