@@ -31,7 +31,8 @@ from .cohort_manifest import Manifest
 EXIT_ALL_FINISHED, EXIT_SOME_FAILED = 0, 1
 BATCH_RECORD = batch_report.BATCH_RECORD
 LOG_DIR = "logs"
-COHORT_EXTRA = 'pip install "dcepk[cohort]" (from a source tree: pip install -e ".[cohort]")'
+COHORT_EXTRA = ('pip install "dcepk[cohort]" (from a source tree: pip install -e ".[cohort]"; in Slicer: '
+                'slicer.util.pip_install("dask[distributed] pyarrow"))')
 
 
 @dataclass

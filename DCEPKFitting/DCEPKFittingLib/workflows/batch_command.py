@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ..core.errors import JobCancelledError
 from ..core.jobs import ConsoleProgress
 from . import cli
 from .batch import EXIT_ALL_FINISHED, ClusterOptions, import_dask, run_batch
@@ -118,9 +119,14 @@ def batch_main(argv: Optional[List[str]] = None) -> int:
                              threads_per_worker=args.threads_per_worker, processes=not args.no_processes,
                              memory_limit=args.memory_limit,
                              dashboard_address=None if args.dashboard_address == "none" else args.dashboard_address)
-    summary = run_batch(manifest, args.out, device=args.device, cluster=cluster, force=args.force,
-                        verify_checksums=args.verify_checksums, source=source, progress=progress,
-                        on_subject=on_subject)
+    try:
+        summary = run_batch(manifest, args.out, device=args.device, cluster=cluster, force=args.force,
+                            verify_checksums=args.verify_checksums, source=source, progress=progress,
+                            on_subject=on_subject)
+    except (KeyboardInterrupt, JobCancelledError):
+        print("\ndcepk batch: interrupted; the subjects that finished are kept: run the same command again to "
+              "resume", file=sys.stderr)
+        return cli.EXIT_INTERRUPTED
     finished = summary.count("done") + summary.count("up to date")
     print(f"dcepk batch: {finished} of {len(summary.outcomes)} subjects finished ({summary.count('up to date')} were "
           f"up to date), {summary.count('failed') + summary.count('invalid')} failed; table, report and logs in "

@@ -21,13 +21,13 @@ import numpy as np
 
 from ..core.errors import DCEPKInputError, DCEPKOutputError
 from ..core.output_files import OutputSet
+from ..core.output_files import _sha256_of as _sha256  # the one file checksum of the core
 from .cohort_manifest import SubjectSpec
 
 RUN_MANIFEST = "run.json"
 STATISTICS_FILE = "statistics.csv"
 SUMMARY_FILE = "summary.json"
 CODE_MAPS = ("status", "selected_model")  # integer codes, not quantities: no statistics of them
-_CHUNK = 1 << 22
 
 
 def software_version() -> str:
@@ -40,14 +40,6 @@ def fingerprint(spec: SubjectSpec) -> str:
     text = json.dumps({"inputs": spec.inputs, "options": spec.options, "version": software_version()},
                       sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(_CHUNK), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _files_of(path: Path) -> List[Path]:
