@@ -22,6 +22,7 @@ import_or_skip("distributed", "dcepk batch runs on Dask (pip install -e '.[test]
 from DCEPKFittingLib.io import read_volume  # noqa: E402
 from DCEPKFittingLib.sims.phantom import TUMOUR_RIM  # noqa: E402
 from DCEPKFittingLib.workflows.batch import ClusterOptions, run_batch  # noqa: E402
+from DCEPKFittingLib.workflows.batch_command import SUBJECT_KEY  # noqa: E402
 from DCEPKFittingLib.workflows.cohort_manifest import read_manifest  # noqa: E402
 
 GOOD = ("s01", "s02", "s03", "s04")
@@ -47,12 +48,10 @@ def _cohort(tmp_path):
     return write_manifest(tmp_path / "cohort.csv", rows)
 
 
-def _events(stdout: str):
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
-
-
-def _states(events):
-    return {e["key"]: e["state"] for e in events if e["event"] == "subject"}
+def _subject_events(stdout: str):
+    """The batch's JSON line per subject (``--progress-format json``), by subject key."""
+    events = [json.loads(line) for line in stdout.splitlines() if line.startswith('{"%s"' % SUBJECT_KEY)]
+    return {event[SUBJECT_KEY]: event for event in events}
 
 
 def _kill_after_first_subject(tmp_path, args):
@@ -60,8 +59,7 @@ def _kill_after_first_subject(tmp_path, args):
     process = start_batch(*args, cwd=tmp_path)
     try:
         for line in process.stdout:
-            event = json.loads(line)
-            if event["event"] == "subject" and event["state"] == "done":
+            if any(event["state"] == "done" for event in _subject_events(line).values()):
                 os.killpg(process.pid, signal.SIGKILL)
                 break
     finally:
@@ -72,7 +70,7 @@ def _kill_after_first_subject(tmp_path, args):
 def test_cohort_on_dask_survives_a_kill_resumes_only_the_unfinished_and_matches_the_truth(tmp_path):
     manifest = _cohort(tmp_path)
     out = tmp_path / "out"
-    args = [manifest.name, "--out", "out", "--progress", "json", *QUICK_CLUSTER]
+    args = [manifest.name, "--out", "out", "--progress-format", "json", *QUICK_CLUSTER]
 
     # The manifest is checked before any computation: the missing T1 series stops everything (status 2).
     refused = subprocess.run(batch_command(*args), cwd=tmp_path, capture_output=True, text=True, timeout=120)
@@ -90,7 +88,7 @@ def test_cohort_on_dask_survives_a_kill_resumes_only_the_unfinished_and_matches_
     # The rerun recomputes only the unfinished subjects; the finished ones are neither lost nor rewritten.
     rerun = subprocess.run(batch_command(*args), cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 1, rerun.stderr   # 1: some subjects failed
-    states = _states(_events(rerun.stdout))
+    states = {key: event["state"] for key, event in _subject_events(rerun.stdout).items()}
     assert states == {KEYS[name]: ("up to date" if KEYS[name] in finished else "done") for name in GOOD} | {
         "sub-s05": "failed", "sub-s06": "invalid"}
     for key in finished:

@@ -37,7 +37,10 @@ def test_logic_runs_a_batch_in_the_background_with_progress(slicer_app, tmp_path
     _wait(job)
     assert job.state == JobState.FINISHED, job.error
     assert job.result["exit_code"] == 0 and job.result["counts"]["done"] == 2
-    assert reports[-1][0] == 1.0 and "2 done" in reports[-1][1]
+    assert reports[-1][0] == 1.0 and any(f == 1.0 and "2 done (0 up to date), 0 failed" in m for f, m in reports)
+    # the same call again, blocking this time: the batch resumes, every subject up to date
+    again = logic.runBatch(str(manifest), str(tmp_path / "out"), wait=True, **QUICK)
+    assert again["exit_code"] == 0 and again["counts"]["up to date"] == 2
     rim = [r for r in read_rows(tmp_path / "out" / "cohort_statistics.csv")
            if (r["subject"], r["map"], r["label"]) == ("a", "Ktrans", "4")]
     assert float(rim[0]["median"]) == pytest.approx(truth_median(tmp_path / "a", "Ktrans"), rel=0.12)

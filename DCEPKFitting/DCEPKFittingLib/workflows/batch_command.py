@@ -1,9 +1,9 @@
 """``dcepk batch`` and ``dcepk manifest``: the cohort commands' options, progress and exit status.
 
-Progress goes to stderr as a bar (subjects done / failed / remaining, ETA); ``--progress json`` also
-writes one JSON object per line to stdout (the Slicer module's Logic reads it from a child process):
-``{"event": "subject", "key", "state", "error", "counts", "fraction", "message"}`` per subject and
-``{"event": "progress", "fraction", "message"}`` otherwise.
+Progress goes to stderr as a bar (subjects done / failed / remaining, ETA), or with ``--progress-format
+json`` as the protocol lines of ``core.child_process`` (the Slicer module's Logic reads them from a child
+process), plus one JSON line per subject on stdout: ``{"dcepk_subject": key, "state", "error", "seconds",
+"counts"}`` (state: done, up to date, failed, invalid).
 """
 
 import argparse
@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..core.errors import JobCancelledError
-from ..core.jobs import ConsoleProgress
+from ..core.child_process import progress_reporter
 from . import cli
 from .batch import EXIT_ALL_FINISHED, ClusterOptions, import_dask, run_batch
 from .cohort_manifest import BatchDefaults
 
+SUBJECT_KEY = "dcepk_subject"   # the JSON line of a subject's outcome (--progress-format json)
 EXIT_CODES = ("exit status: 0 every subject finished, 1 some subjects failed (see report.md and logs/), "
               "2 bad invocation or manifest (nothing run), 130 interrupted (rerun the same command to resume)")
 
@@ -66,8 +67,7 @@ def build_batch_parser() -> argparse.ArgumentParser:
     parser.add_argument("--force", action="store_true", help="recompute every subject, finished or not")
     parser.add_argument("--verify-checksums", action="store_true",
                         help="hash every input and output again (default: only files whose size or time changed)")
-    parser.add_argument("--progress", choices=["bar", "json"], default="bar",
-                        help="json: also one JSON line per event on stdout")
+    cli.add_progress_option(parser)
     return parser
 
 
@@ -87,33 +87,20 @@ def _manifest(args):
     return read_manifest(args.manifest, defaults, _network_names(), args.skip_invalid), str(args.manifest)
 
 
-class _JsonEvents:
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-
-    def emit(self, event: dict) -> None:
-        if self.enabled:
-            print(json.dumps(event, default=str), flush=True)
-
-
 def batch_main(argv: Optional[List[str]] = None) -> int:
     with cli.command_line_terms():
         args = build_batch_parser().parse_args(argv)
     import_dask()
     import pyarrow  # noqa: F401  (the Parquet table; part of the cohort extra)
     manifest, source = _manifest(args)
-    bar = ConsoleProgress("batch")
-    events = _JsonEvents(args.progress == "json")
-
-    def progress(fraction, message=""):
-        bar(fraction, message)
-        events.emit({"event": "progress", "fraction": fraction, "message": message})
+    progress = progress_reporter(args.progress_format, "batch")
 
     def on_subject(outcome, counts):
         if outcome["state"] in ("failed", "invalid"):
             print(f"\ndcepk: {outcome['key']} failed: {outcome['error']}", file=sys.stderr)
-        events.emit({"event": "subject", **{k: outcome.get(k) for k in ("key", "state", "error", "seconds")},
-                     "counts": counts})
+        if args.progress_format == "json":
+            print(json.dumps({SUBJECT_KEY: outcome["key"], "state": outcome["state"], "error": outcome.get("error"),
+                              "seconds": outcome.get("seconds"), "counts": counts}), flush=True)
 
     cluster = ClusterOptions(scheduler=args.scheduler, workers=args.workers,
                              threads_per_worker=args.threads_per_worker, processes=not args.no_processes,
@@ -131,7 +118,6 @@ def batch_main(argv: Optional[List[str]] = None) -> int:
     print(f"dcepk batch: {finished} of {len(summary.outcomes)} subjects finished ({summary.count('up to date')} were "
           f"up to date), {summary.count('failed') + summary.count('invalid')} failed; table, report and logs in "
           f"{args.out}", file=sys.stderr)
-    events.emit({"event": "finished", "exit_code": summary.exit_code, "out": str(args.out)})
     return summary.exit_code
 
 
