@@ -449,7 +449,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     nodes, main thread) -> ``startCompute`` (``pipeline.run_fit`` in the background, returns the job)
     -> ``publish`` (writes nodes, main thread). Nothing is written before the compute succeeded, so a
     cancel, an error or a crashed child process leaves the scene as it was. ``lastOutput`` keeps the last
-    ``FitOutput`` (concentration curves, fitted model curves) for the voxel plot.
+    ``PKFit`` (concentration curves, fitted model curves) for the voxel plot.
 
     Where the compute runs, ``computeIn``: ``"child"``, a ``dcepk fit`` process started with
     ``pythonExecutable`` (None: Slicer's PythonSlicer) on the inputs written to a temporary folder (in
@@ -620,7 +620,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
         if index is None:
             return None
         k, j, i = index
-        curves = {"measured (mM)": output.concentration[k, j, i, :], "fitted (mM)": output.model_curve(k, j, i)}
+        curves = {"measured (mM)": output.concentration[k, j, i, :], "fitted (mM)": output.predict((k, j, i))}
         return _("DCEPK voxel (k={k}, j={j}, i={i})").format(k=k, j=j, i=i), output.times_s, curves
 
     def showMaps(self, nodes, sequenceNode=None, showFitStatus=False) -> None:
@@ -647,9 +647,9 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
     @staticmethod
     def describeDevice(device="auto"):
         """Where the fit will run, in words, for the status line; refuses 'cuda' without a GPU."""
-        from DCEPKFittingLib.core.device import describe_fit_device
+        from DCEPKFittingLib.core.device import describe_device
 
-        return describe_fit_device(device)
+        return describe_device(device)
 
     @staticmethod
     def phantomFolder():

@@ -10,7 +10,7 @@ call), ``mrml`` (Slicer scene <-> core: the only folder besides ``widgets`` that
 plugins: imported by nothing in the Lib).
 
 Importing this package imports nothing else; the names below are loaded on first use (torch only by
-the fitting engine, when a fit runs).
+the fitting engine, when a fit runs on a GPU).
 
 Units follow the OSIPI lexicon everywhere at the API: time in seconds (``*_s``), Ktrans and
 PS in 1/min, Fp in ml/100ml/min, ve and vp as fractions, T1 in s, R1 in 1/s, flip angles in
@@ -26,9 +26,9 @@ _PUBLIC = {
     "DCESeries": "io", "read_dce": "io", "read_volume": "io", "read_mask": "io", "write_volume": "io",
     "write_maps": "io", "write_dce_series": "io",
     "signal_to_concentration": "signal", "fit_vfa_t1": "signal", "spgr_signal": "signal",
-    "fit_curves": "kinetics.fitting", "fit_volume": "kinetics.fitting", "FitResult": "kinetics.fit_result",
-    "FitStatus": "kinetics.fit_result", "make_phantom": "sims.phantom", "label_statistics": "analysis.stats",
-    "FitSettings": "pipeline.fit", "FitOutput": "pipeline.fit", "run_fit": "pipeline.fit",
+    "TracerKineticModel": "kinetics.model", "PKFit": "kinetics.fit_result", "FitStatus": "kinetics.fit_result",
+    "make_phantom": "sims.phantom", "label_statistics": "analysis.stats",
+    "FitSettings": "pipeline.fit", "run_fit": "pipeline.fit",
 }
 
 __getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

@@ -15,7 +15,7 @@ from DCEPKFittingLib.core.lazy_exports import lazy_exports
 
 __version__ = "0.1.0"
 
-_PUBLIC = {"run_inference": "pipeline.inference", "InferenceOutput": "pipeline.inference",
-           "list_models": "nn.model_store", "load_model": "nn.model_store", "train": "training.trainer"}
+_PUBLIC = {"run_inference": "pipeline.inference", "list_models": "nn.model_store", "load_model": "nn.model_store",
+           "train": "training.trainer"}
 
 __getattr__, __dir__ = lazy_exports(__name__, _PUBLIC)

@@ -5,7 +5,7 @@
 1. Held-out synthetic test sets (seeds never used in training; one subject, i.e. one AIF, per
    32x32 patch), four protocols, two of them outside the training ranges (20 frames x 16 s;
    200 frames x 1.2 s): RMSE, bias, CCC of Ktrans, ve, vp per network beside extended-Tofts
-   NLLS (``fitting.fit_curves``) with (a) the TRUE AIF of each subject (the conventional best
+   NLLS (``TracerKineticModel``) with (a) the TRUE AIF of each subject (the conventional best
    case) and (b) the Parker population AIF placed at the detected bolus arrival (what a
    conventional fit can do with the information the networks get). Every method gets the same
    concentration (``canonical_grid.tissue_concentration``: FA, TR, T10, r1 known); the networks
@@ -43,7 +43,7 @@ from DCEPKFittingLib import signal as signal_models
 from DCEPKFittingLib.core.reference_data import missing_reason, reference_path  # noqa: E402
 from DCEPKFittingLib.io import read_dce  # noqa: E402
 from DCEPKFittingLib.kinetics import aif as aif_lib  # noqa: E402
-from DCEPKFittingLib.kinetics import fitting  # noqa: E402
+from DCEPKFittingLib.kinetics.model import TracerKineticModel  # noqa: E402
 from DCEPKFittingLib.sims.phantom import Protocol, make_phantom  # noqa: E402
 from DCEPKInferenceLib.analysis import metrics  # noqa: E402
 from DCEPKInferenceLib.data import canonical_grid as cg  # noqa: E402
@@ -96,8 +96,8 @@ def nlls_on_patch(patch, aif):
     else:
         cp = aif_lib.population_aif_at_arrival("parker", sub.times_s, n_base,
                                                hct=float(np.mean(simulator.SIMULATOR_RANGES["hct"])))
-    fit = fitting.fit_curves(conc, sub.times_s, cp, "etofts", method="nlls", device="cpu")
-    return np.nan_to_num(np.stack([fit.params[n] for n in PARAM_NAMES], axis=1))
+    fit = TracerKineticModel(sub.times_s, cp, "etofts", method="nlls", device="cpu").fit(conc)
+    return np.nan_to_num(np.stack([fit.maps[n] for n in PARAM_NAMES], axis=1))
 
 
 def _one_thread():
@@ -178,14 +178,14 @@ def synthetic(models, cards, n_patches, log, pool):
                 inside = per_subject_sum(metrics.inside90(est, sd, truth), n_patches)
                 return {"protocol": pname, "method": method, "subject_inside": inside,
                         "subject_voxels": truth.shape[0] // n_patches,
-                        **{par: metrics.summarize(est[:, i], truth[:, i], sd[:, i])
+                        **{par: metrics.agreement(est[:, i], truth[:, i], sd[:, i])
                            for i, par in enumerate(PARAM_NAMES)}}
 
             for method, (est, sd) in results.items():
                 row = {"protocol": pname, "snr": sname, "method": method, "n": truth.shape[0],
                        "subject_sse": per_subject_sum((est - truth) ** 2, n_patches)}
                 for i, par in enumerate(PARAM_NAMES):
-                    row[par] = metrics.summarize(est[:, i], truth[:, i])
+                    row[par] = metrics.agreement(est[:, i], truth[:, i])
                 rows.append(row)
                 if sd is not None and s_index == 0:
                     calib.append(calibration_row(method, est, sd))
@@ -210,8 +210,8 @@ def qiba(models, log, models_dir=None):
     patch_curves = np.stack([sig[10 + 10 * a + 2:10 + 10 * a + 8, 10 * b + 2:10 * b + 8].reshape(-1, sig.shape[-1]).mean(0)
                              for a in range(6) for b in range(5)])
     conc, _ = signal_models.signal_to_concentration(patch_curves, 1.0, 30.0, 0.005, 4.5, baseline_frames=n_base)
-    fit = fitting.fit_curves(np.nan_to_num(conc), series.times_s, cp, "etofts", method="nlls", device="cpu")
-    nlls_k = fit.params["Ktrans"]
+    fit = TracerKineticModel(series.times_s, cp, "etofts", method="nlls", device="cpu").fit(np.nan_to_num(conc))
+    nlls_k = fit.maps["Ktrans"]
     out = {"NLLS (DRO AIF)": {"ccc_truth": metrics.ccc(nlls_k, truth_k), "ccc_nlls": 1.0,
                               "rmse": metrics.rmse(nlls_k, truth_k)}}
     mask = np.zeros(series.spatial_shape, bool)
@@ -246,8 +246,8 @@ def speed(models, log, models_dir=None):
     conc, _ = signal_models.signal_to_concentration(ph.series.signal[brain], ph.truth["T10"][brain],
                                                     protocol.fa_deg, protocol.tr_s, protocol.r1_per_mM_s,
                                                     baseline_frames=protocol.baseline_frames)
-    fitting.fit_curves(np.nan_to_num(conc), ph.series.times_s, ph.aif_plasma_mM, "etofts", method="nlls",
-                       device="cpu")
+    TracerKineticModel(ph.series.times_s, ph.aif_plasma_mM, "etofts", method="nlls", device="cpu").fit(
+        np.nan_to_num(conc))
     out[(NLLS_TRUE, "brain mask")] = (time.perf_counter() - t0) * 10
     # the conventional per-voxel fit, on a random subset of the same brain voxels, extrapolated
     subset = np.random.default_rng(0).choice(conc.shape[0], CURVE_FIT_VOXELS, replace=False)
@@ -329,7 +329,7 @@ def render(rows, calib, floors, qiba_out, qiba_note, speed_out, budgets, threads
     lines += ["", f"### Speed, 256 x 256 x 40 x 60 frames on CPU ({threads} thread(s)); measured on 4 slices, x10 "
               f"(brain mask {voxels} voxels, all {full})", "",
               f"Timings are wall clock on a CPU shared with other jobs, each network's the faster of {SPEED_REPEATS} "
-              "runs; single runs here varied by up to ~1.5x. NLLS is the core's vectorised fit (`fit_curves`, "
+              "runs; single runs here varied by up to ~1.5x. NLLS is the core's vectorised fit (`TracerKineticModel`, "
               "signal conversion included), the same that the rows above use.", "",
               "| method | voxels | seconds (extrapolated) | faster than NLLS (brain mask) | faster than the curve_fit loop |",
               "|---|---|---|---|---|"]

@@ -181,8 +181,16 @@ def test_load_slicer_prescribed_aif(reference):
     t, c = load_aif_csv(path)
     dense_t, dense_c = load_aif_csv(reference("pkmodeling_dro", "DRO3min5secinf_PrescribedAIF.csv"))
     assert np.all(np.diff(t) > 0) and c.max() > 0
-    # The sparse file is the dense one with every second row removed.
-    np.testing.assert_allclose(resample_aif(t, c, t), np.interp(t, dense_t, dense_c))
+    # The sparse file (10 s) is the dense one (5 s) with every second row removed: resampled onto the dense
+    # file's grid it gives the dense values at the times both hold, the mean of its two neighbours in between
+    # (linear interpolation), and its last value held for the 5 s the dense file runs longer.
+    on_dense = resample_aif(t, c, dense_t)
+    shared = np.isin(dense_t, t)
+    assert shared.sum() == t.size and (~shared).sum() == dense_t.size - t.size > 10
+    np.testing.assert_allclose(on_dense[shared], dense_c[shared], rtol=1e-12)
+    between = np.flatnonzero(~shared)[:-1]
+    np.testing.assert_allclose(on_dense[between], 0.5 * (dense_c[between - 1] + dense_c[between + 1]), rtol=1e-12)
+    assert dense_t[-1] > t[-1] and on_dense[-1] == c[-1]
 
 
 def test_resample_aif():

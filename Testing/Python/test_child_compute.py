@@ -121,7 +121,7 @@ def test_an_inference_in_a_child_process_gives_the_result_of_the_thread(slicer_a
     assert set(got) == set(in_thread) and {"Ktrans_sd", "fit_Ktrans"} <= set(got)
     for name, expected in in_thread.items():
         np.testing.assert_array_equal(got[name], expected, err_msg=name)
-    np.testing.assert_array_equal(child.lastResult.inference.mask, thread.lastResult.inference.mask)
+    np.testing.assert_array_equal(child.lastResult.inference.estimated, thread.lastResult.inference.estimated)
     assert child.lastResult.messages == thread.lastResult.messages
     assert child.lastResult.inference.device == thread.lastResult.inference.device == "cpu"
     rows, thread_rows = bridge.table_rows(nodes["statistics"]), bridge.table_rows(thread.lastNodes["statistics"])

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import import_or_skip
 
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.geometry import Geometry
@@ -622,7 +623,7 @@ def test_multivolume_round_trip_exact(tmp_path):
 
 def test_slicer_reads_our_sequence_and_we_read_slicers(tmp_path):
     """Round trip through the real Slicer volume-sequence storage node (slicer-core wheel)."""
-    slicer = pytest.importorskip("slicer", reason="slicer-core (pip install slicer-core) checks Slicer compatibility")
+    slicer = import_or_skip("slicer", "slicer-core (pip install slicer-core) checks Slicer compatibility")
     from vtkmodules.util.numpy_support import vtk_to_numpy
     from vtkmodules.vtkCommonMath import vtkMatrix4x4
     signal = np.random.default_rng(8).normal(size=(2, 3, 4, 5)).astype(np.float32)

@@ -27,17 +27,35 @@ def test_demo_writes_maps_statistics_and_figure(demo):
     assert {"label", "map", "mean", "median"} <= set(header)
 
 
+def _truth_failures(phantom, maps, names, relative):
+    """What maps get wrong against the phantom's truth: tumour-rim medians of ``names`` off by more than
+    ``relative``, and a rim Ktrans not well above normal white matter's (a constant map that meets the
+    first fails the second)."""
+    tissue = {n: phantom.labels == v for v, n in phantom.label_names.items()}
+    rim, white = tissue["enhancing tumour rim"], tissue["white matter"]
+    failures = [name for name in names if not abs(np.nanmedian(maps[name][rim]) - np.median(phantom.truth[name][rim]))
+                <= relative * np.median(phantom.truth[name][rim])]
+    if not np.nanmedian(maps["Ktrans"][rim]) > 5 * np.nanmedian(maps["Ktrans"][white]) + 0.01:
+        failures.append("tumour rim / white matter Ktrans contrast")
+    return failures
+
+
+# the conventional fit (VFA T1 map, vessel-ROI AIF): 10 %; the network has no AIF, so its Ktrans scale comes
+# from the training prior (see test_inference_models): 30 %
+DEMO_CHECKS = {"fit": (("Ktrans", "ve"), 0.10), "hetero_encoder": (("Ktrans",), 0.30)}
+
+
 def test_demo_maps_recover_the_phantom_truth_in_the_tumour_rim(demo):
     _, result = demo
     phantom = result["phantom"]
+    computed = {"fit": result["fit"].maps, "hetero_encoder": result["inferred"]["hetero_encoder"]}
     rim = phantom.labels == next(v for v, n in phantom.label_names.items() if "rim" in n)
-    for name in ("Ktrans", "ve"):  # conventional fit with the VFA T1 map and the vessel-ROI AIF
-        truth = np.median(phantom.truth[name][rim])
-        assert np.nanmedian(result["fit"].maps[name][rim]) == pytest.approx(truth, rel=0.1), name
-    # the network has no AIF: its Ktrans scale comes from the training prior (see test_inference_models)
-    inferred = result["inferred"]["hetero_encoder"]
-    truth = np.median(phantom.truth["Ktrans"][rim])
-    assert 0.5 * truth < np.median(inferred["Ktrans"][rim]) < 2.0 * truth
+    for method, (names, relative) in DEMO_CHECKS.items():
+        assert not _truth_failures(phantom, computed[method], names, relative), method
+        # the same check fails a constant predictor (even the true rim median everywhere) and an all-zero one
+        rim_medians = {name: np.full(rim.shape, np.median(phantom.truth[name][rim])) for name in names}
+        for constant in (rim_medians, {name: np.zeros(rim.shape) for name in names}):
+            assert _truth_failures(phantom, constant, names, relative), method
 
 
 def test_demo_never_writes_into_a_used_folder(demo, capsys):

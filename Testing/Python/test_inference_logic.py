@@ -20,7 +20,7 @@ slicer = import_or_skip("slicer", "slicer-core (pip install slicer-core) is need
 import torch  # noqa: E402
 
 from DCEPKFittingLib import mrml as fit_bridge  # noqa: E402
-from DCEPKFittingLib.core.device import describe_inference_device  # noqa: E402
+from DCEPKFittingLib.core.device import describe_device  # noqa: E402
 from DCEPKFittingLib.core.errors import DCEPKInputError, JobCancelledError  # noqa: E402
 from DCEPKFittingLib.core.geometry import Geometry  # noqa: E402
 from DCEPKFittingLib.core.jobs import BackgroundJob, JobState  # noqa: E402
@@ -87,7 +87,7 @@ def test_maps_equal_run_inference_on_the_same_arrays_with_the_source_geometry(sl
         assert nodes[name].GetAttribute(bridge.MODEL_ATTRIBUTE) == model_name
     for name in bridge.PARAMETERS:
         assert nodes[name].GetAttribute(bridge.UNCERTAINTY_ATTRIBUTE) == nodes[f"{name}_sd"].GetID()
-    np.testing.assert_array_equal(result.inference.mask, phantom.labels > 0)
+    np.testing.assert_array_equal(result.inference.estimated, phantom.labels > 0)
     inside = phantom.labels > 0
     assert np.all(direct.maps["Ktrans_sd"][inside] > 0) and np.all(direct.maps["Ktrans"][~inside] == 0)
 
@@ -152,7 +152,7 @@ def test_statistics_table_matches_numpy_with_uncertainty_and_excluded_fraction(s
                                                device="cpu", mask=labelmap, uncertainty_threshold=relative,
                                                statistics_segmentation=loaded["tissues"], t10_s=T10_S)
     direct = run_inference(phantom.series, DEFAULT_MODEL, mask=inferred, device="cpu", t10_s=T10_S)
-    np.testing.assert_array_equal(result.inference.mask, inferred)
+    np.testing.assert_array_equal(result.inference.estimated, inferred)
     rows = fit_bridge.table_rows(nodes["statistics"])
     names = {v: n for v, n in phantom.label_names.items() if np.any(phantom.labels == v)}
     assert len(rows) == len(names) * len(bridge.PARAMETERS)
@@ -335,13 +335,13 @@ def test_model_card_text_and_device_description():
     for metrics in card.get("validation", {}).get("metrics", {}).values():
         assert f"{float(metrics['rmse']):.3g}" in text
     assert [c["name"] for c in bridge.model_cards()] == MODELS
-    assert describe_inference_device("cpu") == "CPU"
+    assert describe_device("cpu") == "CPU"
     if not torch.cuda.is_available():
-        assert describe_inference_device("auto").startswith("CPU")
+        assert describe_device("auto").startswith("CPU")
         with pytest.raises(DCEPKInputError, match="no CUDA GPU"):
-            describe_inference_device("cuda")
+            describe_device("cuda")
     else:
-        assert describe_inference_device("cuda").startswith("GPU")
+        assert describe_device("cuda").startswith("GPU")
 
 
 # --------------------------------------------------------------------------- the module's Logic class itself
@@ -434,8 +434,6 @@ def test_module_logic_console_call_and_gui_options(slicer_scene, phantom, loaded
 def test_self_test_ground_truth_checks_pass_on_the_sample_phantom(slicer_scene, module):
     """The Slicer self-test's ground-truth checks, on the phantom the 'DCEPK phantom' sample data makes
     (DCEPKFittingLogic.loadPhantomSample: default size, these VFA angles), with the shipped weights."""
-    from DCEPKInferenceLib.nn.model_store import read_card
-
     phantom = make_phantom(vfa_flip_angles_deg=(2.0, 5.0, 10.0, 15.0, 20.0))
     nodes_in = fit_bridge.phantom_to_scene(slicer_scene.scene, phantom, "DCEPK phantom", slicer_scene.sequences_logic)
     logic = module.DCEPKInferenceLogic(scene=slicer_scene.scene)
@@ -443,16 +441,25 @@ def test_self_test_ground_truth_checks_pass_on_the_sample_phantom(slicer_scene, 
     outputs = logic.run(nodes_in["sequence"], modelName=module.DEFAULT_MODEL, maskNode=nodes_in["tissues"],
                         segmentationNode=nodes_in["tissues"], device="cpu", t10Map=t10_node, t10MapUnit="s")
     maps = {name: _array(node).copy() for name, node in outputs.items() if name != "statistics"}
-    checks = module.DCEPKInferenceTest.phantomChecks(phantom, maps, read_card(module.DEFAULT_MODEL))
-    assert len(checks) == 6
+    checks = module.DCEPKInferenceTest.phantomChecks(phantom, maps)
+    assert len(checks) == 7
     print("\n".join(description for description, _ in checks))  # margins, shown with -s
     failed = [description for description, passed in checks if not passed]
     assert not failed, failed
 
-    # The checks can fail: a network that predicted the population mean everywhere would.
-    flat = {name: np.full_like(array, np.median(array[phantom.labels > 0])) for name, array in maps.items()}
-    assert [d for d, passed in module.DCEPKInferenceTest.phantomChecks(phantom, flat, read_card(module.DEFAULT_MODEL))
-            if not passed]
+    # The checks can fail: an all-zero map fails every check on the truth, and a network that gave the brain's
+    # median everywhere, or the true tumour-rim median everywhere, fails them too.
+    brain = phantom.labels > 0
+    rim = phantom.labels == next(v for v, n in phantom.label_names.items() if "rim" in n)
+    wrong = {"all zero": {name: np.zeros_like(array) for name, array in maps.items()},
+             "brain median": {name: np.full_like(array, np.median(array[brain])) for name, array in maps.items()},
+             "true rim median": {name: np.full_like(array, np.median(phantom.truth.get(name, array)[rim]))
+                                 for name, array in maps.items()}}
+    for label, constant in wrong.items():
+        failed = [d for d, passed in module.DCEPKInferenceTest.phantomChecks(phantom, constant) if not passed]
+        assert failed, label
+        if label == "all zero":
+            assert len(failed) == len(checks) - 1, failed   # all but the rim's voxel count
 
 
 def test_a_publish_that_fails_half_way_takes_out_what_it_added(slicer_scene, loaded, monkeypatch):

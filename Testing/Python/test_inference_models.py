@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 
 from DCEPKFittingLib.core.errors import DCEPKInputError, JobCancelledError
 from DCEPKFittingLib.io import read_volume, write_dce_series, write_maps
+from DCEPKFittingLib.kinetics.fit_result import FitStatus
 from DCEPKFittingLib.sims.phantom import TUMOUR_RIM, WHITE_MATTER, Protocol, make_phantom
 from DCEPKInferenceLib import training
 from DCEPKInferenceLib.data import simulator
@@ -81,10 +82,14 @@ def test_corrupt_missing_and_unknown_weights_give_clear_errors(tmp_path):
 def test_run_inference_on_a_phantom(name, phantom):
     mask = phantom.labels > 0
     result = run_inference(phantom.series, name, mask=mask, device="cpu", t10_s=phantom.truth["T10"])
-    assert set(result.maps) == {"Ktrans", "ve", "vp", "kep", "Ktrans_sd", "ve_sd", "vp_sd", "kep_sd"}
+    assert set(result.maps) == {"Ktrans", "ve", "vp", "kep", "Ktrans_sd", "ve_sd", "vp_sd", "kep_sd", "status"}
     assert result.geometry.is_close(phantom.series.geometry)
     assert result.units["Ktrans"] == "1/min" and result.units["kep_sd"] == "1/min"
+    assert result.uncertainty == "sd" and result.uncertainty_of("ve") is result.maps["ve_sd"]
+    np.testing.assert_array_equal(result.status, np.where(mask, FitStatus.FITTED, FitStatus.MASKED))
     for key, value in result.maps.items():
+        if key == "status":
+            continue
         assert value.shape == phantom.series.spatial_shape, key
         assert np.all(np.isfinite(value[mask])), key
         assert np.all(value[~mask] == 0), key
@@ -128,7 +133,7 @@ def test_a_protocol_outside_the_training_ranges_is_said(phantom):
     assert protocol_outside_training(two_rate(12.0), card) is None
     assert "frame interval of 16 s" in protocol_outside_training(two_rate(16.0), card)
     result = run_inference(phantom.series, "hetero_encoder", device="cpu", t10_s=phantom.truth["T10"])
-    assert not any("outside the training ranges" in note for note in result.notes)
+    assert not any("outside the training ranges" in note for note in result.messages)
 
 
 def test_frame_times_outside_the_training_ranges_get_the_sd_recalibrated_to_them():
@@ -156,9 +161,9 @@ def test_frame_times_outside_the_training_ranges_get_the_sd_recalibrated_to_them
     runs = {on: run_inference(short.series, "hetero_encoder", device="cpu", t10_s=short.truth["T10"],
                               protocol_calibration=on) for on in (True, False)}
     for on, result in runs.items():
-        said = [note for note in result.notes if "outside the training ranges" in note]
+        said = [note for note in result.messages if "outside the training ranges" in note]
         assert len(said) == 1 and ("recalibrated" in said[0]) == on and ("too small" in said[0]) != on
-    mask = runs[True].mask
+    mask = runs[True].estimated
     for name, factor in zip(("Ktrans", "ve", "vp"), factors):
         np.testing.assert_array_equal(runs[True].maps[name], runs[False].maps[name])
         np.testing.assert_allclose(runs[True].maps[f"{name}_sd"][mask], factor * runs[False].maps[f"{name}_sd"][mask],
@@ -224,8 +229,8 @@ def test_infer_command_writes_maps(tmp_path, phantom):
 def test_auto_mask_and_cancel(phantom):
     result = run_inference(phantom.series, "hetero_encoder", device="cpu", t10_s=phantom.truth["T10"])
     brain = phantom.labels > 0
-    assert (result.mask & brain).sum() >= 0.9 * brain.sum()          # tissue kept
-    assert (result.mask & ~brain).sum() <= 0.02 * (~brain).sum()     # noise-only background dropped
+    assert (result.estimated & brain).sum() >= 0.9 * brain.sum()          # tissue kept
+    assert (result.estimated & ~brain).sum() <= 0.02 * (~brain).sum()     # noise-only background dropped
     cancel = threading.Event()
     cancel.set()
     with pytest.raises(JobCancelledError):

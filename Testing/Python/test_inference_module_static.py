@@ -168,7 +168,7 @@ def test_logic_passes_every_option_through_to_the_bridge(tree):
     assert "mrml_bridge.publish_scene_inference" in calls["publish"]
     assert "mrml_bridge.rethreshold" in calls["applyUncertaintyThreshold"]
     assert "mrml_bridge.show_map_with_uncertainty" in calls["showMapWithUncertainty"]
-    assert "describe_inference_device" in calls["describeDevice"]
+    assert "describe_device" in calls["describeDevice"]
     for function in ("compute_scene_inference", "publish_scene_inference", "rethreshold",
                      "show_map_with_uncertainty", "model_cards", "describe_model_card"):
         assert callable(getattr(mrml_bridge, function))

@@ -282,7 +282,7 @@ def test_the_voxel_curve_follows_clicks_not_the_mouse_hovering(slicer_app, phant
     table = slicer_app.scene.GetNodeByID(widget._voxelChart.GetAttribute("DCEPK.Table"))
     np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "measured (mM)"),
                                output.concentration[k, j, i], rtol=1e-6)
-    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "fitted (mM)"), output.model_curve(k, j, i),
+    np.testing.assert_allclose(slicer.util.arrayFromTableColumn(table, "fitted (mM)"), output.predict((k, j, i)),
                                rtol=1e-6)
     widget.ui.voxelCurveCheckBox.click()  # off: the views' observers are gone
     calls = len(slicer_app.plots.calls)

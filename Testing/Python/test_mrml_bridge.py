@@ -439,9 +439,38 @@ def test_statistics_table_equals_numpy_and_rerun_updates_it(slicer_scene, tmp_pa
         written = list(csv.DictReader(handle))
     assert written[0]["segment"] == "tumour" and written[0]["map"] == "Ktrans"
     assert float(written[0]["mean"]) == pytest.approx(np.nanmean(maps["Ktrans"][tumour]) * 3, rel=1e-5)
+    assert (tmp_path / "stats.schema.csv").is_file()   # Slicer's column types, published with the table
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     with pytest.raises(DCEPKInputError, match="exists"):
         bridge.save_table_csv(scene, table, path)
-    assert not list(tmp_path.glob("*.partial*"))
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before   # nothing changed, nothing left
+    bridge.save_table_csv(scene, again, path, overwrite=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stats.csv", "stats.schema.csv"]
+
+
+def test_a_failed_table_export_leaves_nothing_behind(slicer_scene, tmp_path, monkeypatch):
+    """Issue 19: the CSV export went through a fixed '.partial' name, left behind when Slicer's writer
+    failed half-way. Now the core's OutputSet stages it: a failure leaves the folder as it was."""
+    scene = slicer_scene.scene
+    table = bridge.table_from_rows(scene, [{"segment": "a", "mean": 1.0}], "stats")
+    (tmp_path / "keep.txt").write_text("mine")
+
+    class HalfWriter:   # writes part of the file, then reports the failure (a full disk)
+        def SetScene(self, scene):
+            pass
+
+        def SetFileName(self, name):
+            self.name = name
+
+        def WriteData(self, node):
+            with open(self.name, "w") as handle:
+                handle.write("segment,me")
+            return False
+
+    monkeypatch.setattr(slicer, "vtkMRMLTableStorageNode", HalfWriter)
+    with pytest.raises(DCEPKInputError, match="stats.csv"):
+        bridge.save_table_csv(scene, table, str(tmp_path / "stats.csv"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]
 
 
 def test_statistics_from_a_label_array_and_empty_segments(slicer_scene):

@@ -15,7 +15,8 @@ import pytest
 
 from conftest import require_reference
 
-from DCEPKFittingLib.kinetics import fit_result, fitting
+from DCEPKFittingLib.kinetics import fit_result
+from DCEPKFittingLib.kinetics.model import TracerKineticModel
 
 DATA = ("osipi", "DCEmodels", "data")
 
@@ -65,17 +66,17 @@ def _fit_case_file(name):
     shared_aif = all(np.array_equal(r[aif_col], rows[0][aif_col]) and np.array_equal(r["t"], t_s) for r in rows)
     if shared_aif:
         curves = np.stack([r[curve_col] for r in rows])
-        results = [fitting.fit_curves(curves, t_s, rows[0][aif_col], model, fit_delay=fit_delay, device="cpu")]
+        results = [TracerKineticModel(t_s, rows[0][aif_col], model, fit_delay=fit_delay, device="cpu").fit(curves)]
     else:  # the DRO cases each come with their own (noisy) AIF
-        results = [fitting.fit_curves(r[curve_col][None], r["t"], r[aif_col], model, fit_delay=fit_delay,
-                                      device="cpu") for r in rows]
-    measured = {p: np.concatenate([res.params[p] for res in results]) for p in columns}
+        results = [TracerKineticModel(r["t"], r[aif_col], model, fit_delay=fit_delay, device="cpu").fit(r[curve_col][None])
+                   for r in rows]
+    measured = {p: np.concatenate([res.maps[p] for res in results]) for p in columns}
     pairs = {p: (measured[p], np.array([r[ref] for r in rows])) for p, ref in columns.items()}
     # OSIPI calls the Patlak uptake rate PS and our Patlak parameter Ktrans: report it as PS
     if model == "patlak":
         pairs["PS"] = pairs.pop("Ktrans")
     if fit_delay:
-        pairs["delay_s"] = (np.concatenate([res.delay_s for res in results]),
+        pairs["delay_s"] = (np.concatenate([res.maps["delay_s"] for res in results]),
                             np.array([r["arterial_delay"] for r in rows]))
     status = np.concatenate([res.status for res in results])
     return rows, pairs, status

@@ -157,6 +157,31 @@ def test_protocol_options():
     assert np.median(ph.truth["T10"][ph.labels == WHITE_MATTER]) == pytest.approx(0.65, rel=0.05)
 
 
+CUSTOM_TISSUES = {TUMOUR_RIM: dict(Ktrans=0.25, ve=0.55, vp=0.40), NECROTIC_CORE: dict(Ktrans=0.02, ve=0.70, vp=0.20)}
+
+
+def test_custom_tissue_properties_are_the_maps_and_stay_physical():
+    """Issue 19: vp was divided by the ve already rescaled, so where the texture took ve + vp above 0.99
+    it stayed above (and above 1 in places). Without texture the maps are the given properties; with it each
+    voxel's ve + vp is at most 0.99 and the tissue's median is the given value."""
+    lesion = [dict(center_mm=(0, 0, 20.0), radius_mm=30.0, core_fraction=0.5)]
+    flat = make_phantom(SMALL, snr=None, texture=False, lesions=lesion, tissue_properties=CUSTOM_TISSUES)
+    textured = make_phantom(SMALL, snr=None, seed=4, lesions=lesion, tissue_properties=CUSTOM_TISSUES)
+    for label, properties in CUSTOM_TISSUES.items():
+        inside = flat.labels == label
+        assert inside.sum() > 20, LABEL_NAMES[label]
+        for name, value in properties.items():
+            np.testing.assert_allclose(flat.truth[name][inside], value, rtol=1e-12, err_msg=name)
+            median = np.median(textured.truth[name][textured.labels == label])
+            assert median == pytest.approx(value, rel=0.1), (LABEL_NAMES[label], name)
+    for ph in (flat, textured):
+        assert np.all(ph.truth["ve"] + ph.truth["vp"] <= phantom_module.MAX_VOLUME_FRACTION + 1e-12)
+    rim = textured.labels == TUMOUR_RIM
+    assert np.any(textured.truth["ve"][rim] + textured.truth["vp"][rim] > 0.98)   # the cap was needed
+    with pytest.raises(DCEPKInputError, match="ve \\+ vp = 1.1"):
+        make_phantom(SMALL, tissue_properties={TUMOUR_RIM: dict(ve=0.8, vp=0.3)})
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: make_phantom((4, 8, 8)), "16 x 16"),
     (lambda: make_phantom(SMALL, snr=-3), "snr"),

@@ -11,7 +11,7 @@ Flip angle, TR and T10 are checked where they are used (``signal.check_flip_angl
   0 mM before the bolus, magnitude signal is never negative.
 - the input function from an ROI: an artery or vein peaks at several mM after a standard dose and
   above every tissue curve; and the fit's R^2. These give warnings, not errors (the data may be
-  unusual), carried in ``FitOutput.messages`` and printed by ``dcepk fit``.
+  unusual), carried in the fit's ``PKFit.messages`` and printed by ``dcepk fit``.
 """
 
 import math

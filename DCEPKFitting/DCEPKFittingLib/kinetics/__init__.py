@@ -1,10 +1,11 @@
 """Tracer kinetics: the forward models, input functions and the fitting engine.
 
-``tk_models`` (forward models and Jacobians, numpy or torch), ``aif`` (population and ROI input functions),
-``fit_result`` (``FitResult``, ``FitStatus``, map names and units; numpy only), ``fitting`` (``fit_curves``,
-``fit_volume``: the driver, chunks on threads), ``chunk_fit`` (one chunk: strategy per model, delay, model
-choice, errors and status), ``linear`` (bounded linear least squares, Patlak), ``levenberg_marquardt``,
-``varpro`` (variable projection for Tofts / extended Tofts), ``nested_models`` (per-voxel model choice).
-The engine (``fitting``, ``chunk_fit``, ``linear``, ``levenberg_marquardt``, ``varpro``, ``nested_models``)
-imports torch; the rest does not.
+``model`` (``TracerKineticModel``: a model of one protocol whose ``fit`` over curves or a volume returns a
+``PKFit``; chunks on the cores), ``fit_result`` (``PKFit``, the one result type of fits and networks,
+``FitStatus``, map names and units; numpy only), ``tk_models`` (forward models and Jacobians),
+``array_backend`` (numpy and torch behind one interface), ``aif`` (population and ROI input functions),
+``chunk_fit`` (one chunk: strategy per model, delay, model choice, errors and status), ``linear`` (bounded
+linear least squares, Patlak), ``levenberg_marquardt``, ``varpro`` (variable projection for Tofts /
+extended Tofts), ``nested_models`` (per-voxel model choice). The engine runs on numpy on the CPU and on
+torch on a GPU; torch is imported only then.
 """

@@ -1,15 +1,22 @@
-"""What a fit returns: the per-voxel ``FitStatus`` codes, ``FitResult`` (maps, standard errors, R2,
-rmse, status, selected model) and the names and units of its maps. numpy only: reading a result, or
-checking output names before a fit, never imports torch.
+"""What a fit or a network returns: ``PKFit`` (maps with OSIPI names and units, their uncertainty, status,
+the selected model, ``predict()``, and what the run reports), the per-voxel ``FitStatus`` codes and the
+names and units of the maps. numpy only: reading a result, or checking output names before a fit, never
+imports torch.
+
+One result type for both, after dipy's model / fit split (``TracerKineticModel.fit`` returns it, so do
+``pipeline.fit.run_fit`` and the inference pipeline): the Slicer bridge, the command line, statistics and
+benchmarks read a fit and a network's inference alike. The difference is named by ``uncertainty``: a fit's
+standard errors are ``<name>_se``, a network's predicted 1-SD uncertainty ``<name>_sd`` (same units).
 """
 
 import enum
 from dataclasses import dataclass, field
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from ..core.errors import DCEPKInputError
+from ..core.geometry import Geometry
 from . import tk_models as tk
 
 
@@ -30,97 +37,126 @@ class FitStatus(enum.IntEnum):
 # statuses whose parameters are estimates (statistics are computed over these only)
 FITTED_STATUSES = (FitStatus.FITTED,)
 
+UNCERTAINTY_KINDS = {"se": "standard error of the fit", "sd": "network's predicted 1-SD uncertainty"}
 
 
 @dataclass
-class FitResult:
-    """Fitted maps for N voxels (``shape`` is (N,) or the (K, J, I) grid of ``fit_volume``)."""
-    model: str
-    params: Dict[str, np.ndarray]
-    stderr: Dict[str, np.ndarray]
-    r2: np.ndarray
-    rmse: np.ndarray
-    status: np.ndarray
-    units: Dict[str, str]
-    t_s: np.ndarray
-    cp: np.ndarray
-    delay_s: Optional[np.ndarray] = None
-    delay_stderr: Optional[np.ndarray] = None
-    method: str = "nlls"
-    shape: tuple = field(default=())
-    selected_model: Optional[np.ndarray] = None   # nested_models.SelectedModel code per voxel (uint8)
+class PKFit:
+    """Parameter maps of N curves or of a volume [k, j, i] (``shape``), by a fit or a network.
 
-    def maps(self) -> Dict[str, np.ndarray]:
-        """Flat dict of maps named after ARCHITECTURE.md: parameters, derived kep / Ktrans,
-        ``<name>_se``, ``R2``, ``rmse``, ``status`` (and ``delay_s``, ``delay_s_se`` if fitted)."""
-        spec = tk.get_model(self.model)
-        out = {name: self.params[name] for name in spec.parameters}
-        for name in spec.parameters:
-            out[name + "_se"] = self.stderr[name]
-        if spec.name in ("2cxm", "2cum"):
-            # Ktrans = E * Fp with extraction E = PS / (PS + Fp), Fp converted to 1/min
-            flow = self.params["Fp"] / 100.0
-            ps = self.params["PS"]
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out["Ktrans"] = flow * ps / (flow + ps)
-        if spec.has_ve:
-            with np.errstate(invalid="ignore", divide="ignore"):
-                out["kep"] = out["Ktrans"] / self.params["ve"]
-        if self.delay_s is not None:
-            out["delay_s"] = self.delay_s
-            out["delay_s_se"] = self.delay_stderr
-        out["R2"] = self.r2
-        out["rmse"] = self.rmse
-        out["status"] = self.status
-        if self.selected_model is not None:
-            out["selected_model"] = self.selected_model
-        return out
+    ``maps``: the model's parameters and derived ones (Ktrans, kep) in OSIPI units, each with its
+    uncertainty ``<name>_<uncertainty>``, then R2 and rmse (fits), ``status`` (uint8 ``FitStatus``),
+    ``selected_model`` (uint8 ``nested_models.SelectedModel``, fits), and whatever the pipeline adds
+    (``T10_s``, ``delay_s``). Outside the fitted voxels a fit's maps are NaN, a network's 0.
+    """
+    model: str                                   # tracer-kinetic model of the parameters ('etofts' for networks)
+    method: str                                  # 'nlls', 'linear', or the network's name
+    maps: Dict[str, np.ndarray]
+    units: Dict[str, str]
+    times_s: np.ndarray                          # frame times (s)
+    aif_plasma_mM: Optional[np.ndarray] = None   # plasma input function on times_s; None: no AIF (networks)
+    uncertainty: str = "se"                      # 'se' (fit) or 'sd' (network): the suffix of uncertainty maps
+    geometry: Optional[Geometry] = None
+    baseline_frames: Optional[int] = None        # pre-contrast frames used (given or detected)
+    noise_sigma: Optional[float] = None          # noise SD per quadrature channel (signal units), if estimated
+    messages: List[str] = field(default_factory=list)   # warnings and notes for the user
+    device: str = "cpu"                          # where it ran
+    concentration: Optional[np.ndarray] = None   # the curves fitted (mM, [..., t]) when the pipeline keeps them
+    settings: Optional[object] = None            # a pipeline fit's FitSettings
+    model_card: Optional[dict] = None            # a network's card
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(np.shape(self.status))
+
+    @property
+    def status(self) -> np.ndarray:
+        return self.maps["status"]
+
+    @property
+    def selected_model(self) -> Optional[np.ndarray]:
+        return self.maps.get("selected_model")
+
+    @property
+    def estimated(self) -> np.ndarray:
+        """Voxels that were fitted or inferred (status other than MASKED)."""
+        return self.status != FitStatus.MASKED
+
+    @property
+    def parameter_names(self) -> tuple:
+        """The kinetic model's own parameters, in its order (OSIPI names)."""
+        return tk.get_model(self.model).parameters
+
+    def uncertainty_of(self, name: str) -> np.ndarray:
+        """The uncertainty map of parameter ``name`` (standard error or network SD, same unit)."""
+        return self.maps[f"{name}_{self.uncertainty}"]
 
     def parameter_array(self) -> np.ndarray:
-        """Parameters as (..., P) in the model's order."""
-        spec = tk.get_model(self.model)
-        return np.stack([self.params[name] for name in spec.parameters], axis=-1)
+        """The model's parameters as (..., P) in its order."""
+        return np.stack([np.asarray(self.maps[name], dtype=np.float64) for name in self.parameter_names], axis=-1)
 
-    def fitted_curve(self, index) -> np.ndarray:
-        """Model concentration (mM) at the frame times for one voxel (flat index or (k, j, i))."""
-        params = self.parameter_array()[index]
-        delay = 0.0 if self.delay_s is None else float(self.delay_s[index])
-        if params.ndim != 1:
-            raise DCEPKInputError(f"index {index!r} does not name a single voxel of a {self.status.shape} result: "
-                                  "give a flat voxel index or (k, j, i)")
-        return model_curve(self.model, params, self.t_s, self.cp, delay_s=delay)
+    def predict(self, index=None, *, times_s=None, aif_plasma_mM=None) -> np.ndarray:
+        """Model concentration (mM) from the estimated parameters: of one voxel (``index``: a flat index
+        or (k, j, i)), or of every voxel (..., T) with ``index`` None; NaN where there is no estimate.
+        By default on this result's frame times and input function; a network's result has no input
+        function, so give ``aif_plasma_mM`` (plasma, mM, on ``times_s``) to see its curves."""
+        times = self.times_s if times_s is None else np.asarray(times_s, dtype=np.float64)
+        aif = self.aif_plasma_mM if aif_plasma_mM is None else aif_plasma_mM
+        if aif is None:
+            raise DCEPKInputError("this result has no input function (a network's maps): give aif_plasma_mM, the "
+                                  "plasma concentration (mM) on the frame times, to predict its curves")
+        params = self.parameter_array()
+        delay = np.asarray(self.maps["delay_s"], dtype=np.float64) if "delay_s" in self.maps else np.zeros(self.shape)
+        if index is not None:
+            if isinstance(index, tuple) and len(index) != len(self.shape) or np.ndim(params[index]) != 1:
+                raise DCEPKInputError(f"index {index!r} does not name a single voxel of a {self.shape} result: "
+                                      "give a flat voxel index or (k, j, i)")
+            params, delay = params[index][None], np.reshape(delay[index], (1,))
+        curves = model_curves(self.model, params.reshape(-1, params.shape[-1]), times, aif, delay.reshape(-1))
+        return curves[0] if index is not None else curves.reshape(params.shape[:-1] + (times.size,))
 
 
-def model_curve(model, params, t_s, cp, delay_s=0.0) -> np.ndarray:
-    """Concentration (mM) of one voxel's reported parameters (P,); NaN if it was not fitted.
+def model_curves(model, params, t_s, cp, delay_s=0.0) -> np.ndarray:
+    """Concentration (mM) (N, T) of reported parameters (N, P); NaN for a voxel with no estimate.
 
-    Where the model choice found no leakage (Ktrans = 0) ve is undefined (NaN) and has no effect:
-    the curve is vp cp (0 without vp). A plasma-only voxel of a Tofts fit reads as 0 (Tofts has no vp).
-    """
+    Where the model choice found no leakage (Ktrans = 0) ve is undefined (NaN) and has no effect: the
+    curve is vp cp (0 without vp). A plasma-only voxel of a Tofts fit reads as 0 (Tofts has no vp)."""
     spec = tk.get_model(model)
-    params = np.array(params, dtype=np.float64)
-    if spec.has_ve and params[0] == 0 and np.isnan(params[spec.index("ve")]):
-        params[spec.index("ve")] = 1.0
-    if not np.all(np.isfinite(params)):
-        return np.full(np.shape(t_s), np.nan)
-    return tk.concentration(spec.name, params, t_s, cp, delay_s=delay_s)
+    params = np.array(params, dtype=np.float64, ndmin=2)
+    delay = np.broadcast_to(np.asarray(delay_s, dtype=np.float64), params.shape[:1])
+    if spec.has_ve:
+        no_leakage = (params[:, 0] == 0) & np.isnan(params[:, spec.index("ve")])
+        params[no_leakage, spec.index("ve")] = 1.0
+    defined = np.isfinite(params).all(axis=1) & np.isfinite(delay)
+    curves = np.full((params.shape[0], np.size(t_s)), np.nan)
+    if defined.any():
+        curves[defined] = tk.concentration(spec.name, params[defined], t_s, cp, delay_s=delay[defined])
+    return curves
 
 
 def map_names(model: str, fit_delay: bool = False) -> list:
-    """Names of the maps ``FitResult.maps()`` gives for ``model`` (to check output files before a fit)."""
+    """Names of the maps a fit of ``model`` gives (to check output files before a fit)."""
     return list(map_units(tk.get_model(model), fit_delay))
 
 
-def map_units(spec, fit_delay):
-    """Units of every map ``FitResult.maps()`` returns ('' for dimensionless)."""
+def map_units(spec, fit_delay: bool = False, uncertainty: str = "se") -> Dict[str, str]:
+    """Units of every map of a fit of ``spec`` (or a network's, ``uncertainty='sd'``), '' when
+    dimensionless; in the order of ``PKFit.maps``."""
+    spec = tk.get_model(spec)
     units = dict(zip(spec.parameters, spec.units))
-    units.update({name + "_se": unit for name, unit in zip(spec.parameters, spec.units)})
+    derived = {}
     if spec.name in ("2cxm", "2cum"):
-        units["Ktrans"] = "1/min"
+        derived["Ktrans"] = "1/min"
     if spec.has_ve:
-        units["kep"] = "1/min"
+        derived["kep"] = "1/min"
+    if uncertainty == "sd":   # a network predicts the derived maps with their SD
+        units.update(derived)
+        units.update({f"{name}_sd": unit for name, unit in list(units.items())})
+        units["status"] = ""
+        return units
+    units.update({f"{name}_se": unit for name, unit in zip(spec.parameters, spec.units)})
+    units.update(derived)
     if fit_delay:
         units.update(delay_s="s", delay_s_se="s")
     units.update(R2="", rmse="mM", status="", selected_model="")
     return units
-

@@ -2,10 +2,10 @@
 that lets a cancel reach a running iteration."""
 
 import numpy as np
-import torch
 
 from ..core import jobs
 from . import tk_models as tk
+from .array_backend import array_ops
 
 
 # Curves per forward-model call in the iterative fits: between blocks the cancel flag is checked, so
@@ -26,13 +26,15 @@ def in_blocks(evaluate, n, n_frames, cancel):
     for start, stop in zip(bounds[:-1], bounds[1:]):
         jobs.raise_if_cancelled(cancel)
         parts.append(evaluate(slice(int(start), int(stop))))
+    ops = array_ops(parts[0][0] if isinstance(parts[0], tuple) else parts[0])
     if isinstance(parts[0], tuple):
-        return tuple(torch.cat(outputs) for outputs in zip(*parts))
-    return torch.cat(parts)
+        return tuple(ops.concat(list(outputs), 0) for outputs in zip(*parts))
+    return ops.concat(parts, 0)
 
 
 def clip_to_bounds(x, lower, upper):
-    return torch.maximum(torch.minimum(x, upper), lower)
+    ops = array_ops(x)
+    return ops.maximum(ops.minimum(x, upper), lower)
 
 
 def levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterations, cancel=None,
@@ -43,9 +45,10 @@ def levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterati
     parameters' units. Variables sitting on a bound with the gradient pushing outward are frozen
     for that step (a projected, active-set LM). Returns x, SSR, J^T J at x, converged flag.
     """
+    ops = array_ops(y)
     n, p = x0.shape
     n_model = spec.n_params
-    x = clip_to_bounds(x0.clone(), lower, upper)
+    x = clip_to_bounds(ops.copy(x0), lower, upper)
 
     def evaluate(xs, ys_index):
         delay = xs[:, n_model] if fit_delay else (0.0 if fixed_delay is None else fixed_delay[ys_index])
@@ -58,18 +61,18 @@ def levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterati
         r = y[ys_index] - f
         return r, jac
 
-    all_index = torch.arange(n, device=y.device)
+    all_index = ops.arange(n, like=y)
     r, jac = evaluate(x, all_index)
     ssr = (r * r).sum(-1)
-    hess = jac.transpose(-1, -2) @ jac
+    hess = ops.swap_last(jac) @ jac
     grad = (jac * r[..., None]).sum(-2)
-    damping = torch.full((n,), 1e-3, dtype=y.dtype, device=y.device)
-    converged = torch.zeros(n, dtype=torch.bool, device=y.device)
-    active = all_index.clone()
-    eye = torch.eye(p, dtype=y.dtype, device=y.device)
-    span = (upper - lower).clamp(max=1e3)
+    damping = ops.full((n,), 1e-3, like=y)
+    converged = ops.zeros(n, like=y, dtype="bool")
+    active = ops.copy(all_index)
+    eye = ops.eye(p, like=y)
+    span = ops.clamp(upper - lower, max=1e3)
     for _ in range(max_iterations):
-        if active.numel() == 0:
+        if ops.numel(active) == 0:
             break
         jobs.raise_if_cancelled(cancel)
         xa, ga, ha, lam = x[active], grad[active], hess[active], damping[active]
@@ -77,10 +80,10 @@ def levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterati
         at_upper = (xa >= upper) & (ga >= 0)
         free = ~(at_lower | at_upper)
         both = free[:, :, None] & free[:, None, :]
-        diag = ha.diagonal(dim1=-2, dim2=-1).clamp_min(1e-30)
-        system = torch.where(both, ha, eye) + torch.diag_embed(torch.where(free, lam[:, None] * diag, 0 * diag))
-        step, _ = torch.linalg.solve_ex(system, torch.where(free, ga, 0 * ga)[..., None])
-        step = torch.nan_to_num(step[..., 0])
+        diag = ops.clamp(ops.diagonal(ha), min=1e-30)
+        system = ops.where(both, ha, eye) + ops.diag_embed(ops.where(free, lam[:, None] * diag, 0 * diag))
+        step, _ = ops.solve(system, ops.where(free, ga, 0 * ga))
+        step = ops.nan_to_num(step)
         trial = clip_to_bounds(xa + step, lower, upper)
         r_t, jac_t = evaluate(trial, active)
         ssr_t = (r_t * r_t).sum(-1)
@@ -90,12 +93,12 @@ def levenberg_marquardt(spec, y, t, cp, x0, lower, upper, fit_delay, max_iterati
         x[idx] = trial[accept]
         ssr[idx] = ssr_t[accept]
         grad[idx] = (jac_t[accept] * r_t[accept][..., None]).sum(-2)
-        hess[idx] = jac_t[accept].transpose(-1, -2) @ jac_t[accept]
-        moved = (trial - xa).abs() / (xa.abs() + 1e-6 * span)
+        hess[idx] = ops.swap_last(jac_t[accept]) @ jac_t[accept]
+        moved = ops.abs(trial - xa) / (ops.abs(xa) + 1e-6 * span)
         small_gain = (ssr_a - ssr_t) <= 1e-10 * ssr_a + 1e-30
-        done = (accept & (small_gain | (moved.max(-1).values < 1e-9))) | (~accept & (lam > 1e8))
+        done = (accept & (small_gain | (ops.amax(moved, -1) < 1e-9))) | (~accept & (lam > 1e8))
         # Marquardt's damping update: relax after success, stiffen after failure
-        damping[active] = torch.where(accept, (lam / 5).clamp_min(1e-9), lam * 8)
+        damping[active] = ops.where(accept, ops.clamp(lam / 5, min=1e-9), lam * 8)
         converged[active[done]] = True
         active = active[~done]
     return x, ssr, hess, converged

@@ -40,11 +40,10 @@ reported are always the ordinary least-squares ones.
 import enum
 import math
 from dataclasses import dataclass
-from typing import Callable, Optional
-
-import torch
+from typing import Any, Callable, Optional
 
 from . import tk_models as tk
+from .array_backend import array_ops
 
 NESTED_MODELS = ("tofts", "etofts", "patlak")
 
@@ -68,15 +67,15 @@ MODEL_CODES = {"tofts": SelectedModel.TOFTS, "etofts": SelectedModel.EXTENDED_TO
 
 @dataclass
 class ChunkFit:
-    """A model fitted to n curves, in the layout of the model asked for (torch tensors)."""
-    x: torch.Tensor                               # (n, P) OSIPI units; NaN where undefined
-    ssr: torch.Tensor                             # (n,) sum of squared residuals
-    hess: torch.Tensor                            # (n, P, P) J^T J
-    converged: torch.Tensor                       # (n,) bool
-    residual_sum: Optional[torch.Tensor] = None   # (n,) sum over time of the residuals
-    refit: Optional[torch.Tensor] = None          # (n,) bool: optimum outside the bounds, bounded refit deferred
-    free: Optional[torch.Tensor] = None           # (n, P) bool: parameters the chosen model estimates
-    selected: Optional[torch.Tensor] = None       # (n,) SelectedModel codes
+    """A model fitted to n curves, in the layout of the model asked for (numpy arrays or torch tensors)."""
+    x: Any                              # (n, P) OSIPI units; NaN where undefined
+    ssr: Any                            # (n,) sum of squared residuals
+    hess: Any                           # (n, P, P) J^T J
+    converged: Any                      # (n,) bool
+    residual_sum: Optional[Any] = None  # (n,) sum over time of the residuals
+    refit: Optional[Any] = None         # (n,) bool: optimum outside the bounds, bounded refit deferred
+    free: Optional[Any] = None          # (n, P) bool: parameters the chosen model estimates
+    selected: Optional[Any] = None      # (n,) SelectedModel codes
 
     def assign(self, index, other: "ChunkFit") -> None:
         """Put ``other`` (a fit of the voxels ``index``) in place."""
@@ -95,7 +94,8 @@ class _Criterion:
         self.baseline_aware = baseline_aware
         # below the optimisers' precision (and float32 rounding of the input) fits are exact: they
         # tie, and a tie goes to the simpler model
-        self.floor = 1e-12 * (y * y).sum(-1).clamp_min(1e-300)
+        self.ops = array_ops(y)
+        self.floor = 1e-12 * self.ops.clamp((y * y).sum(-1), min=1e-300)
 
     def subset(self, index) -> "_Criterion":
         part = _Criterion.__new__(_Criterion)
@@ -106,23 +106,25 @@ class _Criterion:
         return ssr - residual_sum * residual_sum / self.n_frames if self.baseline_aware else ssr
 
     def __call__(self, ssr, n_params):
-        return self.n_frames * torch.log(torch.maximum(ssr, self.floor) / self.n_frames) + n_params * self.penalty
+        ops = self.ops
+        return self.n_frames * ops.log(ops.maximum(ssr, self.floor) / self.n_frames) + n_params * self.penalty
 
 
 def _without_leakage(y, cp, criterion):
     """BIC of no enhancement and of plasma only; the plasma-only vp by ordinary least squares and
     the SSR of both models with their reported parameters."""
+    ops = array_ops(y)
     y_c = y @ cp
     cc = (cp * cp).sum()
-    vp = (y_c / cc).clamp(0.0, 1.0)
+    vp = ops.clamp(y_c / cc, 0.0, 1.0)
     yy = (y * y).sum(-1)
     reported_ssr = (yy, yy - 2 * vp * y_c + vp * vp * cc)
     if criterion.baseline_aware:  # exact fit with the offset: centre the curves
-        y_centred = y - y.mean(-1, keepdim=True)
+        y_centred = y - y.mean(-1)[:, None]
         cp_centred = cp - cp.mean()
         ssr_none = (y_centred * y_centred).sum(-1)
         scale = (cp_centred * cp_centred).sum()
-        vp_offset = (y_centred @ cp_centred / scale).clamp(0.0, 1.0)
+        vp_offset = ops.clamp(y_centred @ cp_centred / scale, 0.0, 1.0)
         ssr_plasma = ssr_none - 2 * vp_offset * (y_centred @ cp_centred) + vp_offset * vp_offset * scale
     else:
         ssr_none, ssr_plasma = reported_ssr
@@ -131,7 +133,7 @@ def _without_leakage(y, cp, criterion):
 
 def residual_sums(spec, y, t, cp, x):
     """Sum over time of y - f(x): one forward evaluation, for fits that do not track it."""
-    f = tk.concentration(spec.name, torch.nan_to_num(x), t, cp)
+    f = tk.concentration(spec.name, array_ops(x).nan_to_num(x), t, cp)
     return (y - f).sum(-1)
 
 
@@ -144,10 +146,11 @@ def choose(spec, y, t, cp, fit: ChunkFit, baseline_aware: bool, refit: Callable,
     curves, a ``ChunkFit`` in that model's own layout with its residual sums; ``lower``,
     ``upper`` the bounds of the model's parameters.
     """
+    ops = array_ops(y)
     n, n_params = fit.x.shape
     criterion = _Criterion(y, baseline_aware)
     ic_none, ic_plasma, vp_plasma, quiet_ssr = _without_leakage(y, cp, criterion)
-    ic_null = torch.minimum(ic_none, ic_plasma)
+    ic_null = ops.minimum(ic_none, ic_plasma)
     if fit.residual_sum is None:
         fit.residual_sum = residual_sums(spec, y, t, cp, fit.x)
     ic_leaky = criterion(criterion.profiled(fit.ssr, fit.residual_sum), n_params)
@@ -156,17 +159,17 @@ def choose(spec, y, t, cp, fit: ChunkFit, baseline_aware: bool, refit: Callable,
     leaky = ic_leaky + margin < ic_null
     if fit.refit is not None:
         # only voxels that leak even by the unbounded optimum are worth the bounded refit
-        redo = torch.nonzero(leaky & fit.refit)[:, 0]
-        if redo.numel():
+        redo = ops.nonzero(leaky & fit.refit)
+        if ops.numel(redo):
             fit.assign(redo, refit(redo, fit))
             ic_leaky[redo] = criterion.subset(redo)(criterion.profiled(fit.ssr[redo], fit.residual_sum[redo]),
                                                     n_params)
             leaky[redo] = ic_leaky[redo] + margin < ic_null[redo]
-    fit.free = leaky[:, None].expand(n, n_params).clone()
-    fit.selected = torch.where(leaky, int(MODEL_CODES[spec.name]),
-                               torch.where(ic_none <= ic_plasma, int(SelectedModel.NO_ENHANCEMENT),
-                                           int(SelectedModel.PLASMA)))
-    best = ic_leaky.clone()
+    fit.free = ops.copy(ops.broadcast_to(leaky[:, None], (n, n_params)))
+    fit.selected = ops.where(leaky, int(MODEL_CODES[spec.name]),
+                             ops.where(ic_none <= ic_plasma, int(SelectedModel.NO_ENHANCEMENT),
+                                       int(SelectedModel.PLASMA)))
+    best = ops.copy(ic_leaky)
     for name, (code, positions, fixed, bound) in SUBMODELS.get(spec.name, {}).items():
         if bound is None:
             _take_submodel_where_better(y, fit, leaky, best, criterion, code, positions, fixed,
@@ -201,20 +204,21 @@ SUBMODELS = {"etofts": {"patlak": (SelectedModel.PATLAK, (0, 2), {1: float("nan"
 
 def _take_submodel_where_better(y, fit, candidates, ic_best, criterion, code, positions, fixed, fit_curves):
     """Fit the submodel on ``candidates`` and keep it where its BIC is no worse than the best so far."""
-    index = torch.nonzero(candidates)[:, 0]
-    if index.numel() == 0:
+    ops = array_ops(y)
+    index = ops.nonzero(candidates)
+    if ops.numel(index) == 0:
         return
     sub = fit_curves(y[index])
     ic = criterion.subset(index)(criterion.profiled(sub.ssr, sub.residual_sum), len(positions))
-    better = (ic <= ic_best[index]) & torch.isfinite(sub.x).all(-1)
+    better = (ic <= ic_best[index]) & ops.isfinite(sub.x).all(-1)
     chosen = index[better]
-    if chosen.numel() == 0:
+    if ops.numel(chosen) == 0:
         return
     ic_best[chosen] = ic[better]
-    x = torch.empty_like(fit.x[chosen])
-    hess = torch.zeros_like(fit.hess[chosen])
-    free = torch.zeros_like(fit.free[chosen])
-    where = torch.tensor(positions, device=x.device)
+    x = ops.empty_like(fit.x[chosen])
+    hess = ops.zeros_like(fit.hess[chosen])
+    free = ops.zeros_like(fit.free[chosen])
+    where = ops.asarray(positions, like=y, dtype="int64")
     x[:, where] = sub.x[better]
     for position, value in fixed.items():
         x[:, position] = value
@@ -228,14 +232,16 @@ def _take_submodel_where_better(y, fit, candidates, ic_best, criterion, code, po
 
 def _set_models_without_leakage(spec, cp, fit, leaky, vp_plasma, quiet_ssr, no_enhancement):
     """Ktrans = 0, ve NaN; vp (where the model has it) from plasma only, or 0 with no enhancement."""
-    quiet = torch.nonzero(~leaky)[:, 0]
-    if quiet.numel() == 0:
+    ops = array_ops(fit.x)
+    quiet = ops.nonzero(~leaky)
+    n_quiet = ops.numel(quiet)
+    if n_quiet == 0:
         return
     names = spec.parameters
-    x = torch.zeros(quiet.numel(), len(names), dtype=fit.x.dtype, device=fit.x.device)
-    hess = torch.zeros(quiet.numel(), len(names), len(names), dtype=fit.x.dtype, device=fit.x.device)
+    x = ops.zeros((n_quiet, len(names)), like=fit.x)
+    hess = ops.zeros((n_quiet, len(names), len(names)), like=fit.x)
     plasma = ~no_enhancement[quiet]
-    vp = torch.where(plasma, vp_plasma[quiet], torch.zeros_like(vp_plasma[quiet]))
+    vp = ops.where(plasma, vp_plasma[quiet], ops.zeros_like(vp_plasma[quiet]))
     if "ve" in names:
         x[:, names.index("ve")] = float("nan")
     if "vp" in names:
@@ -243,7 +249,7 @@ def _set_models_without_leakage(spec, cp, fit, leaky, vp_plasma, quiet_ssr, no_e
         x[:, i] = vp
         hess[:, i, i] = (cp * cp).sum()
         fit.free[quiet, i] = plasma
-    fit.ssr[quiet] = torch.where(plasma, quiet_ssr[1][quiet], quiet_ssr[0][quiet])
+    fit.ssr[quiet] = ops.where(plasma, quiet_ssr[1][quiet], quiet_ssr[0][quiet])
     fit.x[quiet] = x
     fit.hess[quiet] = hess
     fit.converged[quiet] = True

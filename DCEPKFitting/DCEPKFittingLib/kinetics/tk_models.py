@@ -17,32 +17,13 @@ ve / vp fractions, concentration in mM. Internally rates are converted to 1/s.
 Parameters are given as an array ``(..., P)`` in the order of ``MODELS[name].parameters``.
 """
 
-import sys
 from dataclasses import dataclass
 from typing import Dict, Tuple
 
 import numpy as np
 
 from ..core.errors import DCEPKInputError
-
-
-class _TorchOnFirstUse:
-    """Stands for the torch module until a torch path first uses it, then puts the module in its place: the
-    numpy path (phantom, simulator, plots, reading a fit) never imports torch (1.4 s of a short command)."""
-
-    def __getattr__(self, name):
-        import torch as module
-        globals()["torch"] = module
-        return getattr(module, name)
-
-
-torch = _TorchOnFirstUse()
-
-
-def _is_tensor(x) -> bool:
-    """Whether ``x`` is a torch tensor, without importing torch: a tensor exists only once torch is loaded."""
-    module = sys.modules.get("torch")
-    return module is not None and isinstance(x, module.Tensor)
+from .array_backend import _is_tensor, array_ops
 
 PER_MIN = 1.0 / 60.0          # 1/min -> 1/s
 FP_TO_PER_S = 1.0 / 6000.0    # ml/100ml/min -> 1/s (ml per ml of tissue per second)
@@ -120,123 +101,11 @@ def kep(ktrans, ve):
 
 
 # ---------------------------------------------------------------------------------------------
-# Array namespace shim: the same code runs on numpy arrays and torch tensors.
-class _NumpyOps:
-    is_torch = False
-    exp = staticmethod(np.exp)
-    expm1 = staticmethod(np.expm1)
-    sqrt = staticmethod(np.sqrt)
-    where = staticmethod(np.where)
-    abs = staticmethod(np.abs)
-
-    @staticmethod
-    def asarray(x, like=None):
-        dtype = np.float64 if like is None else like.dtype
-        return np.asarray(x, dtype=dtype)
-
-    @staticmethod
-    def stack(items, axis):
-        return np.stack(items, axis=axis)
-
-    @staticmethod
-    def zeros(shape, like):
-        return np.zeros(shape, dtype=like.dtype)
-
-    @staticmethod
-    def maximum(x, value):
-        return np.maximum(x, value)
-
-    @staticmethod
-    def moveaxis(x, a, b):
-        return np.moveaxis(x, a, b)
-
-    @staticmethod
-    def broadcast_to(x, shape):
-        return np.broadcast_to(x, shape)
-
-    @staticmethod
-    def searchsorted(sorted_1d, values):
-        return np.searchsorted(sorted_1d, values, side="right")
-
-    @staticmethod
-    def take_last(x, index):
-        x = np.broadcast_to(x, index.shape[:-1] + x.shape[-1:]) if x.ndim > 1 else x
-        if x.ndim == 1:
-            return x[index]
-        return np.take_along_axis(x, index, axis=-1)
-
-    @staticmethod
-    def clip(x, lo, hi):
-        return np.clip(x, lo, hi)
-
-
-class _TorchOps:
-    is_torch = True
-
-    exp = staticmethod(lambda x: torch.exp(x))
-    expm1 = staticmethod(lambda x: torch.expm1(x))
-    sqrt = staticmethod(lambda x: torch.sqrt(x))
-    abs = staticmethod(lambda x: torch.abs(x))
-
-    @staticmethod
-    def where(c, a, b):
-        return torch.where(c, a, b)
-
-    @staticmethod
-    def asarray(x, like=None):
-        if like is None:
-            return torch.as_tensor(x, dtype=torch.float64)
-        return torch.as_tensor(x, dtype=like.dtype, device=like.device)
-
-    @staticmethod
-    def stack(items, axis):
-        return torch.stack(items, dim=axis)
-
-    @staticmethod
-    def zeros(shape, like):
-        return torch.zeros(shape, dtype=like.dtype, device=like.device)
-
-    @staticmethod
-    def maximum(x, value):
-        return torch.clamp(x, min=value)
-
-    @staticmethod
-    def moveaxis(x, a, b):
-        return torch.movedim(x, a, b)
-
-    @staticmethod
-    def broadcast_to(x, shape):
-        return torch.broadcast_to(x, shape)
-
-    @staticmethod
-    def searchsorted(sorted_1d, values):
-        return torch.searchsorted(sorted_1d, values.contiguous(), right=True)
-
-    @staticmethod
-    def take_last(x, index):
-        if x.ndim == 1:
-            return x[index]
-        x = torch.broadcast_to(x, index.shape[:-1] + x.shape[-1:])
-        return torch.gather(x, -1, index)
-
-    @staticmethod
-    def clip(x, lo, hi):
-        return torch.clamp(x, lo, hi)
-
-
-def array_ops(x):
-    """The ops namespace for an array: torch for tensors, numpy otherwise."""
-    if _is_tensor(x):
-        return _TorchOps
-    return _NumpyOps
-
-
-# ---------------------------------------------------------------------------------------------
 # Exact convolution of a piecewise-linear curve with exp(-k t).
 def _series_threshold(x):
     # Below this x = k*dt the closed forms lose digits to cancellation (relative error ~eps/x^2 for
     # chi) and a 4-term Taylor series is exact to rounding; float32 needs a larger switch point.
-    double = (x.dtype == torch.float64) if _is_tensor(x) else (x.dtype == np.float64)
+    double = str(x.dtype) in ("float64", "torch.float64")
     return 1e-3 if double else 0.05
 
 
@@ -295,13 +164,11 @@ def exp_convolution(t_s, cp, k_per_s, need_derivative=False):
 
 def _distinct_steps(ops, dt):
     """(distinct steps, index of each frame's step) when there are few distinct steps, else (None, None)."""
-    dt_host = dt.detach().cpu().numpy() if ops.is_torch else dt
+    dt_host = ops.to_numpy(dt)
     steps, which = np.unique(dt_host, return_inverse=True)
     if steps.size * 4 > dt_host.size:
         return None, None
-    if ops.is_torch:
-        return ops.asarray(steps, like=dt), __import__("torch").as_tensor(which.reshape(-1), device=dt.device)
-    return steps, which.reshape(-1)
+    return ops.asarray(steps, like=dt), ops.asarray(which.reshape(-1), like=dt, dtype="int64")
 
 
 _SCAN_BUDGET = 1 << 22  # elements of the blocked scan's (curves, T, block) work array
@@ -342,11 +209,11 @@ def _scan_blocked(ops, t_s, k, inc, dinc, block):
     pad = n_blocks * block - m
     ends = t_s[1:]                                                # time at which each increment ends
     if pad:
-        ends = _concat(ops, ends, *([ends[-1:]] * pad))
+        ends = ops.concat([ends] + [ends[-1:]] * pad)
         zeros = ops.zeros(batch + (pad,), like=inc)
-        inc = _concat(ops, inc, zeros)
+        inc = ops.concat([inc, zeros])
         if dinc is not None:
-            dinc = _concat(ops, dinc, zeros)
+            dinc = ops.concat([dinc, zeros])
     ends = ends.reshape(n_blocks, block)
     lag = ends[:, :, None] - ends[:, None, :]                     # (nb, L, L), t_i - t_j
     lower = lag >= 0
@@ -374,17 +241,10 @@ def _scan_blocked(ops, t_s, k, inc, dinc, block):
             dcarry = dvalue[..., -1]
         carry = value[..., -1]
     zero = ops.zeros(batch + (1,), like=inc)
-    conv = _concat(ops, zero, *out)[..., : m + 1]
+    conv = ops.concat([zero] + out)[..., : m + 1]
     if dinc is not None:
-        return conv, _concat(ops, zero, *dout)[..., : m + 1]
+        return conv, ops.concat([zero] + dout)[..., : m + 1]
     return conv
-
-
-def _concat(ops, *arrays):
-    if ops.is_torch:
-        import torch as _torch
-        return _torch.cat(arrays, -1)
-    return np.concatenate(arrays, -1)
 
 
 def shift_curve(t_s, cp, delay_s):
@@ -397,7 +257,7 @@ def shift_curve(t_s, cp, delay_s):
     delay = ops.asarray(delay_s, like=cp)
     tq = t_s - delay[..., None]                                  # (..., T)
     n = t_s.shape[0]
-    hi = ops.clip(ops.searchsorted(t_s, tq), 1, n - 1)
+    hi = ops.clamp(ops.searchsorted(t_s, tq), 1, n - 1)
     lo = hi - 1
     t_lo, t_hi = t_s[lo], t_s[hi]
     c_lo, c_hi = ops.take_last(cp, lo), ops.take_last(cp, hi)
@@ -448,7 +308,7 @@ def _terms(spec: ModelSpec, p, ops):
         ke = ps / ve
         kb = f / vp
         s = kp + ke
-        d = ops.sqrt(ops.maximum(s * s - 4.0 * ke * kb, 1e-30))
+        d = ops.sqrt(ops.clamp(s * s - 4.0 * ke * kb, min=1e-30))
         k_plus = 0.5 * (s + d)
         k_minus = 0.5 * (s - d)
         # impulse response h = A+ e^{-K+ t} + A- e^{-K- t} with h(0) = F, h'(0) = -F kb
@@ -475,16 +335,9 @@ def _terms(spec: ModelSpec, p, ops):
 
 def _prepare(model, params, t_s, cp):
     spec = get_model(model)
-    ops = array_ops(params) if _is_tensor(params) else array_ops(cp)
-    if ops.is_torch:
-        like = params if _is_tensor(params) else cp
-        params = ops.asarray(params, like=like)
-        cp = ops.asarray(cp, like=like)
-        t_s = ops.asarray(t_s, like=like)
-    else:
-        params = np.asarray(params, dtype=np.float64)
-        cp = np.asarray(cp, dtype=np.float64)
-        t_s = np.asarray(t_s, dtype=np.float64)
+    like = params if _is_tensor(params) else cp if _is_tensor(cp) else None   # numpy: float64
+    ops = array_ops(like)
+    params, cp, t_s = (ops.asarray(values, like=like) for values in (params, cp, t_s))
     if params.ndim == 0 or params.shape[-1] != spec.n_params:
         raise DCEPKInputError(
             f"model {spec.name!r} needs {spec.n_params} parameters {list(spec.parameters)} in the last "

@@ -4,7 +4,7 @@
 compute_place``): a worker thread (``jobs.BackgroundJob``) or a ``ChildProcessJob`` that writes the
 request's arrays into its temporary folder (series, masks, T10 map, VFA images), runs ``dcepk t1map``
 (a VFA series) and ``dcepk fit`` with ``--progress-format json``, and reads the maps, the concentration
-and the summary back into a ``pipeline.FitOutput``: the publish step and the voxel plot take it as
+and the summary back into a ``PKFit``: the publish step and the voxel plot take it as
 they take the thread's. The numbers are the thread's (the same ``run_fit`` on the same values; maps
 are float32 in files, and a VFA T10 map passes through one as float32 too).
 
@@ -113,7 +113,7 @@ def child_unsupported(settings) -> Optional[str]:
 
 def fit_child_job(request: SceneFitRequest, python: str, temp_parent=None, keep_folder: bool = False):
     """The ``ChildProcessJob`` of a fit: inputs written, ``dcepk t1map`` (VFA) and ``dcepk fit`` run, the
-    outputs read into a ``FitOutput``."""
+    outputs read into a ``PKFit``."""
     settings = request.settings
     vfa = settings.vfa_signals is not None
     commands = []
@@ -194,11 +194,9 @@ def fit_command(python: str, series, settings, folder: Path, save_concentration:
 
 
 def read_fit_output(request: SceneFitRequest, folder: Path):
-    """The ``FitOutput`` of ``dcepk fit`` (maps, summary, and the concentration if it was saved) on the
+    """The ``PKFit`` of ``dcepk fit`` (maps, summary, and the concentration if it was saved) on the
     request's series: its geometry and frame times, and the T10 map of ``dcepk t1map`` when there was one."""
-    from ..kinetics.fit_result import FitResult, map_names
-    from ..kinetics.tk_models import get_model
-    from ..pipeline.fit import FitOutput
+    from ..kinetics.fit_result import PKFit, map_names
 
     settings, series = request.settings, request.series
     out = folder / MAPS_FOLDER
@@ -211,14 +209,7 @@ def read_fit_output(request: SceneFitRequest, folder: Path):
             maps[name] = read_volume(out / f"{name}.nrrd")[0]
     concentration = read_dce(out / CONCENTRATION_FILE, kind="concentration", nonfinite="keep").signal \
         if (out / CONCENTRATION_FILE).is_file() else None
-    aif = np.asarray(summary["aif_plasma_mM"], dtype=np.float64)
-    spec = get_model(settings.model)
-    fit = FitResult(model=spec.name, params={p: maps[p] for p in spec.parameters},
-                    stderr={p: maps[p + "_se"] for p in spec.parameters}, r2=maps["R2"], rmse=maps["rmse"],
-                    status=maps["status"], units=dict(summary["units"]), t_s=series.times_s, cp=aif,
-                    delay_s=maps.get("delay_s"), delay_stderr=maps.get("delay_s_se"), method=settings.method,
-                    shape=tuple(series.spatial_shape), selected_model=maps.get("selected_model"))
-    return FitOutput(maps=maps, units=units, geometry=series.geometry, times_s=series.times_s, aif_plasma_mM=aif,
-                     concentration=concentration, fit=fit, settings=settings,
-                     baseline_frames=summary.get("baseline_frames"), messages=list(summary.get("warnings", [])),
-                     noise_sigma=summary.get("noise_sd_signal_units"))
+    return PKFit(model=settings.model, method=settings.method, maps=maps, units=units, times_s=series.times_s,
+                 aif_plasma_mM=np.asarray(summary["aif_plasma_mM"], dtype=np.float64), geometry=series.geometry,
+                 baseline_frames=summary.get("baseline_frames"), noise_sigma=summary.get("noise_sd_signal_units"),
+                 messages=list(summary.get("warnings", [])), concentration=concentration, settings=settings)

@@ -169,7 +169,7 @@ def publish_scene_fit(scene, request: SceneFitRequest, output) -> Dict[str, obje
 
 
 def run_scene_fit(scene, sequence_node, progress=None, cancel=None, **options):
-    """prepare -> compute -> publish in one synchronous call; returns ``(nodes, FitOutput)``."""
+    """prepare -> compute -> publish in one synchronous call; returns ``(nodes, PKFit)``."""
     request = prepare_scene_fit(sequence_node, **options)
     output = compute_scene_fit(request, progress=progress, cancel=cancel)
     return publish_scene_fit(scene, request, output), output

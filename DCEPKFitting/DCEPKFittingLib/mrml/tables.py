@@ -1,8 +1,10 @@
 """Statistics tables: the core's label statistics per segment as a table node, table rows back, and
-a table saved as CSV (never overwriting without asking)."""
+a table saved as CSV through the core's one writer (never overwriting without asking)."""
 
+import csv
+import errno
 import inspect
-import os
+from pathlib import Path
 from typing import Mapping, Optional, Tuple, Union
 
 import numpy as np
@@ -11,6 +13,7 @@ import vtk
 
 from ..analysis.stats import label_statistics
 from ..core.errors import DCEPKInputError
+from ..core.output_files import IncompleteWrite, OutputSet
 
 
 Regions = Union[Mapping[str, np.ndarray], Tuple[np.ndarray, Mapping[int, str]]]
@@ -102,18 +105,34 @@ def table_rows(table_node) -> list:
 
 
 def save_table_csv(scene, table_node, path: str, overwrite: bool = False) -> str:
-    """Write the table as CSV through its storage node; never half-written, never overwritten unasked."""
-    path = os.path.abspath(path)
-    if os.path.exists(path) and not overwrite:
-        raise DCEPKInputError(f"{path} exists: choose another file name or allow overwriting")
-    partial = path + ".partial.csv"
-    storage = slicer.vtkMRMLTableStorageNode()
-    storage.SetScene(scene)
-    storage.SetFileName(partial)
-    if not storage.WriteData(table_node):
-        raise DCEPKInputError(f"could not write {path}: check the folder exists and is writable")
-    os.replace(partial, path)
-    schema = partial[:-len(".csv")] + ".schema.csv"
-    if os.path.exists(schema):  # the column-type sidecar Slicer writes; keep it beside the final name
-        os.replace(schema, path[:-len(".csv")] + ".schema.csv" if path.endswith(".csv") else path + ".schema.csv")
-    return path
+    """Write the table as CSV through its storage node, with the column-type sidecar Slicer writes beside
+    it ('<name>.schema.csv'), both staged, verified and published together by ``core.output_files``: never
+    half-written, never overwritten unasked, nothing left behind on a failure."""
+    target = Path(path).absolute()
+    if target.suffix.lower() != ".csv":
+        raise DCEPKInputError(f"cannot write a table as '{target.name}': name it .csv")
+    schema = {}
+
+    def write(temporary: Path) -> None:
+        storage = slicer.vtkMRMLTableStorageNode()
+        storage.SetScene(scene)
+        storage.SetFileName(str(temporary))
+        if not storage.WriteData(table_node):
+            raise OSError(errno.EIO, "Slicer's table writer reported a failure")
+        sidecar = temporary.with_name(temporary.name[: -len(".csv")] + ".schema.csv")
+        if sidecar.exists():   # staged under the set's own name below, not left under the temporary one
+            schema["text"] = sidecar.read_text()
+            sidecar.unlink()
+
+    def verify(temporary: Path) -> None:
+        with open(temporary, newline="") as handle:
+            lines = sum(1 for _ in csv.reader(handle))
+        if lines != table_node.GetTable().GetNumberOfRows() + 1:
+            raise IncompleteWrite(errno.EIO, f"{lines} of {table_node.GetTable().GetNumberOfRows() + 1} lines")
+
+    with OutputSet(overwrite) as outputs:
+        outputs.add_file(target, write, verify)
+        if "text" in schema:
+            outputs.add_text(target.with_name(target.name[: -len(".csv")] + ".schema.csv"), schema["text"])
+        outputs.commit()
+    return str(target)

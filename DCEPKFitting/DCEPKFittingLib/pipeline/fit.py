@@ -4,18 +4,18 @@ The ``dcepk fit`` command, the Slicer module's Logic and the demo all call ``run
 three give the same maps for the same input. Pure core: no slicer/qt/vtk.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Dict, Optional, Sequence, Union
 
 import numpy as np
 
 from ..core import plausibility
 from ..core.errors import DCEPKInputError
-from ..core.geometry import Geometry
 from ..core.jobs import raise_if_cancelled, report, sub_progress
 from ..io import DCESeries, finite_voxels
 from ..kinetics import aif as aif_lib
-from ..kinetics.fit_result import FitResult, FitStatus, model_curve
+from ..kinetics.fit_result import PKFit
+from ..kinetics.model import TracerKineticModel
 from ..kinetics.tk_models import MODELS
 from ..signal import default_r1, detect_baseline_frames, fit_vfa_t1, rician, signal_to_concentration
 
@@ -50,35 +50,13 @@ class FitSettings:
     mask: Optional[np.ndarray] = None  # bool [k, j, i]; None -> every voxel with a signal above the noise
     fit_delay: bool = False
     device: str = "auto"
-    # per voxel: no enhancement / plasma only / leakage model (fitting.fit_curves, nested_models)
+    # per voxel: no enhancement / plasma only / leakage model (kinetics.model, nested_models)
     model_selection: bool = True
     # Rician floor of magnitude signals (noise SD from the baseline frames, ``rician``): taken off
     # the arterial ROI's mean signal ("aif"), also off every voxel's curve ("all"), or not ("none").
     # Per voxel it removes a bias that is small at tissue SNR >= 5 and adds variance (see
     # Testing/Benchmarks/RESULTS.md, "Fitting trust"), so the default corrects the input function only.
     rician_correction: str = "aif"
-
-
-@dataclass
-class FitOutput:
-    maps: Dict[str, np.ndarray]
-    units: Dict[str, str]
-    geometry: Geometry
-    times_s: np.ndarray
-    aif_plasma_mM: np.ndarray
-    concentration: np.ndarray
-    fit: FitResult
-    settings: FitSettings
-    baseline_frames: Optional[int] = None      # pre-contrast frames used (given or detected)
-    messages: list = field(default_factory=list)   # warnings: implausible AIF or fit, invalid voxels
-    noise_sigma: Optional[float] = None         # noise SD per quadrature channel (signal units) if estimated
-
-    def model_curve(self, k: int, j: int, i: int) -> np.ndarray:
-        """Fitted concentration (mM) of one voxel on ``times_s``; NaN where the voxel was not fitted."""
-        names = MODELS[self.fit.model].parameters
-        params = np.array([self.fit.params[name][k, j, i] for name in names], dtype=np.float64)
-        delay = float(self.fit.delay_s[k, j, i]) if getattr(self.fit, "delay_s", None) is not None else 0.0
-        return np.asarray(model_curve(self.fit.model, params, self.times_s, self.aif_plasma_mM, delay_s=delay))
 
 
 def _check_settings(settings: FitSettings) -> None:
@@ -223,22 +201,24 @@ def _invalid_reasons(series: DCESeries, converted: _Conversion, invalid: np.ndar
 
 
 def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None, *,
-            reuse_series_memory: bool = False) -> FitOutput:
-    """Fit a tracer-kinetic model to every voxel of ``series``; see ``FitSettings``.
+            reuse_series_memory: bool = False) -> PKFit:
+    """Fit a tracer-kinetic model to every voxel of ``series``; see ``FitSettings``. Returns a ``PKFit``
+    whose maps are those of ``TracerKineticModel.fit`` (and ``T10_s`` from a VFA series), with the series'
+    geometry, the input function, the concentration, the settings and what the run found.
 
     ``reuse_series_memory``: convert a float32 signal series to concentration in its own memory
     (one copy of the series instead of two; ``series`` then holds concentration, kind
     'concentration'), for callers that need the signal no more, such as ``dcepk fit``.
     Warnings (an input function that does not look like a vessel's, a fit worse than a flat
-    line, voxels that could not be converted) are in ``FitOutput.messages``; the baseline frames
-    used (given or detected) in ``FitOutput.baseline_frames``."""
+    line, voxels that could not be converted) are in ``messages``; the baseline frames used (given or
+    detected) in ``baseline_frames``."""
     _check_settings(settings)
     plausibility.check_frame_times(series.times_s, "the series' frame times")
     plausibility.check_series_kind(series.signal, series.kind, settings.baseline_frames)
-    maps: Dict[str, np.ndarray] = {}
+    extra_maps: Dict[str, np.ndarray] = {}
     messages: list = []
     signal_input = series.kind == "signal"
-    converted = _concentration(series, settings, maps, sub_progress(progress, 0.0, 0.1), cancel,
+    converted = _concentration(series, settings, extra_maps, sub_progress(progress, 0.0, 0.1), cancel,
                                in_place=reuse_series_memory)
     conc = converted.concentration
     if converted.baseline_frames is None and settings.population_aif is not None:
@@ -251,19 +231,16 @@ def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None
                     dtype=np.float64)
     if not np.all(np.isfinite(cp)) or np.max(cp) <= 0:
         raise DCEPKInputError("the input function has no positive finite enhancement: check the AIF ROI or source")
-    from ..kinetics.fitting import fit_volume  # the torch engine: imported when a fit runs, not with this module
-
-    fit = fit_volume(conc, series.times_s, cp, settings.model, mask=mask, method=settings.method,
-                     fit_delay=settings.fit_delay, device=settings.device,
-                     model_selection=settings.model_selection, signal_baseline=signal_input,
-                     progress=sub_progress(progress, 0.15, 1.0), cancel=cancel)
-    maps.update(fit.maps())
-    messages += plausibility.fit_warnings(fit.r2, fit.status != FitStatus.MASKED)
-    units = dict(fit.units)
-    if "T10_s" in maps:
-        units["T10_s"] = "s"
+    model = TracerKineticModel(series.times_s, cp, settings.model, method=settings.method,
+                               fit_delay=settings.fit_delay, model_selection=settings.model_selection,
+                               signal_baseline=signal_input, device=settings.device)
+    result = model.fit(conc, mask, progress=sub_progress(progress, 0.15, 1.0), cancel=cancel)
+    messages += plausibility.fit_warnings(result.maps["R2"], result.estimated)
+    if extra_maps:
+        result.maps = {**extra_maps, **result.maps}
+        result.units = {**{name: "s" for name in extra_maps}, **result.units}
+    result.geometry, result.concentration, result.settings = series.geometry, conc, settings
+    result.baseline_frames, result.noise_sigma, result.messages = converted.baseline_frames, \
+        converted.noise_sigma, messages
     report(progress, 1.0, "done")
-    return FitOutput(maps=maps, units=units, geometry=series.geometry, times_s=series.times_s,
-                     aif_plasma_mM=cp, concentration=conc, fit=fit, settings=settings,
-                     baseline_frames=converted.baseline_frames, noise_sigma=converted.noise_sigma,
-                     messages=messages)
+    return result

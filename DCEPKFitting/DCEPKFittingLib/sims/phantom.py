@@ -24,11 +24,11 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
-from scipy.ndimage import gaussian_filter
 
 from ..core.errors import DCEPKInputError
 from ..core.geometry import Geometry
 from ..core.output_files import OutputSet, check_targets
+from ..core.random_fields import smooth_random_field
 from ..io import DCESeries, stage_dce_series, stage_maps, stage_volume
 from ..kinetics import aif as aif_lib
 from ..kinetics import tk_models
@@ -57,6 +57,7 @@ TISSUE_PROPERTIES = {
     NECROTIC_CORE: dict(T10={1.5: 1.80, 3.0: 2.10}, S0=0.90, Ktrans=0.01, ve=0.60, vp=0.005),
     VESSEL: dict(T10={1.5: 1.44, 3.0: 1.65}, S0=0.85, Ktrans=0.0, ve=0.0, vp=None),  # vp = 1 - hct
 }
+MAX_VOLUME_FRACTION = 0.99   # ve + vp: the cells take the rest
 # Relative spatial variation (SD / mean) of the texture, per map; tumours vary more.
 TEXTURE_CV = dict(T10=0.05, S0=0.05, Ktrans=0.15, ve=0.10, vp=0.15)
 TUMOUR_TEXTURE_CV = dict(T10=0.08, S0=0.05, Ktrans=0.35, ve=0.20, vp=0.30)
@@ -143,15 +144,6 @@ class Phantom:
     snr: Optional[float]
     vfa: Optional[VFASeries] = None
     lesions: list = field(default_factory=list)
-
-
-def _smooth_field(rng, shape, spacing_kji_mm, correlation_mm):
-    """Unit-SD Gaussian random field smoothed over ``correlation_mm``."""
-    noise = rng.standard_normal(shape)
-    sigma_vox = [correlation_mm / s for s in spacing_kji_mm]
-    smooth = gaussian_filter(noise, sigma=sigma_vox, mode="reflect")
-    sd = smooth.std()
-    return smooth / sd if sd > 0 else smooth
 
 
 def _anatomy(shape, spacing_kji_mm, lesions, rng):
@@ -290,6 +282,10 @@ def _model(shape, protocol, snr, seed, texture, lesions, vfa_flip_angles_deg, sp
         if lab not in props:
             raise DCEPKInputError(f"unknown tissue label {lab}: use one of {sorted(props)}")
         props[lab].update(override)
+        volume = props[lab]["ve"] + (1.0 - protocol.hct if props[lab]["vp"] is None else props[lab]["vp"])
+        if volume > MAX_VOLUME_FRACTION:
+            raise DCEPKInputError(f"the {LABEL_NAMES[lab]}'s ve + vp = {volume:g} exceeds {MAX_VOLUME_FRACTION:g}: "
+                                  "they are fractions of the tissue volume; give smaller values")
 
     labels, placed = _anatomy(shape, spacing, lesions, rng)
     times = protocol.times()
@@ -315,8 +311,8 @@ def _parameter_maps(labels, props, protocol, rng, spacing, texture, texture_corr
     """Tissue means times (1 + cv * smooth field), clipped to physical ranges."""
     shape = labels.shape
     maps = {name: np.zeros(shape) for name in ("T10", "S0", "Ktrans", "ve", "vp")}
-    fields = {name: (_smooth_field(rng, shape, spacing, texture_correlation_mm) if texture else np.zeros(shape))
-              for name in maps}
+    sigma_voxels = [texture_correlation_mm / s for s in spacing]
+    fields = {name: smooth_random_field(rng, shape, sigma_voxels) if texture else np.zeros(shape) for name in maps}
     for lab, p in props.items():
         inside = labels == lab
         if not inside.any():
@@ -338,9 +334,12 @@ def _parameter_maps(labels, props, protocol, rng, spacing, texture, texture_corr
     maps["Ktrans"] = np.clip(maps["Ktrans"], 0.0, 5.0)
     maps["ve"] = np.clip(maps["ve"], 0.0, 0.95)
     maps["vp"] = np.clip(maps["vp"], 0.0, 1.0)
-    over = maps["ve"] + maps["vp"] > 0.99         # keep the volumes physical
-    maps["ve"][over] *= 0.99 / (maps["ve"][over] + maps["vp"][over])
-    maps["vp"][over] *= 0.99 / (maps["ve"][over] + maps["vp"][over])
+    # keep the volumes physical: where the texture takes ve + vp above MAX_VOLUME_FRACTION, both shrink by
+    # one factor (each by its own, taken after the other, left ve + vp above 1)
+    total = maps["ve"] + maps["vp"]
+    scale = np.where(total > MAX_VOLUME_FRACTION, MAX_VOLUME_FRACTION / np.maximum(total, MAX_VOLUME_FRACTION), 1.0)
+    maps["ve"] *= scale
+    maps["vp"] *= scale
     background = labels == BACKGROUND
     maps["T10"][background] = np.nan              # no tissue, no T1
     maps["S0"][background] = 0.0

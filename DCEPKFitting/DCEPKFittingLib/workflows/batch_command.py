@@ -52,7 +52,8 @@ def build_batch_parser() -> argparse.ArgumentParser:
     defaults.add_argument("--aif", default="", help="input function: parker | georgiou | weinmann | CSV | ROI mask")
     defaults.add_argument("--t10", default="", help="pre-contrast T1 in seconds (or a map file) for rows without one")
     defaults.add_argument("--hct", default="0.45", help="haematocrit (fraction)")
-    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--device", default="auto", type=cli.DEVICE,
+                        help="auto | cpu | cuda | cuda:N (auto: decided on each worker)")
     where = parser.add_argument_group("Dask cluster")
     where.add_argument("--scheduler", help="address of a running dask.distributed scheduler (e.g. tcp://host:8786; "
                                            "SLURM/PBS: README, Cohorts); default: a local cluster")

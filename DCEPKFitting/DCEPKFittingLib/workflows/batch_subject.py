@@ -223,11 +223,7 @@ def _fit(spec: SubjectSpec, series, t10, vfa, mask, grid, device: str, last_use:
         aif_csv=inputs["aif_csv"][0] if "aif_csv" in inputs else None, aif_is_plasma=options["aif_is_plasma"],
         hct=options["hct"], aif_delay_s=options["aif_delay_s"], mask=mask, fit_delay=options["fit_delay"],
         device=device)
-    result = run_fit(series, settings, reuse_series_memory=last_use)
-    from ..kinetics.fit_result import FitStatus
-    return {"model": options["model"], "maps": result.maps, "units": result.units, "status": result.maps["status"],
-            "analysed": result.maps["status"] != FitStatus.MASKED, "notes": list(result.messages),
-            "baseline_frames": result.baseline_frames}
+    return _analysis(options["model"], run_fit(series, settings, reuse_series_memory=last_use))
 
 
 def _network(spec: SubjectSpec, series, t10, mask, device: str) -> dict:
@@ -239,8 +235,13 @@ def _network(spec: SubjectSpec, series, t10, mask, device: str) -> dict:
     result = provider["maps"](series, options["network"], mask=mask, device=device, t10_s=t10,
                               fa_deg=options["fa_deg"], tr_s=options["tr_s"], r1_per_mM_s=options["r1_per_mM_s"],
                               baseline_frames=options["baseline_frames"])
-    return {"model": options["network"], "maps": result["maps"], "units": result["units"], "status": None,
-            "analysed": result["mask"], "notes": list(result["notes"]), "baseline_frames": result["baseline_frames"]}
+    return _analysis(options["network"], result)
+
+
+def _analysis(model: str, result) -> dict:
+    """What the subject's outputs need of a fit's or a network's ``PKFit`` (``model``: the model or network)."""
+    return {"model": model, "maps": result.maps, "units": result.units, "status": result.status,
+            "analysed": result.estimated, "notes": list(result.messages), "baseline_frames": result.baseline_frames}
 
 
 def _statistics(spec: SubjectSpec, method: str, analysis: dict, labels, label_names) -> List[dict]:

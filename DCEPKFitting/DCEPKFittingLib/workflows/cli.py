@@ -73,6 +73,11 @@ def _repetition_time(value):
     check_tr(value)
 
 
+def _device_name(value):
+    from ..core.device import check_device_name
+    check_device_name(value)
+
+
 def _relaxivity(value):
     from ..core.plausibility import check_r1
     check_r1(value)
@@ -89,6 +94,7 @@ FLIP_ANGLE = checked(float, _flip_angle, "flip angle in degrees")
 REPETITION_TIME = checked(float, _repetition_time, "repetition time in seconds")
 RELAXIVITY = checked(float, _relaxivity, "relaxivity in 1/(mM s)")
 FRAME_INTERVAL = checked(float, _frame_interval, "frame interval in seconds")
+DEVICE = checked(str, _device_name, "device")
 
 
 def read_text_option(path: Path, option: str) -> str:
@@ -282,7 +288,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-delay", action="store_true", help="also fit the arterial delay per voxel")
     p.add_argument("--no-model-choice", action="store_true", help="fit the model to every voxel as asked, without "
                    "choosing no enhancement / plasma only / a simpler leakage model where the data support no more")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--out", required=True, type=Path, help="output folder for the maps")
     p.add_argument("--format", default=".nii.gz", choices=[".nii.gz", ".nii", ".nrrd"])
     p.add_argument("--save-concentration", action="store_true",
@@ -302,7 +308,7 @@ def _build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("demo", help="phantom -> T1 map -> AIF -> fit (+ networks) -> maps, statistics, figure")
     p.add_argument("--out", type=Path, default=Path("dcepk-demo"), help="output folder (default: ./dcepk-demo)")
     p.add_argument("--no-inference", action="store_true", help="skip the neural-network part")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--device", default="auto", type=DEVICE, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--overwrite", action="store_true")
 
     for name, (help_text, _) in {**COHORT_COMMANDS, **plugin_commands()}.items():

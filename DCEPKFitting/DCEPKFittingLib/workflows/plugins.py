@@ -29,6 +29,6 @@ def plugin_commands() -> dict:
 def network_provider():
     """The installed networks for ``dcepk batch`` (group ``dcepk.networks``): a dict with ``names()``
     (the shipped networks) and ``maps(series, name, mask=, device=, t10_s=, fa_deg=, tr_s=, r1_per_mM_s=,
-    baseline_frames=)`` -> {maps, units, mask, notes, baseline_frames}; None without the inference package."""
+    baseline_frames=)`` -> the network's ``PKFit``; None without the inference package."""
     providers = load_entry_points("dcepk.networks")
     return providers[0]() if providers else None

@@ -41,7 +41,9 @@ def error_sd_spearman(estimate, sd, truth) -> float:
     return float(stats.spearmanr(np.abs(e - t), s).statistic)
 
 
-def summarize(estimate, truth, sd=None) -> dict:
+def agreement(estimate, truth, sd=None) -> dict:
+    """RMSE, bias and CCC of an estimate against the truth (and, with its SD, 90 % coverage and the SD's rank
+    correlation with the error). (``analysis.stats.summarize`` of the fitting core describes one sample.)"""
     out = {"rmse": rmse(estimate, truth), "bias": bias(estimate, truth), "ccc": ccc(estimate, truth)}
     if sd is not None:
         out["coverage90"] = coverage90(estimate, sd, truth)

@@ -24,8 +24,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 import numpy as np
-from scipy import ndimage
 
+from DCEPKFittingLib.core.random_fields import smooth_random_field
 from DCEPKFittingLib.kinetics import aif as aif_models
 from DCEPKFittingLib.kinetics import tk_models
 from DCEPKFittingLib.signal import spgr_signal
@@ -210,16 +210,16 @@ def sample_voxels(rng, n_subjects: int = 16, voxels_per_subject: int = 256, snr_
 
 
 # ------------------------------------------------------------------------------------ patches
-def _smooth_field(rng, size, sigma):
-    field = ndimage.gaussian_filter(rng.standard_normal((size, size)), sigma, mode="wrap")
-    return (field - field.mean()) / (field.std() + 1e-12)
+def _patch_field(rng, size, sigma):
+    """A zero-mean, unit-SD texture of a square patch that tiles (``core.random_fields``)."""
+    return smooth_random_field(rng, (size, size), sigma, mode="wrap", zero_mean=True)
 
 
 def sample_parameter_maps(rng, size: int):
     """(3, H, W) Ktrans, ve, vp with a texture: 2-3 smooth regions, lesions, vessel-like spots."""
     n_regions = int(rng.integers(2, 4))
     base = sample_tissue_params(rng, n_regions + 4)
-    field = _smooth_field(rng, size, rng.uniform(2.0, 6.0))
+    field = _patch_field(rng, size, rng.uniform(2.0, 6.0))
     edges = np.quantile(field, np.sort(rng.uniform(0.1, 0.9, n_regions - 1)))
     labels = np.digitize(field, edges)
     maps = base[labels].transpose(2, 0, 1).copy()                     # (3, H, W)
@@ -239,7 +239,7 @@ def sample_parameter_maps(rng, size: int):
         maps[:, max(cy - 1, 0):cy + 1, max(cx - 1, 0):cx + 1] = np.array(
             [rng.uniform(0, 0.05), rng.uniform(0.02, 0.8), rng.uniform(0.1, 0.3)])[:, None, None]
     # smooth within-region variation (+-20 %), then back inside the ranges
-    maps *= np.exp(0.1 * _smooth_field(rng, size, 3.0))[None]
+    maps *= np.exp(0.1 * _patch_field(rng, size, 3.0))[None]
     maps[0] = np.clip(maps[0], 0.0, 1.5)
     maps[2] = np.clip(maps[2], 0.0, 0.3)
     maps[1] = np.clip(np.maximum(maps[1], maps[0] / KEP_MAX), 0.02, 0.8)
@@ -253,7 +253,7 @@ def simulate_patch(rng, size: Optional[int] = None, snr_range=None, times_s=None
     subject = sample_subject(rng, times_s)
     maps = sample_parameter_maps(rng, size)
     params = maps.reshape(3, -1).T
-    t10_map = np.clip(rng.uniform(*SIMULATOR_RANGES["t10_s"]) * np.exp(0.15 * _smooth_field(rng, size, 4.0)),
+    t10_map = np.clip(rng.uniform(*SIMULATOR_RANGES["t10_s"]) * np.exp(0.15 * _patch_field(rng, size, 4.0)),
                       *SIMULATOR_RANGES["t10_s"]).ravel()
     lo, hi = snr_range or SIMULATOR_RANGES["baseline_snr"]["range"]
     snr = float(_loguniform(rng, lo, hi))

@@ -84,34 +84,33 @@ def infer_command(python: str, request: SceneInferenceRequest, folder: Path) -> 
 
 def comparison_fit_command(python: str, request: SceneInferenceRequest, folder: Path) -> List[str]:
     """``dcepk fit`` on the voxels ``dcepk infer`` inferred (its mask written first)."""
-    inferred = read_inference(request, folder).mask
+    inferred = read_inference(request, folder).estimated
     write_volume(folder / MASK_FILE, inferred, request.series.geometry)
     settings = comparison_fit_settings(request, inferred)
     return fit_command(python, request.series, settings, folder, save_concentration=False)
 
 
 def read_inference(request: SceneInferenceRequest, folder: Path):
-    """The ``InferenceOutput`` of ``dcepk infer``. The inferred voxels are those with a positive finite SD:
-    every network's SD is positive (softplus / exp and a floor), and outside its mask ``dcepk infer``
-    writes 0 (NaN where the curve was not finite)."""
+    """The ``PKFit`` of ``dcepk infer`` (its maps, status map included, and its summary)."""
+    from DCEPKFittingLib.kinetics.fit_result import PKFit
+
     from ..nn.model_store import read_card
-    from ..pipeline.inference import InferenceOutput, MAP_ORDER
+    from ..pipeline.inference import MAP_ORDER, NETWORK_MODEL
 
     out = folder / INFERENCE_FOLDER
     summary = json.loads((out / INFER_SUMMARY).read_text(encoding="utf-8"))
     maps = {name: read_volume(out / f"{name}.nii.gz")[0] for name in MAP_ORDER}
-    with np.errstate(invalid="ignore"):
-        inferred = np.isfinite(maps["Ktrans_sd"]) & (maps["Ktrans_sd"] > 0)
-    return InferenceOutput(maps=maps, units=dict(summary["units"]), geometry=request.series.geometry,
-                           model_card=read_card(request.model_name), mask=inferred,
-                           baseline_frames=summary["baseline_frames"], device=summary["device"],
-                           notes=list(summary.get("notes", [])))
+    maps["status"] = maps["status"].astype(np.uint8)
+    return PKFit(model=NETWORK_MODEL, method=request.model_name, maps=maps, units=dict(summary["units"]),
+                 times_s=request.series.times_s, uncertainty="sd", geometry=request.series.geometry,
+                 baseline_frames=summary["baseline_frames"], messages=list(summary.get("notes", [])),
+                 device=summary["device"], model_card=read_card(request.model_name))
 
 
 def read_inference_result(request: SceneInferenceRequest, folder: Path):
     inference = read_inference(request, folder)
     fit = None
     if request.compare_with_fit:
-        settings = comparison_fit_settings(request, inference.mask)
+        settings = comparison_fit_settings(request, inference.estimated)
         fit = read_fit_output(SceneFitRequest(series=request.series, settings=settings, source_id=""), folder)
     return inference_result(request, inference, fit)

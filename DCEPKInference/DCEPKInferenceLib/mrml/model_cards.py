@@ -1,32 +1,19 @@
-"""The shipped networks for the panel: their model cards (read without torch when it is not installed
-yet), a card described in words, and the maps the networks give with their units (OSIPI)."""
+"""The shipped networks for the panel: their model cards (``nn.model_store`` reads them without torch, so the
+panel describes the networks before the user agrees to install it), a card described in words, and the maps
+the networks give with their units (OSIPI, from the fit's result type)."""
 
-import json
 from typing import Mapping
 
+from DCEPKFittingLib.kinetics.fit_result import map_units
+
+from ..nn.model_store import list_models
 
 PARAMETERS = ("Ktrans", "ve", "vp", "kep")
-UNITS = {"Ktrans": "1/min", "ve": "fraction", "vp": "fraction", "kep": "1/min"}
+UNITS = {name: unit for name, unit in map_units("etofts", uncertainty="sd").items() if name in PARAMETERS}
 
 
 def model_cards(directory=None) -> list:
-    """Model cards of the shipped networks. Reads the JSON cards directly when torch is not installed yet,
-    so the module panel can describe the networks before the user agrees to install dependencies."""
-    try:
-        from ..nn.model_store import list_models
-    except ImportError:
-        from pathlib import Path
-
-        folder = Path(directory) if directory else Path(__file__).resolve().parents[2] / "Resources" / "Models"
-        cards = []
-        for path in sorted(folder.glob("*.json")):
-            try:
-                card = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if isinstance(card, dict) and "sha256" in card and "network" in card:
-                cards.append(card)
-        return cards
+    """Model cards of the shipped networks (``$DCEPK_MODELS_DIR``, else the installed models folder)."""
     return list_models(directory)
 
 

@@ -16,6 +16,7 @@ import numpy as np
 
 from DCEPKFittingLib import mrml as fit_mrml
 from DCEPKFittingLib.analysis.stats import summarize
+from DCEPKFittingLib.core.device import resolve_device
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.jobs import raise_if_cancelled, report, sub_progress
 from DCEPKFittingLib.io import DCESeries
@@ -53,8 +54,8 @@ class SceneInferenceRequest:
 
 @dataclass
 class SceneInferenceResult:
-    inference: object                           # inference.InferenceOutput (unthresholded)
-    fit: Optional[object]                       # pipeline.FitOutput or None
+    inference: object                           # the network's PKFit (unthresholded)
+    fit: Optional[object]                       # the comparison fit's PKFit, or None
     maps: Dict[str, np.ndarray]                 # what is published: thresholded maps (NaN = excluded), SDs, fit maps
     units: Dict[str, str]
     excluded: Dict[str, np.ndarray]             # bool [k, j, i] per parameter
@@ -73,8 +74,7 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
     from ..nn.model_store import read_card
 
     read_card(model_name)  # unknown model: clear error now, before anything runs
-    if device not in ("auto", "cpu") and not str(device).startswith("cuda"):
-        raise DCEPKInputError(f"unknown device {device!r}: use auto, cpu or cuda")
+    resolve_device(device)   # an unknown device, or a GPU asked for where there is none: said now
     threshold = normalize_threshold(uncertainty_threshold)
     series = fit_mrml.series_from_sequence(sequence_node)
     if series.kind != "concentration":
@@ -126,7 +126,7 @@ def compute_scene_inference(request: SceneInferenceRequest, progress=None, cance
         from DCEPKFittingLib.pipeline.fit import run_fit
 
         report(progress, 0.5, "conventional fit for comparison")
-        fit = run_fit(request.series, comparison_fit_settings(request, inference.mask),
+        fit = run_fit(request.series, comparison_fit_settings(request, inference.estimated),
                       progress=sub_progress(progress, 0.5, 0.95), cancel=cancel)
         raise_if_cancelled(cancel)
     report(progress, 0.95, "uncertainty threshold and statistics")
@@ -144,7 +144,7 @@ def comparison_fit_settings(request: SceneInferenceRequest, inferred: np.ndarray
 
 def inference_result(request: SceneInferenceRequest, inference, fit=None) -> SceneInferenceResult:
     """The published result of a run (in a thread or a child process): ``derive_outputs`` and the messages."""
-    messages = list(inference.notes)
+    messages = list(inference.messages)
     if fit is not None:
         messages.append(f"comparison fit used the {request.fit_settings['population_aif']} population AIF")
     result = derive_outputs(request, inference, fit)
@@ -155,10 +155,12 @@ def inference_result(request: SceneInferenceRequest, inference, fit=None) -> Sce
 def derive_outputs(request: SceneInferenceRequest, inference, fit=None) -> SceneInferenceResult:
     """Thresholded maps and per-segment statistics from the raw outputs (pure numpy; cheap, so a new
     threshold can be applied to an earlier result without running the network again)."""
-    inferred = np.asarray(inference.mask, dtype=bool)
+    inferred = np.asarray(inference.estimated, dtype=bool)
     excluded = excluded_by_uncertainty(inference.maps, request.uncertainty_threshold, inferred)
     maps, units = {}, {}
     for name, array in inference.maps.items():
+        if name == "status":   # every inferred voxel is 'fitted': the network's maps and SDs say all
+            continue
         array = np.asarray(array, dtype=np.float32)
         if name in excluded and excluded[name].any():
             array = np.where(excluded[name], np.float32(np.nan), array)

@@ -5,6 +5,9 @@ Each model is ``<name>.safetensors`` (weights only: safetensors never runs code)
 validation metrics, code version, SHA-256 of the weights file). The default folder is
 ``DCEPKInference/Resources/Models``; ``$DCEPK_MODELS_DIR`` or the ``models_dir`` argument
 points elsewhere (e.g. models retrained on a GPU).
+
+Finding and reading the cards needs no torch (the module panel lists the networks before the user has
+agreed to install it); torch and safetensors are imported by ``load_model`` and ``save_model``.
 """
 
 import errno
@@ -16,15 +19,10 @@ import re
 from pathlib import Path
 from typing import Dict, List, Tuple
 
-import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
-
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.output_files import OutputSet
 
 from ..data.canonical_grid import INPUT_DESCRIPTION, PROTOCOL_FEATURES
-from .networks import build_network
 
 SOURCE_MODELS_DIR = Path(__file__).resolve().parents[2] / "Resources" / "Models"
 
@@ -107,8 +105,14 @@ def read_card(name: str, directory=None) -> Dict:
     return card
 
 
-def load_model(name: str, device="cpu", directory=None) -> Tuple[torch.nn.Module, Dict]:
+def load_model(name: str, device="cpu", directory=None) -> Tuple["torch.nn.Module", Dict]:
     """(network in eval mode on ``device``, model card). The weights' SHA-256 must match the card."""
+    import torch
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from .networks import build_network
+
     folder = models_dir(directory)
     card = read_card(name, folder)
     weights = folder / f"{name}.safetensors"
@@ -150,8 +154,11 @@ def training_totals(card: Dict) -> Tuple[int, float]:
     return steps, wall
 
 
-def save_model(model: torch.nn.Module, card: Dict, directory, name: str, overwrite: bool = False) -> Dict:
+def save_model(model: "torch.nn.Module", card: Dict, directory, name: str, overwrite: bool = False) -> Dict:
     """Write ``<name>.safetensors`` and ``<name>.json`` (with the weights' SHA-256) atomically."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file, save_file
+
     check_model_name(name)
     folder = Path(directory)
     targets = [folder / f"{name}.safetensors", folder / f"{name}.json"]

@@ -12,18 +12,20 @@ undefined where ve -> 0), and its SD by first-order error propagation from the K
 """
 
 import contextlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable, Dict, Optional
 
 import numpy as np
 import torch
 
-from DCEPKFittingLib.core.device import choose_inference_device
+from DCEPKFittingLib.core import runner
+from DCEPKFittingLib.core.device import resolve_device
 from DCEPKFittingLib.core.errors import DCEPKInputError, setting
-from DCEPKFittingLib.core.geometry import Geometry, check_same_grid
+from DCEPKFittingLib.core.geometry import check_same_grid
 from DCEPKFittingLib.core.jobs import raise_if_cancelled, report
 from DCEPKFittingLib.core.plausibility import check_frame_times
 from DCEPKFittingLib.io import DCESeries, finite_voxels
+from DCEPKFittingLib.kinetics.fit_result import FitStatus, PKFit, map_units
 from DCEPKFittingLib.signal import check_t10, default_r1
 
 from ..data import canonical_grid as cg
@@ -38,22 +40,10 @@ KEP_VE_FLOOR = 0.01
 AUTO_MASK_FRACTION = 0.1       # auto mask: baseline signal above 10 % of its 99th percentile
 BASELINE_SAMPLE_VOXELS = 50_000  # voxels sampled for bolus-arrival detection
 SLICE_MARGIN = 8               # pixels of context around the mask's bounding box for 2-D networks
-MAP_ORDER = ("Ktrans", "ve", "vp", "kep", "Ktrans_sd", "ve_sd", "vp_sd", "kep_sd")
+NETWORK_MODEL = "etofts"        # the networks estimate the extended Tofts parameters (and kep)
+MAP_UNITS = map_units(NETWORK_MODEL, uncertainty="sd")   # Ktrans, ve, vp, kep, their _sd, status
+MAP_ORDER = tuple(MAP_UNITS)
 INFER_SUMMARY = "dcepk_infer.json"
-UNITS = {"Ktrans": "1/min", "ve": "fraction", "vp": "fraction", "kep": "1/min",
-         "Ktrans_sd": "1/min", "ve_sd": "fraction", "vp_sd": "fraction", "kep_sd": "1/min"}
-
-
-@dataclass
-class InferenceOutput:
-    maps: Dict[str, np.ndarray]       # Ktrans, ve, vp, kep and <name>_sd, float32 [k, j, i]
-    units: Dict[str, str]
-    geometry: Geometry
-    model_card: Dict
-    mask: np.ndarray                  # bool [k, j, i]: voxels that were inferred
-    baseline_frames: int
-    device: str
-    notes: list = field(default_factory=list)
 
 
 def auto_mask(signal: np.ndarray, baseline_frames: int) -> np.ndarray:
@@ -152,8 +142,10 @@ def _t10_values(t10_s, shape):
 def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None, device="auto", fa_deg=None,
                   tr_s=None, t10_s=None, r1_per_mM_s=None, batch_voxels: int = 65536, progress=None, cancel=None,
                   baseline_frames: Optional[int] = None, n_samples: Optional[int] = None,
-                  models_dir=None, protocol_calibration: bool = True) -> InferenceOutput:
-    """Ktrans, ve, vp, kep maps and their 1-SD uncertainty from a DCE signal series, no AIF needed.
+                  models_dir=None, protocol_calibration: bool = True) -> PKFit:
+    """Ktrans, ve, vp, kep maps and their 1-SD uncertainty from a DCE signal series, no AIF needed: a
+    ``PKFit`` (the fit's result type) with ``<name>_sd`` maps, ``status`` (fitted: inferred; masked; invalid
+    input: NaN or inf in the curve), the notes in ``messages``, the network's card in ``model_card``.
 
     mask: bool [k, j, i] (None: voxels whose baseline signal exceeds 10 % of its 99th percentile);
     fa_deg (degrees) / tr_s (s): default to the series header; t10_s (required): T10 in s, one
@@ -177,7 +169,7 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
     cg.require_conversion_inputs(fa_deg, tr_s, t10_s, r1_per_mM_s)
     t10 = _t10_values(t10_s, shape)
     mask, n_base = _voxels_to_infer(series, mask, finite, baseline_frames, notes)
-    dev = choose_inference_device(device, notes)
+    dev = torch.device(resolve_device(device, notes))
     model, card = load_model(model_name, dev, models_dir)
     outside = protocol_outside_training(series.times_s, card)
     if outside and protocol_calibration:
@@ -206,8 +198,9 @@ def run_inference(series: DCESeries, model_name: str = DEFAULT_MODEL, mask=None,
             _predict_slices(run, series, mask, t10, progress, cancel)
     raise_if_cancelled(cancel)
     report(progress, 1.0, "done")
-    return InferenceOutput(_maps(run.mean, run.sd, mask, ~finite), dict(UNITS), series.geometry, card, mask, n_base,
-                           str(dev), notes)
+    return PKFit(model=NETWORK_MODEL, method=card.get("name", model_name), maps=_maps(run.mean, run.sd, mask, ~finite),
+                 units=dict(MAP_UNITS), times_s=series.times_s, uncertainty="sd", geometry=series.geometry,
+                 baseline_frames=n_base, messages=notes, device=str(dev), model_card=card)
 
 
 def _voxels_to_infer(series: DCESeries, mask, finite: np.ndarray, baseline_frames, notes: list):
@@ -243,58 +236,70 @@ class _Run:
 
 
 def _predict_voxels(run: _Run, series: DCESeries, mask, t10, batch_voxels: int, progress, cancel) -> None:
+    """The voxel-wise network on batches of ``batch_voxels`` voxels, one after another: torch spreads each
+    batch over the cores itself."""
     n_t, dev = series.n_frames, run.device
     index = np.flatnonzero(mask.ravel())
     flat = series.signal.reshape(-1, n_t)
     t10_flat = t10.ravel() if isinstance(t10, np.ndarray) else t10
     mean_flat, sd_flat = run.mean.reshape(-1, 3), run.sd.reshape(-1, 3)
-    for start in range(0, index.size, batch_voxels):
-        raise_if_cancelled(cancel)
-        part = index[start:start + batch_voxels]
+
+    def predict(start, stop, _):
+        part = index[start:stop]
         c = run.canonical(flat[part], t10_flat[part] if isinstance(t10_flat, np.ndarray) else t10_flat)
         with torch.no_grad():
             m, s = run.model.predict(torch.from_numpy(c.curves).to(dev), torch.from_numpy(c.valid).to(dev),
                                      torch.from_numpy(c.protocol).to(dev), **run.sample_kwargs)
         mean_flat[part], sd_flat[part] = m.cpu().numpy(), s.cpu().numpy()
-        report(progress, min(start + part.size, index.size) / index.size,
-               f"{min(start + part.size, index.size)} of {index.size} voxels")
+
+    plan = runner.plan_chunks(index.size, 4 * (n_t + 4 * cg.GRID_POINTS), threads=1, min_chunk=batch_voxels,
+                              max_chunk=batch_voxels)
+    runner.run_chunks(predict, plan, progress=progress, cancel=cancel, message="{done} of {total} voxels")
 
 
 def _predict_slices(run: _Run, series: DCESeries, mask, t10, progress, cancel) -> None:
-    shape, n_t, dev = series.spatial_shape, series.n_frames, run.device
+    """The 2-D network slice by slice, on each slice's bounding box of the mask with a margin."""
     # pixels as the fastest axis of the image channels (channels_last): the layout of the
     # conversion's (voxels, grid) output, and 1.2-2x faster 3x3 convolutions on CPU
     run.model.to(memory_format=torch.channels_last)
-    slices = [k for k in range(shape[0]) if mask[k].any()]
-    for done, k in enumerate(slices):
-        raise_if_cancelled(cancel)
-        rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
-        j0, j1 = max(rows[0] - SLICE_MARGIN, 0), min(rows[-1] + SLICE_MARGIN + 1, shape[1])
-        i0, i1 = max(cols[0] - SLICE_MARGIN, 0), min(cols[-1] + SLICE_MARGIN + 1, shape[2])
-        tissue = mask[k, j0:j1, i0:i1]
-        h, w = tissue.shape
-        inside = tissue.ravel()
-        t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
-        c = run.canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], t10_part)
-        # only the tissue is converted; the margin reads as flat tissue (no contrast) at the
-        # slice's median noise level, like the non-enhancing tissue of the training patches
-        curves = np.zeros((h * w, c.curves.shape[1]), dtype=np.float32)
-        curves[inside] = c.curves
-        protocol = np.repeat(np.median(c.protocol, axis=0, keepdims=True), h * w, axis=0)
-        protocol[inside] = c.protocol
-        image = lambda a: torch.from_numpy(a).view(1, h, w, -1).permute(0, 3, 1, 2).to(dev)  # noqa: E731
-        with torch.no_grad():
-            m, s = run.model.predict(image(curves), torch.from_numpy(c.valid[None]).to(dev), image(protocol),
-                                     torch.from_numpy(tissue[None, None].astype(np.float32)).to(dev),
-                                     **run.sample_kwargs)
-        m = m[0].permute(1, 2, 0).cpu().numpy()
-        s = s[0].permute(1, 2, 0).cpu().numpy()
-        run.mean[k, j0:j1, i0:i1][tissue], run.sd[k, j0:j1, i0:i1][tissue] = m[tissue], s[tissue]
-        report(progress, (done + 1) / len(slices), f"slice {done + 1} of {len(slices)}")
+    slices = [k for k in range(series.spatial_shape[0]) if mask[k].any()]
+
+    def predict(start, stop, _):
+        for k in slices[start:stop]:
+            _predict_slice(run, series, mask, t10, k)
+
+    plan = runner.plan_chunks(len(slices), 0, threads=1, max_chunk=1)
+    runner.run_chunks(predict, plan, progress=progress, cancel=cancel, message="slice {done} of {total}")
+
+
+def _predict_slice(run: _Run, series: DCESeries, mask, t10, k: int) -> None:
+    shape, n_t, dev = series.spatial_shape, series.n_frames, run.device
+    rows, cols = np.flatnonzero(mask[k].any(1)), np.flatnonzero(mask[k].any(0))
+    j0, j1 = max(rows[0] - SLICE_MARGIN, 0), min(rows[-1] + SLICE_MARGIN + 1, shape[1])
+    i0, i1 = max(cols[0] - SLICE_MARGIN, 0), min(cols[-1] + SLICE_MARGIN + 1, shape[2])
+    tissue = mask[k, j0:j1, i0:i1]
+    h, w = tissue.shape
+    inside = tissue.ravel()
+    t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
+    c = run.canonical(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], t10_part)
+    # only the tissue is converted; the margin reads as flat tissue (no contrast) at the
+    # slice's median noise level, like the non-enhancing tissue of the training patches
+    curves = np.zeros((h * w, c.curves.shape[1]), dtype=np.float32)
+    curves[inside] = c.curves
+    protocol = np.repeat(np.median(c.protocol, axis=0, keepdims=True), h * w, axis=0)
+    protocol[inside] = c.protocol
+    image = lambda a: torch.from_numpy(a).view(1, h, w, -1).permute(0, 3, 1, 2).to(dev)  # noqa: E731
+    with torch.no_grad():
+        m, s = run.model.predict(image(curves), torch.from_numpy(c.valid[None]).to(dev), image(protocol),
+                                 torch.from_numpy(tissue[None, None].astype(np.float32)).to(dev),
+                                 **run.sample_kwargs)
+    m = m[0].permute(1, 2, 0).cpu().numpy()
+    s = s[0].permute(1, 2, 0).cpu().numpy()
+    run.mean[k, j0:j1, i0:i1][tissue], run.sd[k, j0:j1, i0:i1][tissue] = m[tissue], s[tissue]
 
 
 def _maps(mean: np.ndarray, sd: np.ndarray, mask: np.ndarray, invalid: np.ndarray) -> Dict[str, np.ndarray]:
-    """The output maps (float32, ``MAP_ORDER``): 0 outside the mask, NaN for invalid input."""
+    """The output maps (float32, ``MAP_ORDER``): 0 outside the mask, NaN for invalid input; the status map."""
     maps = {}
     outside = np.where(invalid, np.float32(np.nan), np.float32(0.0))  # invalid input: NaN, never a number
     for i, name in enumerate(PARAM_NAMES):
@@ -307,4 +312,6 @@ def _maps(mean: np.ndarray, sd: np.ndarray, mask: np.ndarray, invalid: np.ndarra
     # where Ktrans ~ 0 the relative form is unstable: use the absolute form SD(Ktrans) / ve
     kep_sd = np.where(maps["Ktrans"] > 1e-6, kep * rel, maps["Ktrans_sd"] / ve)
     maps["kep_sd"] = np.where(mask, kep_sd, outside).astype(np.float32)
+    maps["status"] = np.where(mask, np.uint8(FitStatus.FITTED), np.where(invalid, np.uint8(FitStatus.INVALID_INPUT),
+                                                                         np.uint8(FitStatus.MASKED)))
     return {k: maps[k] for k in MAP_ORDER}

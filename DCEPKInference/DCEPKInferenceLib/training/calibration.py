@@ -10,7 +10,7 @@ import torch
 
 from DCEPKFittingLib.core.jobs import raise_if_cancelled
 
-from ..analysis.metrics import Z90, summarize
+from ..analysis.metrics import Z90, agreement
 from ..data import simulator
 from ..nn.model_store import load_model, save_model
 from ..nn.networks import PARAM_NAMES
@@ -37,7 +37,7 @@ def predict_batch(model, batch: Dict[str, torch.Tensor], seed: int = 0):
 
 def evaluate(model, batch: Dict[str, torch.Tensor]) -> Dict[str, Dict[str, float]]:
     mean, sd, truth, _ = predict_batch(model, batch)
-    return {name: summarize(mean[:, i], truth[:, i], sd[:, i]) for i, name in enumerate(PARAM_NAMES)}
+    return {name: agreement(mean[:, i], truth[:, i], sd[:, i]) for i, name in enumerate(PARAM_NAMES)}
 
 
 def _error_to_sd(model, batch: Dict[str, torch.Tensor]) -> np.ndarray:

@@ -24,7 +24,7 @@ from typing import Dict, Optional
 import numpy as np
 import torch
 
-from DCEPKFittingLib.core.device import resolve_training_device
+from DCEPKFittingLib.core.device import resolve_device
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.jobs import raise_if_cancelled
 from DCEPKFittingLib.core.output_files import OutputSet
@@ -126,7 +126,7 @@ def train(model_name: str, config: Optional[Dict] = None, steps: Optional[int] =
         raise DCEPKInputError(f"{target} exists: choose another --out or pass --overwrite")
     if threads:
         torch.set_num_threads(int(threads))
-    dev = resolve_training_device(device)
+    dev = torch.device(resolve_device(device))
     seed = int(training["seed"])
     torch.manual_seed(seed)
     model = build_network(model_name, config["network_config"]).to(dev)

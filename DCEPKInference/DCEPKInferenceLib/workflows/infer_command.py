@@ -9,18 +9,12 @@ from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.child_process import progress_reporter
 from DCEPKFittingLib.core.output_files import OutputSet, check_targets
 from DCEPKFittingLib.io import map_targets, read_mask, stage_maps
-from DCEPKFittingLib.workflows.cli import (POSITIVE_INT, add_acquisition_options, add_progress_option,
+from DCEPKFittingLib.workflows.cli import (DEVICE, POSITIVE_INT, add_acquisition_options, add_progress_option,
                                            add_series_options, add_t10_options, print_messages, read_series_option,
                                            read_t10, write_summary)
 
 from ..nn.model_store import check_model_name, list_models
 from ..pipeline.inference import DEFAULT_MODEL, INFER_SUMMARY, MAP_ORDER, run_inference, training_protocol_ranges
-
-
-def _device(text: str) -> str:
-    if text in ("auto", "cpu", "cuda") or (text.startswith("cuda:") and text[5:].isdigit()):
-        return text
-    raise argparse.ArgumentTypeError(f"'{text}' is not a device: use auto, cpu, cuda or cuda:N")
 
 
 def _model_name(text: str) -> str:
@@ -36,7 +30,7 @@ def build_infer_parser(parser: Optional[argparse.ArgumentParser] = None) -> argp
     parser.add_argument("input", type=Path, nargs="?", help="DCE signal series (DICOM folder, NIfTI, NRRD)")
     parser.add_argument("--model", default=DEFAULT_MODEL, type=_model_name, help="shipped network (see --list)")
     parser.add_argument("--out", type=Path, help="output folder for the maps")
-    parser.add_argument("--device", default="auto", type=_device, help="auto | cpu | cuda")
+    parser.add_argument("--device", default="auto", type=DEVICE, help="auto | cpu | cuda | cuda:N")
     parser.add_argument("--mask", type=Path, help="mask / label map on the series grid (default: auto)")
     add_t10_options(parser, " (required)")
     add_acquisition_options(parser)
@@ -71,10 +65,10 @@ def infer_main(argv=None) -> int:
                            baseline_frames=args.baseline_frames,
                            progress=progress_reporter(args.progress_format, f"infer {args.model}"),
                            protocol_calibration=not args.no_protocol_calibration)
-    print_messages("note", result.notes)
+    print_messages("note", result.messages)
     summary = {"command": "infer", "input": str(args.input), "model": args.model, "device": result.device,
                "timing_source": series.metadata.get("timing_source"), "times_s": series.times_s.tolist(),
-               "baseline_frames": result.baseline_frames, "units": result.units, "notes": result.notes}
+               "baseline_frames": result.baseline_frames, "units": result.units, "notes": result.messages}
     with OutputSet(args.overwrite) as outputs:
         written = stage_maps(outputs, args.out, result.maps, result.geometry)
         write_summary(outputs, args.out / INFER_SUMMARY, summary)

@@ -47,9 +47,7 @@ def networks() -> Dict[str, object]:
 
     def maps(series, name, mask, device, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames):
         from ..pipeline.inference import run_inference
-        result = run_inference(series, name, mask=mask, device=device, t10_s=t10_s, fa_deg=fa_deg, tr_s=tr_s,
-                               r1_per_mM_s=r1_per_mM_s, baseline_frames=baseline_frames)
-        return {"maps": result.maps, "units": result.units, "mask": result.mask, "notes": result.notes,
-                "baseline_frames": result.baseline_frames}
+        return run_inference(series, name, mask=mask, device=device, t10_s=t10_s, fa_deg=fa_deg, tr_s=tr_s,
+                             r1_per_mM_s=r1_per_mM_s, baseline_frames=baseline_frames)
 
     return {"names": names, "maps": maps}

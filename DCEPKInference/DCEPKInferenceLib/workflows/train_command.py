@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from DCEPKFittingLib.core.device import resolve_training_device
+from DCEPKFittingLib.core.device import resolve_device
 
 from ..nn.networks import NETWORKS
 from ..training.calibration import recalibrate
@@ -39,7 +39,7 @@ def train_main(argv=None) -> int:
     args = build_train_parser().parse_args(argv)
     name = args.name or args.model
     if args.recalibrate:
-        recalibrate(name, args.out, resolve_training_device(args.device))
+        recalibrate(name, args.out, resolve_device(args.device))
         return 0
     config_path = args.config or (CONFIG_DIR / f"{name}.json" if args.name else None)
     train(args.model, load_config(args.model, config_path), steps=args.steps, device=args.device, out_dir=args.out,
