@@ -16,7 +16,6 @@ import contextlib
 import datetime
 import io
 import json
-import os
 import platform
 import subprocess
 import sys
@@ -27,13 +26,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "Testing" / "Python"))
 from batch_cohort import batch_command, subject_row, write_manifest  # noqa: E402
+from DCEPKFittingLib.core.runner import available_cores  # noqa: E402
 
 RESULTS = ROOT / "Testing" / "Benchmarks" / "RESULTS.md"
 SECTION = "## Cohorts (dcepk batch)"
-NOTE = ("Threads per fit = cores / workers: the 1-worker run gives its fits every core as torch threads, which in "
-        "a Dask worker thread run a chunk at a time on torch's intra-op threads, likely losing to their synchronisation "
-        "on a busy machine (kinetics/fitting.py): one worker per core can then scale by more than the core count. "
-        "Peak memory per worker: the worker process's whole peak resident memory (interpreter, libraries, subject).")
+NOTE = ("Threads per fit = cores / workers (each worker's chunk runner gets $DCEPK_THREADS, one BLAS thread per "
+        "runner thread): the 1-worker run fits one subject at a time on every core, the all-workers run one subject "
+        "per core; what differs besides is the part of a subject that runs on one thread (reading, T1 map, AIF, "
+        "statistics, writing). Peak memory per worker: the worker process's whole peak resident memory "
+        "(interpreter, libraries, subject).")
 
 
 def make_cohort(folder: Path, subjects: int, shape, frames: int) -> Path:
@@ -68,7 +69,7 @@ def main() -> None:
     parser.add_argument("--frames", type=int, default=40)
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     with tempfile.TemporaryDirectory(prefix="dcepk-bench-batch-") as temporary:
         folder = Path(temporary)
         make_cohort(folder, args.subjects, args.shape, args.frames)

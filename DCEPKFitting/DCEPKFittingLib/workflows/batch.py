@@ -24,6 +24,7 @@ from typing import Callable, List, Optional
 from ..core.errors import DCEPKInputError
 from ..core.jobs import raise_if_cancelled, report
 from ..core.output_files import write_text_file
+from ..core.runner import THREADS_VARIABLE, available_cores
 from . import batch_report
 from .batch_subject import outdated_reason, run_subject
 from .cohort_manifest import Manifest
@@ -152,12 +153,13 @@ def _start_client(dask, options: ClusterOptions, tasks: int):
     from distributed import Client, LocalCluster
     if options.scheduler:
         return Client(options.scheduler), None
-    cores = os.cpu_count() or 1
+    cores = available_cores()
     workers = options.workers or max(1, min(cores, tasks))
-    # each subject's fit uses the cores its worker has: threads per fit = cores / (workers x threads)
+    # each subject's fit uses the cores its worker has: threads per fit = cores / (workers x threads), for the
+    # chunk runner (its own variable) and torch's and BLAS's thread pools (a network's inference)
     fit_threads = str(max(1, cores // (workers * options.threads_per_worker)))
     settings = {f"distributed.nanny.pre-spawn-environ.{name}": fit_threads
-                for name in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
+                for name in (THREADS_VARIABLE, "OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS")}
     settings["distributed.scheduler.allowed-failures"] = 1   # a subject that kills its worker twice has failed
     with dask.config.set(settings):
         local = LocalCluster(n_workers=workers, threads_per_worker=options.threads_per_worker,
