@@ -16,6 +16,7 @@ import contextlib
 import datetime
 import io
 import json
+import os
 import platform
 import subprocess
 import sys
@@ -34,7 +35,8 @@ NOTE = ("Threads per fit = cores / workers (each worker's chunk runner gets $DCE
         "runner thread): the 1-worker run fits one subject at a time on every core, the all-workers run one subject "
         "per core; what differs besides is the part of a subject that runs on one thread (reading, T1 map, AIF, "
         "statistics, writing). Peak memory per worker: the worker process's whole peak resident memory "
-        "(interpreter, libraries, subject).")
+        "(interpreter, libraries, subject). A load average near the core count at the start means other processes "
+        "held cores that the workers then shared: the scaling ratio is only meaningful on an otherwise idle machine.")
 
 
 def make_cohort(folder: Path, subjects: int, shape, frames: int) -> Path:
@@ -70,6 +72,7 @@ def main() -> None:
     parser.add_argument("--write-results", action="store_true")
     args = parser.parse_args()
     cores = available_cores()
+    load_at_start = os.getloadavg()[0]   # other processes' demand: what the workers could not have
     with tempfile.TemporaryDirectory(prefix="dcepk-bench-batch-") as temporary:
         folder = Path(temporary)
         make_cohort(folder, args.subjects, args.shape, args.frames)
@@ -80,7 +83,8 @@ def main() -> None:
     lines = [
         SECTION, "",
         f"date: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC; machine: {platform.machine()}, "
-        f"{cores} CPU cores shared with other engineers' work (timings vary run to run); Python {platform.python_version()}",
+        f"{cores} CPU cores shared with other engineers' work (load average {load_at_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end; timings vary run to run); Python {platform.python_version()}",
         f"command: python Testing/Benchmarks/bench_batch.py --subjects {args.subjects} --shape {' '.join(map(str, args.shape))} "
         f"--frames {args.frames}",
         f"cohort: {args.subjects} phantom subjects of {args.shape[0]}x{args.shape[1]}x{args.shape[2]} voxels x {args.frames} "
