@@ -63,3 +63,20 @@ def test_cancel_stops_the_batch_and_its_process_tree_and_keeps_finished_subjects
     assert not psutil.Process().children(recursive=True)   # the batch and its workers are gone
     finished = [n for n in names if (tmp_path / "out" / "subjects" / f"sub-{n}" / "run.json").is_file()]
     assert 1 <= len(finished) < len(names)
+
+
+def test_a_child_status_listed_as_success_finishes_the_job_and_others_fail_it(tmp_path):
+    """``dcepk batch`` exits 1 when some subjects failed: the job loads its results, a crash still fails it."""
+    import sys
+    from DCEPKFittingLib.core.child_process import ChildCommand, ChildProcessFailed, ChildProcessJob, wait_for_job
+
+    def job(status, success):
+        argv = lambda folder: [sys.executable, "-c", f"import sys; print('ran'); sys.exit({status})"]  # noqa: E731
+        return ChildProcessJob([ChildCommand(argv, 0.0, 1.0, "the batch", success=success)],
+                               load=lambda folder: "loaded").start()
+
+    assert wait_for_job(job(1, (0, 1))) == "loaded"
+    with pytest.raises(ChildProcessFailed, match="exit status 1"):
+        wait_for_job(job(1, (0,)))
+    with pytest.raises(ChildProcessFailed, match="exit status 3"):
+        wait_for_job(job(3, (0, 1)))

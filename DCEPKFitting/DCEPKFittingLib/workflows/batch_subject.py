@@ -21,7 +21,7 @@ import numpy as np
 
 from ..core.errors import DCEPKInputError, DCEPKOutputError
 from ..core.output_files import OutputSet
-from ..core.output_files import _sha256_of as _sha256  # the one file checksum of the core
+from ..core.output_files import sha256_of
 from .cohort_manifest import SubjectSpec
 
 RUN_MANIFEST = "run.json"
@@ -55,7 +55,7 @@ def file_record(path: Path, previous: Optional[dict] = None, verify: bool = Fals
     stat = path.stat()
     record = {"path": str(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     same = previous is not None and all(previous.get(k) == record[k] for k in ("path", "size", "mtime_ns"))
-    record["sha256"] = previous["sha256"] if same and not verify else _sha256(path)
+    record["sha256"] = previous["sha256"] if same and not verify else sha256_of(path)
     return record
 
 
@@ -89,7 +89,7 @@ def outdated_reason(spec: SubjectSpec, folder: Path, verify: bool = False) -> Op
         path = folder / record["path"]
         if not path.is_file() or path.stat().st_size != record["size"]:
             return f"output {record['path']} is missing or changed"
-        if (verify or path.stat().st_mtime_ns != record["mtime_ns"]) and _sha256(path) != record["sha256"]:
+        if (verify or path.stat().st_mtime_ns != record["mtime_ns"]) and sha256_of(path) != record["sha256"]:
             return f"output {record['path']} changed"
     return None
 
