@@ -181,3 +181,19 @@ def test_an_output_folder_of_other_files_is_refused(tmp_path, capsys, monkeypatc
     assert "did not write" in capsys.readouterr().err
     assert os.listdir(tmp_path / "out") == ["thesis.docx"]
 
+
+
+def test_an_unexpected_error_of_the_batch_is_status_3_not_some_subjects_failed(tmp_path, capsys, monkeypatch):
+    """Status 1 means "some subjects failed" (the Logic then reads the batch record): a crash must not say it."""
+    make_subject(tmp_path / "a", 1)
+    write_manifest(tmp_path / "cohort.csv", [subject_row("a")])
+    from DCEPKFittingLib.workflows import batch_command, cli
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("a bug in the batch")
+
+    monkeypatch.setattr(batch_command, "run_batch", broken)
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["batch", "cohort.csv", "--out", "out", *QUICK_CLUSTER]) == 3
+    error = capsys.readouterr().err
+    assert "RuntimeError: a bug in the batch" in error and "run the same command again to resume" in error

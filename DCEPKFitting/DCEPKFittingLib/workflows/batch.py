@@ -10,7 +10,8 @@ a batch runs, never with the command line.
 A subject whose run manifest matches its inputs, options and outputs is skipped; one whose inputs or
 options changed, or that had not finished, is computed again; a failing subject is recorded (message
 in the table and report, traceback in ``logs/``) and the others go on. Exit status: 0 every subject
-finished, 1 some failed, 2 bad invocation or manifest (nothing run), 130 interrupted.
+finished, 1 some failed, 2 bad invocation or manifest (nothing run), 3 the batch itself stopped on an
+unexpected error (a Python crash would say 1 too), 130 interrupted.
 """
 
 import json
@@ -29,7 +30,7 @@ from . import batch_report
 from .batch_subject import outdated_reason, run_subject
 from .cohort_manifest import Manifest
 
-EXIT_ALL_FINISHED, EXIT_SOME_FAILED = 0, 1
+EXIT_ALL_FINISHED, EXIT_SOME_FAILED, EXIT_BATCH_ERROR = 0, 1, 3
 BATCH_RECORD = batch_report.BATCH_RECORD
 LOG_DIR = "logs"
 COHORT_EXTRA = ('pip install "dcepk[cohort]" (from a source tree: pip install -e ".[cohort]"; in Slicer: '

@@ -9,18 +9,20 @@ process), plus one JSON line per subject on stdout: ``{"dcepk_subject": key, "st
 import argparse
 import json
 import sys
+import traceback
 from pathlib import Path
 from typing import List, Optional
 
-from ..core.errors import JobCancelledError
+from ..core.errors import DCEPKInputError, JobCancelledError
 from ..core.child_process import progress_reporter
 from . import cli
-from .batch import EXIT_ALL_FINISHED, ClusterOptions, import_dask, run_batch
+from .batch import EXIT_ALL_FINISHED, EXIT_BATCH_ERROR, ClusterOptions, import_dask, run_batch
 from .cohort_manifest import BatchDefaults
 
 SUBJECT_KEY = "dcepk_subject"   # the JSON line of a subject's outcome (--progress-format json)
 EXIT_CODES = ("exit status: 0 every subject finished, 1 some subjects failed (see report.md and logs/), "
-              "2 bad invocation or manifest (nothing run), 130 interrupted (rerun the same command to resume)")
+              "2 bad invocation or manifest (nothing run), 3 the batch stopped on an unexpected error (a bug: "
+              "please report it with its traceback), 130 interrupted (rerun the same command to resume)")
 
 
 def _memory_limit(text: str) -> str:
@@ -115,6 +117,13 @@ def batch_main(argv: Optional[List[str]] = None) -> int:
         print("\ndcepk batch: interrupted; the subjects that finished are kept: run the same command again to "
               "resume", file=sys.stderr)
         return cli.EXIT_INTERRUPTED
+    except (DCEPKInputError, OSError):
+        raise   # the command line's own messages (status 2)
+    except Exception:   # not 1, which says "some subjects failed"
+        traceback.print_exc()
+        print("\ndcepk batch: stopped on an unexpected error (above; please report it); the subjects that finished "
+              "are kept: run the same command again to resume", file=sys.stderr)
+        return EXIT_BATCH_ERROR
     finished = summary.count("done") + summary.count("up to date")
     print(f"dcepk batch: {finished} of {len(summary.outcomes)} subjects finished ({summary.count('up to date')} were "
           f"up to date), {summary.count('failed') + summary.count('invalid')} failed; table, report and logs in "
