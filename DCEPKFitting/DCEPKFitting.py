@@ -544,6 +544,21 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
         self.lastOutput, self.lastNodes = output, nodes
         return nodes
 
+    def runBatch(self, manifestPath, outDir, progress=None, cancel=None, wait=False, **options):
+        """Run ``dcepk batch`` on a cohort manifest (README: Cohorts) in a child process (``pythonExecutable``,
+        None: PythonSlicer); returns the started job at once, so Slicer stays responsive (``wait=True``:
+        blocks and returns the result). ``job.poll()`` (e.g. from a ``qt.QTimer``) calls
+        ``progress(fraction, message)``; ``job.cancel()`` or setting ``cancel`` kills the batch (finished
+        subjects are kept; the same call resumes it); ``job.result``: exit code (0 all finished, 1 some failed)
+        and counts. ``options`` are the command's (``workers=2``, ``network="hetero_encoder"``, ``force=True``)."""
+        from DCEPKFittingLib import mrml as mrml_bridge
+        from DCEPKFittingLib.core.child_process import wait_for_job
+        from DCEPKFittingLib.workflows.batch_process import batch_job
+
+        job = batch_job(mrml_bridge.child_python(self.pythonExecutable), manifestPath, outDir, progress=progress,
+                        cancel=cancel, **options).start()
+        return wait_for_job(job) if wait else job
+
     def panelState(self, p, running=False):
         """What the panel shows and allows for parameter node ``p`` (``panel_state.PanelView``)."""
         from DCEPKFittingLib import mrml as mrml_bridge

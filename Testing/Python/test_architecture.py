@@ -257,6 +257,20 @@ def test_optional_test_dependencies_go_through_the_ci_rule():
     assert not offenders, f"use conftest.import_or_skip instead of pytest.importorskip: {offenders}"
 
 
+def test_the_command_line_loads_without_dask():
+    """Dask (the optional cohort extra) is imported when ``dcepk batch`` runs, not with the command line,
+    its parser or the batch command's module."""
+    code = textwrap.dedent("""
+        import sys
+        import DCEPKFittingLib.workflows.cli as cli, DCEPKFittingLib.workflows.batch_command
+        cli._build_parser()
+        print(sorted(name for name in ("dask", "distributed", "pyarrow") if name in sys.modules))
+    """)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split()[-1] == "[]", result.stdout
+
+
 def test_pyproject_ships_every_subpackage():
     packages = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     for lib, path in LIBS.items():

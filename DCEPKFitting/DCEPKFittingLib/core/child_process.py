@@ -184,11 +184,13 @@ def exit_error(label: str, returncode: int, log_lines: Sequence[str]) -> BaseExc
 @dataclass
 class ChildCommand:
     """One command of a job: ``argv(folder)`` gives its command line in the job's temporary folder;
-    its progress fills ``[start, stop]`` of the job's; ``label`` names it in messages ('the fit')."""
+    its progress fills ``[start, stop]`` of the job's; ``label`` names it in messages ('the fit');
+    ``success``: the exit statuses that are not an error (``dcepk batch``: 1, some subjects failed)."""
     argv: Callable[[Path], List[str]]
     start: float
     stop: float
     label: str
+    success: Tuple[int, ...] = (0,)
 
 
 class ChildProcessJob(BackgroundJob):
@@ -272,7 +274,7 @@ class ChildProcessJob(BackgroundJob):
             with self._lock:
                 self._process = None
         raise_if_cancelled(cancel)  # a cancel kills the process: its exit status says nothing
-        if returncode != 0:
+        if returncode not in command.success:
             raise exit_error(command.label, returncode, list(log))
 
 

@@ -188,7 +188,8 @@ def _fsync(handle) -> None:
     os.fsync(handle.fileno())
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_of(path: Path) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in steps."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for block in iter(lambda: handle.read(_CHUNK), b""):
@@ -261,7 +262,7 @@ class OutputSet:
             size = temporary.stat().st_size
             if size != staged.bytes_written:
                 raise IncompleteWrite(errno.EIO, f"{size:,} of {staged.bytes_written:,} bytes reached the disk")
-            if _sha256_of(temporary) != staged.digest():
+            if sha256_of(temporary) != staged.digest():
                 raise DCEPKOutputError(f"{target.name} read back differently from what was written: the disk "
                                        f"holding {target.parent} may be failing; nothing was changed")
             if verify is not None:

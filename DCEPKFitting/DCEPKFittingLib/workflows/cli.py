@@ -1,4 +1,4 @@
-"""``dcepk`` command line: phantom, t1map, fit, stats, demo, infer, train.
+"""``dcepk`` command line: phantom, t1map, fit, stats, demo, batch, manifest, infer, train.
 
 Every command reads and writes files only; units are in the option names' help texts.
 Options are checked as they are parsed (argparse names the option); errors in the input print one
@@ -113,7 +113,7 @@ def read_text_option(path: Path, option: str) -> str:
         raise DCEPKInputError(f"{option} {path} is not a text file (not UTF-8): give a plain text file") from None
 
 
-def _numbers(text: str) -> Optional[np.ndarray]:
+def numbers(text: str) -> Optional[np.ndarray]:
     try:
         return np.array([float(v) for v in text.replace(",", " ").split()], dtype=np.float64)
     except ValueError:
@@ -124,7 +124,7 @@ def parse_times(text: Optional[str]) -> Optional[np.ndarray]:
     """``--times``: comma-separated seconds (any length) or a text file of them."""
     if text is None or isinstance(text, np.ndarray):
         return text
-    times = _numbers(text)
+    times = numbers(text)
     if times is None:
         path = Path(text)
         try:
@@ -134,7 +134,7 @@ def parse_times(text: Optional[str]) -> Optional[np.ndarray]:
         if not is_file:
             raise DCEPKInputError(f"--times must be numbers in seconds (comma-separated) or a text file of them; "
                                   f"got '{text[:60]}'")
-        times = _numbers(read_text_option(path, "--times"))
+        times = numbers(read_text_option(path, "--times"))
         if times is None:
             raise DCEPKInputError(f"--times file {path} must hold numbers in seconds (one per line or "
                                   "comma-separated)")
@@ -306,9 +306,23 @@ def _build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="auto", type=DEVICE, help="auto | cpu | cuda | cuda:N")
     p.add_argument("--overwrite", action="store_true")
 
-    for name, (help_text, _) in plugin_commands().items():
+    for name, (help_text, _) in {**COHORT_COMMANDS, **plugin_commands()}.items():
         sub.add_parser(name, help=help_text, add_help=False)
     return parser
+
+
+def _cohort_command(name: str) -> Callable:
+    def run(argv):
+        from . import batch_command   # Dask is imported when a batch runs, not with the command line
+        return getattr(batch_command, name)(argv)
+    return run
+
+
+# Commands that parse their own options, as the plugins' do (workflows/batch_command.py).
+COHORT_COMMANDS = {
+    "batch": ("maps and per-label statistics of a cohort on Dask (resumable; README: Cohorts)",
+              _cohort_command("batch_main")),
+    "manifest": ("write a cohort manifest from a BIDS-like folder", _cohort_command("manifest_main"))}
 
 
 def _volume_target(text: str) -> Path:
@@ -362,7 +376,7 @@ def _cmd_phantom(args) -> int:
     return 0
 
 
-def _vfa_inputs(args):
+def vfa_inputs(args):
     """(signals [k, j, i, n], flip angles (deg), TR (s), geometry): a DICOM folder's from its headers
     unless --fa / --tr are given, files' from --fa / --tr. Says which values it used."""
     from ..core.geometry import check_same_grid
@@ -406,7 +420,7 @@ def _cmd_t1map(args) -> int:
     from ..io import read_volume, write_volume
     from ..signal import fit_vfa_t1
     check_targets([args.out], args.overwrite)
-    signals, flip_angles, tr_s, geometry = _vfa_inputs(args)
+    signals, flip_angles, tr_s, geometry = vfa_inputs(args)
     b1 = None
     if args.b1:
         b1, b1_geometry = read_volume(args.b1)
@@ -535,7 +549,7 @@ def _cmd_demo(args) -> int:
 def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Commands of installed extensions (e.g. infer, train) parse their own options.
-    extensions = plugin_commands()
+    extensions = {**COHORT_COMMANDS, **plugin_commands()}
     if argv and argv[0] in extensions:
         _, entry = extensions[argv[0]]
         return guarded(lambda: entry(argv[1:]))

@@ -5,7 +5,8 @@ The inference package adds its commands (``dcepk infer``,
 
 Groups:
 - ``dcepk.commands``: a callable returning ``{name: (help, main(argv) -> exit code)}``;
-- ``dcepk.demo_analyses``: a callable ``(series, mask, device, progress) -> {method name: maps}``.
+- ``dcepk.demo_analyses``: a callable ``(series, mask, device, progress) -> {method name: maps}``;
+- ``dcepk.networks``: a callable returning the networks ``dcepk batch`` runs (``network_provider``).
 """
 
 from importlib.metadata import entry_points
@@ -23,3 +24,11 @@ def plugin_commands() -> dict:
     for provider in load_entry_points("dcepk.commands"):
         commands.update(provider())
     return commands
+
+
+def network_provider():
+    """The installed networks for ``dcepk batch`` (group ``dcepk.networks``): a dict with ``names()``
+    (the shipped networks) and ``maps(series, name, mask=, device=, t10_s=, fa_deg=, tr_s=, r1_per_mM_s=,
+    baseline_frames=)`` -> the network's ``PKFit``; None without the inference package."""
+    providers = load_entry_points("dcepk.networks")
+    return providers[0]() if providers else None

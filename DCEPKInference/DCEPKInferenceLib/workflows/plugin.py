@@ -6,6 +6,8 @@ pyproject.toml registers (lead's file)::
     inference = "DCEPKInferenceLib.workflows.plugin:commands"
     [project.entry-points."dcepk.demo_analyses"]
     inference = "DCEPKInferenceLib.workflows.plugin:demo_analyses"
+    [project.entry-points."dcepk.networks"]
+    inference = "DCEPKInferenceLib.workflows.plugin:networks"
 """
 
 from typing import Dict
@@ -35,3 +37,18 @@ def demo_analyses(series, mask, device, progress, t10_s, r1_per_mM_s) -> Dict[st
     result = run_inference(series, DEMO_MODEL, mask=mask, device=device, progress=progress, t10_s=t10_s,
                            r1_per_mM_s=r1_per_mM_s)
     return {DEMO_MODEL: result.maps}
+
+
+def networks() -> Dict[str, object]:
+    """The shipped networks for ``dcepk batch`` (the fitting core's ``plugins.network_provider``): the AIF-free
+    ones (a batch subject's input function does not reach a network yet)."""
+    def names():
+        from ..nn.model_store import list_models, model_mode
+        return [card["name"] for card in list_models() if model_mode(card) == "aif_free"]
+
+    def maps(series, name, mask, device, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames):
+        from ..pipeline.inference import run_inference
+        return run_inference(series, name, mask=mask, device=device, t10_s=t10_s, fa_deg=fa_deg, tr_s=tr_s,
+                             r1_per_mM_s=r1_per_mM_s, baseline_frames=baseline_frames)
+
+    return {"names": names, "maps": maps}
