@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 import inference_sets  # noqa: F401  (puts the Lib folders and Testing/Python on the path)
-from DCEPKFittingLib.core.device import resolve_device
+from DCEPKFittingLib.core.device import describe_device
 from DCEPKFittingLib.core.reference_data import missing_reason, reference_path
 from DCEPKFittingLib.io import read_dce
 from DCEPKFittingLib.pipeline.fit import FitSettings, run_fit
@@ -80,9 +80,8 @@ def speed_section(names, models_dir, log):
                                                                                  **kw))
                 log(f"  speed {name} {label} {threads} thread(s): {rows[(name, label, threads)]:.1f} s")
     torch.set_num_threads(1)
-    device = resolve_device("auto")
     lines = [f"### Speed: 256 x 256 x 40 x 60 frames (timed on 4 slices, x10; brain mask {int(brain.sum()) * 10} "
-             f"voxels, all {256 * 256 * 40}); device {device} ({torch.cuda.get_device_name(0) if device.type == 'cuda' else 'CPU'})",
+             f"voxels, all {256 * 256 * 40}); the device auto would use: {describe_device('auto')}",
              "", "Wall clock, the faster of 2 runs (NLLS: 1 run), on 2 cores shared with other jobs: compare within a "
              "column. Input function from the phantom's vessel ROI (its resolution included in every row); target: "
              "under 60 s on 2 cores.", "",
