@@ -66,11 +66,12 @@ class DCEPKInference(ScriptedLoadableModule):
         self.parent.contributors = CONTRIBUTORS
         self.parent.helpText = _("""
 Pharmacokinetic maps with per-voxel uncertainty from a dynamic contrast-enhanced (DCE) MRI signal series by
-neural networks. <b>Input function</b>: in mode <i>aif</i> an AIF-conditioned network (<i>hetero_encoder_aif</i>
-...) is given the input function: an AIF ROI (a box, a label map or a segmentation on an artery or vein; <i>ROI
-label</i> picks one label or segment), a CSV file, a population AIF, or automatic detection; in mode <i>image</i>
-the input function is read from the image (detected automatically); <i>Detect the input function</i> shows the
-detected curve in a chart and makes its voxels an editable segmentation ('artery', 'vein') chosen as the AIF ROI.
+neural networks. <b>Input function</b>: in mode <i>aif</i> an AIF-conditioned network (e.g.
+<i>hetero_encoder_aif</i>) is given the input function: an AIF ROI (a box, a label map or a segmentation on
+an artery or vein; <i>ROI label</i> picks one label or segment), a CSV file, a population AIF, or automatic
+detection; in mode <i>image</i> the input function is read from the image (detected automatically);
+<i>Detect the input function</i> shows the detected curve in a chart and makes its voxels an editable
+segmentation ('artery', 'vein') chosen as the AIF ROI.
 Mode <i>aif-free</i> runs the earlier networks that see no input function (Ktrans only up to its amplitude).<br>
 <b>Networks</b> (trained by DCEPK on physics-based synthetic data; the model card of each is shown in the panel):
 <i>hetero_encoder</i>, a voxel-wise temporal encoder with a heteroscedastic (Laplace/Gaussian NLL) output and a
