@@ -30,6 +30,7 @@ for folder in ("DCEPKFitting", "DCEPKInference", "Testing/Python"):   # the Libs
 from DCEPKFittingLib.kinetics.model import TracerKineticModel  # noqa: E402
 from DCEPKInferenceLib.analysis import metrics  # noqa: E402
 from DCEPKInferenceLib.data import aif_conditioned as sim  # noqa: E402
+from DCEPKInferenceLib.nn import aif_encoding  # noqa: E402
 from DCEPKInferenceLib.nn.networks import PARAM_NAMES  # noqa: E402
 from DCEPKInferenceLib.training import encoded_patches  # noqa: E402
 
@@ -102,7 +103,11 @@ def network(model, test: TestSet, block: int = 8):
             mean, sd = model.predict(flat["encoding"], flat["anchor"], flat["posterior_sd"])
         else:
             mean, sd = (x.permute(0, 2, 3, 1).reshape(-1, 3) for x in model.predict(batch))
-        means.append(mean.numpy())
+        mean = mean.numpy().reshape(-1, PATCH * PATCH, 3)
+        for row, subject in zip(mean, test.subjects[start:start + block]):   # as run_inference does
+            basis = aif_encoding.series_basis(subject.times_s, subject.given_plasma_mM, subject.baseline_frames)
+            row[:] = aif_encoding.with_plasma_only_choice(row, subject.conc_mM, basis)
+        means.append(mean.reshape(-1, 3))
         sds.append(sd.numpy())
     return np.concatenate(means), np.concatenate(sds)
 

@@ -135,8 +135,6 @@ def test_a_child_process_run_with_detection_gives_what_the_thread_gives(slicer_s
 
 
 @pytest.mark.skipif(not SHIPPED, reason=f"{DEFAULT_CONDITIONED_MODEL} is not in Resources/Models yet")
-@pytest.mark.xfail(strict=True, reason="hetero_encoder_aif reads the phantom's white matter (ve 0.02, Ktrans 0.001 "
-                   "/min) as Ktrans ~0.11 /min (fast-exchange ambiguity; rim medians are within 3 %): issue 20")
 @pytest.mark.parametrize("source", ["roi", "auto"])
 def test_shipped_aif_conditioned_network_from_the_scene_meets_the_phantom_truth(slicer_scene, phantom, loaded,
                                                                                module, source):

@@ -205,3 +205,31 @@ def _encode_block(y, basis: SeriesBasis, noise, w) -> ProfileEncoding:
                           torch.log1p(dssr.clamp(0.0, DSSR_CLIP)), torch.log(prof.se_k), torch.log(prof.se_v),
                           prof.rho, _compress(post_mean), _compress(anchor), torch.log(post_sd), globals_], 1)
     return ProfileEncoding(features.to(torch.float32), anchor.to(torch.float32), post_sd.to(torch.float32))
+
+
+def plasma_only_choice(conc_mM, basis: SeriesBasis, weights=None):
+    """(no leakage (N,) bool, the plasma-only vp (N,)): where BIC prefers y = vp cp (1 parameter) to the
+    best extended Tofts curve of the bank (3 parameters), as the fit's model choice does. The curve of a
+    tissue without leakage is matched as well by a fast-exchanging space that mimics part of vp, an
+    ambiguity the network's prior resolves towards leakage (white matter read as Ktrans ~0.1 /min)."""
+    y = torch.as_tensor(conc_mM).to(device=basis.times_s.device, dtype=torch.float64)
+    w = None if weights is None else torch.as_tensor(weights).to(device=y.device, dtype=torch.float64)
+    prof = _profile(y, basis, w)
+    yw = y if w is None else y * w
+    cc = basis.cc if w is None else w @ basis.plasma_mM ** 2
+    used = torch.full((y.shape[0],), float(y.shape[1]), dtype=y.dtype, device=y.device) if w is None else w.sum(1)
+    yc, yy = yw @ basis.plasma_mM, (yw * y).sum(1)
+    vp = (yc / cc).clamp_min(0.0)
+    ssr_plasma = (yy - 2 * vp * yc + vp * vp * cc).clamp_min(1e-300)
+    ssr_tofts = prof.ssr.min(1).values.clamp_min(1e-300)
+    plasma_only = used * torch.log(ssr_plasma / ssr_tofts) <= 2.0 * torch.log(used)
+    return plasma_only.cpu().numpy(), vp.cpu().numpy()
+
+
+def with_plasma_only_choice(mean, conc_mM, basis: SeriesBasis, weights=None):
+    """A network's (N, 3) Ktrans, ve, vp with Ktrans 0 and the plasma-only vp where BIC finds no leakage
+    (``plasma_only_choice``); ve is kept (undefined there, as the fit's NaN, but a network map has a value)."""
+    no_leakage, vp = plasma_only_choice(conc_mM, basis, weights)
+    mean = np.array(mean, copy=True)
+    mean[no_leakage, 0], mean[no_leakage, 2] = 0.0, vp[no_leakage]
+    return mean

@@ -116,11 +116,13 @@ def predict_conditioned(model, series, mask, basis, baseline_frames, t10, fa_deg
     def predict(start, stop, _):
         part = index[start:stop]
         t10_part = t10_flat[part] if isinstance(t10_flat, np.ndarray) else t10_flat
-        encoded = _encoded_chunk(np.asarray(flat[part], dtype=np.float64), basis, baseline_frames, t10_part, fa_deg,
-                                 tr_s, r1_per_mM_s)
+        conc, usable, noise = _concentration(np.asarray(flat[part], dtype=np.float64), baseline_frames, t10_part,
+                                             fa_deg, tr_s, r1_per_mM_s)
+        encoded = _encode(conc, usable, noise, basis)
         with torch.no_grad():
             m, s = model.predict(*(encoded[k].to(device) for k in ("features", "anchor", "posterior_sd")))
-        mean_flat[part], sd_flat[part] = m.cpu().numpy(), s.cpu().numpy()
+        mean_flat[part] = aif_encoding.with_plasma_only_choice(m.cpu().numpy(), conc, basis, usable.astype(float))
+        sd_flat[part] = s.cpu().numpy()
 
     plan = runner.plan_chunks(index.size, 8 * n_t * (aif_encoding.N_BANK + 4), threads=1, min_chunk=batch_voxels,
                               max_chunk=batch_voxels)
