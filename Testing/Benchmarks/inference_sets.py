@@ -106,7 +106,7 @@ def network(model, test: TestSet, block: int = 8):
         mean = mean.numpy().reshape(-1, PATCH * PATCH, 3)
         for row, subject in zip(mean, test.subjects[start:start + block]):   # as run_inference does
             basis = aif_encoding.series_basis(subject.times_s, subject.given_plasma_mM, subject.baseline_frames)
-            row[:] = aif_encoding.with_plasma_only_choice(row, subject.conc_mM, basis)
+            row[:] = aif_encoding.with_plasma_only_choice(row, *aif_encoding.plasma_only_choice(subject.conc_mM, basis))
         means.append(mean.reshape(-1, 3))
         sds.append(sd.numpy())
     return np.concatenate(means), np.concatenate(sds)

@@ -173,5 +173,7 @@ def test_the_plasma_only_choice_finds_no_leakage_where_there_is_none_and_keeps_i
     assert found.mean() >= 0.95 and abs(np.median(vp[found]) - 0.02) < 0.002
     assert aif_encoding.plasma_only_choice(leak, basis)[0].mean() <= 0.01
     network = np.tile([0.11, 0.025, 0.016], (n, 1))            # the reading the choice replaces
-    chosen = aif_encoding.with_plasma_only_choice(network, no_leak, basis)
+    chosen = aif_encoding.with_plasma_only_choice(network, found, vp)
+    encoded = aif_encoding.encode(no_leak, basis, np.full(n, 0.005))   # the encoding carries the same choice
+    assert np.array_equal(encoded.no_leakage.numpy(), found) and np.allclose(encoded.plasma_vp.numpy(), vp)
     assert np.median(chosen[:, 0]) == 0.0 and abs(np.median(chosen[:, 2]) - 0.02) < 0.002

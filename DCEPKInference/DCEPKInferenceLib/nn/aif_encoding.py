@@ -29,7 +29,7 @@ least squares, the same as dropping them.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
@@ -64,6 +64,8 @@ class ProfileEncoding:
     features: torch.Tensor        # (N, FEATURE_COUNT) float32
     anchor: torch.Tensor          # (N, 3) Ktrans (1/min), ve, vp; float32
     posterior_sd: torch.Tensor    # (N, 3) same units; float32
+    no_leakage: torch.Tensor      # (N,) bool: BIC prefers y = vp cp to the bank's best curve (``plasma_only_choice``)
+    plasma_vp: torch.Tensor       # (N,) the plasma-only vp; float32
 
 
 def kep_bank(device=None) -> torch.Tensor:
@@ -91,8 +93,9 @@ def encode(conc_mM, basis: SeriesBasis, noise_sd_mM, weights=None, block_voxels:
              for s in range(0, y.shape[0], block_voxels)]
     if not parts:
         empty = torch.zeros((0, 3), dtype=torch.float32, device=y.device)
-        return ProfileEncoding(torch.zeros((0, FEATURE_COUNT), dtype=torch.float32, device=y.device), empty, empty)
-    return ProfileEncoding(*(torch.cat(p) for p in zip(*((q.features, q.anchor, q.posterior_sd) for q in parts))))
+        return ProfileEncoding(torch.zeros((0, FEATURE_COUNT), dtype=torch.float32, device=y.device), empty, empty,
+                               torch.zeros(0, dtype=torch.bool, device=y.device), empty[:, 0])
+    return ProfileEncoding(*(torch.cat([getattr(q, f.name) for q in parts]) for f in fields(ProfileEncoding)))
 
 
 @dataclass
@@ -106,6 +109,8 @@ class _Profile:
     se_k: torch.Tensor        # 1/min
     se_v: torch.Tensor
     rho: torch.Tensor
+    no_leakage: torch.Tensor  # (N,) bool: BIC prefers the plasma-only curve y = vp cp (1 parameter) to the best
+    plasma_vp: torch.Tensor   # (N,)     of the bank (3 parameters: Ktrans, kep, vp), as the fit's model choice
 
 
 def _profile(y, basis: SeriesBasis, w) -> _Profile:
@@ -127,7 +132,10 @@ def _profile(y, basis: SeriesBasis, w) -> _Profile:
     se_k = 60.0 * torch.sqrt(sigma2[:, None] * cc / det)
     se_v = torch.sqrt(sigma2[:, None] * ee / det)
     rho = (-ec / torch.sqrt(ee * cc).clamp_min(1e-300)).expand_as(a)
-    return _Profile(60.0 * a, v, ssr, sigma2, se_k, se_v, rho)
+    plasma_vp = (yc / cc[:, 0]).clamp_min(0.0)
+    ssr_plasma = (yy - 2 * plasma_vp * yc + plasma_vp * plasma_vp * cc[:, 0]).clamp_min(1e-300)
+    no_leakage = used * torch.log(ssr_plasma / ssr.min(1).values.clamp_min(1e-300)) <= 2.0 * torch.log(used)
+    return _Profile(60.0 * a, v, ssr, sigma2, se_k, se_v, rho, no_leakage, plasma_vp)
 
 
 def _clamped(ktrans, ve, vp) -> torch.Tensor:
@@ -204,32 +212,26 @@ def _encode_block(y, basis: SeriesBasis, noise, w) -> ProfileEncoding:
     features = torch.cat([torch.asinh(prof.ktrans / 0.1), torch.asinh(prof.vp / 0.05),
                           torch.log1p(dssr.clamp(0.0, DSSR_CLIP)), torch.log(prof.se_k), torch.log(prof.se_v),
                           prof.rho, _compress(post_mean), _compress(anchor), torch.log(post_sd), globals_], 1)
-    return ProfileEncoding(features.to(torch.float32), anchor.to(torch.float32), post_sd.to(torch.float32))
+    return ProfileEncoding(features.to(torch.float32), anchor.to(torch.float32), post_sd.to(torch.float32),
+                           prof.no_leakage, prof.plasma_vp.to(torch.float32))
 
 
 def plasma_only_choice(conc_mM, basis: SeriesBasis, weights=None):
-    """(no leakage (N,) bool, the plasma-only vp (N,)): where BIC prefers y = vp cp (1 parameter) to the
-    best extended Tofts curve of the bank (3 parameters), as the fit's model choice does. The curve of a
-    tissue without leakage is matched as well by a fast-exchanging space that mimics part of vp, an
-    ambiguity the network's prior resolves towards leakage (white matter read as Ktrans ~0.1 /min)."""
+    """(no leakage (N,) bool, the plasma-only vp (N,)) of curves without their encoding: where BIC prefers
+    y = vp cp (1 parameter) to the best extended Tofts curve of the bank (3 parameters), as the fit's model
+    choice does (``encode`` returns the same as ``no_leakage`` and ``plasma_vp``). A tissue without leakage is
+    matched as well by a fast-exchanging space that mimics part of vp, an ambiguity the network's prior
+    resolves towards leakage (white matter read as Ktrans ~0.1 /min)."""
     y = torch.as_tensor(conc_mM).to(device=basis.times_s.device, dtype=torch.float64)
     w = None if weights is None else torch.as_tensor(weights).to(device=y.device, dtype=torch.float64)
     prof = _profile(y, basis, w)
-    yw = y if w is None else y * w
-    cc = basis.cc if w is None else w @ basis.plasma_mM ** 2
-    used = torch.full((y.shape[0],), float(y.shape[1]), dtype=y.dtype, device=y.device) if w is None else w.sum(1)
-    yc, yy = yw @ basis.plasma_mM, (yw * y).sum(1)
-    vp = (yc / cc).clamp_min(0.0)
-    ssr_plasma = (yy - 2 * vp * yc + vp * vp * cc).clamp_min(1e-300)
-    ssr_tofts = prof.ssr.min(1).values.clamp_min(1e-300)
-    plasma_only = used * torch.log(ssr_plasma / ssr_tofts) <= 2.0 * torch.log(used)
-    return plasma_only.cpu().numpy(), vp.cpu().numpy()
+    return prof.no_leakage.cpu().numpy(), prof.plasma_vp.to(torch.float32).cpu().numpy()
 
 
-def with_plasma_only_choice(mean, conc_mM, basis: SeriesBasis, weights=None):
+def with_plasma_only_choice(mean, no_leakage, plasma_vp):
     """A network's (N, 3) Ktrans, ve, vp with Ktrans 0 and the plasma-only vp where BIC finds no leakage
     (``plasma_only_choice``); ve is kept (undefined there, as the fit's NaN, but a network map has a value)."""
-    no_leakage, vp = plasma_only_choice(conc_mM, basis, weights)
+    no_leakage, plasma_vp = np.asarray(no_leakage, dtype=bool), np.asarray(plasma_vp)
     mean = np.array(mean, copy=True)
-    mean[no_leakage, 0], mean[no_leakage, 2] = 0.0, vp[no_leakage]
+    mean[no_leakage, 0], mean[no_leakage, 2] = 0.0, plasma_vp[no_leakage]
     return mean

@@ -11,7 +11,6 @@ agreed to install it); torch and safetensors are imported by ``load_model`` and 
 """
 
 import errno
-import hashlib
 import importlib.util
 import json
 import os
@@ -20,7 +19,7 @@ from pathlib import Path
 from typing import Dict, List, Tuple
 
 from DCEPKFittingLib.core.errors import DCEPKInputError
-from DCEPKFittingLib.core.output_files import OutputSet
+from DCEPKFittingLib.core.output_files import OutputSet, sha256_of
 
 from ..data.canonical_grid import INPUT_DESCRIPTION, PROTOCOL_FEATURES
 from .input_definitions import ENCODING, READER_INPUT
@@ -47,14 +46,6 @@ def models_dir(path=None) -> Path:
         return Path(path)
     env = os.environ.get("DCEPK_MODELS_DIR")
     return Path(env) if env else DEFAULT_MODELS_DIR
-
-
-def sha256_of(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def list_models(directory=None) -> List[Dict]:

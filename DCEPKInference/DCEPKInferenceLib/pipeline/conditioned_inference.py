@@ -8,6 +8,7 @@ on the acquired times (no canonical grid: an 11-minute series is used whole); fr
 inversion is undefined are left out of that voxel's encoding (weight 0).
 """
 
+from dataclasses import fields
 from typing import Optional
 
 import numpy as np
@@ -88,18 +89,14 @@ def _encode(conc, usable, noise, basis):
         parts["partial"] = aif_encoding.encode(conc[~complete], basis, noise[~complete],
                                                weights=usable[~complete].astype(np.float64))
     out = {}
-    for field in ("features", "anchor", "posterior_sd"):
-        n_features = getattr(next(iter(parts.values())), field).shape[1]
-        joined = torch.zeros((conc.shape[0], n_features), dtype=torch.float32)
+    for field in fields(aif_encoding.ProfileEncoding):
+        sample = getattr(next(iter(parts.values())), field.name)
+        joined = torch.zeros((conc.shape[0],) + tuple(sample.shape[1:]), dtype=sample.dtype)
         for key, rows in (("complete", complete), ("partial", ~complete)):
             if key in parts:
-                joined[torch.from_numpy(rows)] = getattr(parts[key], field)
-        out[field] = joined
+                joined[torch.from_numpy(rows)] = getattr(parts[key], field.name)
+        out[field.name] = joined
     return out
-
-
-def _encoded_chunk(signal_2d, basis, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s):
-    return _encode(*_concentration(signal_2d, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s), basis)
 
 
 def predict_conditioned(model, series, mask, basis, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s, device,
@@ -121,7 +118,8 @@ def predict_conditioned(model, series, mask, basis, baseline_frames, t10, fa_deg
         encoded = _encode(conc, usable, noise, basis)
         with torch.no_grad():
             m, s = model.predict(*(encoded[k].to(device) for k in ("features", "anchor", "posterior_sd")))
-        mean_flat[part] = aif_encoding.with_plasma_only_choice(m.cpu().numpy(), conc, basis, usable.astype(float))
+        mean_flat[part] = aif_encoding.with_plasma_only_choice(m.cpu().numpy(), encoded["no_leakage"].numpy(),
+                                                               encoded["plasma_vp"].numpy())
         sd_flat[part] = s.cpu().numpy()
 
     plan = runner.plan_chunks(index.size, 8 * n_t * (aif_encoding.N_BANK + 4), threads=1, min_chunk=batch_voxels,
