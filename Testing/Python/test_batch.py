@@ -197,3 +197,27 @@ def test_an_unexpected_error_of_the_batch_is_status_3_not_some_subjects_failed(t
     assert cli.main(["batch", "cohort.csv", "--out", "out", *QUICK_CLUSTER]) == 3
     error = capsys.readouterr().err
     assert "RuntimeError: a bug in the batch" in error and "run the same command again to resume" in error
+
+
+def test_an_aif_conditioned_network_and_the_fit_share_the_subjects_input_function(tmp_path):
+    """The manifest's input function reaches an AIF-conditioned network (the vessel ROI) and the fit
+    (automatic detection): both rim medians against the phantom's truth."""
+    for seed, name in enumerate(("a", "b"), start=1):
+        make_subject(tmp_path / name, seed)
+    rows = [subject_row("a", model="none", network="hetero_encoder_aif"), subject_row("b", aif="auto")]
+    out = tmp_path / "out"
+    from DCEPKFittingLib.workflows.plugins import network_provider
+    manifest = read_manifest(write_manifest(tmp_path / "cohort.csv", rows), network_names=network_provider()["names"])
+    summary = run_batch(manifest, out,
+                        cluster=ClusterOptions(workers=1, processes=False, dashboard_address=None), device="cpu")
+    assert summary.exit_code == 0, [o for o in summary.outcomes]
+    rows = read_rows(out / "cohort_statistics.csv")
+    for subject, method in (("a", "network"), ("b", "fit")):
+        for name in ("Ktrans", "ve"):
+            found = [r for r in rows if (r["subject"], r["method"], r["map"], r["label"]) ==
+                     (subject, method, name, str(TUMOUR_RIM))]
+            truth = truth_median(tmp_path / subject, name)
+            print(subject, method, name, found[0]["median"], truth)
+            assert float(found[0]["median"]) == pytest.approx(truth, rel=0.15), (subject, method, name)
+    notes = json.loads((out / "subjects" / "sub-b" / "summary.json").read_text())["notes"]
+    assert any("automatic detection" in note for note in notes), notes

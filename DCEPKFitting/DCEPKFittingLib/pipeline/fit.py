@@ -17,8 +17,8 @@ from ..kinetics.fit_result import PKFit
 from ..kinetics.model import TracerKineticModel
 from ..kinetics.tk_models import MODELS
 from ..signal import default_r1, detect_baseline_frames, fit_vfa_t1, rician, signal_to_concentration
-from .input_function import (SPEC_FIELDS, InputFunctionSpec, SignalInputFunction, input_function_from_signal,
-                             plasma_input_function)
+from .input_function import (SPEC_FIELDS, InputFunctionSpec, SignalInputFunction, checked_input_function,
+                             input_function_from_signal, plasma_input_function)
 
 ArrayOrValue = Union[float, np.ndarray, None]
 RICIAN_CORRECTIONS = ("none", "aif", "all")
@@ -218,10 +218,10 @@ def run_fit(series: DCESeries, settings: FitSettings, progress=None, cancel=None
     raise_if_cancelled(cancel)
     mask = _fit_region(series, settings, converted, messages)
     report(progress, 0.1, "input function")
-    cp = np.asarray(_input_function(series, converted, settings, messages, mask & converted.valid),
-                    dtype=np.float64)
-    if not np.all(np.isfinite(cp)) or np.max(cp) <= 0:
-        raise DCEPKInputError("the input function has no positive finite enhancement: check the AIF ROI or source")
+    cp, described = checked_input_function(_input_function(series, converted, settings, messages,
+                                                           mask & converted.valid),
+                                           settings.input_function, converted.from_signal)
+    messages += described
     model = TracerKineticModel(series.times_s, cp, settings.model, method=settings.method,
                                fit_delay=settings.fit_delay, model_selection=settings.model_selection,
                                signal_baseline=signal_input, device=settings.device)

@@ -162,6 +162,16 @@ def plasma_input_function(spec: InputFunctionSpec, times_s, baseline_frames: Opt
     return curve if spec.aif_is_plasma else aif_lib.blood_to_plasma(curve, spec.hct)
 
 
+def checked_input_function(plasma, spec: InputFunctionSpec, from_signal: Optional[SignalInputFunction] = None):
+    """(the plasma curve as float64, the notes that say what it is): refused without positive finite
+    enhancement; the notes (the detection's, then the source and peak) go into the result's messages."""
+    plasma = np.asarray(plasma, dtype=np.float64)
+    if not np.all(np.isfinite(plasma)) or np.max(plasma) <= 0:
+        raise DCEPKInputError("the input function has no positive finite enhancement: check the AIF ROI or source")
+    notes = list(from_signal.notes) if from_signal is not None else []
+    return plasma, notes + [f"input function: {spec.describe()}, peak {plasma.max():.2f} mM (plasma)"]
+
+
 def command_line_arguments(spec: InputFunctionSpec, roi_file=None) -> List[str]:
     """The options that give ``spec`` back to ``dcepk fit`` / ``dcepk infer`` (the inverse of
     ``input_function_spec``; numbers written so they read back exactly): ``roi_file`` is where its ROI

@@ -149,14 +149,15 @@ def analyse(spec: SubjectSpec, device: str = "auto"):
     mask = read_mask(inputs["mask"][0], *grid) if "mask" in inputs else (None if labels is None else labels > 0)
     t10 = cli.read_t10(args, series)
     vfa = _vfa(spec, series) if "vfa" in inputs else None
+    input_function = _input_function(spec, grid)
     analyses = {}
     if options["model"] != "none":
-        analyses["fit"] = _fit(spec, series, t10, vfa, mask, grid, device, options["network"] == "none")
+        analyses["fit"] = _fit(spec, series, t10, vfa, mask, input_function, device, options["network"] == "none")
         notes += analyses["fit"]["notes"]
     if options["network"] != "none":
         if vfa is not None:   # the T1 map from the fit when there is one
             t10 = analyses["fit"]["maps"]["T10_s"] if "fit" in analyses else _vfa_t1(vfa)
-        analyses["network"] = _network(spec, series, t10, mask, device)
+        analyses["network"] = _network(spec, series, t10, mask, input_function, device)
         notes += analyses["network"]["notes"]
     for method, analysis in analyses.items():
         analysis["rows"] = _statistics(spec, method, analysis, labels, label_names)
@@ -209,24 +210,35 @@ def _vfa_t1(vfa) -> np.ndarray:
     return np.asarray(fit_vfa_t1(*vfa, method="nonlinear")[0], dtype=np.float32)
 
 
-def _fit(spec: SubjectSpec, series, t10, vfa, mask, grid, device: str, last_use: bool) -> dict:
+def _input_function(spec: SubjectSpec, grid):
+    """The subject's input function (``pipeline.input_function.InputFunctionSpec``), None without one: the
+    fit and an AIF-conditioned network resolve the same one."""
     from ..io import read_mask
-    from ..pipeline.fit import FitSettings, run_fit
+    from ..pipeline.input_function import InputFunctionSpec
     options, inputs = spec.options, spec.inputs
+    found = InputFunctionSpec(
+        aif_mask=read_mask(inputs["aif_roi"][0], *grid) if "aif_roi" in inputs else None,
+        aif_csv=inputs["aif_csv"][0] if "aif_csv" in inputs else None, population_aif=options["population_aif"],
+        auto_aif=options.get("auto_aif"), aif_top_fraction=options["aif_top_fraction"],
+        aif_is_plasma=options["aif_is_plasma"], hct=options["hct"], aif_delay_s=options["aif_delay_s"])
+    return found if found.sources_given() else None
+
+
+def _fit(spec: SubjectSpec, series, t10, vfa, mask, input_function, device: str, last_use: bool) -> dict:
+    from ..pipeline.fit import FitSettings, run_fit
+    from ..pipeline.input_function import SPEC_FIELDS
+    options = spec.options
     vfa_signals, vfa_angles, vfa_tr = vfa if vfa is not None else (None, None, None)
     settings = FitSettings(
         model=options["model"], method=options["method"], t10_s=t10, vfa_signals=vfa_signals,
         vfa_flip_angles_deg=vfa_angles, vfa_tr_s=vfa_tr, fa_deg=options["fa_deg"], tr_s=options["tr_s"],
-        r1_per_mM_s=options["r1_per_mM_s"], baseline_frames=options["baseline_frames"],
-        aif_mask=read_mask(inputs["aif_roi"][0], *grid) if "aif_roi" in inputs else None,
-        aif_top_fraction=options["aif_top_fraction"], population_aif=options["population_aif"],
-        aif_csv=inputs["aif_csv"][0] if "aif_csv" in inputs else None, aif_is_plasma=options["aif_is_plasma"],
-        hct=options["hct"], aif_delay_s=options["aif_delay_s"], mask=mask, fit_delay=options["fit_delay"],
-        device=device)
+        r1_per_mM_s=options["r1_per_mM_s"], baseline_frames=options["baseline_frames"], mask=mask,
+        fit_delay=options["fit_delay"], device=device,
+        **({} if input_function is None else {name: getattr(input_function, name) for name in SPEC_FIELDS}))
     return _analysis(options["model"], run_fit(series, settings, reuse_series_memory=last_use))
 
 
-def _network(spec: SubjectSpec, series, t10, mask, device: str) -> dict:
+def _network(spec: SubjectSpec, series, t10, mask, input_function, device: str) -> dict:
     from .plugins import network_provider
     options = spec.options
     provider = network_provider()
@@ -234,7 +246,7 @@ def _network(spec: SubjectSpec, series, t10, mask, device: str) -> dict:
         raise DCEPKInputError("network maps need the inference package (DCEPKInference), which is not installed")
     result = provider["maps"](series, options["network"], mask=mask, device=device, t10_s=t10,
                               fa_deg=options["fa_deg"], tr_s=options["tr_s"], r1_per_mM_s=options["r1_per_mM_s"],
-                              baseline_frames=options["baseline_frames"])
+                              baseline_frames=options["baseline_frames"], input_function=input_function)
     return _analysis(options["network"], result)
 
 

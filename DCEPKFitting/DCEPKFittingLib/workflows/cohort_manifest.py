@@ -33,7 +33,8 @@ COLUMNS = {
     "vfa_fa": "flip angles of the VFA images in degrees, separated by ';' (DICOM: from the headers)",
     "vfa_tr": "TR of the VFA images in seconds (DICOM: from the headers)",
     "aif": "input function: a population AIF (parker, georgiou, weinmann), a CSV of time (s) and blood "
-           "concentration (mM), or a mask file of an artery (or vein) ROI on the series grid",
+           "concentration (mM), a mask file of an artery (or vein) ROI on the series grid, or auto (automatic "
+           "detection: auto, auto-artery, auto-vein); used by the fit and by an AIF-conditioned network",
     "aif_top_fraction": "use only this fraction of the most enhancing ROI voxels (0-1]",
     "aif_is_plasma": "yes if the ROI / CSV curve is plasma, not blood",
     "aif_delay": "extra delay of the input function in seconds",
@@ -55,6 +56,8 @@ COLUMNS = {
     "network": "shipped network for maps with uncertainty (dcepk infer --list) | none (default: --network)",
 }
 REQUIRED = ("subject", "dce")
+# the aif column's words for automatic detection (pipeline.input_function's auto_aif)
+AUTOMATIC_AIFS = {"auto": "either", "auto-artery": "artery", "auto-vein": "vein"}
 # names other tools use for a column (lower case, without '_' and '-'), for the "did you mean" of a typo
 SYNONYMS = {"flipangle": "fa", "fadeg": "fa", "repetitiontime": "tr", "trs": "tr", "t1": "t10", "t1map": "t10",
             "t10map": "t10", "aifroi": "aif", "aifmask": "aif", "populationaif": "aif", "aifcsv": "aif",
@@ -364,15 +367,18 @@ def _flip_angles(text: str) -> List[float]:
 
 def _input_function(row: _Row, defaults: BatchDefaults, options: dict, inputs: dict) -> None:
     options["hct"] = row.value("hct", cli.FRACTION, row.cells.get("hct") or defaults.hct)
-    options["population_aif"] = None
+    options["population_aif"] = options["auto_aif"] = None
     text = row.cells.get("aif", "") or defaults.aif
     if not text:
         if options["model"] != "none":
-            row.problem("aif", "no input function for the fit: give a population AIF, a CSV or an ROI mask "
-                               "(or --aif for all rows)")
+            row.problem("aif", "no input function for the fit: give a population AIF, a CSV, an ROI mask or "
+                               "auto (or --aif for all rows)")
         return
     if text.lower() in POPULATION_AIFS:
         options["population_aif"] = text.lower()
+        return
+    if text.lower() in AUTOMATIC_AIFS:
+        options["auto_aif"] = AUTOMATIC_AIFS[text.lower()]
         return
     found = row.path("aif", text, folder_ok=False)
     if found:

@@ -18,8 +18,8 @@ from DCEPKFittingLib.core import runner
 from DCEPKFittingLib.core.device import resolve_device
 from DCEPKFittingLib.core.errors import DCEPKInputError, setting
 from DCEPKFittingLib.core.jobs import raise_if_cancelled, report, sub_progress
-from DCEPKFittingLib.pipeline.input_function import (InputFunctionSpec, input_function_from_signal,
-                                                     plasma_input_function)
+from DCEPKFittingLib.pipeline.input_function import (InputFunctionSpec, checked_input_function,
+                                                     input_function_from_signal, plasma_input_function)
 from DCEPKFittingLib.kinetics import tk_models
 from DCEPKFittingLib.signal import detect_baseline_frames, rician, signal_to_concentration
 
@@ -62,11 +62,9 @@ def resolve_series_input_function(series, spec: InputFunctionSpec, *, t10_s, fa_
     from_signal = input_function_from_signal(series.signal, series.times_s, spec, t10_s=t10_s, fa_deg=fa_deg,
                                              tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, baseline_frames=baseline_frames,
                                              noise_sigma=sigma)
-    plasma = plasma_input_function(spec, series.times_s, baseline_frames, from_signal)
-    plasma = np.asarray(plasma, dtype=np.float64)
-    if not np.all(np.isfinite(plasma)) or np.max(plasma) <= 0:
-        raise DCEPKInputError("the input function has no positive finite enhancement: check the AIF ROI or source")
-    notes += from_signal.notes + [f"input function: {spec.describe()}, peak {plasma.max():.2f} mM (plasma)"]
+    plasma, described = checked_input_function(plasma_input_function(spec, series.times_s, baseline_frames,
+                                                                     from_signal), spec, from_signal)
+    notes += described
     return plasma, from_signal
 
 
@@ -129,8 +127,8 @@ def predict_conditioned(model, series, mask, basis, baseline_frames, t10, fa_deg
 
 
 def _slice_batch(conc, usable, noise, inside, shape_hw, basis, with_stream, device):
-    """The 2-D networks' input for one slice box: the tissue pixels' curves, the others flat (no
-    contrast, the slice's median noise), as the training patches' pixels are all tissue."""
+    """(the 2-D networks' input for one slice box, its pixels' encoding): the tissue pixels' curves, the
+    others flat (no contrast, the slice's median noise), as the training patches' pixels are all tissue."""
     n = inside.size
     full = np.zeros((n, conc.shape[1]))
     full[inside] = conc
@@ -153,7 +151,7 @@ def _slice_batch(conc, usable, noise, inside, shape_hw, basis, with_stream, devi
         batch["stream"] = torch.as_tensor(curves.transpose(0, 2, 1).reshape(1, 3, -1, h, w), dtype=torch.float32,
                                           device=device)
         batch["valid"] = torch.as_tensor(valid[None], dtype=torch.float32, device=device)
-    return batch
+    return batch, encoded
 
 
 def predict_conditioned_slices(model, series, mask, basis, baseline_frames, t10, fa_deg, tr_s, r1_per_mM_s, device,
@@ -174,10 +172,12 @@ def predict_conditioned_slices(model, series, mask, basis, baseline_frames, t10,
             t10_part = t10[k, j0:j1, i0:i1].ravel()[inside] if isinstance(t10, np.ndarray) else t10
             signal = np.asarray(series.signal[k, j0:j1, i0:i1].reshape(-1, n_t)[inside], dtype=np.float64)
             conc, usable, noise = _concentration(signal, baseline_frames, t10_part, fa_deg, tr_s, r1_per_mM_s)
-            batch = _slice_batch(conc, usable, noise, inside, tissue.shape, basis, model.uses_stream, device)
+            batch, encoded = _slice_batch(conc, usable, noise, inside, tissue.shape, basis, model.uses_stream, device)
             with torch.no_grad():
                 m, s = model.predict(batch)
-            mean[k, j0:j1, i0:i1][tissue] = m[0].permute(1, 2, 0).cpu().numpy()[tissue]
+            pixels = aif_encoding.with_plasma_only_choice(m[0].permute(1, 2, 0).reshape(-1, 3).cpu().numpy(),
+                                                          encoded["no_leakage"].numpy(), encoded["plasma_vp"].numpy())
+            mean[k, j0:j1, i0:i1][tissue] = pixels[inside]
             sd[k, j0:j1, i0:i1][tissue] = s[0].permute(1, 2, 0).cpu().numpy()[tissue]
 
     plan = runner.plan_chunks(len(slices), 0, threads=1, max_chunk=1)

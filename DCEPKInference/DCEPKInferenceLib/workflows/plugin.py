@@ -40,15 +40,18 @@ def demo_analyses(series, mask, device, progress, t10_s, r1_per_mM_s) -> Dict[st
 
 
 def networks() -> Dict[str, object]:
-    """The shipped networks for ``dcepk batch`` (the fitting core's ``plugins.network_provider``): the AIF-free
-    ones (a batch subject's input function does not reach a network yet)."""
+    """The shipped networks for ``dcepk batch`` (the fitting core's ``plugins.network_provider``): an
+    AIF-conditioned one takes the subject's input function (the fit's), an AIF-free one none."""
     def names():
         from ..nn.model_store import list_models, model_mode
-        return [card["name"] for card in list_models() if model_mode(card) == "aif_free"]
+        return [card["name"] for card in list_models() if model_mode(card) in ("aif_free", "aif_conditioned")]
 
-    def maps(series, name, mask, device, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames):
+    def maps(series, name, mask, device, t10_s, fa_deg, tr_s, r1_per_mM_s, baseline_frames, input_function=None):
+        from ..nn.model_store import model_mode, read_card
         from ..pipeline.inference import run_inference
+        conditioned = model_mode(read_card(name)) == "aif_conditioned"
         return run_inference(series, name, mask=mask, device=device, t10_s=t10_s, fa_deg=fa_deg, tr_s=tr_s,
-                             r1_per_mM_s=r1_per_mM_s, baseline_frames=baseline_frames)
+                             r1_per_mM_s=r1_per_mM_s, baseline_frames=baseline_frames,
+                             input_function=input_function if conditioned else None)
 
     return {"names": names, "maps": maps}
