@@ -69,7 +69,9 @@ Pharmacokinetic maps with per-voxel uncertainty from a dynamic contrast-enhanced
 neural networks. <b>Input function</b>: in mode <i>aif</i> an AIF-conditioned network (e.g.
 <i>hetero_encoder_aif</i>) is given the input function: an AIF ROI (a box, a label map or a segmentation on
 an artery or vein; <i>ROI label</i> picks one label or segment), a CSV file, a population AIF, or automatic
-detection; in mode <i>image</i> the input function is read from the image (detected automatically);
+detection; in mode <i>image</i> the input function is read from the image by the reader network (aif_reader;
+detected automatically where it is not installed), and the voxels it looked at most and the curve it read are
+shown as the segmentation and chart 'DCEPK AIF (read by network)';
 <i>Detect the input function</i> shows the detected curve in a chart and makes its voxels an editable
 segmentation ('artery', 'vein') chosen as the AIF ROI.
 Mode <i>aif-free</i> runs the earlier networks that see no input function (Ktrans only up to its amplitude).<br>
@@ -430,8 +432,9 @@ class DCEPKInferenceLogic(ScriptedLoadableModuleLogic):
         An AIF-conditioned network (``modelName`` ``hetero_encoder_aif`` ...) needs ``aifSource``: 'roi'
         (``aifRoi``: markups ROI, label map or segmentation on an artery or vein; ``aifRoiLabel`` > 0: only
         that label value or segment number), 'csv' (``aifCsv``: time s, concentration mM), 'population'
-        (``populationAif``) or 'auto' (detected; ``autoAif`` 'either', 'artery' or 'vein': the voxels come
-        back as the 'input_function' segmentation and chart); ``hematocrit``, ``bloodT10_s`` (vessel T10 in s;
+        (``populationAif``), 'auto' (detected; ``autoAif`` 'either', 'artery' or 'vein': the voxels come
+        back as the 'input_function' segmentation and chart) or 'image' (image-only mode: read by the reader
+        network, its most-attended voxels and curve come back the same way); ``hematocrit``, ``bloodT10_s`` (vessel T10 in s;
         None: the T10 given, automatic: 1.6 s). AIF-free networks take no ``aifSource``.
         The comparison fit uses ``fitModel`` with the same input function (AIF-free: ``populationAif``) and
         the same T10. ``progress(fraction, message)`` and ``cancel`` (``threading.Event``) are optional.

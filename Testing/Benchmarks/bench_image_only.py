@@ -8,9 +8,9 @@ signal domain and inflow; the Georgiou input-function family, never trained on; 
 Per subject:
 * NLLS (the core's fit, ``run_fit``) with the AIF of operator 1's ROI, of operator 2's ROI (same noise),
   and of operator 1's ROI on a second noise realisation; nominal blood T10 1.6 s, as an operator would;
-* image-only networks: the automatic detection (``--auto-aif``) into each AIF-conditioned network, on
-  both noise realisations; ``tcn_punet_aif`` also with two latent draws; the trained reader
-  (``aif_reader``) into ``hetero_encoder_aif`` when it is shipped.
+* image-only networks: the input function found automatically (``--auto-aif``) and read by the reader
+  network (``aif_reader``, when it is shipped) into each AIF-conditioned network, on both noise
+  realisations; ``tcn_punet_aif`` also with two latent draws.
 Accuracy: Ktrans median abs error over leaky tissue pixels (true Ktrans >= 0.01 /min; vessels left out)
 and gross errors over all tissue pixels. Reliability: ICC(A,1) (McGraw
 & Wong 1996) of the per-subject median Ktrans of the enhancing tissue (true Ktrans >= 0.05 /min).
@@ -35,6 +35,7 @@ from DCEPKFittingLib.pipeline.input_function import InputFunctionSpec  # noqa: E
 from DCEPKInferenceLib.analysis import metrics  # noqa: E402
 from DCEPKInferenceLib.data.vessel_slices import operator_roi, simulate_vessel_slice  # noqa: E402
 from DCEPKInferenceLib.nn.model_store import list_models, model_mode  # noqa: E402
+from DCEPKInferenceLib.nn.input_definitions import ReadFromImage  # noqa: E402
 from DCEPKInferenceLib.pipeline.inference import run_inference  # noqa: E402
 
 SEED = 960_000
@@ -57,14 +58,17 @@ def _nlls(slice_, roi, tissue):
     return run_fit(_series(slice_), settings).maps["Ktrans"][0]
 
 
-def _network(slice_, name, tissue, seed=0):
+def _network(slice_, name, tissue, seed=0, reader=False):
+    """Ktrans of network ``name`` with the input function detected automatically, or (``reader``) read by
+    the reader network."""
     torch.manual_seed(seed)
-    spec = InputFunctionSpec(auto_aif="either", blood_t10_s=NOMINAL_BLOOD_T10_S, hct=0.45)
+    spec = ReadFromImage() if reader else InputFunctionSpec(auto_aif="either", blood_t10_s=NOMINAL_BLOOD_T10_S,
+                                                            hct=0.45)
     return run_inference(_series(slice_), name, mask=tissue[None], device="cpu", t10_s=slice_.t10_s[None],
                          r1_per_mM_s=slice_.r1_per_mM_s, input_function=spec).maps["Ktrans"][0]
 
 
-def one_subject(index, size, snr, networks):
+def one_subject(index, size, snr, networks, with_reader):
     structure = [SEED, index]
     first = simulate_vessel_slice(np.random.default_rng(structure), size, aif_family="georgiou", snr=snr)
     second = simulate_vessel_slice(np.random.default_rng(structure), size, aif_family="georgiou", snr=snr,
@@ -76,13 +80,16 @@ def one_subject(index, size, snr, networks):
            "NLLS, operator 1": _nlls(first, rois[0], tissue), "NLLS, operator 2": _nlls(first, rois[1], tissue),
            "NLLS, operator 1, second noise": _nlls(second, rois[0], tissue)}
     for name in networks:
-        try:
-            out[f"{name}, automatic AIF"] = _network(first, name, tissue)
-            out[f"{name}, automatic AIF, second noise"] = _network(second, name, tissue)
-            if name.startswith("tcn_punet"):
-                out[f"{name}, automatic AIF, latent draw 2"] = _network(first, name, tissue, seed=1)
-        except Exception as error:   # detection found nothing: say so, count it
-            log(f"  subject {index} {name}: {error}")
+        for source, reader in (("automatic AIF", False), ("reader network", True)):
+            if reader and not with_reader:
+                continue
+            try:
+                out[f"{name}, {source}"] = _network(first, name, tissue, reader=reader)
+                out[f"{name}, {source}, second noise"] = _network(second, name, tissue, reader=reader)
+                if name.startswith("tcn_punet"):
+                    out[f"{name}, {source}, latent draw 2"] = _network(first, name, tissue, seed=1, reader=reader)
+            except Exception as error:   # detection found nothing: say so, count it
+                log(f"  subject {index} {name} ({source}): {error}")
     return out
 
 
@@ -96,9 +103,10 @@ def main(argv=None):
     torch.set_num_threads(1)
     started = time.perf_counter()
     networks = [c["name"] for c in list_models() if model_mode(c) == "aif_conditioned"]
+    with_reader = any(model_mode(c) == "aif_reader" for c in list_models())
     subjects = []
     for index in range(args.subjects):
-        subjects.append(one_subject(index, args.size, args.snr, networks))
+        subjects.append(one_subject(index, args.size, args.snr, networks, with_reader))
         log(f"subject {index + 1}/{args.subjects}")
     text = render(subjects, args, time.perf_counter() - started)
     print(text)
@@ -149,7 +157,7 @@ def render(subjects, args, wall):
     pairs = [("NLLS", "two independent ROI placements, same noise", "NLLS, operator 1", "NLLS, operator 2"),
              ("NLLS", "same ROI, two noise realisations", "NLLS, operator 1", "NLLS, operator 1, second noise")]
     for method in methods:
-        if "automatic AIF" in method:
+        if "automatic AIF" in method or "reader network" in method:
             pairs.append((method, "two noise realisations", method, f"{method}, second noise"))
             if method.startswith("tcn_punet"):
                 pairs.append((method, "two latent draws", method, f"{method}, latent draw 2"))

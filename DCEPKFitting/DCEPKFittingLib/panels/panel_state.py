@@ -169,7 +169,7 @@ def models_for_mode(cards, mode: str) -> list:
 
 def inference_source(p) -> Optional[str]:
     """The input function source a run of the panel's mode uses (None: the AIF-free networks)."""
-    return {"aif": p.aifSource, "image": "auto"}.get(p.mode)
+    return {"aif": p.aifSource, "image": "image"}.get(p.mode)
 
 
 def _first_missing_input_function(p) -> str:
@@ -189,7 +189,7 @@ def _input_function_enabled(p, running: bool) -> Dict[str, bool]:
             "aifCsvPathLineEdit": source == "csv", "autoAifKindComboBox": source == "auto" and given,
             "populationAifComboBox": source == "population" or (p.compareWithFit and source is None),
             "hematocritSpinBox": source is not None or p.compareWithFit,
-            "bloodT10SpinBox": source in ("roi", "auto"),
+            "bloodT10SpinBox": source in ("roi", "auto", "image"),   # image: the detection fallback, comparison fit
             "detectAifButton": bool(p.inputSequence) and not running}
 
 

@@ -83,9 +83,14 @@ def stage_input_function_outputs(outputs, out_dir: Path, found: SignalInputFunct
     from ..io import stage_volume
     mask_path, curve_path = out_dir / AUTO_MASK_FILE, out_dir / AUTO_CURVE_FILE
     stage_volume(outputs, mask_path, found.label_map.astype(np.uint8), geometry)
-    rows = "".join(f"{t:.6g},{c:.6g}\n" for t, c in zip(np.asarray(times_s) - times_s[0], found.blood_mM))
-    outputs.add_text(curve_path, "time (s),concentration (mM)\n" + rows)
+    outputs.add_text(curve_path, curve_csv(times_s, found.blood_mM))
     return [mask_path, curve_path]
+
+
+def curve_csv(times_s, concentration_mM) -> str:
+    """A curve as the CSV that --aif-csv reads back: time (s) from the first frame, concentration (mM)."""
+    rows = "".join(f"{t:.6g},{c:.6g}\n" for t, c in zip(np.asarray(times_s) - times_s[0], concentration_mM))
+    return "time (s),concentration (mM)\n" + rows
 
 
 def check_no_input_function(args, why: str) -> None:

@@ -23,6 +23,7 @@ from DCEPKFittingLib.pipeline.input_function import (AUTO_CURVE_FILE, AUTO_MASK_
                                                      command_line_arguments)
 from DCEPKFittingLib.mrml.scene_fit import SceneFitRequest
 
+from ..nn.input_definitions import READ_MASK_FILE, ReadFromImage
 from .scene_inference import (SceneInferenceRequest, comparison_fit_settings, compute_scene_inference,
                               inference_result)
 
@@ -69,7 +70,7 @@ def write_inference_inputs(request: SceneInferenceRequest, folder: Path) -> None
     if np.ndim(request.t10_s) == 3:
         write_volume(folder / T10_FILE, np.asarray(request.t10_s, dtype=np.float32), geometry)
     spec = request.input_function
-    if spec is not None and spec.aif_mask is not None:
+    if getattr(spec, "aif_mask", None) is not None:
         write_volume(folder / AIF_MASK_FILE, np.asarray(spec.aif_mask, dtype=bool), geometry)
 
 
@@ -84,7 +85,9 @@ def infer_command(python: str, request: SceneInferenceRequest, folder: Path) -> 
     args += acquisition_options(series, request.fa_deg, request.tr_s)
     if request.r1_per_mM_s is not None:
         args.append(f"--r1={number(request.r1_per_mM_s)}")
-    if request.input_function is not None:   # an AIF-conditioned model: its input function, as the thread's
+    if isinstance(request.input_function, ReadFromImage):   # image-only mode: the reader network reads it
+        args += ["--mode", "image"]
+    elif request.input_function is not None:   # an AIF-conditioned model: its input function, as the thread's
         args += ["--mode", "aif", *command_line_arguments(request.input_function, folder / AIF_MASK_FILE)]
     return dcepk_command(python, INFER_MODULE, *args)
 
@@ -117,7 +120,10 @@ def read_inference(request: SceneInferenceRequest, folder: Path):
 
 
 def _detected_input_function(out: Path) -> Optional[SignalInputFunction]:
-    """The voxels and blood curve automatic detection chose (the files ``dcepk infer --auto-aif`` writes)."""
+    """The voxels and blood curve automatic detection chose (the files ``dcepk infer --auto-aif`` writes), or
+    the voxels the reader network looked at most (``--mode image``; its curve is the summary's plasma)."""
+    if (out / READ_MASK_FILE).is_file():
+        return SignalInputFunction(label_map=read_volume(out / READ_MASK_FILE)[0].astype(np.uint8))
     if not (out / AUTO_MASK_FILE).is_file():
         return None
     curve = np.loadtxt(out / AUTO_CURVE_FILE, delimiter=",", skiprows=1, ndmin=2)

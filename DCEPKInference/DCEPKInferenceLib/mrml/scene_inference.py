@@ -23,8 +23,11 @@ from DCEPKFittingLib.io import DCESeries
 from DCEPKFittingLib.mrml.volumes import node_by_name
 from DCEPKFittingLib.pipeline.input_function import SPEC_FIELDS
 
+from ..nn.input_definitions import READ_LABEL, ReadFromImage
 from .model_cards import PARAMETERS, UNITS
 from .uncertainty import Threshold, UNCERTAINTY_ATTRIBUTE, excluded_by_uncertainty, normalize_threshold
+
+READ_NAME = "DCEPK AIF (read by network)"   # image-only mode: what the reader looked at, and its curve
 
 
 FIT_PREFIX = "fit_"               # conventional-fit maps published beside the network's: fit_Ktrans, ...
@@ -78,7 +81,8 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
 
     ``aif_source`` (``roi``, ``csv``, ``population``, ``auto``; None: no input function) gives an
     AIF-conditioned model its input function (``fit_mrml.input_function_from_nodes``, with
-    ``population_aif`` and ``hct``); the comparison fit then uses the same one."""
+    ``population_aif`` and ``hct``); the comparison fit then uses the same one. ``image``: image-only
+    mode (``image_only_input_function``; the comparison fit then uses automatic detection)."""
     from ..nn.model_store import model_mode, read_card
 
     conditioned = model_mode(read_card(model_name)) == "aif_conditioned"  # unknown model: clear error now
@@ -105,8 +109,9 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
     elif not 0.05 <= float(t10) <= 10.0:
         raise DCEPKInputError(f"T10 = {t10} s is outside 0.05-10 s: give T10 in seconds")
     _, regions = fit_mrml.statistics_regions(statistics_segmentation, mask, reference)
-    spec = None if aif_source is None else fit_mrml.input_function_from_nodes(
-        reference, aif_source, aif_roi, aif_roi_label, aif_csv, population_aif, auto_aif, hct, blood_t10_s)
+    spec = image_only_input_function(reference, hct, blood_t10_s) if aif_source == "image" else \
+        None if aif_source is None else fit_mrml.input_function_from_nodes(
+            reference, aif_source, aif_roi, aif_roi_label, aif_csv, population_aif, auto_aif, hct, blood_t10_s)
     fit_settings = None
     if compare_with_fit:
         if fit_model not in FIT_MODELS:
@@ -116,7 +121,8 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
         if population_aif not in POPULATION_AIFS:
             raise DCEPKInputError(f"population AIF '{population_aif}' unknown: use one of {', '.join(POPULATION_AIFS)}")
         source = dict(population_aif=population_aif, hct=hct) if spec is None else \
-            {name: getattr(spec, name) for name in SPEC_FIELDS}
+            dict(auto_aif="either", hct=hct, blood_t10_s=blood_t10_s or None) if isinstance(spec, ReadFromImage) \
+            else {name: getattr(spec, name) for name in SPEC_FIELDS}
         fit_settings = dict(model=fit_model, method="nlls", t10_s=t10, fa_deg=fa_deg, tr_s=tr_s,
                             r1_per_mM_s=r1_per_mM_s, device=device, **source)
     return SceneInferenceRequest(
@@ -125,6 +131,16 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
         fit_settings=fit_settings,
         statistics_regions=regions, source_id=series.metadata.get("sequence_id", ""),
         output_prefix=output_prefix or "DCEPK-NN", update_existing=update_existing, input_function=spec)
+
+
+def image_only_input_function(reference, hct: float, blood_t10_s: Optional[float]):
+    """Image-only mode's input function: read by the reader network where it is installed, else found by
+    automatic detection (the same as source 'auto', kind 'either')."""
+    from ..nn.model_store import reader_installed
+
+    if reader_installed():
+        return ReadFromImage()
+    return fit_mrml.input_function_from_nodes(reference, "auto", auto_kind="either", hct=hct, blood_t10_s=blood_t10_s)
 
 
 def compute_scene_inference(request: SceneInferenceRequest, progress=None, cancel=None) -> SceneInferenceResult:
@@ -162,7 +178,8 @@ def inference_result(request: SceneInferenceRequest, inference, fit=None) -> Sce
     """The published result of a run (in a thread or a child process): ``derive_outputs`` and the messages."""
     messages = list(inference.messages)
     if fit is not None:
-        used = request.input_function.describe() if request.input_function is not None else \
+        used = "automatic detection (either)" if isinstance(request.input_function, ReadFromImage) else \
+            request.input_function.describe() if request.input_function is not None else \
             f"the {request.fit_settings['population_aif']} population AIF"
         messages.append(f"comparison fit used {used}")
     result = derive_outputs(request, inference, fit)
@@ -311,6 +328,8 @@ def _publish_detected(scene, request: SceneInferenceRequest, result: SceneInfere
     input function (an earlier detection's nodes replaced with ``update_existing``), else {}."""
     found = getattr(result.inference, "input_function", None)
     spec = request.input_function
+    if isinstance(spec, ReadFromImage) and found is not None and found.label_map is not None:
+        return _publish_read(scene, request, result, found)
     if found is None or found.label_map is None or spec is None or spec.auto_aif is None:
         return {}
     name = fit_mrml.DETECTED_NAME
@@ -318,6 +337,21 @@ def _publish_detected(scene, request: SceneInferenceRequest, result: SceneInfere
     chart = node_by_name(scene, "vtkMRMLPlotChartNode", name) if request.update_existing else None
     segmentation, chart = fit_mrml.publish_detected_input_function(scene, found, request.series.times_s,
                                                                    result.inference.geometry, previous, chart)
+    return {"input_function": segmentation, "input_function_chart": chart}
+
+
+def _publish_read(scene, request: SceneInferenceRequest, result: SceneInferenceResult, found) -> Dict[str, object]:
+    """Image-only mode: the voxels the reader network looked at most (a segmentation) and the plasma curve
+    it read (a chart), an earlier run's replaced with ``update_existing``."""
+    previous = node_by_name(scene, "vtkMRMLSegmentationNode", READ_NAME) if request.update_existing else None
+    chart = node_by_name(scene, "vtkMRMLPlotChartNode", READ_NAME) if request.update_existing else None
+    segmentation = fit_mrml.segmentation_from_labels(scene, found.label_map, result.inference.geometry,
+                                                     {READ_LABEL: "read by the network"}, READ_NAME)
+    if previous is not None and previous.GetScene() is scene:
+        scene.RemoveNode(previous)
+    chart = fit_mrml.plot_curves(scene, READ_NAME, np.asarray(request.series.times_s),
+                                 {"plasma (read from the image)": result.inference.aif_plasma_mM}, "time (s)",
+                                 "concentration (mM)", chart=chart)
     return {"input_function": segmentation, "input_function_chart": chart}
 
 

@@ -70,20 +70,26 @@ class AifReader(nn.Module):
         self.descriptor_mean.copy_(descriptors.mean(0))
         self.descriptor_scale.copy_(descriptors.std(0).clamp_min(1e-3))
 
-    def attention(self, descriptors, body):
+    def logits(self, descriptors, body):
+        """(attention logits (B, HW), -1e9 outside the body; standardised descriptors (B, D, H, W))."""
         x = (descriptors - self.descriptor_mean[None, :, None, None]) / self.descriptor_scale[None, :, None, None]
         h = self.embed(x)
         for conv in self.context:
             h = h + F.gelu(conv(h))
-        logits = self.logit(h).flatten(1).masked_fill(body.flatten(1) <= 0, -1e9)
-        return torch.softmax(logits, dim=1), x
+        return self.logit(h).flatten(1).masked_fill(body.flatten(1) <= 0, -1e9), x
 
-    def forward(self, descriptors, curves, body):
-        weights, x = self.attention(descriptors, body)                         # (B, HW)
-        shape = torch.einsum("bn,bgn->bg", weights, curves.flatten(2))
-        pooled = torch.einsum("bn,bdn->bd", weights, x.flatten(2))
+    def amplitude_corrected(self, shape, pooled):
+        """(the input function: ``shape`` (B, G) rescaled by the amplitude head, its log-amplitude SD (B,))
+        from the attention-weighted mean of the standardised descriptors ``pooled`` (B, D)."""
         log_scale, log_sd = self.amplitude(pooled).unbind(1)
         return shape * torch.exp(log_scale)[:, None], F.softplus(log_sd) + 1e-3
+
+    def forward(self, descriptors, curves, body):
+        logits, x = self.logits(descriptors, body)
+        weights = torch.softmax(logits, dim=1)                                   # (B, HW)
+        shape = torch.einsum("bn,bgn->bg", weights, curves.flatten(2))
+        pooled = torch.einsum("bn,bdn->bd", weights, x.flatten(2))
+        return self.amplitude_corrected(shape, pooled)
 
 
 def reader_loss(predicted, log_sd, truth, valid, first_pass_weight: float = 2.0):

@@ -2,6 +2,8 @@
 (``aif_encoding``) and the image-only reader's input (``aif_reader``). Numpy only, so the cards can be
 checked where torch is not installed (the module panel lists the networks before torch is)."""
 
+from dataclasses import dataclass
+
 import numpy as np
 
 KEP_BANK_PER_MIN = tuple(float(k) for k in np.geomspace(0.005, 60.0, 40))
@@ -28,3 +30,24 @@ SCALARS = ("log S0 / median S0", "asinh peak RE", "time to peak after earliest a
 DESCRIPTORS = len(SCALARS) + COARSE_POINTS
 READER_INPUT = {"descriptors": list(SCALARS) + [f"RE on {COARSE_POINTS} coarse points"],
                 "curves": f"blood concentration with T10 {NOMINAL_BLOOD_T10_S} s on the canonical grid"}
+
+
+READER_MODEL = "aif_reader"
+READ_MASK_FILE = "aif_read_mask.nii.gz"   # dcepk infer --mode image: the voxels carrying most of the attention
+READ_CURVE_FILE = "aif_read.csv"          # ... and the plasma curve the reader read (time s, mM)
+READ_LABEL = 1                            # the label of those voxels in its mask
+
+
+@dataclass
+class ReadFromImage:
+    """The input function of image-only mode: read from the series by the reader network ``reader``
+    (``pipeline.image_input_function``; it gives plasma concentration itself: no haematocrit, no blood
+    T10 to choose)."""
+
+    reader: str = READER_MODEL
+
+    def describe(self) -> str:
+        return f"read from the image by the {self.reader} network"
+
+    def check(self) -> "ReadFromImage":
+        return self

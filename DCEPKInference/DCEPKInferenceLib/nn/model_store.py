@@ -93,6 +93,11 @@ def read_card(name: str, directory=None) -> Dict:
     return card
 
 
+def reader_installed(directory=None) -> bool:
+    """Whether image-only mode's reader network (card mode 'aif_reader') is in the models folder."""
+    return any(model_mode(card) == "aif_reader" for card in list_models(directory))
+
+
 def model_mode(card: Dict) -> str:
     """'aif_conditioned' (takes an input function), 'aif_reader' (image-only mode's input-function reader)
     or 'aif_free' (cards written before the modes: aif_free)."""

@@ -26,11 +26,13 @@ from DCEPKFittingLib.signal import detect_baseline_frames, rician, signal_to_con
 from ..data import canonical_grid as cg
 from ..nn import aif_encoding
 from ..nn.model_store import load_model
+from ..nn.input_definitions import ReadFromImage
+from .image_input_function import read_input_function
 
 MIN_BASELINE_FRAMES = 2     # the baseline noise SD needs two
 
 
-def check_mode(mode: str, input_function: Optional[InputFunctionSpec], model_name: str) -> None:
+def check_mode(mode: str, input_function, model_name: str) -> None:
     """An AIF-conditioned model needs an input function; an AIF-free one takes none."""
     if mode == "aif_conditioned" and input_function is None:
         raise DCEPKInputError(
@@ -185,15 +187,24 @@ def predict_conditioned_slices(model, series, mask, basis, baseline_frames, t10,
     return mean, sd
 
 
-def run_conditioned(series, model_name, spec: InputFunctionSpec, *, mask, device, fa_deg, tr_s, t10, r1_per_mM_s,
+def run_conditioned(series, model_name, spec, *, mask, body, device, fa_deg, tr_s, t10, r1_per_mM_s,
                     baseline_frames, batch_voxels, models_dir, notes: list, progress=None, cancel=None):
-    """(mean, sd, plasma input function, what the signal gave, model card, device) for ``run_inference``."""
+    """(mean, sd, plasma input function, what the signal gave, model card, device) for ``run_inference``;
+    ``spec``: an ``InputFunctionSpec``, or ``ReadFromImage`` (image-only mode: the reader network reads it
+    from the voxels of ``body``)."""
     dev = torch.device(resolve_device(device, notes))
     model, card = load_model(model_name, dev, models_dir)
     report(progress, 0.0, "input function")
-    plasma, from_signal = resolve_series_input_function(series, spec, t10_s=t10, fa_deg=fa_deg, tr_s=tr_s,
-                                                        r1_per_mM_s=r1_per_mM_s, baseline_frames=baseline_frames,
-                                                        notes=notes)
+    if isinstance(spec, ReadFromImage):
+        plasma, from_signal = read_input_function(series, body, baseline_frames, fa_deg=fa_deg, tr_s=tr_s,
+                                                  r1_per_mM_s=r1_per_mM_s, device=dev, models_dir=models_dir,
+                                                  cancel=cancel, reader=spec.reader)
+        plasma, described = checked_input_function(plasma, spec, from_signal)
+        notes += described
+    else:
+        plasma, from_signal = resolve_series_input_function(series, spec, t10_s=t10, fa_deg=fa_deg, tr_s=tr_s,
+                                                            r1_per_mM_s=r1_per_mM_s, baseline_frames=baseline_frames,
+                                                            notes=notes)
     raise_if_cancelled(cancel)
     basis = aif_encoding.series_basis(series.times_s, plasma, baseline_frames)
     step = sub_progress(progress, 0.05, 1.0)

@@ -36,6 +36,7 @@ from ..nn.networks import PARAM_NAMES
 from ..training.calibration import calibrate_to_protocol
 from ..training.config import PROTOCOL_CALIBRATION
 from .conditioned_inference import check_mode, run_conditioned, series_baseline
+from ..nn.input_definitions import ReadFromImage  # noqa: F401  (image-only mode's input_function, for the API)
 
 DEFAULT_MODEL = "hetero_encoder"                  # without an input function (AIF-free)
 DEFAULT_CONDITIONED_MODEL = "hetero_encoder_aif"   # with one: the best on the validation set (its card)
@@ -151,7 +152,8 @@ def run_inference(series: DCESeries, model_name: Optional[str] = None, mask=None
 
     ``input_function`` (``DCEPKFittingLib.pipeline.input_function.InputFunctionSpec``): for the
     AIF-conditioned models (card mode 'aif_conditioned'; ROI, CSV, population or automatic detection,
-    resolved as ``run_fit`` does); the result then has ``aif_plasma_mM`` and ``input_function`` (the ROI's
+    resolved as ``run_fit`` does), or ``image_input_function.ReadFromImage()`` (image-only mode: the
+    reader network reads it from the image); the result then has ``aif_plasma_mM`` and ``input_function`` (the ROI's
     or detected mask and notes). AIF-free models take none. ``model_name`` None: the default of each
     (``DEFAULT_CONDITIONED_MODEL`` with an input function, else ``DEFAULT_MODEL``).
 
@@ -224,8 +226,11 @@ def run_inference(series: DCESeries, model_name: Optional[str] = None, mask=None
 def _run_conditioned_result(series, model_name, spec, mask, finite, n_base, notes, settings, progress,
                             cancel) -> PKFit:
     """An AIF-conditioned network's maps (``conditioned_inference.run_conditioned``) as a ``PKFit``."""
-    mean, sd, plasma, found, card, dev = run_conditioned(series, model_name, spec, mask=mask, baseline_frames=n_base,
-                                                         notes=notes, progress=progress, cancel=cancel, **settings)
+    # where image-only mode's reader looks for vessels: the body, not the tissue mask
+    body = auto_mask(series.signal, n_base) & finite if isinstance(spec, ReadFromImage) else None
+    mean, sd, plasma, found, card, dev = run_conditioned(series, model_name, spec, mask=mask, body=body,
+                                                         baseline_frames=n_base, notes=notes, progress=progress,
+                                                         cancel=cancel, **settings)
     outside = protocol_outside_training(series.times_s, card)
     if outside:
         notes.append(outside)

@@ -8,22 +8,23 @@ from typing import Optional
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.child_process import progress_reporter
 from DCEPKFittingLib.core.output_files import OutputSet, check_targets
-from DCEPKFittingLib.io import map_targets, read_mask, stage_maps
+from DCEPKFittingLib.io import map_targets, read_mask, stage_maps, stage_volume
 from DCEPKFittingLib.workflows.cli import (DEVICE, POSITIVE_INT, add_acquisition_options, add_progress_option,
                                            add_series_options, add_t10_options, print_messages, read_series_option,
                                            read_t10, write_summary)
-from DCEPKFittingLib.workflows.input_function_options import (add_input_function_options, has_input_function,
-                                                              input_function_spec, input_function_targets,
-                                                              stage_input_function_outputs)
+from DCEPKFittingLib.workflows.input_function_options import (add_input_function_options, curve_csv,
+                                                              has_input_function, input_function_spec,
+                                                              input_function_targets, stage_input_function_outputs)
 
-from ..nn.model_store import check_model_name, list_models, model_mode, read_card
+from ..nn.model_store import check_model_name, list_models, model_mode, read_card, reader_installed
+from ..nn.input_definitions import READ_CURVE_FILE, READ_MASK_FILE, ReadFromImage
 from ..pipeline.inference import (DEFAULT_CONDITIONED_MODEL, DEFAULT_MODEL, INFER_SUMMARY, MAP_ORDER, run_inference,
                                   training_protocol_ranges)
 
 MODES = {"aif": "the input function given (--aif-roi, --aif-csv, --population-aif or --auto-aif) into an "
                 "AIF-conditioned network",
-         "image": "read from the image: the input function detected automatically (as --auto-aif) into an "
-                  "AIF-conditioned network",
+         "image": "read from the image: the input function read by the reader network (aif_reader; where it is not "
+                  "installed, detected automatically as --auto-aif either) into an AIF-conditioned network",
          "aif-free": "a network that sees no input function (Ktrans known only up to the input function's "
                      "amplitude)"}
 
@@ -90,7 +91,7 @@ def choose_mode_and_model(args):
     if mode != "aif" and has_input_function(args):
         raise DCEPKInputError(f"--mode {mode} takes no input function: leave out --aif-roi, --aif-csv, --population-aif "
                               "and --auto-aif, or use --mode aif")
-    if mode == "image":
+    if mode == "image" and not reader_installed():
         args.auto_aif = "either"
     return mode, model
 
@@ -102,10 +103,12 @@ def infer_main(argv=None) -> int:
     if args.input is None or args.out is None:
         raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")
     mode, model = choose_mode_and_model(args)
-    check_targets(map_targets(args.out, MAP_ORDER) + [args.out / INFER_SUMMARY] + input_function_targets(args, args.out),
-                  args.overwrite)
+    reads_image = mode == "image" and not args.auto_aif
+    read_targets = [args.out / READ_MASK_FILE, args.out / READ_CURVE_FILE] if reads_image else []
+    check_targets(map_targets(args.out, MAP_ORDER) + [args.out / INFER_SUMMARY] + input_function_targets(args, args.out)
+                  + read_targets, args.overwrite)
     series = read_series_option(args)
-    spec = input_function_spec(args, series) if mode != "aif-free" else None
+    spec = ReadFromImage() if reads_image else input_function_spec(args, series) if mode != "aif-free" else None
     mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
     result = run_inference(series, model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
                            t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
@@ -121,6 +124,9 @@ def infer_main(argv=None) -> int:
     with OutputSet(args.overwrite) as outputs:
         written = stage_maps(outputs, args.out, result.maps, result.geometry)
         stage_input_function_outputs(outputs, args.out, result.input_function, series.times_s, result.geometry)
+        if reads_image:   # what the reader looked at, and its curve (plasma)
+            stage_volume(outputs, read_targets[0], result.input_function.label_map, result.geometry)
+            outputs.add_text(read_targets[1], curve_csv(series.times_s, result.aif_plasma_mM))
         write_summary(outputs, args.out / INFER_SUMMARY, summary)
         outputs.commit()
     print(f"{len(written)} maps ({', '.join(result.maps)}) written to {args.out} "
