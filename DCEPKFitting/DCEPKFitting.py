@@ -46,6 +46,8 @@ from DCEPKFittingLib.widgets.module_widget import CONTRIBUTORS, DCEPKBackgroundJ
 
 MODELS = ["etofts", "tofts", "patlak", "2cxm", "2cum"]
 POPULATION_AIFS = ["parker", "georgiou", "weinmann"]
+AIF_SOURCES = ["roi", "segment", "csv", "population", "auto"]  # as dcepk fit (panel_state.FITTING_AIF_SOURCES)
+AUTO_AIF_KINDS = ["either", "artery", "vein"]
 PHANTOM_VFA_FLIP_ANGLES_DEG = (2.0, 5.0, 10.0, 15.0, 20.0)
 PHANTOM_SAMPLE_NAME = "DCEPK phantom"
 SELF_TEST_PHANTOM_SHAPE = (2, 48, 48)  # small enough for a self-test in seconds, every tissue included
@@ -71,8 +73,14 @@ model fitting: Tofts, extended Tofts, Patlak, two-compartment exchange (2CXM) an
 <b>Steps</b>: choose the DCE volume sequence. Flip angle (degrees) and TR (milliseconds) come from the series
 header (shown under the series); tick <i>Flip angle</i> or <i>TR</i> to type a value instead, which you must
 do when the header has none. Give pre-contrast T1 (T10 in seconds, a T1 map, or a variable-flip-angle series,
-whose TR also comes from its header unless <i>VFA TR</i> is ticked); create an ROI (box) in <i>AIF ROI</i>
-and drag it onto an artery, or paint a segment, or choose a population AIF; choose the model and press Apply.
+whose TR also comes from its header unless <i>VFA TR</i> is ticked); give the input function (<i>Source</i>):
+<i>roi</i>, create an ROI (box) in <i>AIF ROI</i> and drag it onto an artery; <i>segment</i>, a segment painted on
+the artery; <i>csv</i>, a CSV file of time (s) and concentration (mM); <i>population</i>, a population AIF; or
+<i>auto</i>, automatic detection of an artery or vein (<i>either</i>: the artery, else the vein), whose voxels
+and curve are put in the scene after the fit (segmentation 'DCEPK AIF (detected)', segments 'artery' and 'vein',
+and a chart). <i>Blood T10</i> (seconds; 0: the T10 given, detection with one T10 value: 1.6 s) converts the
+vessel's signal. <i>Detect the input function</i> finds the vessel now: its voxels become an editable
+segmentation chosen as the AIF segment, its curve is shown in a chart. Choose the model and press Apply.
 Apply stays disabled, with the reason in its tooltip and the status line, until every input is there.
 Fitting runs in the background (a large fit in a separate process, so that a crash cannot close Slicer) and
 can be cancelled; the scene is only changed when it has finished.<br>
@@ -145,10 +153,13 @@ class DCEPKFittingParameterNode:
     useVfaRepetitionTime: bool = False
     vfaTrMs: Annotated[float, WithinRange(0.1, 100.0)] = 5.0
     relaxivity: Annotated[float, WithinRange(0.1, 20.0)] = 4.5  # 1/(mM s)
-    aifSource: Annotated[str, Choice(["roi", "segment", "population"])] = "roi"
+    aifSource: Annotated[str, Choice(AIF_SOURCES)] = "roi"
     aifRoi: vtkMRMLMarkupsROINode
     aifSegmentation: vtkMRMLSegmentationNode
     aifSegmentId: str = ""
+    aifCsvPath: str = ""  # time (s), concentration (mM)
+    autoAifKind: Annotated[str, Choice(AUTO_AIF_KINDS)] = "either"
+    bloodT10: Annotated[float, WithinRange(0.0, 5.0)] = 0.0  # s; 0: the T10 given (automatic detection: 1.6 s)
     populationAif: Annotated[str, Choice(POPULATION_AIFS)] = "parker"
     aifTopFraction: Annotated[float, WithinRange(0.01, 1.0)] = 1.0
     hematocrit: Annotated[float, WithinRange(0.0, 0.99)] = 0.45
@@ -208,6 +219,7 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
         self.ui.aifRoiSelector.connect("nodeAddedByUser(vtkMRMLNode*)", self.onAifRoiAdded)
         self.ui.aifSegmentSelector.connect("currentNodeChanged(vtkMRMLNode*)", self.onAifSegmentSelected)
         self.ui.aifSegmentSelector.connect("currentSegmentChanged(QString)", self.onAifSegmentSelected)
+        self.ui.detectAifButton.connect("clicked(bool)", self.onDetectAif)
         self.ui.voxelCurveCheckBox.connect("toggled(bool)", self.onVoxelCurveToggled)
         self.ui.showFitStatusCheckBox.connect("toggled(bool)", self.onShowFitStatusToggled)
 
@@ -294,6 +306,25 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
             with slicer.util.NodeModify(self._parameterNode):
                 self._parameterNode.aifSegmentation = self.ui.aifSegmentSelector.currentNode()
                 self._parameterNode.aifSegmentId = self.ui.aifSegmentSelector.currentSegmentID() or ""
+
+    def onDetectAif(self) -> None:
+        """Detect the input function now: its voxels become the editable AIF segment (segmentation
+        'DCEPK AIF (detected)'), its curve is shown in a chart."""
+        if not self.ensureDependencies("DCEPK Fitting"):
+            return
+        p = self._parameterNode
+
+        def detect():
+            segmentation, chart, segmentId = self.logic.detectInputFunction(
+                p.inputSequence, **self.logic.detectionOptionsFromParameterNode(p))
+            slicer.modules.plots.logic().ShowChartInLayout(chart)
+            with slicer.util.NodeModify(p):
+                p.aifSource, p.aifSegmentation, p.aifSegmentId = "segment", segmentation, segmentId
+            self.ui.statusLabel.text = _("Input function detected: segment '{segment}' of '{name}', now the AIF "
+                                         "segment (edit it in Segment Editor).").format(segment=segmentId,
+                                                                                        name=segmentation.GetName())
+
+        self.runShowingErrors(_("The input function could not be detected."), detect)
 
     # ---------------------------------------------------------------- AIF box and its live curve
     def onAifRoiAdded(self, roi) -> None:
@@ -420,10 +451,14 @@ class DCEPKFittingWidget(DCEPKBackgroundJobWidgetMixin, ScriptedLoadableModuleWi
         self._updateGuiState()  # the buttons reflect whether a job runs, whatever happened
 
     def publishJobResult(self, request, output) -> None:
+        from DCEPKFittingLib import mrml as mrml_bridge
+
         nodes = self.logic.publish(request, output)
         self.showResults(nodes)
+        if "input_function_chart" in nodes:   # detected during the run: its curve (its voxels: a segmentation)
+            slicer.modules.plots.logic().ShowChartInLayout(nodes["input_function_chart"])
         self.ui.statusLabel.text = _("Done: {n} maps. {messages}").format(
-            n=len([k for k in nodes if k != "statistics"]), messages=" ".join(output.messages))
+            n=len([k for k in nodes if k not in mrml_bridge.NOT_MAPS]), messages=" ".join(output.messages))
 
     def showResults(self, nodes) -> None:
         """Ktrans over the DCE frame, with a colour legend; the statistics table can be exported."""
@@ -477,15 +512,20 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
             aifSegmentId=None, populationAif=None, aifTopFraction=None, aifDelay_s=0.0, hematocrit=0.45,
             t10_s=1.4, t10Map=None, t10MapUnit="ms", vfaSequence=None, vfaFlipAngles_deg=None, vfaTr_s=None,
             flipAngle_deg=None, tr_s=None, r1_per_mM_s=None, mask=None, fitDelay=False, device="auto",
-            statisticsSegmentation=None, outputPrefix="DCEPK", updateExisting=True, progress=None, cancel=None):
+            statisticsSegmentation=None, outputPrefix="DCEPK", updateExisting=True, aifCsv="", autoAif=None,
+            bloodT10_s=None, progress=None, cancel=None):
         """Fit ``model`` to every voxel of ``sequenceNode`` and put the maps in the scene; returns ``{map: node}``.
 
         Units: times and T10 in seconds, flip angles in degrees, TR in seconds, r1 in 1/(mM s),
         haematocrit as a fraction. ``t10MapUnit`` ('ms' or 's') is the unit of ``t10Map``'s voxels.
-        Input function: ``aifRoi`` (markups ROI), ``aifSegmentation`` + ``aifSegmentId``, or
-        ``populationAif`` ('parker', 'georgiou', 'weinmann'). ``mask``: segmentation, ROI, label map
-        or bool array. ``progress(fraction, message)`` and ``cancel`` (``threading.Event``) are optional.
-        Flip angle and TR default to the series' attributes.
+        Input function, one of (as ``dcepk fit``): ``aifRoi`` (markups ROI), ``aifSegmentation`` +
+        ``aifSegmentId``, ``populationAif`` ('parker', 'georgiou', 'weinmann'), ``aifCsv`` (a CSV file:
+        time s, concentration mM) or ``autoAif`` ('either', 'artery', 'vein': detected automatically;
+        the voxels chosen come back as 'input_function', a segmentation with segments 'artery' and
+        'vein', and its curve as 'input_function_chart'). ``bloodT10_s``: T10 of blood (s) for the
+        vessel's signal (None: the T10 given; automatic detection with one T10 value: 1.6 s).
+        ``mask``: segmentation, ROI, label map or bool array. ``progress(fraction, message)`` and
+        ``cancel`` (``threading.Event``) are optional. Flip angle and TR default to the series' attributes.
         """
         request = self.prepare(
             sequenceNode, model=model, method=method, aifRoi=aifRoi, aifSegmentation=aifSegmentation,
@@ -494,7 +534,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
             vfaSequence=vfaSequence, vfaFlipAngles_deg=vfaFlipAngles_deg, vfaTr_s=vfaTr_s,
             flipAngle_deg=flipAngle_deg, tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, mask=mask, fitDelay=fitDelay,
             device=device, statisticsSegmentation=statisticsSegmentation, outputPrefix=outputPrefix,
-            updateExisting=updateExisting)
+            updateExisting=updateExisting, aifCsv=aifCsv, autoAif=autoAif, bloodT10_s=bloodT10_s)
         from DCEPKFittingLib import mrml as mrml_bridge
         from DCEPKFittingLib.core.child_process import wait_for_job
 
@@ -508,7 +548,8 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
                 aifSegmentId=None, populationAif=None, aifTopFraction=None, aifDelay_s=0.0, hematocrit=0.45,
                 t10_s=1.4, t10Map=None, t10MapUnit="ms", vfaSequence=None, vfaFlipAngles_deg=None, vfaTr_s=None,
                 flipAngle_deg=None, tr_s=None, r1_per_mM_s=None, mask=None, fitDelay=False, device="auto",
-                statisticsSegmentation=None, outputPrefix="DCEPK", updateExisting=True):
+                statisticsSegmentation=None, outputPrefix="DCEPK", updateExisting=True, aifCsv="", autoAif=None,
+                bloodT10_s=None):
         """Read the inputs from the scene (main thread); raises ``DCEPKInputError`` naming any problem."""
         from DCEPKFittingLib import mrml as mrml_bridge
 
@@ -519,7 +560,7 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
             vfa_sequence=vfaSequence, vfa_flip_angles_deg=vfaFlipAngles_deg, vfa_tr_s=vfaTr_s, fa_deg=flipAngle_deg,
             tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, mask=mask, fit_delay=fitDelay, device=device,
             statistics_segmentation=statisticsSegmentation, output_prefix=outputPrefix,
-            update_existing=updateExisting)
+            update_existing=updateExisting, aif_csv=aifCsv, auto_aif=autoAif, blood_t10_s=bloodT10_s)
 
     @staticmethod
     def compute(request, progress=None, cancel=None):
@@ -590,8 +631,14 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
             options["aifRoi"] = p.aifRoi
         elif p.aifSource == "segment":
             options.update(aifSegmentation=p.aifSegmentation, aifSegmentId=p.aifSegmentId)
+        elif p.aifSource == "csv":
+            options["aifCsv"] = p.aifCsvPath
+        elif p.aifSource == "auto":
+            options["autoAif"] = p.autoAifKind
         else:
             options["populationAif"] = p.populationAif
+        if p.aifSource in ("roi", "segment", "auto"):   # a vessel's signal is converted
+            options["bloodT10_s"] = p.bloodT10 or None
         if p.t10Mode == "fixed":
             options["t10_s"] = p.t10Value
         elif p.t10Mode == "map":
@@ -603,6 +650,37 @@ class DCEPKFittingLogic(ScriptedLoadableModuleLogic):
                 raise DCEPKInputError(str(error)) from None
             options.update(t10_s=None, vfaSequence=p.vfaSequence, vfaFlipAngles_deg=angles or None, vfaTr_s=vfaTr_s)
         return options
+
+    @staticmethod
+    def detectionOptionsFromParameterNode(p):
+        """Keyword arguments of ``detectInputFunction`` from the GUI state. With a VFA series as the T1 source
+        the chart's curve is converted with the blood T10 (given, else 1.6 s); a fit of the detected segment
+        then converts it with the VFA T1 map."""
+        from DCEPKFittingLib.pipeline.input_function import DEFAULT_BLOOD_T10_S
+
+        flipAngle_deg, tr_s, _ = panel_state.typed_acquisition(p)
+        options = dict(flipAngle_deg=flipAngle_deg, tr_s=tr_s, autoAif=p.autoAifKind, bloodT10_s=p.bloodT10 or None,
+                       r1_per_mM_s=p.relaxivity)
+        if p.t10Mode == "fixed":
+            options["t10_s"] = p.t10Value
+        elif p.t10Mode == "map":
+            options.update(t10Map=p.t10Map, t10MapUnit=p.t10MapUnit)
+        else:
+            options["t10_s"] = options["bloodT10_s"] = p.bloodT10 or DEFAULT_BLOOD_T10_S
+        return options
+
+    def detectInputFunction(self, sequenceNode, flipAngle_deg=None, tr_s=None, t10_s=None, t10Map=None,
+                            t10MapUnit="ms", autoAif="either", bloodT10_s=None, r1_per_mM_s=None):
+        """Detect the input function of ``sequenceNode`` (as ``dcepk fit --auto-aif``); returns
+        ``(segmentation, chart, segmentId)``: the voxels found (segments 'artery', 'vein'; an earlier
+        detection's segmentation is replaced), the blood curve in a plot chart, and the ID of the segment
+        whose curve is the input function (``aifSegmentation`` + ``aifSegmentId`` to fit with it, edited or not)."""
+        from DCEPKFittingLib import mrml as mrml_bridge
+
+        segmentation, chart, number = mrml_bridge.detect_scene_input_function(
+            self.scene, sequenceNode, fa_deg=flipAngle_deg, tr_s=tr_s, t10_s=t10_s, t10_map=t10Map,
+            t10_map_unit=t10MapUnit, kind=autoAif, blood_t10_s=bloodT10_s, r1_per_mM_s=r1_per_mM_s)
+        return segmentation, chart, mrml_bridge.segment_ids(segmentation)[number - 1] if number else ""
 
     @staticmethod
     def placeAifRoi(roiNode, sequenceNode, centreRas=None):

@@ -103,6 +103,49 @@ def test_a_fit_in_a_child_process_gives_the_maps_of_the_thread(slicer_app, phant
     # self-test DCEPKFittingTest.test_FitInChildProcess checks it, here in test_slicer_conformance)
 
 
+def test_csv_and_automatic_input_functions_reach_the_child_and_come_back_as_in_the_thread(slicer_app, phantom, loaded,
+                                                                                       tmp_path):
+    """``dcepk fit`` in the child gets the CSV file and ``--auto-aif`` (command_line_arguments), and an
+    automatic run's detected voxels and curve come back from its files into the scene as the thread's do."""
+    times = phantom.series.times_s - phantom.series.times_s[0]
+    path = tmp_path / "aif.csv"
+    path.write_text("time (s),concentration (mM)\n" + "".join(f"{t:.6f},{c:.9g}\n"
+                                                              for t, c in zip(times, phantom.aif_blood_mM)))
+    common = dict(model="etofts", t10_s=1.3, r1_per_mM_s=phantom.protocol.r1_per_mM_s, hematocrit=phantom.protocol.hct,
+                  mask=loaded["tissues"], device="cpu")
+    thread = _logic(slicer_app, "DCEPKFitting", "thread")
+    child = _logic(slicer_app, "DCEPKFitting", "child", tmp_path / "jobs")
+    for source in (dict(autoAif="artery", bloodT10_s=1.7), dict(aifCsv=str(path))):
+        jobs = _recording_jobs(child)
+        in_thread = thread.run(loaded["sequence"], outputPrefix="thread", **common, **source)
+        expected = {name: slicer.util.arrayFromVolume(node).copy() for name, node in in_thread.items()
+                    if name not in bridge.NOT_MAPS}
+        thread_output = thread.lastOutput
+        nodes = child.run(loaded["sequence"], outputPrefix="child", **common, **source)
+        assert len(jobs) == 1 and isinstance(jobs[0], ChildProcessJob) and jobs[0].returncodes == [0]
+        np.testing.assert_allclose(child.lastOutput.aif_plasma_mM, thread_output.aif_plasma_mM, rtol=1e-6)
+        assert child.lastOutput.messages == thread_output.messages   # the input function and detection notes
+        for name, array in expected.items():
+            np.testing.assert_allclose(slicer.util.arrayFromVolume(nodes[name]), array, rtol=2e-5, atol=1e-7,
+                                       equal_nan=True, err_msg=name)
+        if "autoAif" in source:
+            assert thread_output.settings.blood_t10_s == 1.7 and "automatic detection (artery)" in \
+                child.lastOutput.messages[-1]
+            found = thread_output.input_function.label_map
+            assert (found == 1).any() and np.all(phantom.aif_mask[found == 1])   # on the phantom's vessel
+            np.testing.assert_array_equal(child.lastOutput.input_function.label_map, found)
+            np.testing.assert_allclose(child.lastOutput.input_function.blood_mM, thread_output.input_function.blood_mM,
+                                       rtol=1e-5)
+            detected = nodes["input_function"]
+            assert detected.GetName() == bridge.DETECTED_NAME and nodes["input_function_chart"] is not None
+            reference = bridge.reference_volume(phantom.series.spatial_shape, phantom.series.geometry)
+            np.testing.assert_array_equal(bridge.roi_mask(detected, reference, 1), found == 1)
+        else:
+            np.testing.assert_allclose(child.lastOutput.aif_plasma_mM, phantom.aif_plasma_mM, rtol=1e-6, atol=1e-9)
+            assert "input_function" not in nodes
+    assert list((tmp_path / "jobs").iterdir()) == []
+
+
 def test_an_inference_in_a_child_process_gives_the_result_of_the_thread(slicer_app, phantom, loaded, tmp_path):
     """``dcepk infer`` with the network's own mask, then ``dcepk fit`` on the voxels it inferred."""
     from DCEPKInferenceLib.nn.model_store import list_models

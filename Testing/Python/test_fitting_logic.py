@@ -284,3 +284,104 @@ def test_module_gui_options_reach_the_fit(slicer_app, phantom, app_loaded):
     nodes = logic.publish(request, logic.compute(request))
     assert {"Ktrans", "vp"} <= set(nodes) and nodes["Ktrans"].GetName() == "GUI Ktrans"
     assert logic.describeDevice("cpu") == "CPU"
+
+
+# --------------------------------------------------------------------------- every input function source of dcepk fit
+def _rim_medians(nodes, phantom):
+    """(fitted median, true median) of Ktrans and ve over the tumour rim."""
+    rim = phantom.labels == phantom_lib.TUMOUR_RIM
+    return {name: (float(np.nanmedian(slicer.util.arrayFromVolume(nodes[name])[rim])),
+                   float(np.median(phantom.truth[name][rim]))) for name in ("Ktrans", "ve")}
+
+
+def _vfa_options(app_loaded, phantom):
+    return dict(model="etofts", t10_s=None, vfaSequence=app_loaded["vfa"], r1_per_mM_s=phantom.protocol.r1_per_mM_s,
+                hematocrit=phantom.protocol.hct, mask=app_loaded["tissues"], device="cpu")
+
+
+def test_module_logic_fits_with_automatic_detection_and_puts_the_detected_vessel_in_the_scene(
+        slicer_app, phantom, app_loaded):
+    """``autoAif`` from the console: the vessel found without any ROI, the rim's Ktrans and ve near the
+    phantom's truth, the detected voxels (on the phantom's vessel) and curve in the scene, and the fit's
+    notes saying which input function it used."""
+    module = slicer_app.import_module("DCEPKFitting")
+    logic = module.DCEPKFittingLogic(scene=slicer_app.scene)
+    logic.computeIn = "thread"
+    nodes = logic.run(app_loaded["sequence"], autoAif="either", **_vfa_options(app_loaded, phantom))
+    for name, (fitted, truth) in _rim_medians(nodes, phantom).items():
+        assert fitted == pytest.approx(truth, rel=0.15), name
+    output = logic.lastOutput
+    assert np.max(np.abs(output.aif_plasma_mM - phantom.aif_plasma_mM)) < 0.15 * phantom.aif_plasma_mM.max()
+    assert any("automatic detection (either)" in m for m in output.messages), output.messages
+
+    detected = nodes["input_function"]
+    assert detected.GetName() == bridge.DETECTED_NAME
+    reference = bridge.reference_volume(phantom.series.spatial_shape, phantom.series.geometry)
+    artery = bridge.roi_mask(detected, reference, 1)                   # segment 1: 'artery'
+    assert detected.GetSegmentation().GetNthSegment(0).GetName() == "artery"
+    assert artery.any() and np.all(phantom.aif_mask[artery])           # every artery voxel on the vessel
+    np.testing.assert_array_equal(artery, output.input_function.label_map == 1)
+    chart = nodes["input_function_chart"]
+    assert chart.GetNumberOfPlotSeriesNodes() == 1
+    table = chart.GetNthPlotSeriesNode(0).GetTableNode().GetTable()
+    curve = np.array([table.GetValue(r, 1).ToDouble() for r in range(table.GetNumberOfRows())])
+    np.testing.assert_allclose(curve, output.input_function.blood_mM, rtol=1e-6)
+    assert {"input_function", "input_function_chart"} <= set(bridge.NOT_MAPS)
+
+    # A second run replaces the detection (one segmentation of that name); a box run leaves it alone.
+    logic.run(app_loaded["sequence"], autoAif="artery", **_vfa_options(app_loaded, phantom))
+    assert slicer_app.scene.GetNodesByClassByName("vtkMRMLSegmentationNode",
+                                                  bridge.DETECTED_NAME).GetNumberOfItems() == 1
+    nodes = logic.run(app_loaded["sequence"], aifRoi=app_loaded["aifRoi"], **_vfa_options(app_loaded, phantom))
+    assert "input_function" not in nodes
+
+
+def test_module_logic_fits_with_an_aif_csv_file(slicer_app, phantom, app_loaded, tmp_path):
+    """``aifCsv``: the phantom's true blood curve as a CSV file (time from the first frame, mM) is the
+    input function the fit uses (made plasma with the haematocrit), and the rim's maps meet the truth."""
+    times = phantom.series.times_s - phantom.series.times_s[0]
+    path = tmp_path / "aif.csv"
+    path.write_text("time (s),concentration (mM)\n" + "".join(f"{t:.6f},{c:.9g}\n"
+                                                              for t, c in zip(times, phantom.aif_blood_mM)))
+    module = slicer_app.import_module("DCEPKFitting")
+    logic = module.DCEPKFittingLogic(scene=slicer_app.scene)
+    logic.computeIn = "thread"
+    nodes = logic.run(app_loaded["sequence"], aifCsv=str(path), **_vfa_options(app_loaded, phantom))
+    np.testing.assert_allclose(logic.lastOutput.aif_plasma_mM, phantom.aif_plasma_mM, rtol=1e-6, atol=1e-9)
+    assert any(f"CSV file {path}" in m for m in logic.lastOutput.messages), logic.lastOutput.messages
+    for name, (fitted, truth) in _rim_medians(nodes, phantom).items():
+        assert fitted == pytest.approx(truth, rel=0.15), name
+    assert "input_function" not in nodes
+
+    count = slicer_app.scene.GetNumberOfNodes()
+    with pytest.raises(DCEPKInputError, match="does not exist"):         # said at prepare, before any compute
+        logic.prepare(app_loaded["sequence"], aifCsv=str(tmp_path / "missing.csv"),
+                      **_vfa_options(app_loaded, phantom))
+    with pytest.raises(DCEPKInputError, match="an AIF CSV file and automatic detection are given"):
+        logic.prepare(app_loaded["sequence"], aifCsv=str(path), autoAif="vein", **_vfa_options(app_loaded, phantom))
+    with pytest.raises(DCEPKInputError, match="must be one of artery, vein, either"):
+        logic.prepare(app_loaded["sequence"], autoAif="aorta", **_vfa_options(app_loaded, phantom))
+    assert slicer_app.scene.GetNumberOfNodes() == count
+
+
+def test_module_gui_csv_and_auto_sources_reach_the_fit(slicer_app, phantom, app_loaded, tmp_path):
+    """The panel's new sources, through optionsFromParameterNode, give the settings the command line
+    would: the CSV path, the detection kind and the blood T10 (for a vessel's signal only)."""
+    module = slicer_app.import_module("DCEPKFitting")
+    logic = module.DCEPKFittingLogic(scene=slicer_app.scene)
+    p = logic.getParameterNode()
+    p.inputSequence, p.device, p.bloodT10 = app_loaded["sequence"], "cpu", 1.55
+    path = tmp_path / "aif.csv"
+    path.write_text("0,0\n10,1\n")
+    p.aifSource, p.aifCsvPath = "csv", str(path)
+    options = logic.optionsFromParameterNode(p)
+    assert options["aifCsv"] == str(path) and "bloodT10_s" not in options and "autoAif" not in options
+    settings = logic.prepare(app_loaded["sequence"], **options).settings
+    assert (settings.aif_csv, settings.auto_aif, settings.aif_mask, settings.blood_t10_s) == (str(path), None, None,
+                                                                                              None)
+    p.aifSource, p.autoAifKind = "auto", "vein"
+    options = logic.optionsFromParameterNode(p)
+    assert options["autoAif"] == "vein" and options["bloodT10_s"] == pytest.approx(1.55) and "aifCsv" not in options
+    settings = logic.prepare(app_loaded["sequence"], **options).settings
+    assert (settings.auto_aif, settings.aif_csv, settings.blood_t10_s) == ("vein", None, pytest.approx(1.55))
+    assert settings.input_function.describe() == "automatic detection (vein)"

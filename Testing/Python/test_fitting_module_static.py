@@ -20,6 +20,7 @@ import pytest
 from slicer_module_source import cmake_list, find_class, parameter_fields, read_ui_widgets, ui_names_used
 
 from DCEPKFittingLib.panels import slicer_dependencies
+from DCEPKFittingLib.panels.panel_state import FITTING_AIF_SOURCES
 
 ROOT = Path(__file__).resolve().parents[2]
 MODULE_DIR = ROOT / "DCEPKFitting"
@@ -77,7 +78,8 @@ def test_every_parameter_binding_matches_a_field_of_the_right_kind(tree, ui_widg
 
 def test_choice_and_range_defaults_are_allowed_values(tree, ui_widgets):
     namespace = {"MODELS": ["etofts", "tofts", "patlak", "2cxm", "2cum"],
-                 "POPULATION_AIFS": ["parker", "georgiou", "weinmann"]}
+                 "POPULATION_AIFS": ["parker", "georgiou", "weinmann"],
+                 "AIF_SOURCES": list(FITTING_AIF_SOURCES), "AUTO_AIF_KINDS": ["either", "artery", "vein"]}
     source = {n.targets[0].id: ast.literal_eval(n.value) for n in tree.body
               if isinstance(n, ast.Assign) and isinstance(n.targets[0], ast.Name) and n.targets[0].id in namespace}
     assert source == namespace  # the module's lists are the ones checked below

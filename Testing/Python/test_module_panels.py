@@ -387,6 +387,60 @@ def test_apply_runs_in_the_background_and_shows_maps_status_and_table(slicer_app
 
 
 # --------------------------------------------------------------------------- issue 20: the input function
+def test_the_fitting_panel_offers_csv_and_detection_and_detect_makes_the_aif_segment(slicer_app, phantom, loaded,
+                                                                                    tmp_path):
+    from DCEPKFittingLib.sims.phantom import VESSEL
+
+    widget = slicer_app.create_widget("DCEPKFitting")
+    p = widget._parameterNode
+    widget.ui.aifSourceComboBox.setCurrentText("csv")
+    assert p.aifSource == "csv" and widget.ui.aifCsvPathLineEdit.enabled and not widget.ui.aifRoiSelector.enabled
+    assert not widget.ui.applyButton.enabled and "AIF CSV file" in widget.ui.applyButton.toolTip
+    path = tmp_path / "aif.csv"
+    times = phantom.series.times_s - phantom.series.times_s[0]
+    path.write_text("".join(f"{t:.6f},{c:.9g}\n" for t, c in zip(times, phantom.aif_blood_mM)))
+    widget.ui.aifCsvPathLineEdit.text = str(path)   # typed: the parameter node follows
+    assert p.aifCsvPath == str(path) and widget.ui.applyButton.enabled
+    request = widget.logic.prepare(p.inputSequence, **widget.logic.optionsFromParameterNode(p))
+    assert request.settings.aif_csv == str(path) and request.settings.input_function.source() == "csv"
+
+    widget.ui.aifSourceComboBox.setCurrentText("auto")
+    assert widget.ui.autoAifKindComboBox.enabled and widget.ui.bloodT10SpinBox.enabled
+    assert not widget.ui.aifCsvPathLineEdit.enabled and widget.ui.applyButton.enabled
+    widget.ui.autoAifKindComboBox.setCurrentText("artery")
+    request = widget.logic.prepare(p.inputSequence, **widget.logic.optionsFromParameterNode(p))
+    assert request.settings.auto_aif == "artery" and request.settings.aif_mask is None
+
+    widget.ui.detectAifButton.click()   # the detected voxels become the (editable) AIF segment
+    detected = p.aifSegmentation
+    assert p.aifSource == "segment" and detected is not None and detected.GetName() == bridge.DETECTED_NAME
+    assert widget.ui.aifSegmentSelector.currentNode() is detected
+    assert widget.ui.aifSegmentSelector.currentSegmentID() == p.aifSegmentId == bridge.segment_ids(detected)[0]
+    assert widget.ui.applyButton.enabled, widget.ui.applyButton.toolTip
+    assert slicer_app.plots.calls and slicer_app.plots.calls[-1][0] == "ShowChartInLayout"
+    reference = bridge.reference_volume(phantom.series.spatial_shape, phantom.series.geometry)
+    artery = bridge.roi_mask(detected, reference, 1)
+    assert artery.any() and np.all(phantom.labels[artery] == VESSEL)
+    request = widget.logic.prepare(p.inputSequence, **widget.logic.optionsFromParameterNode(p))
+    np.testing.assert_array_equal(request.settings.aif_mask, artery)
+
+    # Apply with automatic detection: the detected vessel's chart is shown after the fit, the maps counted
+    widget.ui.aifSourceComboBox.setCurrentText("auto")
+    p.method, p.device = "linear", "cpu"
+    p.fitMask = loaded["tissues"]
+    widget.onApplyButton()
+    widget._job.wait(120)
+    widget.onJobTimer()
+    assert widget.ui.statusLabel.text.startswith("Done:"), (widget.ui.statusLabel.text, slicer_app.errors)
+    nodes = widget.logic.lastNodes
+    maps = [name for name in nodes if name not in bridge.NOT_MAPS]
+    assert f"Done: {len(maps)} maps." in widget.ui.statusLabel.text and "automatic detection" in \
+        widget.ui.statusLabel.text
+    assert nodes["input_function"].GetName() == bridge.DETECTED_NAME
+    assert slicer_app.plots.calls[-1] == ("ShowChartInLayout", (nodes["input_function_chart"],))
+    widget.cleanup()
+
+
 def test_the_inference_panel_detects_the_input_function_and_lists_networks_by_mode(slicer_app, phantom, loaded,
                                                                                   untrained_conditioned_models):
     from DCEPKFittingLib.sims.phantom import VESSEL

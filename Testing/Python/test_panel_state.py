@@ -34,7 +34,7 @@ def fitting_parameters(**changes):
         inputSequence=Node("DCE"), useFlipAngle=False, flipAngleDeg=15.0, useRepetitionTime=False,
         repetitionTimeMs=5.0, t10Mode="fixed", t10Value=1.4, t10Map=None, t10MapUnit="ms", vfaSequence=None,
         vfaFlipAngles="", useVfaRepetitionTime=False, vfaTrMs=5.0, aifSource="population", aifRoi=None,
-        aifSegmentation=None, aifSegmentId="", model="etofts")
+        aifSegmentation=None, aifSegmentId="", aifCsvPath="", autoAifKind="either", bloodT10=0.0, model="etofts")
     for name, value in changes.items():
         setattr(p, name, value)
     return p
@@ -164,6 +164,35 @@ def test_the_inference_panel_asks_for_the_input_function_its_mode_needs():
     # a mode with no network shipped says so
     view = inference_panel(inference_parameters(**aif), HEADER, [])
     assert not view.apply_enabled and "mode 'aif'" in view.apply_tooltip
+
+
+def test_the_fitting_panel_offers_every_input_function_source_of_dcepk_fit():
+    """CSV and automatic detection beside the ROI, the segment and the population AIF: each source
+    enables its own widget only, a CSV source without a path disables Apply naming the file, and
+    automatic detection (a signal's enhancement) refuses a concentration series."""
+    own = {"roi": "aifRoiSelector", "segment": "aifSegmentSelector", "csv": "aifCsvPathLineEdit",
+           "population": "populationAifComboBox", "auto": "autoAifKindComboBox"}
+    for source, widget in own.items():
+        enabled = fitting_panel(fitting_parameters(aifSource=source), HEADER).enabled
+        assert [name for name in own.values() if enabled[name]] == [widget], source
+        assert enabled["bloodT10SpinBox"] == (source in ("roi", "segment", "auto")), source  # a vessel's signal
+        assert enabled["aifTopFractionSpinBox"] == (source in ("roi", "segment", "auto")), source
+        assert enabled["detectAifButton"], source   # Detect is offered whatever the source
+    for path in ("", "   "):
+        view = fitting_panel(fitting_parameters(aifSource="csv", aifCsvPath=path), HEADER)
+        assert not view.apply_enabled and "AIF CSV file" in view.apply_tooltip
+        assert view.apply_tooltip.startswith("Type the path")
+    view = fitting_panel(fitting_parameters(aifSource="csv", aifCsvPath="/data/aif.csv"), HEADER)
+    assert view.apply_enabled and view.apply_tooltip.startswith("Fit the etofts model")
+    view = fitting_panel(fitting_parameters(aifSource="auto", autoAifKind="vein"), HEADER)
+    assert view.apply_enabled and view.enabled["autoAifKindComboBox"] and not view.enabled["aifRoiSelector"]
+    view = fitting_panel(fitting_parameters(aifSource="auto"), SeriesHeader(kind="concentration"))
+    assert not view.apply_enabled and "Automatic detection reads a signal series" in view.apply_tooltip
+    assert not view.enabled["detectAifButton"] and not view.enabled["bloodT10SpinBox"]
+    assert fitting_panel(fitting_parameters(aifSource="csv", aifCsvPath="a.csv"),
+                         SeriesHeader(kind="concentration")).apply_enabled   # a CSV curve needs no signal
+    assert not fitting_panel(fitting_parameters(inputSequence=None), HEADER).enabled["detectAifButton"]
+    assert not fitting_panel(fitting_parameters(aifSource="auto"), HEADER, running=True).enabled["detectAifButton"]
 
 
 def test_models_are_listed_by_their_mode():

@@ -25,7 +25,7 @@ from ..core.child_process import ChildCommand, ChildProcessJob, compute_place, p
 from ..core.errors import DCEPKInputError
 from ..core.jobs import BackgroundJob, raise_if_cancelled
 from ..io import read_dce, read_volume, write_dce_series, write_volume
-from ..pipeline.input_function import command_line_arguments
+from ..pipeline.input_function import AUTO_CURVE_FILE, AUTO_MASK_FILE, SignalInputFunction, command_line_arguments
 from .scene_fit import SceneFitRequest, compute_scene_fit
 
 FIT_MODULE = "DCEPKFittingLib.workflows.cli"  # `dcepk`, run as `python -m` (Slicer installs no entry-point script)
@@ -203,4 +203,14 @@ def read_fit_output(request: SceneFitRequest, folder: Path):
     return PKFit(model=settings.model, method=settings.method, maps=maps, units=units, times_s=series.times_s,
                  aif_plasma_mM=np.asarray(summary["aif_plasma_mM"], dtype=np.float64), geometry=series.geometry,
                  baseline_frames=summary.get("baseline_frames"), noise_sigma=summary.get("noise_sd_signal_units"),
-                 messages=list(summary.get("warnings", [])), concentration=concentration, settings=settings)
+                 messages=list(summary.get("warnings", [])), concentration=concentration, settings=settings,
+                 input_function=detected_input_function_files(out))
+
+
+def detected_input_function_files(out: Path) -> Optional[SignalInputFunction]:
+    """The voxels (1 artery, 2 vein) and blood curve (mM) automatic detection chose, from the files a
+    ``dcepk fit`` / ``dcepk infer`` run with ``--auto-aif`` writes into ``out``; None without them."""
+    if not (out / AUTO_MASK_FILE).is_file():
+        return None
+    curve = np.loadtxt(out / AUTO_CURVE_FILE, delimiter=",", skiprows=1, ndmin=2)
+    return SignalInputFunction(blood_mM=curve[:, 1], label_map=read_volume(out / AUTO_MASK_FILE)[0].astype(np.uint8))

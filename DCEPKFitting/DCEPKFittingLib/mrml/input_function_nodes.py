@@ -4,7 +4,7 @@ automatic detection), and automatic detection run on a series with its result pu
 voxels chosen as a segmentation (segments 'artery' and 'vein', editable in Segment Editor and usable
 again as the AIF ROI) and the blood curve in a plot chart. Reads nodes only until it publishes."""
 
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import numpy as np
 
@@ -13,6 +13,7 @@ from ..kinetics.aif_detection import ARTERY, VEIN
 from .masks import mask_from_labelmap, mask_from_node, mask_from_segment, segment_ids
 from .plots import plot_curves
 from .sample_data import segmentation_from_labels
+from .volumes import node_by_name
 
 AIF_SOURCES = ("roi", "csv", "population", "auto")
 DETECTED_NAME = "DCEPK AIF (detected)"
@@ -48,8 +49,12 @@ def input_function_from_nodes(reference, source: str, roi=None, roi_label: int =
 
     if source not in AIF_SOURCES:
         raise DCEPKInputError(f"unknown input function source {source!r}: use one of {', '.join(AIF_SOURCES)}")
-    if source == "csv" and not (csv_path or "").strip():
-        raise DCEPKInputError("no AIF CSV file given: choose a file with time (s) and concentration (mM)")
+    if source == "csv":
+        if not (csv_path or "").strip():
+            raise DCEPKInputError("no AIF CSV file given: choose a file with time (s) and concentration (mM)")
+        from ..kinetics.aif import load_aif_csv
+
+        load_aif_csv(csv_path.strip())   # a missing or unreadable file is said now, not after a background start
     spec = InputFunctionSpec(
         aif_mask=roi_mask(roi, reference, roi_label) if source == "roi" else None,
         aif_csv=csv_path.strip() if source == "csv" else None, population_aif=population if source == "population"
@@ -100,6 +105,19 @@ def publish_detected_input_function(scene, found, times_s, geometry, previous=No
     return segmentation, chart
 
 
+def publish_run_detection(scene, found, times_s, geometry, update_existing: bool = True) -> Dict[str, object]:
+    """After a run with automatic detection (``found``: the result's ``SignalInputFunction``, from a thread
+    or read back from a child's files): ``{'input_function': segmentation, 'input_function_chart': chart}``
+    (an earlier detection's nodes, found by name, replaced with ``update_existing``); {} when nothing was
+    detected (another source)."""
+    if found is None or found.label_map is None or not np.any(found.label_map):
+        return {}
+    previous = node_by_name(scene, "vtkMRMLSegmentationNode", DETECTED_NAME) if update_existing else None
+    chart = node_by_name(scene, "vtkMRMLPlotChartNode", DETECTED_NAME) if update_existing else None
+    segmentation, chart = publish_detected_input_function(scene, found, times_s, geometry, previous, chart)
+    return {"input_function": segmentation, "input_function_chart": chart}
+
+
 def detect_scene_input_function(scene, sequence_node, fa_deg=None, tr_s=None, t10_s=None, t10_map=None,
                                 t10_map_unit: str = "ms", kind: str = "either", blood_t10_s=None,
                                 r1_per_mM_s=None) -> Tuple:
@@ -107,7 +125,7 @@ def detect_scene_input_function(scene, sequence_node, fa_deg=None, tr_s=None, t1
     detection's segmentation and chart reused by name); ``(segmentation, chart, chosen segment number)``."""
     from .scene_fit import require_acquisition, t10_map_seconds
     from .sequences import series_from_sequence
-    from .volumes import node_by_name, reference_volume
+    from .volumes import reference_volume
 
     series = series_from_sequence(sequence_node)
     if series.kind == "concentration":

@@ -11,6 +11,7 @@ import numpy as np
 from ..core.errors import DCEPKInputError
 from ..core.geometry import check_same_grid
 from ..io import DCESeries
+from .input_function_nodes import input_function_from_nodes, publish_run_detection
 from .map_volumes import find_output_node, update_volume_from_array
 from .masks import mask_from_node, mask_from_segment, segment_masks
 from .sequences import acquisition_from_sequence, series_from_sequence, vfa_from_sequence
@@ -52,8 +53,15 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
                       vfa_tr_s: Optional[float] = None, fa_deg: Optional[float] = None, tr_s: Optional[float] = None,
                       r1_per_mM_s: Optional[float] = None, mask=None, fit_delay: bool = False, device: str = "auto",
                       statistics_segmentation=None, output_prefix: str = "DCEPK",
-                      update_existing: bool = True) -> SceneFitRequest:
-    """Read the nodes into a ``SceneFitRequest``; raises ``DCEPKInputError`` on bad input. Reads only."""
+                      update_existing: bool = True, aif_csv: str = "", auto_aif: Optional[str] = None,
+                      blood_t10_s: Optional[float] = None) -> SceneFitRequest:
+    """Read the nodes into a ``SceneFitRequest``; raises ``DCEPKInputError`` on bad input. Reads only.
+
+    Input function, exactly one of: ``aif_roi`` (a box), ``aif_segmentation`` + ``aif_segment_id``,
+    ``population_aif``, ``aif_csv`` (time s, concentration mM) or ``auto_aif`` ('either', 'artery',
+    'vein': detected as ``dcepk fit --auto-aif``; the voxels and curve are published with the maps).
+    ``blood_t10_s``: T10 of blood for a vessel's signal (ROI, segment, detected; None: the T10 given,
+    detection with one T10 value: 1.6 s)."""
     from ..pipeline.fit import FitSettings  # imported here: the module loads before its dependencies are checked
 
     series = series_from_sequence(sequence_node)
@@ -68,10 +76,22 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
             raise DCEPKInputError("the AIF segment contains no voxel of the DCE series: paint it over the artery")
     elif aif_roi is not None:
         aif_mask = mask_from_node(aif_roi, reference, "AIF ROI")
-    if aif_mask is None and not population_aif:
-        raise DCEPKInputError("no input function: place an ROI (or segment) on an artery, or choose a population AIF")
-    if aif_mask is not None and population_aif:
-        raise DCEPKInputError("both an AIF ROI and a population AIF are given: choose one input function")
+    aif_csv = (aif_csv or "").strip()
+    given = [name for name, value in (("an AIF ROI (or segment)", aif_mask is not None),
+                                      ("a population AIF", population_aif), ("an AIF CSV file", aif_csv),
+                                      ("automatic detection", auto_aif)) if value]
+    if not given:
+        raise DCEPKInputError("no input function: place an ROI (or segment) on an artery, give an AIF CSV file, "
+                              "choose a population AIF or automatic detection")
+    if len(given) > 1:
+        raise DCEPKInputError(f"{' and '.join(given)} are given: choose one input function")
+    if auto_aif and series.kind == "concentration":
+        raise DCEPKInputError("automatic detection reads a signal series (relative enhancement, noise): this series "
+                              "is concentration")
+    detected = None
+    if aif_csv or auto_aif:   # checked as the Inference module checks them (the CSV file read, the kind known)
+        detected = input_function_from_nodes(reference, "csv" if aif_csv else "auto", csv_path=aif_csv,
+                                             auto_kind=auto_aif or "either", hct=hct, blood_t10_s=blood_t10_s)
     if t10_map is not None and vfa_sequence is not None:
         raise DCEPKInputError("both a T10 map and a VFA series are given: choose one source of pre-contrast T1")
     t10 = t10_s
@@ -97,7 +117,9 @@ def prepare_scene_fit(sequence_node, model: str = "etofts", method: str = "nlls"
         model=model, method=method, t10_s=t10, vfa_signals=vfa_signals, vfa_flip_angles_deg=vfa_angles,
         vfa_tr_s=vfa_tr_s, fa_deg=fa_deg, tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, aif_mask=aif_mask,
         aif_top_fraction=aif_top_fraction, population_aif=population_aif or None, hct=hct,
-        aif_delay_s=aif_delay_s, mask=fit_mask, fit_delay=fit_delay, device=device)
+        aif_csv=detected.aif_csv if detected else None, auto_aif=detected.auto_aif if detected else None,
+        blood_t10_s=blood_t10_s or None, aif_delay_s=aif_delay_s, mask=fit_mask, fit_delay=fit_delay, device=device)
+    settings.input_function.check()   # haematocrit, blood T10: said now, not after a background start
     return SceneFitRequest(series=series, settings=settings, source_id=series.metadata.get("sequence_id", ""),
                            statistics_regions=regions, output_prefix=output_prefix or "DCEPK",
                            update_existing=update_existing)
@@ -136,8 +158,14 @@ def output_name(prefix: str, map_name: str) -> str:
     return f"{prefix} {map_name}"
 
 
+# keys of publish_scene_fit's result that are no map: the statistics table, a detected input function
+NOT_MAPS = ("statistics", "input_function", "input_function_chart")
+
+
 def publish_scene_fit(scene, request: SceneFitRequest, output) -> Dict[str, object]:
-    """Write the maps (and per-segment statistics) into the scene; returns ``{map name: node}``.
+    """Write the maps (and per-segment statistics) into the scene; returns ``{map name: node}``, with
+    'statistics' (the table) and, after automatic detection, 'input_function' (segmentation
+    ``DETECTED_NAME``: segments 'artery', 'vein') and 'input_function_chart' (the blood curve).
 
     With ``update_existing`` the nodes of an earlier run with the same prefix are updated in place.
     """
@@ -165,6 +193,9 @@ def publish_scene_fit(scene, request: SceneFitRequest, output) -> Dict[str, obje
         stat_maps = {name: array for name, array in maps.items() if name != "status"}
         nodes["statistics"] = statistics_table(scene, stat_maps, request.statistics_regions, table_name,
                                                existing_table, output.units, status=maps.get("status"))
+    if request.settings.auto_aif is not None:   # the voxels and curve automatic detection chose
+        nodes.update(publish_run_detection(scene, output.input_function, request.series.times_s, output.geometry,
+                                           request.update_existing))
     return nodes
 
 

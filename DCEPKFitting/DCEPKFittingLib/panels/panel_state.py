@@ -117,7 +117,13 @@ def _first_missing_fitting(p, header: SeriesHeader, missing_acquisition) -> str:
             if _VFA_TR_MISSING in missing_acquisition:
                 return _VFA_TR_MISSING
     if p.aifSource == "roi" and not p.aifRoi:
-        return "Place an AIF ROI on an artery (AIF ROI: Create new), or choose another input function source."
+        return ("Place an AIF ROI on an artery (AIF ROI: Create new; or Detect the input function), or choose "
+                "another input function source.")
+    if p.aifSource == "csv" and not (p.aifCsvPath or "").strip():
+        return "Type the path of the AIF CSV file (time in s, concentration in mM), or choose another source."
+    if p.aifSource == "auto" and header.kind == CONCENTRATION:
+        return ("Automatic detection reads a signal series (enhancement over the baseline signal): this series is "
+                "concentration, so choose another input function source.")
     if p.aifSource == "segment":
         if not p.aifSegmentation or not p.aifSegmentId:
             return "Choose the segmentation and the segment on the artery, or another input function source."
@@ -125,6 +131,21 @@ def _first_missing_fitting(p, header: SeriesHeader, missing_acquisition) -> str:
             return (f"The AIF segment '{p.aifSegmentId}' is no longer in '{p.aifSegmentation.GetName()}': "
                     "choose a segment again.")
     return ""
+
+
+# Input function sources of the fitting panel: those of ``dcepk fit`` (an ROI, here a box or a painted
+# segment; a CSV file; a population AIF; automatic detection). Detect makes the detected voxels the segment.
+FITTING_AIF_SOURCES = ("roi", "segment", "csv", "population", "auto")
+_VESSEL_SOURCES = ("roi", "segment", "auto")   # a vessel's signal is converted: brightest fraction, blood T10
+
+
+def _fitting_input_function_enabled(p, is_signal: bool, running: bool) -> Dict[str, bool]:
+    source = p.aifSource
+    return {"aifRoiSelector": source == "roi", "aifSegmentSelector": source == "segment",
+            "aifCsvPathLineEdit": source == "csv", "autoAifKindComboBox": source == "auto",
+            "populationAifComboBox": source == "population", "aifTopFractionSpinBox": source in _VESSEL_SOURCES,
+            "bloodT10SpinBox": is_signal and source in _VESSEL_SOURCES,
+            "detectAifButton": bool(p.inputSequence) and is_signal and not running}
 
 
 def fitting_panel(p, header: SeriesHeader, running: bool = False) -> PanelView:
@@ -149,8 +170,7 @@ def fitting_panel(p, header: SeriesHeader, running: bool = False) -> PanelView:
         "t10MapSelector": is_signal and p.t10Mode == "map", "t10MapUnitComboBox": is_signal and p.t10Mode == "map",
         "vfaSequenceSelector": uses_vfa, "vfaFlipAnglesLineEdit": uses_vfa, "vfaTrCheckBox": uses_vfa,
         "vfaTrSpinBox": uses_vfa and p.useVfaRepetitionTime,
-        "aifRoiSelector": p.aifSource == "roi", "aifSegmentSelector": p.aifSource == "segment",
-        "populationAifComboBox": p.aifSource == "population", "aifTopFractionSpinBox": p.aifSource != "population",
+        **_fitting_input_function_enabled(p, is_signal, running),
     }
     tooltip = reason or f"Fit the {p.model} model to every voxel in the background ({described})."
     return PanelView(not reason and not running, tooltip, running, enabled, described)
