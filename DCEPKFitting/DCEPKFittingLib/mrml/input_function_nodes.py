@@ -91,30 +91,35 @@ def chosen_segment(found) -> int:
     return values.index(kind) + 1 if kind in values else 0
 
 
-def publish_detected_input_function(scene, found, times_s, geometry, previous=None, chart=None) -> Tuple:
-    """(segmentation, chart): the detected voxels as a segmentation named ``DETECTED_NAME`` (replacing
-    ``previous``, the one an earlier detection made) and the blood curve (mM) against time (s)."""
+def publish_detected_input_function(scene, found, times_s, geometry, previous=None, chart=None,
+                                    name: str = DETECTED_NAME, segments=None, curves=None) -> Tuple:
+    """(segmentation, chart): the detected voxels as a segmentation named ``name`` (segment names by label:
+    ``segments``, default artery / vein; replacing ``previous``, the one an earlier run made) and the
+    curves (mM) against time (s): ``curves`` {label: curve}, default the blood curve."""
     if found is None or found.label_map is None or not np.any(found.label_map):
         raise DCEPKInputError("no input function was detected: place an ROI on an artery or vein instead")
-    segmentation = segmentation_from_labels(scene, found.label_map, geometry, DETECTED_SEGMENTS, DETECTED_NAME)
+    segmentation = segmentation_from_labels(scene, found.label_map, geometry, segments or DETECTED_SEGMENTS, name)
     if previous is not None and previous.GetScene() is scene:
         scene.RemoveNode(previous)
     voxels = int(np.count_nonzero(found.label_map))
-    chart = plot_curves(scene, DETECTED_NAME, np.asarray(times_s), {f"blood, {voxels} voxels": found.blood_mM},
+    chart = plot_curves(scene, name, np.asarray(times_s), curves or {f"blood, {voxels} voxels": found.blood_mM},
                         "time (s)", "concentration (mM)", chart=chart)
     return segmentation, chart
 
 
-def publish_run_detection(scene, found, times_s, geometry, update_existing: bool = True) -> Dict[str, object]:
+def publish_run_detection(scene, found, times_s, geometry, update_existing: bool = True, name: str = DETECTED_NAME,
+                          segments=None, curves=None) -> Dict[str, object]:
     """After a run with automatic detection (``found``: the result's ``SignalInputFunction``, from a thread
     or read back from a child's files): ``{'input_function': segmentation, 'input_function_chart': chart}``
-    (an earlier detection's nodes, found by name, replaced with ``update_existing``); {} when nothing was
-    detected (another source)."""
+    (an earlier run's nodes, found by ``name``, replaced with ``update_existing``); {} when nothing was
+    detected (another source). ``name``, ``segments``, ``curves``: as ``publish_detected_input_function``
+    (image-only mode publishes the reader network's voxels and curve so)."""
     if found is None or found.label_map is None or not np.any(found.label_map):
         return {}
-    previous = node_by_name(scene, "vtkMRMLSegmentationNode", DETECTED_NAME) if update_existing else None
-    chart = node_by_name(scene, "vtkMRMLPlotChartNode", DETECTED_NAME) if update_existing else None
-    segmentation, chart = publish_detected_input_function(scene, found, times_s, geometry, previous, chart)
+    previous = node_by_name(scene, "vtkMRMLSegmentationNode", name) if update_existing else None
+    chart = node_by_name(scene, "vtkMRMLPlotChartNode", name) if update_existing else None
+    segmentation, chart = publish_detected_input_function(scene, found, times_s, geometry, previous, chart, name,
+                                                          segments, curves)
     return {"input_function": segmentation, "input_function_chart": chart}
 
 

@@ -18,9 +18,9 @@ from DCEPKFittingLib.core.jobs import BackgroundJob
 from DCEPKFittingLib.io import read_volume, write_volume
 from DCEPKFittingLib.mrml.child_fit import (AIF_MASK_FILE, LIB_ROOT as FITTING_LIB_ROOT, MASK_FILE, SERIES_FILE,
                                             T10_FILE, acquisition_options, child_python, dcepk_command, fit_command,
-                                            fit_voxels, number, read_fit_output, write_series_input)
-from DCEPKFittingLib.pipeline.input_function import (AUTO_CURVE_FILE, AUTO_MASK_FILE, SignalInputFunction,
-                                                     command_line_arguments)
+                                            detected_input_function_files, fit_voxels, number, read_fit_output,
+                                            write_series_input)
+from DCEPKFittingLib.pipeline.input_function import SignalInputFunction, command_line_arguments
 from DCEPKFittingLib.mrml.scene_fit import SceneFitRequest
 
 from ..nn.input_definitions import READ_MASK_FILE, ReadFromImage
@@ -120,14 +120,11 @@ def read_inference(request: SceneInferenceRequest, folder: Path):
 
 
 def _detected_input_function(out: Path) -> Optional[SignalInputFunction]:
-    """The voxels and blood curve automatic detection chose (the files ``dcepk infer --auto-aif`` writes), or
-    the voxels the reader network looked at most (``--mode image``; its curve is the summary's plasma)."""
+    """The voxels and blood curve automatic detection chose (``--auto-aif``), or the voxels the reader
+    network looked at most (``--mode image``; its curve is the summary's plasma)."""
     if (out / READ_MASK_FILE).is_file():
         return SignalInputFunction(label_map=read_volume(out / READ_MASK_FILE)[0].astype(np.uint8))
-    if not (out / AUTO_MASK_FILE).is_file():
-        return None
-    curve = np.loadtxt(out / AUTO_CURVE_FILE, delimiter=",", skiprows=1, ndmin=2)
-    return SignalInputFunction(blood_mM=curve[:, 1], label_map=read_volume(out / AUTO_MASK_FILE)[0].astype(np.uint8))
+    return detected_input_function_files(out)
 
 
 def read_inference_result(request: SceneInferenceRequest, folder: Path):

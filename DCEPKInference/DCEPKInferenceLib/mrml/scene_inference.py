@@ -328,31 +328,14 @@ def _publish_detected(scene, request: SceneInferenceRequest, result: SceneInfere
     input function (an earlier detection's nodes replaced with ``update_existing``), else {}."""
     found = getattr(result.inference, "input_function", None)
     spec = request.input_function
-    if isinstance(spec, ReadFromImage) and found is not None and found.label_map is not None:
-        return _publish_read(scene, request, result, found)
-    if found is None or found.label_map is None or spec is None or spec.auto_aif is None:
+    if isinstance(spec, ReadFromImage):   # what the reader network looked at most, and the curve it read
+        return fit_mrml.publish_run_detection(
+            scene, found, request.series.times_s, result.inference.geometry, request.update_existing, READ_NAME,
+            {READ_LABEL: "read by the network"}, {"plasma (read from the image)": result.inference.aif_plasma_mM})
+    if spec is None or getattr(spec, "auto_aif", None) is None:
         return {}
-    name = fit_mrml.DETECTED_NAME
-    previous = node_by_name(scene, "vtkMRMLSegmentationNode", name) if request.update_existing else None
-    chart = node_by_name(scene, "vtkMRMLPlotChartNode", name) if request.update_existing else None
-    segmentation, chart = fit_mrml.publish_detected_input_function(scene, found, request.series.times_s,
-                                                                   result.inference.geometry, previous, chart)
-    return {"input_function": segmentation, "input_function_chart": chart}
-
-
-def _publish_read(scene, request: SceneInferenceRequest, result: SceneInferenceResult, found) -> Dict[str, object]:
-    """Image-only mode: the voxels the reader network looked at most (a segmentation) and the plasma curve
-    it read (a chart), an earlier run's replaced with ``update_existing``."""
-    previous = node_by_name(scene, "vtkMRMLSegmentationNode", READ_NAME) if request.update_existing else None
-    chart = node_by_name(scene, "vtkMRMLPlotChartNode", READ_NAME) if request.update_existing else None
-    segmentation = fit_mrml.segmentation_from_labels(scene, found.label_map, result.inference.geometry,
-                                                     {READ_LABEL: "read by the network"}, READ_NAME)
-    if previous is not None and previous.GetScene() is scene:
-        scene.RemoveNode(previous)
-    chart = fit_mrml.plot_curves(scene, READ_NAME, np.asarray(request.series.times_s),
-                                 {"plasma (read from the image)": result.inference.aif_plasma_mM}, "time (s)",
-                                 "concentration (mM)", chart=chart)
-    return {"input_function": segmentation, "input_function_chart": chart}
+    return fit_mrml.publish_run_detection(scene, found, request.series.times_s, result.inference.geometry,
+                                          request.update_existing)
 
 
 def run_scene_inference(scene, sequence_node, progress=None, cancel=None, **options):
