@@ -58,12 +58,15 @@ def _nlls(slice_, roi, tissue):
     return run_fit(_series(slice_), settings).maps["Ktrans"][0]
 
 
-def _network(slice_, name, tissue, seed=0, reader=False):
-    """Ktrans of network ``name`` with the input function detected automatically, or (``reader``) read by
-    the reader network."""
+SOURCES = {"automatic AIF": InputFunctionSpec(auto_aif="either", blood_t10_s=NOMINAL_BLOOD_T10_S, hct=0.45),
+           "reader network": ReadFromImage(reader_only=True),
+           "image mode (detection, else reader)": ReadFromImage(blood_t10_s=NOMINAL_BLOOD_T10_S)}
+
+
+def _network(slice_, name, tissue, seed=0, source="automatic AIF"):
+    """Ktrans of network ``name`` with the input function of ``source`` (``SOURCES``)."""
     torch.manual_seed(seed)
-    spec = ReadFromImage() if reader else InputFunctionSpec(auto_aif="either", blood_t10_s=NOMINAL_BLOOD_T10_S,
-                                                            hct=0.45)
+    spec = SOURCES[source]
     return run_inference(_series(slice_), name, mask=tissue[None], device="cpu", t10_s=slice_.t10_s[None],
                          r1_per_mM_s=slice_.r1_per_mM_s, input_function=spec).maps["Ktrans"][0]
 
@@ -80,14 +83,14 @@ def one_subject(index, size, snr, networks, with_reader):
            "NLLS, operator 1": _nlls(first, rois[0], tissue), "NLLS, operator 2": _nlls(first, rois[1], tissue),
            "NLLS, operator 1, second noise": _nlls(second, rois[0], tissue)}
     for name in networks:
-        for source, reader in (("automatic AIF", False), ("reader network", True)):
-            if reader and not with_reader:
+        for source in SOURCES:
+            if source != "automatic AIF" and not with_reader:
                 continue
             try:
-                out[f"{name}, {source}"] = _network(first, name, tissue, reader=reader)
-                out[f"{name}, {source}, second noise"] = _network(second, name, tissue, reader=reader)
+                out[f"{name}, {source}"] = _network(first, name, tissue, source=source)
+                out[f"{name}, {source}, second noise"] = _network(second, name, tissue, source=source)
                 if name.startswith("tcn_punet"):
-                    out[f"{name}, {source}, latent draw 2"] = _network(first, name, tissue, seed=1, reader=reader)
+                    out[f"{name}, {source}, latent draw 2"] = _network(first, name, tissue, seed=1, source=source)
             except Exception as error:   # detection found nothing: say so, count it
                 log(f"  subject {index} {name} ({source}): {error}")
     return out
@@ -157,7 +160,7 @@ def render(subjects, args, wall):
     pairs = [("NLLS", "two independent ROI placements, same noise", "NLLS, operator 1", "NLLS, operator 2"),
              ("NLLS", "same ROI, two noise realisations", "NLLS, operator 1", "NLLS, operator 1, second noise")]
     for method in methods:
-        if "automatic AIF" in method or "reader network" in method:
+        if any(source in method for source in SOURCES):
             pairs.append((method, "two noise realisations", method, f"{method}, second noise"))
             if method.startswith("tcn_punet"):
                 pairs.append((method, "two latent draws", method, f"{method}, latent draw 2"))

@@ -135,7 +135,7 @@ def test_a_child_process_run_with_detection_gives_what_the_thread_gives(slicer_s
 
 
 @pytest.mark.skipif(not SHIPPED, reason=f"{DEFAULT_CONDITIONED_MODEL} is not in Resources/Models yet")
-@pytest.mark.parametrize("source", ["roi", "auto"])
+@pytest.mark.parametrize("source", ["roi", "auto", "image"])
 def test_shipped_aif_conditioned_network_from_the_scene_meets_the_phantom_truth(slicer_scene, phantom, loaded,
                                                                                module, source):
     logic = module.DCEPKInferenceLogic(scene=slicer_scene.scene)

@@ -86,7 +86,9 @@ def infer_command(python: str, request: SceneInferenceRequest, folder: Path) -> 
     if request.r1_per_mM_s is not None:
         args.append(f"--r1={number(request.r1_per_mM_s)}")
     if isinstance(request.input_function, ReadFromImage):   # image-only mode: the reader network reads it
-        args += ["--mode", "image"]
+        spec = request.input_function
+        args += ["--mode", "image", f"--hct={number(spec.hct)}"]
+        args += [f"--blood-t10={number(spec.blood_t10_s)}"] if spec.blood_t10_s else []
     elif request.input_function is not None:   # an AIF-conditioned model: its input function, as the thread's
         args += ["--mode", "aif", *command_line_arguments(request.input_function, folder / AIF_MASK_FILE)]
     return dcepk_command(python, INFER_MODULE, *args)

@@ -134,12 +134,12 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
 
 
 def image_only_input_function(reference, hct: float, blood_t10_s: Optional[float]):
-    """Image-only mode's input function: read by the reader network where it is installed, else found by
-    automatic detection (the same as source 'auto', kind 'either')."""
+    """Image-only mode's input function: automatic detection, and where it finds no vessel the reader
+    network (``ReadFromImage``); without the reader installed, detection alone (source 'auto', 'either')."""
     from ..nn.model_store import reader_installed
 
     if reader_installed():
-        return ReadFromImage()
+        return ReadFromImage(hct=hct, blood_t10_s=blood_t10_s or None).check()
     return fit_mrml.input_function_from_nodes(reference, "auto", auto_kind="either", hct=hct, blood_t10_s=blood_t10_s)
 
 
@@ -328,11 +328,12 @@ def _publish_detected(scene, request: SceneInferenceRequest, result: SceneInfere
     input function (an earlier detection's nodes replaced with ``update_existing``), else {}."""
     found = getattr(result.inference, "input_function", None)
     spec = request.input_function
-    if isinstance(spec, ReadFromImage):   # what the reader network looked at most, and the curve it read
+    if isinstance(spec, ReadFromImage) and found is not None and found.detection is None:
+        # the reader network gave it: the voxels it looked at most, and the curve it read
         return fit_mrml.publish_run_detection(
             scene, found, request.series.times_s, result.inference.geometry, request.update_existing, READ_NAME,
             {READ_LABEL: "read by the network"}, {"plasma (read from the image)": result.inference.aif_plasma_mM})
-    if spec is None or getattr(spec, "auto_aif", None) is None:
+    if spec is None or (getattr(spec, "auto_aif", None) is None and not isinstance(spec, ReadFromImage)):
         return {}
     return fit_mrml.publish_run_detection(scene, found, request.series.times_s, result.inference.geometry,
                                           request.update_existing)

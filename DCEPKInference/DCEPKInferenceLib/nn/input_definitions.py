@@ -3,6 +3,7 @@
 checked where torch is not installed (the module panel lists the networks before torch is)."""
 
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 
@@ -40,14 +41,27 @@ READ_LABEL = 1                            # the label of those voxels in its mas
 
 @dataclass
 class ReadFromImage:
-    """The input function of image-only mode: read from the series by the reader network ``reader``
-    (``pipeline.image_input_function``; it gives plasma concentration itself: no haematocrit, no blood
-    T10 to choose)."""
+    """The input function of image-only mode, found in the series with no ROI: by automatic detection
+    (kind 'either', as ``--auto-aif``), and where that finds no usable vessel, read by the reader network
+    ``reader`` (``pipeline.image_input_function``; plasma directly). ``reader_only``: the network always
+    (the published route; on the project's phantom it misread the vessel, see the Models README).
+    ``hct`` and ``blood_t10_s`` (s; None: 1.6 s) convert the detected vessel's blood signal."""
 
     reader: str = READER_MODEL
+    reader_only: bool = False
+    hct: float = 0.45
+    blood_t10_s: Optional[float] = None
 
     def describe(self) -> str:
-        return f"read from the image by the {self.reader} network"
+        if self.reader_only:
+            return f"read from the image by the {self.reader} network"
+        return f"read from the image (automatic detection; where it finds no vessel, the {self.reader} network)"
+
+    def detection(self):
+        """The automatic detection this mode tries first (an ``InputFunctionSpec``)."""
+        from DCEPKFittingLib.pipeline.input_function import InputFunctionSpec
+        return InputFunctionSpec(auto_aif="either", hct=self.hct, blood_t10_s=self.blood_t10_s)
 
     def check(self) -> "ReadFromImage":
+        self.detection().check()
         return self

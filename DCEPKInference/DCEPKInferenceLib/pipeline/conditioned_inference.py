@@ -187,6 +187,24 @@ def predict_conditioned_slices(model, series, mask, basis, baseline_frames, t10,
     return mean, sd
 
 
+def _image_only_input_function(series, spec: ReadFromImage, body, conversion: dict, device, models_dir, notes: list,
+                               cancel):
+    """(plasma (T,) mM, what gave it) in image-only mode: automatic detection, else (or with
+    ``reader_only``) the reader network on the voxels of ``body``."""
+    if not spec.reader_only:
+        try:
+            return resolve_series_input_function(series, spec.detection(), notes=notes, **conversion)
+        except DCEPKInputError as error:
+            notes.append(f"automatic detection gave no usable input function ({error}); the {spec.reader} network "
+                         "read it from the image instead")
+    plasma, found = read_input_function(series, body, conversion["baseline_frames"], fa_deg=conversion["fa_deg"],
+                                        tr_s=conversion["tr_s"], r1_per_mM_s=conversion["r1_per_mM_s"], device=device,
+                                        models_dir=models_dir, cancel=cancel, reader=spec.reader)
+    plasma, described = checked_input_function(plasma, spec, found)
+    notes += described
+    return plasma, found
+
+
 def run_conditioned(series, model_name, spec, *, mask, body, device, fa_deg, tr_s, t10, r1_per_mM_s,
                     baseline_frames, batch_voxels, models_dir, notes: list, progress=None, cancel=None):
     """(mean, sd, plasma input function, what the signal gave, model card, device) for ``run_inference``;
@@ -195,16 +213,12 @@ def run_conditioned(series, model_name, spec, *, mask, body, device, fa_deg, tr_
     dev = torch.device(resolve_device(device, notes))
     model, card = load_model(model_name, dev, models_dir)
     report(progress, 0.0, "input function")
+    conversion = dict(t10_s=t10, fa_deg=fa_deg, tr_s=tr_s, r1_per_mM_s=r1_per_mM_s, baseline_frames=baseline_frames)
     if isinstance(spec, ReadFromImage):
-        plasma, from_signal = read_input_function(series, body, baseline_frames, fa_deg=fa_deg, tr_s=tr_s,
-                                                  r1_per_mM_s=r1_per_mM_s, device=dev, models_dir=models_dir,
-                                                  cancel=cancel, reader=spec.reader)
-        plasma, described = checked_input_function(plasma, spec, from_signal)
-        notes += described
+        plasma, from_signal = _image_only_input_function(series, spec, body, conversion, dev, models_dir, notes,
+                                                         cancel)
     else:
-        plasma, from_signal = resolve_series_input_function(series, spec, t10_s=t10, fa_deg=fa_deg, tr_s=tr_s,
-                                                            r1_per_mM_s=r1_per_mM_s, baseline_frames=baseline_frames,
-                                                            notes=notes)
+        plasma, from_signal = resolve_series_input_function(series, spec, notes=notes, **conversion)
     raise_if_cancelled(cancel)
     basis = aif_encoding.series_basis(series.times_s, plasma, baseline_frames)
     step = sub_progress(progress, 0.05, 1.0)

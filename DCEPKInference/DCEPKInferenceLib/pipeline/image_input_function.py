@@ -82,7 +82,7 @@ def read_input_function(series, body, baseline_frames: int, *, fa_deg, tr_s, r1_
     plasma = np.interp(relative, grid, plasma_grid[valid > 0])
     notes = [f"input function read from the image by {card.get('name', reader)}: {top.size} voxels carry "
              f"{ATTENTION_SHARE:.0%} of its attention in {len(slices)} slice(s); amplitude uncertain by a factor "
-             f"{float(np.exp(log_sd[0])):.2f} (1 SD)"]
+             f"{float(torch.exp(log_sd[0])):.2f} (1 SD)"]
     if relative[-1] > cg.grid_times_s()[-1] + cg.GRID_STEP_S:
         notes.append(f"the reader sees the first {cg.grid_times_s()[-1]:.0f} s: the input function after that is "
                      "held at its last value")

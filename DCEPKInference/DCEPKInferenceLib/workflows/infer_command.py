@@ -8,6 +8,7 @@ from typing import Optional
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.child_process import progress_reporter
 from DCEPKFittingLib.core.output_files import OutputSet, check_targets
+from DCEPKFittingLib.pipeline.input_function import AUTO_CURVE_FILE, AUTO_MASK_FILE
 from DCEPKFittingLib.io import map_targets, read_mask, stage_maps, stage_volume
 from DCEPKFittingLib.workflows.cli import (DEVICE, POSITIVE_INT, add_acquisition_options, add_progress_option,
                                            add_series_options, add_t10_options, print_messages, read_series_option,
@@ -104,11 +105,14 @@ def infer_main(argv=None) -> int:
         raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")
     mode, model = choose_mode_and_model(args)
     reads_image = mode == "image" and not args.auto_aif
+    # image mode: detection's files, or the reader's where detection found no vessel
     read_targets = [args.out / READ_MASK_FILE, args.out / READ_CURVE_FILE] if reads_image else []
+    detect_targets = [args.out / AUTO_MASK_FILE, args.out / AUTO_CURVE_FILE] if reads_image else []
     check_targets(map_targets(args.out, MAP_ORDER) + [args.out / INFER_SUMMARY] + input_function_targets(args, args.out)
-                  + read_targets, args.overwrite)
+                  + read_targets + detect_targets, args.overwrite)
     series = read_series_option(args)
-    spec = ReadFromImage() if reads_image else input_function_spec(args, series) if mode != "aif-free" else None
+    spec = ReadFromImage(hct=args.hct, blood_t10_s=args.blood_t10).check() if reads_image else \
+        input_function_spec(args, series) if mode != "aif-free" else None
     mask = read_mask(args.mask, series.geometry, series.spatial_shape) if args.mask else None
     result = run_inference(series, model, mask=mask, device=args.device, fa_deg=args.fa, tr_s=args.tr,
                            t10_s=read_t10(args, series), r1_per_mM_s=args.r1, batch_voxels=args.batch_voxels,
@@ -124,7 +128,7 @@ def infer_main(argv=None) -> int:
     with OutputSet(args.overwrite) as outputs:
         written = stage_maps(outputs, args.out, result.maps, result.geometry)
         stage_input_function_outputs(outputs, args.out, result.input_function, series.times_s, result.geometry)
-        if reads_image:   # what the reader looked at, and its curve (plasma)
+        if reads_image and result.input_function.detection is None:   # what the reader looked at, its curve
             stage_volume(outputs, read_targets[0], result.input_function.label_map, result.geometry)
             outputs.add_text(read_targets[1], curve_csv(series.times_s, result.aif_plasma_mM))
         write_summary(outputs, args.out / INFER_SUMMARY, summary)
