@@ -13,8 +13,9 @@ UNITS = {name: unit for name, unit in map_units("etofts", uncertainty="sd").item
 
 
 def model_cards(directory=None) -> list:
-    """Model cards of the shipped networks (``$DCEPK_MODELS_DIR``, else the installed models folder)."""
-    return list_models(directory)
+    """Model cards of the shipped networks that make maps (``$DCEPK_MODELS_DIR``, else the installed models
+    folder); image mode's reader (mode 'aif_reader') is not one to choose."""
+    return [card for card in list_models(directory) if card.get("mode") != "aif_reader"]
 
 
 def _number(value, digits=3) -> str:
@@ -64,7 +65,7 @@ def describe_model_card(card: Mapping) -> str:
         rows = "".join(
             f"<tr><td>{p}</td><td>{_number(m.get('rmse'))}</td><td>{_number(m.get('bias'))}</td>"
             f"<td>{_number(m.get('ccc'))}</td><td>{_number(m.get('coverage90'))}</td></tr>"
-            for p, m in metrics.items())
+            for p, m in metrics.items() if isinstance(m, dict))
         lines.append(f"<br><b>Validation</b> (held-out synthetic set, {size} samples): "
                      "<table border='1' cellspacing='0' cellpadding='2'><tr><th>map</th><th>RMSE</th><th>bias</th>"
                      f"<th>CCC</th><th>90% coverage</th></tr>{rows}</table>"
