@@ -14,6 +14,8 @@ Per subject:
 Accuracy: Ktrans median abs error over leaky tissue pixels (true Ktrans >= 0.01 /min; vessels left out)
 and gross errors over all tissue pixels. Reliability: ICC(A,1) (McGraw
 & Wong 1996) of the per-subject median Ktrans of the enhancing tissue (true Ktrans >= 0.05 /min).
+Speed (``--no-speed`` leaves it out): image mode on a 256 x 256 x 40 x 60-frame series against the same
+network given the vessel ROI, in the same run.
 Writes the "Image-only mode" section of Testing/Benchmarks/RESULTS.md.
 """
 
@@ -96,12 +98,40 @@ def one_subject(index, size, snr, networks, with_reader):
     return out
 
 
+def speed_lines(log_progress=log):
+    """Seconds for image mode on a 256 x 256 x 40 x 60-frame series (4 phantom slices timed, x10, 2 threads),
+    against the same network given the vessel ROI in the same run (the baseline)."""
+    from bench_inference_extra import _timed
+    from DCEPKFittingLib.sims.phantom import Protocol, make_phantom
+    protocol = Protocol(n_frames=60, frame_time_s=5.0)
+    phantom = make_phantom(shape=(4, 256, 256), protocol=protocol, snr=30.0, seed=3)
+    brain = phantom.labels > 0
+    torch.set_num_threads(2)
+    sources = {"vessel ROI given (baseline)": InputFunctionSpec(aif_mask=phantom.aif_mask),
+               "image mode (detection)": ReadFromImage(blood_t10_s=NOMINAL_BLOOD_T10_S),
+               "reader network alone": ReadFromImage(reader_only=True)}
+    seconds = {}
+    for label, spec in sources.items():
+        seconds[label] = 10 * _timed(lambda: run_inference(phantom.series, "hetero_encoder_aif", mask=brain,
+                                                           device="cpu", t10_s=phantom.truth["T10"],
+                                                           r1_per_mM_s=protocol.r1_per_mM_s, input_function=spec))
+        log_progress(f"  speed {label}: {seconds[label]:.1f} s")
+    torch.set_num_threads(1)
+    baseline = seconds["vessel ROI given (baseline)"]
+    lines = ["", "Speed of image mode: hetero_encoder_aif on a 256 x 256 x 40 x 60-frame series (4 phantom slices "
+             f"timed, x10; brain mask {int(brain.sum()) * 10} voxels), 2 threads on 2 shared cores, the faster of 2 "
+             "runs; target under 60 s.", "", "| input function | seconds | vs the ROI given |", "|---|---:|---:|"]
+    lines += [f"| {label} | {value:.1f} | {value / baseline:.2f}x |" for label, value in seconds.items()]
+    return lines
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--subjects", type=int, default=24)
     parser.add_argument("--size", type=int, default=96)
     parser.add_argument("--snr", type=float, default=10.0)
     parser.add_argument("--no-write", action="store_true")
+    parser.add_argument("--no-speed", action="store_true", help="leave out the 256 x 256 x 40 x 60 speed rows")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     started = time.perf_counter()
@@ -112,6 +142,8 @@ def main(argv=None):
         subjects.append(one_subject(index, args.size, args.snr, networks, with_reader))
         log(f"subject {index + 1}/{args.subjects}")
     text = render(subjects, args, time.perf_counter() - started)
+    if with_reader and not args.no_speed:
+        text += "\n".join(speed_lines()) + "\n"
     print(text)
     if not args.no_write:
         path = inference_sets.ROOT / "Testing" / "Benchmarks" / "RESULTS.md"
