@@ -8,6 +8,7 @@ signal domain and inflow; the Georgiou input-function family, never trained on; 
 Per subject:
 * NLLS (the core's fit, ``run_fit``) with the AIF of operator 1's ROI, of operator 2's ROI (same noise),
   and of operator 1's ROI on a second noise realisation; nominal blood T10 1.6 s, as an operator would;
+  and with the automatically detected AIF (the networks' own), on both noise realisations;
 * image-only networks: the input function found automatically (``--auto-aif``) and read by the reader
   network (``aif_reader``, when it is shipped) into each AIF-conditioned network, on both noise
   realisations; ``tcn_punet_aif`` also with two latent draws.
@@ -55,8 +56,10 @@ def _series(slice_):
 
 
 def _nlls(slice_, roi, tissue):
-    settings = FitSettings(t10_s=slice_.t10_s[None], r1_per_mM_s=slice_.r1_per_mM_s, aif_mask=roi[None],
-                           blood_t10_s=NOMINAL_BLOOD_T10_S, hct=slice_.hct, mask=tissue[None], device="cpu")
+    """NLLS Ktrans with the AIF of ``roi`` (bool [H, W]), or with automatic detection (``roi`` None)."""
+    source = dict(auto_aif="either") if roi is None else dict(aif_mask=roi[None])
+    settings = FitSettings(t10_s=slice_.t10_s[None], r1_per_mM_s=slice_.r1_per_mM_s, blood_t10_s=NOMINAL_BLOOD_T10_S,
+                           hct=slice_.hct, mask=tissue[None], device="cpu", **source)
     return run_fit(_series(slice_), settings).maps["Ktrans"][0]
 
 
@@ -84,6 +87,11 @@ def one_subject(index, size, snr, networks, with_reader):
     out = {"truth": truth, "tissue": tissue,
            "NLLS, operator 1": _nlls(first, rois[0], tissue), "NLLS, operator 2": _nlls(first, rois[1], tissue),
            "NLLS, operator 1, second noise": _nlls(second, rois[0], tissue)}
+    for key, series in (("NLLS, automatic AIF", first), ("NLLS, automatic AIF, second noise", second)):
+        try:   # the fit given the same detected input function as the networks
+            out[key] = _nlls(series, None, tissue)
+        except Exception as error:
+            log(f"  subject {index} NLLS (automatic AIF): {error}")
     for name in networks:
         for source in SOURCES:
             if source != "automatic AIF" and not with_reader:
@@ -190,9 +198,11 @@ def render(subjects, args, wall):
               f"enhancing tissue (true Ktrans >= {ENHANCING} /min), between two measurements of the same subjects.",
               "", "| method | repeated measurement | ICC(A,1) | subjects |", "|---|---|---:|---:|"]
     pairs = [("NLLS", "two independent ROI placements, same noise", "NLLS, operator 1", "NLLS, operator 2"),
-             ("NLLS", "same ROI, two noise realisations", "NLLS, operator 1", "NLLS, operator 1, second noise")]
+             ("NLLS", "same ROI, two noise realisations", "NLLS, operator 1", "NLLS, operator 1, second noise"),
+             ("NLLS, automatic AIF", "two noise realisations", "NLLS, automatic AIF",
+              "NLLS, automatic AIF, second noise")]
     for method in methods:
-        if any(source in method for source in SOURCES):
+        if not method.startswith("NLLS") and any(source in method for source in SOURCES):
             pairs.append((method, "two noise realisations", method, f"{method}, second noise"))
             if method.startswith("tcn_punet"):
                 pairs.append((method, "two latent draws", method, f"{method}, latent draw 2"))
