@@ -69,8 +69,8 @@ Pharmacokinetic maps with per-voxel uncertainty from a dynamic contrast-enhanced
 neural networks. <b>Input function</b>: in mode <i>aif</i> an AIF-conditioned network (e.g.
 <i>hetero_encoder_aif</i>) is given the input function: an AIF ROI (a box, a label map or a segmentation on
 an artery or vein; <i>ROI label</i> picks one label or segment), a CSV file, a population AIF, or automatic
-detection; in mode <i>image</i> the input function is read from the image by the reader network (aif_reader;
-detected automatically where it is not installed), and the voxels it looked at most and the curve it read are
+detection; in mode <i>image</i> the input function is found in the image: detected automatically, and where no
+usable vessel is found, read by the reader network (aif_reader), whose most-attended voxels and curve are then
 shown as the segmentation and chart 'DCEPK AIF (read by network)';
 <i>Detect the input function</i> shows the detected curve in a chart and makes its voxels an editable
 segmentation ('artery', 'vein') chosen as the AIF ROI.

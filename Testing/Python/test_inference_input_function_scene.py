@@ -114,12 +114,13 @@ def test_the_child_process_gets_the_same_input_function(slicer_scene, phantom, l
                                                 aifRoiLabel=1).input_function.aif_mask, phantom.aif_mask)
 
 
+@pytest.mark.parametrize("source", ["auto", "image"])   # image mode: detection finds the phantom's artery
 def test_a_child_process_run_with_detection_gives_what_the_thread_gives(slicer_scene, phantom, loaded, module,
-                                                                       tmp_path, untrained_conditioned_models):
+                                                                       tmp_path, untrained_conditioned_models, source):
     logic = module.DCEPKInferenceLogic(scene=slicer_scene.scene)
     logic.childTemporaryFolder = str(tmp_path)
     options = dict(modelName=DEFAULT_CONDITIONED_MODEL, maskNode=loaded["tissues"], device="cpu", t10_s=T10_S,
-                   aifSource="auto")
+                   aifSource=source)
     logic.computeIn = "thread"
     logic.run(loaded["sequence"], **options)
     thread = logic.lastResult.inference

@@ -51,8 +51,8 @@ def build_batch_parser() -> argparse.ArgumentParser:
     defaults.add_argument("--model", default="etofts", help="fit model, or none (default etofts)")
     defaults.add_argument("--method", default="nlls", help="nlls | linear")
     defaults.add_argument("--network", default="none", help="shipped network (dcepk infer --list), or none")
-    defaults.add_argument("--aif", default="", help="input function of the fit and of an AIF-conditioned network: parker | georgiou | "
-                               "weinmann | CSV | ROI mask | auto | auto-artery | auto-vein")
+    defaults.add_argument("--aif", default="", help="input function of the fit and of an AIF-conditioned network: "
+                               "parker | georgiou | weinmann | CSV | ROI mask | auto | auto-artery | auto-vein")
     defaults.add_argument("--t10", default="", help="pre-contrast T1 in seconds (or a map file) for rows without one")
     defaults.add_argument("--hct", default="0.45", help="haematocrit (fraction)")
     parser.add_argument("--device", default="auto", type=cli.DEVICE,

@@ -6,7 +6,7 @@ from typing import Mapping
 
 from DCEPKFittingLib.kinetics.fit_result import map_units
 
-from ..nn.model_store import list_models
+from ..nn.model_store import list_models, model_mode
 
 PARAMETERS = ("Ktrans", "ve", "vp", "kep")
 UNITS = {name: unit for name, unit in map_units("etofts", uncertainty="sd").items() if name in PARAMETERS}
@@ -15,7 +15,7 @@ UNITS = {name: unit for name, unit in map_units("etofts", uncertainty="sd").item
 def model_cards(directory=None) -> list:
     """Model cards of the shipped networks that make maps (``$DCEPK_MODELS_DIR``, else the installed models
     folder); image mode's reader (mode 'aif_reader') is not one to choose."""
-    return [card for card in list_models(directory) if card.get("mode") != "aif_reader"]
+    return [card for card in list_models(directory) if model_mode(card) != "aif_reader"]
 
 
 def _number(value, digits=3) -> str:

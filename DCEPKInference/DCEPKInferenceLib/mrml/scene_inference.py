@@ -82,7 +82,7 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
     ``aif_source`` (``roi``, ``csv``, ``population``, ``auto``; None: no input function) gives an
     AIF-conditioned model its input function (``fit_mrml.input_function_from_nodes``, with
     ``population_aif`` and ``hct``); the comparison fit then uses the same one. ``image``: image-only
-    mode (``image_only_input_function``; the comparison fit then uses automatic detection)."""
+    mode (``ReadFromImage``: detection, else the reader network; the comparison fit uses detection)."""
     from ..nn.model_store import model_mode, read_card
 
     conditioned = model_mode(read_card(model_name)) == "aif_conditioned"  # unknown model: clear error now
@@ -109,7 +109,7 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
     elif not 0.05 <= float(t10) <= 10.0:
         raise DCEPKInputError(f"T10 = {t10} s is outside 0.05-10 s: give T10 in seconds")
     _, regions = fit_mrml.statistics_regions(statistics_segmentation, mask, reference)
-    spec = image_only_input_function(reference, hct, blood_t10_s) if aif_source == "image" else \
+    spec = ReadFromImage(hct=hct, blood_t10_s=blood_t10_s or None).check() if aif_source == "image" else \
         None if aif_source is None else fit_mrml.input_function_from_nodes(
             reference, aif_source, aif_roi, aif_roi_label, aif_csv, population_aif, auto_aif, hct, blood_t10_s)
     fit_settings = None
@@ -131,16 +131,6 @@ def prepare_scene_inference(sequence_node, model_name: str = "hetero_encoder", m
         fit_settings=fit_settings,
         statistics_regions=regions, source_id=series.metadata.get("sequence_id", ""),
         output_prefix=output_prefix or "DCEPK-NN", update_existing=update_existing, input_function=spec)
-
-
-def image_only_input_function(reference, hct: float, blood_t10_s: Optional[float]):
-    """Image-only mode's input function: automatic detection, and where it finds no vessel the reader
-    network (``ReadFromImage``); without the reader installed, detection alone (source 'auto', 'either')."""
-    from ..nn.model_store import reader_installed
-
-    if reader_installed():
-        return ReadFromImage(hct=hct, blood_t10_s=blood_t10_s or None).check()
-    return fit_mrml.input_function_from_nodes(reference, "auto", auto_kind="either", hct=hct, blood_t10_s=blood_t10_s)
 
 
 def compute_scene_inference(request: SceneInferenceRequest, progress=None, cancel=None) -> SceneInferenceResult:
@@ -328,13 +318,14 @@ def _publish_detected(scene, request: SceneInferenceRequest, result: SceneInfere
     input function (an earlier detection's nodes replaced with ``update_existing``), else {}."""
     found = getattr(result.inference, "input_function", None)
     spec = request.input_function
-    if isinstance(spec, ReadFromImage) and found is not None and found.detection is None:
-        # the reader network gave it: the voxels it looked at most, and the curve it read
+    if found is None or not (isinstance(spec, ReadFromImage) or getattr(spec, "auto_aif", None)):
+        return {}   # the user's own ROI, a CSV or a population AIF: nothing to show
+    if isinstance(spec, ReadFromImage) and found.blood_mM is None:
+        # the reader network gave it (plasma, no blood curve; in a thread or read back from a child): the
+        # voxels it looked at most and the curve it read
         return fit_mrml.publish_run_detection(
             scene, found, request.series.times_s, result.inference.geometry, request.update_existing, READ_NAME,
             {READ_LABEL: "read by the network"}, {"plasma (read from the image)": result.inference.aif_plasma_mM})
-    if spec is None or (getattr(spec, "auto_aif", None) is None and not isinstance(spec, ReadFromImage)):
-        return {}
     return fit_mrml.publish_run_detection(scene, found, request.series.times_s, result.inference.geometry,
                                           request.update_existing)
 

@@ -25,8 +25,8 @@ from DCEPKFittingLib.signal import detect_baseline_frames, rician, signal_to_con
 
 from ..data import canonical_grid as cg
 from ..nn import aif_encoding
-from ..nn.model_store import load_model
 from ..nn.input_definitions import ReadFromImage
+from ..nn.model_store import load_model, reader_installed
 from .image_input_function import read_input_function
 
 MIN_BASELINE_FRAMES = 2     # the baseline noise SD needs two
@@ -190,11 +190,14 @@ def predict_conditioned_slices(model, series, mask, basis, baseline_frames, t10,
 def _image_only_input_function(series, spec: ReadFromImage, body, conversion: dict, device, models_dir, notes: list,
                                cancel):
     """(plasma (T,) mM, what gave it) in image-only mode: automatic detection, else (or with
-    ``reader_only``) the reader network on the voxels of ``body``."""
+    ``reader_only``) the reader network on the voxels of ``body``; without the reader installed, detection
+    alone."""
     if not spec.reader_only:
         try:
             return resolve_series_input_function(series, spec.detection(), notes=notes, **conversion)
         except DCEPKInputError as error:
+            if not reader_installed(models_dir):
+                raise
             notes.append(f"automatic detection gave no usable input function ({error}); the {spec.reader} network "
                          "read it from the image instead")
     plasma, found = read_input_function(series, body, conversion["baseline_frames"], fa_deg=conversion["fa_deg"],

@@ -31,12 +31,12 @@ from DCEPKFittingLib.signal import check_t10, default_r1
 from ..analysis.metrics import KEP_VE_FLOOR, kep_with_sd  # noqa: F401  (KEP_VE_FLOOR: named in the doc)
 from ..data import canonical_grid as cg
 from ..data.simulator import TWO_RATE_SWITCH_FRACTION
+from ..nn.input_definitions import ReadFromImage
 from ..nn.model_store import load_model, model_mode, read_card
 from ..nn.networks import PARAM_NAMES
 from ..training.calibration import calibrate_to_protocol
 from ..training.config import PROTOCOL_CALIBRATION
 from .conditioned_inference import check_mode, run_conditioned, series_baseline
-from ..nn.input_definitions import ReadFromImage  # noqa: F401  (image-only mode's input_function, for the API)
 
 DEFAULT_MODEL = "hetero_encoder"                  # without an input function (AIF-free)
 DEFAULT_CONDITIONED_MODEL = "hetero_encoder_aif"   # with one: the best on the validation set (its card)
@@ -152,9 +152,9 @@ def run_inference(series: DCESeries, model_name: Optional[str] = None, mask=None
 
     ``input_function`` (``DCEPKFittingLib.pipeline.input_function.InputFunctionSpec``): for the
     AIF-conditioned models (card mode 'aif_conditioned'; ROI, CSV, population or automatic detection,
-    resolved as ``run_fit`` does), or ``image_input_function.ReadFromImage()`` (image-only mode: the
-    reader network reads it from the image); the result then has ``aif_plasma_mM`` and ``input_function`` (the ROI's
-    or detected mask and notes). AIF-free models take none. ``model_name`` None: the default of each
+    resolved as ``run_fit`` does), or ``ReadFromImage()`` (image-only mode: automatic detection, and where it
+    finds no usable vessel the reader network); the result then has ``aif_plasma_mM`` and ``input_function``
+    (the ROI's, detected or read mask and notes). AIF-free models take none. ``model_name`` None: the default of each
     (``DEFAULT_CONDITIONED_MODEL`` with an input function, else ``DEFAULT_MODEL``).
 
     mask: bool [k, j, i] (None: voxels whose baseline signal exceeds 10 % of its 99th percentile);

@@ -8,8 +8,8 @@ from typing import Optional
 from DCEPKFittingLib.core.errors import DCEPKInputError
 from DCEPKFittingLib.core.child_process import progress_reporter
 from DCEPKFittingLib.core.output_files import OutputSet, check_targets
-from DCEPKFittingLib.pipeline.input_function import AUTO_CURVE_FILE, AUTO_MASK_FILE
 from DCEPKFittingLib.io import map_targets, read_mask, stage_maps, stage_volume
+from DCEPKFittingLib.pipeline.input_function import AUTO_CURVE_FILE, AUTO_MASK_FILE
 from DCEPKFittingLib.workflows.cli import (DEVICE, POSITIVE_INT, add_acquisition_options, add_progress_option,
                                            add_series_options, add_t10_options, print_messages, read_series_option,
                                            read_t10, write_summary)
@@ -17,15 +17,16 @@ from DCEPKFittingLib.workflows.input_function_options import (add_input_function
                                                               has_input_function, input_function_spec,
                                                               input_function_targets, stage_input_function_outputs)
 
-from ..nn.model_store import check_model_name, list_models, model_mode, read_card, reader_installed
 from ..nn.input_definitions import READ_CURVE_FILE, READ_MASK_FILE, ReadFromImage
+from ..nn.model_store import check_model_name, list_models, model_mode, read_card
 from ..pipeline.inference import (DEFAULT_CONDITIONED_MODEL, DEFAULT_MODEL, INFER_SUMMARY, MAP_ORDER, run_inference,
                                   training_protocol_ranges)
 
 MODES = {"aif": "the input function given (--aif-roi, --aif-csv, --population-aif or --auto-aif) into an "
                 "AIF-conditioned network",
-         "image": "read from the image: the input function read by the reader network (aif_reader; where it is not "
-                  "installed, detected automatically as --auto-aif either) into an AIF-conditioned network",
+         "image": "read from the image: the input function detected automatically (as --auto-aif either) and, where "
+                  "no usable vessel is found, read by the reader network (aif_reader), into an AIF-conditioned "
+                  "network",
          "aif-free": "a network that sees no input function (Ktrans known only up to the input function's "
                      "amplitude)"}
 
@@ -92,8 +93,6 @@ def choose_mode_and_model(args):
     if mode != "aif" and has_input_function(args):
         raise DCEPKInputError(f"--mode {mode} takes no input function: leave out --aif-roi, --aif-csv, --population-aif "
                               "and --auto-aif, or use --mode aif")
-    if mode == "image" and not reader_installed():
-        args.auto_aif = "either"
     return mode, model
 
 
@@ -104,7 +103,7 @@ def infer_main(argv=None) -> int:
     if args.input is None or args.out is None:
         raise DCEPKInputError("give the DCE series and an output folder: dcepk infer INPUT --out DIR")
     mode, model = choose_mode_and_model(args)
-    reads_image = mode == "image" and not args.auto_aif
+    reads_image = mode == "image"
     # image mode: detection's files, or the reader's where detection found no vessel
     read_targets = [args.out / READ_MASK_FILE, args.out / READ_CURVE_FILE] if reads_image else []
     detect_targets = [args.out / AUTO_MASK_FILE, args.out / AUTO_CURVE_FILE] if reads_image else []
