@@ -293,6 +293,22 @@ def test_tracer_kinetic_loss_is_zero_only_for_the_true_parameters():
     assert tracer_kinetic_loss(wrong, truth, cp, valid).item() > 1e-3
 
 
+
+def test_tracer_kinetic_loss_stays_finite_where_ve_is_zero():
+    """A clamped prediction or a non-enhancing truth has ve = 0 (kep = Ktrans / ve): the loss and its
+    gradient stay finite (a NaN here ended the first ulas_cnn_aif training run), and a non-enhancing
+    pixel predicted as non-enhancing costs nothing."""
+    rng = np.random.default_rng(2)
+    cp = torch.tensor(simulator.cp_on_grid(simulator.sample_subject(rng)), dtype=torch.float64)[None]
+    valid = torch.ones(1, cg.GRID_POINTS, dtype=torch.float64)
+    truth = torch.tensor([[0.2, 0.0], [0.3, 0.0], [0.05, 0.0]], dtype=torch.float64).view(1, 3, 1, 2)
+    pred = torch.tensor([[0.1, 0.0], [0.0, 0.0], [0.05, 0.0]], dtype=torch.float64).view(1, 3, 1, 2)
+    pred.requires_grad_(True)
+    loss = tracer_kinetic_loss(pred, truth, cp, valid)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() > 1e-3 and torch.isfinite(pred.grad).all()
+    assert tracer_kinetic_loss(truth.clone(), truth, cp, valid).item() == pytest.approx(0.0, abs=1e-12)
+
 def test_temporal_shift_delays_the_curve():
     curves = torch.arange(10.0).repeat(3, 1)
     valid = torch.ones(3, 10)

@@ -41,15 +41,26 @@ def _upper_tensor(device, shape):
     return torch.tensor(PARAM_UPPER, dtype=torch.float32, device=device).view(shape)
 
 
+# The forward model divides by ve (kep = Ktrans / ve): a ve of exactly 0 (a clamped prediction, a
+# non-enhancing truth) would make the loss NaN. Below this floor the curve no longer changes visibly.
+TK_LOSS_VE_FLOOR = 1e-3
+
+
+def _with_ve_floor(params):
+    """(B, 3, H, W) -> (B, H, W, 3) with ve >= TK_LOSS_VE_FLOOR."""
+    floor = torch.tensor([0.0, TK_LOSS_VE_FLOOR, 0.0], dtype=params.dtype, device=params.device)
+    return torch.maximum(params.permute(0, 2, 3, 1), floor)
+
+
 def tracer_kinetic_loss(pred_params, true_params, cp_grid, valid):
     """Relative squared error of extended-Tofts concentration on the canonical grid (Ulas et al.):
     predicted vs true parameters through the core forward model with the patch's true AIF.
     pred/true (B, 3, H, W) physical units, cp_grid (B, G) mM, valid (B, G)."""
     t = torch.as_tensor(canonical_grid.grid_times_s(), dtype=pred_params.dtype, device=pred_params.device)
     cp = cp_grid[:, None, None, :]
-    c_pred = tk_models.concentration("etofts", pred_params.permute(0, 2, 3, 1), t, cp)
+    c_pred = tk_models.concentration("etofts", _with_ve_floor(pred_params), t, cp)
     with torch.no_grad():
-        c_true = tk_models.concentration("etofts", true_params.permute(0, 2, 3, 1), t, cp)
+        c_true = tk_models.concentration("etofts", _with_ve_floor(true_params), t, cp)
         scale = (c_true ** 2 * valid[:, None, None, :]).mean((1, 2, 3), keepdim=True) + 1e-3
     err = (c_pred - c_true) ** 2 / scale * valid[:, None, None, :]
     return err.sum() / (valid.sum() * pred_params.shape[2] * pred_params.shape[3]).clamp_min(1)
