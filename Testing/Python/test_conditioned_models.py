@@ -30,9 +30,9 @@ VOXEL = [n for n in CONDITIONED if load_model(n, "cpu")[0].kind == "voxel"]
 OSIPI_TOLERANCE = {"Ktrans": (0.005, 0.1), "ve": (0.05, 0.0), "vp": (0.025, 0.0)}
 
 
-# The AIF-conditioned models shipped so far: the voxel-wise encoder, chosen on validation. The 2-D ones
-# (ulas_cnn_aif, fcsa_net_aif, tcn_punet_aif) are configured but not yet trained to a usable state on CPU.
-SHIPPED_CONDITIONED_NETWORKS = {"hetero_encoder"}
+# The AIF-conditioned models shipped so far: the voxel-wise encoder (chosen on validation) and the local +
+# global CNN; fcsa_net_aif and tcn_punet_aif are configured but not yet trained.
+SHIPPED_CONDITIONED_NETWORKS = {"hetero_encoder", "ulas_cnn"}
 
 
 def test_the_shipped_aif_conditioned_models_have_complete_cards():

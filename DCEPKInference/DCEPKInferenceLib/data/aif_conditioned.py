@@ -53,6 +53,11 @@ CONDITIONED_RANGES = {
     "baseline_snr": {"range": [3.0, 100.0], "distribution": "log-uniform; 5 % of subjects at 300-1000",
                      "definition": "noise-free pre-contrast signal / SD of the Gaussian noise per quadrature "
                                    "channel (Rician magnitude)"},
+    # curves handed over as concentration (a DRO, maps from other software): Gaussian noise in mM instead of
+    # Rician noise on the signal; without these the network learns the signal route's noise-dependent bias
+    # and applies it to concentration input too (+2-3 % Ktrans on a Gaussian-noise set)
+    "concentration_noise": {"probability": 0.15, "sd_mM": [0.003, 0.1], "distribution": "log-uniform",
+                            "training_only": True},
 }
 
 
@@ -168,8 +173,18 @@ def simulate_subject(rng, n_voxels: int, aif_family: Optional[str] = None, proto
         n_base += int(rng.integers(r["baseline_jitter_frames"]["range"][0], r["baseline_jitter_frames"]["range"][1] + 1))
     n_base = int(np.clip(n_base, 2, t.size - 4))
     measured, noise, _ = tissue_concentration(noisy, n_base, fa, tr, t10, r1)
+    if training and rng.uniform() < r["concentration_noise"]["probability"]:
+        measured, noise = _concentration_noise(rng, conc, n_base)
     return ConditionedSubject(t, given, measured, noise, n_base, params, snr, aif_family, protocol_family,
                               true_base, delay_s)
+
+
+def _concentration_noise(rng, conc, baseline_frames: int):
+    """Concentration curves (N, T) with Gaussian noise of one SD per subject (``concentration_noise``) and
+    the per-voxel noise SD over the baseline frames, as the inference path estimates it."""
+    sd = float(_loguniform(rng, *CONDITIONED_RANGES["concentration_noise"]["sd_mM"]))
+    noisy = conc + sd * rng.standard_normal(conc.shape)
+    return noisy, noisy[:, :baseline_frames].std(axis=1, ddof=1)
 
 
 def sample_conditioned_maps(rng, size: int) -> np.ndarray:

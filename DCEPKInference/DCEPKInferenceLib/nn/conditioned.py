@@ -1,13 +1,14 @@
 """AIF-conditioned networks: the input function's profile-likelihood encoding (``aif_encoding``) in,
 Ktrans / ve / vp with a calibrated SD out, through one anchored head shared by every architecture.
 
-Anchored head: location = clip(anchor + k sigma_post tanh(raw), [0, PARAM_UPPER]) with the encoder's
+Anchored head: location = clip(anchor + k sigma_post tanh(raw), [lower, PARAM_UPPER]) with the encoder's
 least-squares anchor and grid-posterior SD sigma_post, so the network moves the fit by at most k
 posterior SDs: as the noise goes to 0 the band closes and the output is the least-squares solution
 (a noise-free phantom is reproduced by construction); at low SNR the network shrinks towards the
 training prior within the band. ``k`` (``anchor_band``) is chosen on the validation set. The scale
 is a separate softplus output trained with the Laplace NLL, whose location is the posterior median
-(the median-error criterion); Laplace SD = sqrt(2) b.
+(the median-error criterion); Laplace SD = sqrt(2) b. ``lower`` is 0 but for ve, which stays at the
+anchor's floor (``aif_encoding.VE_FLOOR``): a ve of 0 would give kep = Ktrans / ve no value.
 
 This module holds the voxel-wise ``hetero_encoder`` (an ensemble of MLPs on the standardised
 encoding); the 2-D architectures' conditioned forms are in ``conditioned_slices``.
@@ -19,17 +20,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .aif_encoding import FEATURE_COUNT
+from .aif_encoding import FEATURE_COUNT, VE_FLOOR
 from .networks import PARAM_UPPER, SD_CALIBRATION, _spread, calibrated_sd, in_cache_blocks, nll
 
 MODE = "aif_conditioned"
 MIN_SCALE_N = 1e-4
 
 
-def upper_like(like: torch.Tensor, channel_dim: int) -> torch.Tensor:
+def _per_parameter(values, like: torch.Tensor, channel_dim: int) -> torch.Tensor:
     shape = [1] * like.dim()
     shape[channel_dim] = 3
-    return torch.tensor(PARAM_UPPER, dtype=like.dtype, device=like.device).view(shape)
+    return torch.tensor(values, dtype=like.dtype, device=like.device).view(shape)
+
+
+def upper_like(like: torch.Tensor, channel_dim: int) -> torch.Tensor:
+    return _per_parameter(PARAM_UPPER, like, channel_dim)
 
 
 def anchored_outputs(raw, anchor, posterior_sd, band: float, channel_dim: int = 1):
@@ -38,7 +43,8 @@ def anchored_outputs(raw, anchor, posterior_sd, band: float, channel_dim: int = 
     loc_raw, scale_raw = torch.split(raw, 3, dim=channel_dim)
     upper = upper_like(anchor, channel_dim)
     location = anchor + band * posterior_sd * torch.tanh(loc_raw)
-    location = torch.minimum(location.clamp_min(0.0), upper)
+    location = torch.minimum(torch.maximum(location, _per_parameter((0.0, VE_FLOOR, 0.0), location, channel_dim)),
+                             upper)
     return location / upper, F.softplus(scale_raw) + MIN_SCALE_N
 
 
